@@ -1,0 +1,24 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""mmnorm: Switchable Normalization and Batch-Channel Normalization for OpenMMLab.
+
+``import mmnorm`` (or ``custom_imports=dict(imports=['mmnorm'], allow_failed_imports=False)`` in
+a config):
+
+- registers the layers (``SN``, ``SN_tied``, ``BCN``, ``WSConv`` and the synchronized versions)
+  in mmengine's root ``MODELS`` registry, where mmcv's ``build_norm_layer`` / ``build_conv_layer``
+  and every OpenMMLab codebase find them;
+- registers the training hooks and the optimizer-wrapper constructor;
+- lets checkpoints written by mmengine load under torch's ``weights_only`` unpickler
+  (:mod:`mmnorm.utils.checkpoint`).
+"""
+from . import functional, layers, utils
+from .layers import BatchChannelNorm, SwitchableNorm, SwitchableNormTied, WSConv2d
+from .version import __version__, version_info
+
+utils.allow_mmengine_checkpoint_globals()
+utils.register_checkpoint_loader()
+
+__all__ = [
+    '__version__', 'version_info', 'functional', 'layers', 'utils', 'SwitchableNorm',
+    'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d'
+]

@@ -1,0 +1,171 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+r"""Batch-Channel Normalization module: ``BCN``.
+
+Reference::
+
+    @article{qiao2020rethinking,
+      title   = {Rethinking Normalization and Elimination Singularity in Neural Networks},
+      author  = {Qiao, Siyuan and Wang, Huiyu and Liu, Chenxi and Shen, Wei and Yuille, Alan},
+      journal = {arXiv:1911.09738},
+      year    = {2019}}
+
+Implemented from the paper (Eq. (13)-(16), Algorithm 1).
+"""
+import warnings
+from typing import Optional
+
+import torch
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+from ..functional import batch_channel_norm, check_num_groups
+from ..registry import register
+from .base import BatchStatsNorm
+
+__all__ = ['BatchChannelNorm']
+
+_ZERO_RATE_MSG = (
+    'mmnorm: an estimated BCN layer (estimate=True) is training with estimate_rate == 0, so its '
+    'batch statistics never move from 0 and 1. Algorithm 1 sets the rate to the learning rate: '
+    "add dict(type='EstimateRateHook') to custom_hooks, or call set_estimate_rate().")
+
+
+@register(MODELS, 'BCN')
+class BatchChannelNorm(BatchStatsNorm):
+    r"""Batch-Channel Normalization, ``BCN(x) = GN(BN(x))`` (registered as ``BCN``).
+
+    .. math::
+        \dot x_{\cdot c} = \gamma^b_c \frac{x_{\cdot c} - \hat\mu_c}
+                                           {\sqrt{\hat\sigma^2_c + \epsilon}} + \beta^b_c,
+        \qquad
+        y_{bg} = \gamma^c_g \frac{\dot x_{bg} - \mu_{bg}}{\sqrt{\sigma^2_{bg} + \epsilon}}
+                 + \beta^c_g .
+
+    A batch normalization with per-channel affine (``bn_weight``, ``bn_bias``, running buffers)
+    followed by a group normalization into ``num_groups`` groups with the **per-group** affine of
+    Eq. (15) (``weight``, ``bias`` shaped ``(G,)``). Use it with weight-standardized convolutions
+    (``conv_cfg=dict(type='WSConv')``), as the paper does.
+
+    ``estimate=True`` is the micro-batch form (Algorithm 1): ``running_mean`` / ``running_var``
+    hold the estimates :math:`\hat\mu, \hat\sigma^2` (initialised 0 and 1), which every training
+    step moves towards the batch's statistics at rate ``estimate_rate`` *before* normalizing with
+    them; no gradient flows through them and eval uses them as they are. The paper sets the rate
+    to the learning rate: :class:`mmnorm.engine.EstimateRateHook` does that every iteration. A
+    layer that trains with rate 0 warns once.
+
+    Args:
+        num_features (int): channels ``C``.
+        num_groups (int): groups ``G`` of the channel normalization; must divide ``C``.
+            Defaults to 32.
+        eps (float): added to both variances. Defaults to 1e-5.
+        momentum (float, optional): running-buffer momentum (large-batch form), PyTorch
+            convention. Defaults to 0.1.
+        affine (bool): learn ``bn_weight``/``bn_bias`` ``(C,)`` and ``weight``/``bias`` ``(G,)``.
+            Defaults to True.
+        track_running_stats (bool): keep running buffers for eval (large-batch form).
+            Defaults to True.
+        estimate (bool): micro-batch form with estimated statistics. Defaults to False.
+        eval_stats (str): ``'moving'`` or ``'batch_average'`` (large-batch form only).
+            Defaults to ``'moving'``.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: same as input.
+
+    Examples:
+        >>> from mmcv.cnn import build_norm_layer
+        >>> name, bcn = build_norm_layer(dict(type='BCN', num_groups=8), 64)
+        >>> name
+        'bcn'
+        >>> bcn.weight.shape, bcn.bn_weight.shape
+        (torch.Size([8]), torch.Size([64]))
+        >>> micro = BatchChannelNorm(64, num_groups=8, estimate=True)
+        >>> micro.set_estimate_rate(0.02)
+        >>> micro(torch.randn(1, 64, 7, 7)).shape
+        torch.Size([1, 64, 7, 7])
+    """
+
+    _abbr_ = 'bcn'
+
+    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, estimate: bool = False,
+                 eval_stats: str = 'moving', device=None, dtype=None):
+        if estimate and not track_running_stats:
+            raise ValueError('estimate=True keeps its estimates in the running buffers: it '
+                             'needs track_running_stats=True')
+        if estimate and eval_stats != 'moving':
+            raise ValueError("estimate=True uses its estimates in eval; eval_stats must be "
+                             "'moving'")
+        super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
+                         dtype)
+        check_num_groups(num_features, num_groups)
+        factory = {'device': device, 'dtype': dtype}
+        self.num_groups = num_groups
+        self.affine = affine
+        self.estimate = estimate
+        if affine:
+            self.bn_weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bn_bias = nn.Parameter(torch.empty(num_features, **factory))
+            self.weight = nn.Parameter(torch.empty(num_groups, **factory))
+            self.bias = nn.Parameter(torch.empty(num_groups, **factory))
+        else:
+            for name in ('bn_weight', 'bn_bias', 'weight', 'bias'):
+                self.register_parameter(name, None)
+        if estimate:
+            self.register_buffer('estimate_rate',
+                                 torch.zeros((), device=device, dtype=torch.float32))
+        self._zero_rate_checked = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """All scales 1, shifts 0; running buffers (estimates) reset to 0 and 1."""
+        self.reset_running_stats()
+        if self.affine:
+            for p in (self.bn_weight, self.weight):
+                nn.init.ones_(p)
+            for p in (self.bn_bias, self.bias):
+                nn.init.zeros_(p)
+
+    @torch.no_grad()
+    def set_estimate_rate(self, rate: float) -> None:
+        """Set the update rate ``r`` of Algorithm 1 (the learning rate, per the paper)."""
+        if not self.estimate:
+            raise RuntimeError('set_estimate_rate() applies to BCN layers with estimate=True')
+        if not rate >= 0:
+            raise ValueError(f'the estimate rate must be >= 0, got {rate!r}')
+        self.estimate_rate.fill_(rate)
+
+    def _batch_stats_fn(self):
+        """How BN statistics are formed from per-(n, c) moments; ``None``: this batch's."""
+        return None
+
+    def _check_rate(self) -> None:
+        # On an accelerator reading the rate synchronizes; check the first step there only.
+        if self._zero_rate_checked:
+            return
+        if self.estimate_rate.device.type != 'cpu':
+            self._zero_rate_checked = True
+        if float(self.estimate_rate) == 0.0:
+            self._zero_rate_checked = True
+            warnings.warn(_ZERO_RATE_MSG, stacklevel=3)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.estimate:
+            if self.training:
+                self._check_rate()
+                self.num_batches_tracked.add_(1)
+            running_mean, running_var = self.running_mean, self.running_var
+            use_batch_stats, momentum = self.training, 0.0
+        else:
+            running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return batch_channel_norm(
+                input, self.num_groups, self.weight, self.bias, self.bn_weight, self.bn_bias,
+                running_mean, running_var, use_batch_stats, momentum, self.eps, self.estimate,
+                self.estimate_rate if self.estimate else 0.0,
+                self._batch_stats_fn() if use_batch_stats and not self.estimate else None)
+
+    def extra_repr(self) -> str:
+        return (f'{self._base_repr()}, num_groups={self.num_groups}, affine={self.affine}, '
+                f'estimate={self.estimate}')

@@ -1,0 +1,57 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Weight-standardized convolution: ``WSConv`` (for ``conv_cfg``)."""
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+from ..functional import standardize_weight
+from ..registry import register
+
+__all__ = ['WSConv2d']
+
+
+@register(MODELS, 'WSConv')
+class WSConv2d(nn.Conv2d):
+    r"""``nn.Conv2d`` whose filters are standardized on every forward (registered as ``WSConv``).
+
+    .. math::
+        \hat W_c = \frac{W_c - \mathrm{mean}(W_c)}{\sqrt{\mathrm{var}(W_c) + \epsilon}}
+
+    over each output filter's ``in_channels / groups × kh × kw`` values, with the unbiased variance
+    and ε inside the square root: the formula of the BCN/WS authors' reference layers (BCN paper
+    Eq. (9)), used with :class:`~mmnorm.layers.BatchChannelNorm` and GN.
+
+    mmcv already registers ``ConvWS`` (``ConvWS2d``), which divides by ``std + eps`` instead
+    (ε outside the root); the two agree to about ``eps / std`` and differ for filters with tiny
+    variance. Weights pretrained with one formula should be used with the same one.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+        padding_mode: as ``nn.Conv2d`` (``build_conv_layer`` / ``ConvModule`` pass them).
+        eps (float): added to the filter variance. Defaults to 1e-5.
+
+    Examples:
+        >>> from mmcv.cnn import ConvModule
+        >>> m = ConvModule(3, 8, 3, padding=1, conv_cfg=dict(type='WSConv'),
+        ...                norm_cfg=dict(type='GN', num_groups=4))
+        >>> type(m.conv).__name__
+        'WSConv2d'
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
+                 eps: float = 1e-5, device=None, dtype=None):
+        if not eps >= 0:
+            raise ValueError(f'eps must be >= 0, got {eps!r}')
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        self.eps = eps
+
+    def standardized_weight(self) -> Tensor:
+        """The weight the convolution actually uses."""
+        return standardize_weight(self.weight, self.eps)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return self._conv_forward(input, self.standardized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, eps={self.eps}'

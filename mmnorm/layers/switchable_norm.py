@@ -1,0 +1,169 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+r"""Switchable Normalization modules: ``SN`` and ``SN_tied``.
+
+Reference::
+
+    @article{luo2019normalization,
+      title   = {Do Normalization Layers in a Deep ConvNet Really Need to Be Distinct?},
+      author  = {Luo, Ping and Peng, Zhanglin and Ren, Jiamin and Zhang, Ruimao},
+      journal = {arXiv:1811.07727},
+      year    = {2018}}
+
+Implemented from the paper (Eq. (1), Sec. 2-3, Appendix B/C); the authors' repository is
+CC-BY-NC-4.0 and none of its code is used.
+"""
+from typing import Optional, Tuple
+
+import torch
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+from ..functional import MIX_MODES, switchable_norm
+from ..registry import register
+from .base import BatchStatsNorm
+
+__all__ = ['SwitchableNorm', 'SwitchableNormTied', 'NORMALIZERS']
+
+#: Ω, in the order of the ratio logits.
+NORMALIZERS = ('IN', 'LN', 'BN')
+
+
+@register(MODELS, 'SN')
+class SwitchableNorm(BatchStatsNorm):
+    r"""Switchable Normalization (registered as ``SN``).
+
+    .. math::
+        y = \gamma\,\frac{x - \sum_{z\in\Omega}\lambda^\mu_z\mu_z}
+                        {\sqrt{\sum_{z\in\Omega}\lambda^\sigma_z\sigma^2_z + \epsilon}} + \beta,
+        \qquad \Omega = \{IN, LN, BN\},
+
+    with separate softmax ratios :math:`\lambda^\mu, \lambda^\sigma` for means and variances
+    (``mix='std'``: :math:`\sum_z \lambda^\sigma_z\sqrt{\sigma^2_z+\epsilon}` in the denominator,
+    Eq. (1) literally). In training the BN branch uses the batch's statistics and updates the
+    running buffers; in eval it uses the running buffers, while IN and LN are always computed per
+    sample. All statistics come from one pass over the input (see :mod:`mmnorm.functional`).
+
+    Args:
+        num_features (int): channels ``C``.
+        eps (float): added to the variance. Defaults to 1e-5.
+        momentum (float, optional): running-buffer momentum, PyTorch convention; ``None`` for a
+            cumulative average. Defaults to 0.1.
+        affine (bool): learn per-channel ``weight`` (γ) and ``bias`` (β). Defaults to True.
+        track_running_stats (bool): keep running BN buffers for eval. Defaults to True.
+        using_bn (bool): include BN in Ω. ``False`` gives Ω = {IN, LN}, for one sample per GPU
+            where BN equals IN. Defaults to True.
+        mix (str): ``'var'`` (default, the SN authors' formulation) or ``'std'`` (Eq. (1)).
+        in_unbiased (bool): IN variance with Bessel's correction, as the SN authors' released
+            code computes it; set by ``tools/convert_checkpoint.py``. Defaults to False.
+        eval_stats (str): ``'moving'`` or ``'batch_average'`` (SN study Sec. 3: BN in SN is
+            evaluated with a batch average computed after training). Defaults to ``'moving'``.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: same as input.
+
+    Examples:
+        >>> from mmcv.cnn import build_norm_layer
+        >>> name, sn = build_norm_layer(dict(type='SN'), 64, postfix=1)
+        >>> name
+        'sn1'
+        >>> sn(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+        >>> [r.tolist() for r in sn.ratios()]  # initialised equal (Appendix C)
+        [[0.333..., 0.333..., 0.333...], [0.333..., 0.333..., 0.333...]]
+    """
+
+    _abbr_ = 'sn'
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
+                 mix: str = 'var', in_unbiased: bool = False, eval_stats: str = 'moving',
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
+                         dtype)
+        if mix not in MIX_MODES:
+            raise ValueError(f'mix must be one of {MIX_MODES}, got {mix!r}')
+        factory = {'device': device, 'dtype': dtype}
+        self.affine = affine
+        self.using_bn = using_bn
+        self.mix = mix
+        self.in_unbiased = in_unbiased
+        num_ratios = 3 if using_bn else 2
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter('weight', None)
+            self.register_parameter('bias', None)
+        self._create_logits(num_ratios, factory)
+        self.reset_parameters()
+
+    def _create_logits(self, num_ratios: int, factory: dict) -> None:
+        self.mean_logits = nn.Parameter(torch.empty(num_ratios, **factory))
+        self.var_logits = nn.Parameter(torch.empty(num_ratios, **factory))
+
+    def reset_parameters(self) -> None:
+        """γ = 1, β = 0, equal ratios (all logits 0); running buffers reset."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+        for logits in self._logits():
+            nn.init.zeros_(logits)
+
+    def _logits(self) -> Tuple[nn.Parameter, ...]:
+        return self.mean_logits, self.var_logits
+
+    @property
+    def normalizers(self) -> Tuple[str, ...]:
+        """Names of Ω in the order of the ratios."""
+        return NORMALIZERS[:len(self._logits()[0])]
+
+    @torch.no_grad()
+    def ratios(self) -> Tuple[Tensor, Tensor]:
+        """Softmaxed ``(mean_ratios, var_ratios)``, each ``(|Ω|,)`` in the order (IN, LN, BN)."""
+        mean_logits, var_logits = self._logits()[0], self._logits()[-1]
+        return mean_logits.softmax(0), var_logits.softmax(0)
+
+    def _batch_stats_fn(self):
+        """How BN statistics are formed from per-(n, c) moments; ``None``: this batch's."""
+        return None
+
+    def forward(self, input: Tensor) -> Tensor:
+        running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
+        mean_logits, var_logits = self._logits()[0], self._logits()[-1]
+        with torch.autocast(device_type=input.device.type, enabled=False):
+            return switchable_norm(input, mean_logits, var_logits, self.weight, self.bias,
+                                   running_mean, running_var, use_batch_stats, momentum,
+                                   self.eps, self.mix, self.in_unbiased,
+                                   self._batch_stats_fn() if use_batch_stats else None)
+
+    def extra_repr(self) -> str:
+        return (f'{self._base_repr()}, affine={self.affine}, using_bn={self.using_bn}, '
+                f'mix={self.mix!r}, in_unbiased={self.in_unbiased}')
+
+
+@register(MODELS, 'SN_tied')
+class SwitchableNormTied(SwitchableNorm):
+    r"""Switchable Normalization with one ratio vector for means and variances (``SN_tied``).
+
+    Same as :class:`SwitchableNorm` with :math:`\lambda^\mu = \lambda^\sigma =
+    \mathrm{softmax}(\text{logits})`; one parameter ``logits`` of size ``|Ω|``. Takes the same
+    arguments.
+
+    Examples:
+        >>> m = SwitchableNormTied(16)
+        >>> m(torch.randn(4, 16, 5, 5)).shape
+        torch.Size([4, 16, 5, 5])
+        >>> mean_ratios, var_ratios = m.ratios()
+        >>> bool((mean_ratios == var_ratios).all())
+        True
+    """
+
+    _abbr_ = 'sn'
+
+    def _create_logits(self, num_ratios: int, factory: dict) -> None:
+        self.logits = nn.Parameter(torch.empty(num_ratios, **factory))
+
+    def _logits(self) -> Tuple[nn.Parameter, ...]:
+        return (self.logits, )

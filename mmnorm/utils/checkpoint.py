@@ -1,0 +1,114 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Load mmengine checkpoints under torch's safe (``weights_only``) unpickler.
+
+Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``: it refuses any pickled global
+that is not explicitly allowed. mmengine 0.10.7 calls ``torch.load`` without that argument, and
+its checkpoints contain a few such globals (the message hub's ``HistoryBuffer``, numpy arrays and
+scalars of the logged values), so ``load_checkpoint``, ``Runner(resume=True)`` and
+``tools/test.py`` fail on the checkpoints mmengine itself wrote.
+
+:func:`allow_mmengine_checkpoint_globals` (run by ``import mmnorm``) allow-lists exactly those
+globals, and nothing that can execute code:
+
+- ``mmengine.logging.history_buffer.HistoryBuffer`` (rebuilt from its ``__dict__``);
+- numpy's ``ndarray``, ``dtype``, the array/scalar reconstructors and the concrete dtype classes;
+- ``builtins.getattr`` is *not* allowed: HistoryBuffer pickles its statistics methods as
+  ``getattr(HistoryBuffer, 'mean')``, so that one global name is mapped to a restricted getattr
+  that resolves only those registered methods of ``HistoryBuffer`` and refuses everything else.
+
+``weights_only`` is never switched off. A file that needs anything else, e.g. a pickle that would
+call ``os.system`` on load, is refused with :class:`UnsafeCheckpointError`, which names the file
+and the offending global.
+"""
+import pickle
+from typing import Any, Callable, List, Tuple, Union
+
+import torch
+
+__all__ = [
+    'allow_mmengine_checkpoint_globals', 'safe_globals', 'UnsafeCheckpointError',
+    'load_from_local', 'register_checkpoint_loader'
+]
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint holds Python objects outside the allow-list; it was not loaded."""
+
+
+def _history_buffer_getattr(obj: Any, name: str) -> Any:
+    """``getattr`` restricted to the public methods ``HistoryBuffer`` itself defines.
+
+    HistoryBuffer pickles its ``_statistics_methods`` (``min``, ``max``, ``current``, ``mean`` and
+    any registered with ``HistoryBuffer.statistics``) as ``getattr(HistoryBuffer, name)``; looking
+    up such a method runs nothing.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    if (obj is HistoryBuffer and isinstance(name, str) and not name.startswith('_')
+            and (name in vars(HistoryBuffer) or name in HistoryBuffer._statistics_methods)
+            and callable(getattr(HistoryBuffer, name))):
+        return getattr(HistoryBuffer, name)
+    raise UnsafeCheckpointError(
+        f'refusing getattr({obj!r}, {name!r}) while loading a checkpoint: only methods of '
+        f'mmengine HistoryBuffer may be looked up')
+
+
+def _numpy_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    import numpy as np
+    try:  # numpy >= 2
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    found: List[Union[Callable, Tuple[Callable, str]]] = [np.ndarray, np.dtype]
+    # Pickles written under numpy 1 name 'numpy.core...', under numpy 2 'numpy._core...'.
+    for package in ('numpy.core', 'numpy._core'):
+        found.append((multiarray._reconstruct, f'{package}.multiarray._reconstruct'))
+        found.append((multiarray.scalar, f'{package}.multiarray.scalar'))
+    dtypes = getattr(np, 'dtypes', None)  # numpy >= 1.25: concrete dtype classes
+    if dtypes is not None:
+        for name in dir(dtypes):
+            cls = getattr(dtypes, name)
+            if isinstance(cls, type) and issubclass(cls, np.dtype):
+                found.append((cls, f'numpy.dtypes.{name}'))
+    return found
+
+
+def safe_globals() -> List[Union[Callable, Tuple[Callable, str]]]:
+    """The globals mmengine / mmdet / mmseg / mmpretrain checkpoints need (see module doc)."""
+    from mmengine.logging.history_buffer import HistoryBuffer
+    return [HistoryBuffer, (_history_buffer_getattr, 'builtins.getattr')] + _numpy_globals()
+
+
+def allow_mmengine_checkpoint_globals() -> None:
+    """Allow-list :func:`safe_globals` for ``torch.load(weights_only=True)`` (idempotent)."""
+    add = getattr(torch.serialization, 'add_safe_globals', None)
+    if add is not None:  # torch < 2.4 loads with weights_only=False by default anyway
+        add(safe_globals())
+
+
+def load_from_local(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local checkpoint loader, with a clear error for files outside the allow-list.
+
+    Registered as mmengine's loader for local paths by ``import mmnorm``; loads exactly as
+    mmengine does (``torch.load`` with torch's default, ``weights_only=True`` on torch >= 2.6).
+    """
+    from mmengine.runner.checkpoint import load_from_local as mmengine_load_from_local
+    try:
+        return mmengine_load_from_local(filename, map_location)
+    except pickle.UnpicklingError as error:
+        if isinstance(error, UnsafeCheckpointError):
+            raise
+        reason = str(error).strip().splitlines()
+        detail = next((line for line in reason if 'GLOBAL' in line or 'global' in line),
+                      reason[0] if reason else '')
+        raise UnsafeCheckpointError(
+            f'refused to load {filename!r}: it contains Python objects outside the allow-list '
+            f'of torch.load(weights_only=True) + mmnorm ({detail.strip()}). Loading it could run '
+            f'arbitrary code. If you created the file yourself and trust it, inspect it with '
+            f'torch.serialization.get_unsafe_globals_in_checkpoint() and allow-list the needed '
+            f'classes with torch.serialization.add_safe_globals().') from error
+
+
+def register_checkpoint_loader() -> None:
+    """Make :func:`load_from_local` mmengine's loader for local paths (idempotent)."""
+    from mmengine.runner.checkpoint import CheckpointLoader
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)

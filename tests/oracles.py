@@ -1,0 +1,118 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Independent reference implementations, written directly from the papers' equations with plain
+torch ops on the full tensor (no per-(n, c) moment tricks, no shared code with mmnorm). Use them
+in float64."""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def _affine(y: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]) -> Tensor:
+    if weight is not None:
+        y = y * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1)
+    return y
+
+
+def sn(x: Tensor, mean_logits: Tensor, var_logits: Tensor, weight=None, bias=None,
+       bn_stats: Optional[Tuple[Tensor, Tensor]] = None, eps: float = 1e-5, mix: str = 'var',
+       in_unbiased: bool = False) -> Tensor:
+    """SN Eq. (1). ``bn_stats=(mean, var)``: BN branch uses them (eval); else batch stats.
+
+    ``in_unbiased``: the SN authors' released code: unbiased IN variance, LN/BN variances as
+    ``E[var_in + mean_in^2] - E[mean_in]^2``.
+    """
+    h = _flat(x)
+    n, c, length = h.shape
+    mu_in = h.mean(2, keepdim=True)
+    if in_unbiased:
+        var_in = h.var(2, unbiased=True, keepdim=True)
+        second = var_in + mu_in ** 2
+        mu_ln = mu_in.mean(1, keepdim=True)
+        var_ln = second.mean(1, keepdim=True) - mu_ln ** 2
+        mu_bn = mu_in.mean(0, keepdim=True)
+        var_bn = second.mean(0, keepdim=True) - mu_bn ** 2
+    else:
+        var_in = ((h - mu_in) ** 2).mean(2, keepdim=True)
+        mu_ln = h.mean((1, 2), keepdim=True)
+        var_ln = ((h - mu_ln) ** 2).mean((1, 2), keepdim=True)
+        mu_bn = h.mean((0, 2), keepdim=True)
+        var_bn = ((h - mu_bn) ** 2).mean((0, 2), keepdim=True)
+    if bn_stats is not None:
+        mu_bn, var_bn = bn_stats[0].view(1, c, 1), bn_stats[1].view(1, c, 1)
+    means, variances = [mu_in, mu_ln, mu_bn], [var_in, var_ln, var_bn]
+    lam_mu = torch.softmax(mean_logits, 0)
+    lam_var = torch.softmax(var_logits, 0)
+    k = len(lam_mu)
+    mu = sum(lam_mu[i] * means[i] for i in range(k))
+    if mix == 'var':
+        denom = torch.sqrt(sum(lam_var[i] * variances[i] for i in range(k)) + eps)
+    else:
+        denom = sum(lam_var[i] * torch.sqrt(variances[i] + eps) for i in range(k))
+    return _affine((h - mu) / denom, weight, bias).view_as(x)
+
+
+def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-channel batch mean, biased and unbiased variance of ``(N, C, *)``."""
+    h = _flat(x).transpose(0, 1).reshape(x.shape[1], -1)
+    return h.mean(1), h.var(1, unbiased=False), h.var(1, unbiased=True)
+
+
+def bcn(x: Tensor, num_groups: int, weight=None, bias=None, bn_weight=None, bn_bias=None,
+        bn_stats: Optional[Tuple[Tensor, Tensor]] = None, eps: float = 1e-5) -> Tensor:
+    """BCN Eq. (13)-(16): batch norm with per-channel affine, then group norm with per-group
+    affine. ``bn_stats``: (mean, var) used by the BN step instead of the batch's."""
+    h = _flat(x)
+    n, c, length = h.shape
+    if bn_stats is None:
+        mean, var, _ = batch_stats(x)
+    else:
+        mean, var = bn_stats
+    h_dot = (h - mean.view(1, c, 1)) / torch.sqrt(var.view(1, c, 1) + eps)
+    h_dot = _affine(h_dot, bn_weight, bn_bias)
+    g = h_dot.reshape(n, num_groups, -1)
+    g = (g - g.mean(2, keepdim=True)) / torch.sqrt(g.var(2, unbiased=False, keepdim=True) + eps)
+    g = g.view(n, num_groups, -1)
+    if weight is not None:
+        g = g * weight.view(1, -1, 1)
+    if bias is not None:
+        g = g + bias.view(1, -1, 1)
+    return g.view_as(x)
+
+
+def algorithm1_step(x: Tensor, estimate_mean: Tensor, estimate_var: Tensor, rate: float
+                    ) -> Tuple[Tensor, Tensor]:
+    """BCN Algorithm 1, steps 1-4, literally."""
+    h = _flat(x)
+    c = h.shape[1]
+    batch_mean = h.mean((0, 2))                                                   # step 1
+    batch_var = ((h - estimate_mean.view(1, c, 1)) ** 2).mean((0, 2))             # step 2
+    new_mean = estimate_mean + rate * (batch_mean - estimate_mean)                # step 3
+    new_var = estimate_var + rate * (batch_var - estimate_var)                    # step 4
+    return new_mean, new_var
+
+
+def running_update(running: Tensor, batch: Tensor, momentum: float) -> Tensor:
+    """PyTorch convention."""
+    return (1 - momentum) * running + momentum * batch
+
+
+def standardize(weight: Tensor, eps: float = 1e-5) -> Tensor:
+    """WS with unbiased variance, eps inside the square root (BCN/WS reference layers)."""
+    flat = weight.reshape(weight.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    var = ((flat - mean) ** 2).sum(1, keepdim=True) / (flat.shape[1] - 1)
+    return ((flat - mean) / torch.sqrt(var + eps)).view_as(weight)
+
+
+def one_hot_logits(index: int, size: int = 3, dtype=torch.float64) -> Tensor:
+    """Logits whose softmax is exactly one-hot (the others underflow to 0)."""
+    logits = torch.full((size, ), -1e4, dtype=dtype)
+    logits[index] = 0.0
+    return logits

@@ -1,0 +1,95 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""tools/dist_train.sh runs 2 CPU processes (gloo); tools/test.py evaluates the result."""
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.helpers.images import make_class_folders
+
+CONFIG = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
+
+
+def _env():
+    env = dict(os.environ)
+    env['PYTHON'] = sys.executable
+    env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
+    return env
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return str(s.getsockname()[1])
+
+
+@pytest.fixture(scope='module')
+def dist_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp('dist')
+    data = make_class_folders(str(root / 'data'))
+    work = str(root / 'work')
+    env = _env()
+    env['PORT'] = _free_port()
+    options = [f'train_dataloader.dataset.data_root={data}',
+               f'val_dataloader.dataset.data_root={data}',
+               f'test_dataloader.dataset.data_root={data}']
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CONFIG, '2', '--work-dir', work,
+         '--cfg-options', *options], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return work, options, env
+
+
+def test_dist_train_two_cpu_processes_agree(dist_run):
+    work, _, _ = dist_run
+    states = [torch.load(osp.join(work, f'rank{r}_state.pth'), weights_only=True)
+              for r in (0, 1)]
+    assert states[0].keys() == states[1].keys()
+    sn_keys = [k for k in states[0] if '.sn1.mean_logits' in k]
+    assert sn_keys, 'the model has no SN layers'
+    for key, value in states[0].items():
+        if key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            continue  # buffers are per-rank statistics (broadcast_buffers=False)
+        torch.testing.assert_close(states[1][key], value, rtol=0, atol=0,
+                                   msg=lambda m, k=key: f'{k} differs between ranks: {m}')
+    # The training moved the parameters away from their initial values.
+    assert not torch.allclose(states[0][sn_keys[0]], torch.zeros(3))
+    assert osp.exists(osp.join(work, 'iter_4.pth'))
+
+
+def test_test_tool_evaluates_the_checkpoint(dist_run, tmp_path):
+    work, options, env = dist_run
+    metrics_file = str(tmp_path / 'metrics.json')
+    result = subprocess.run(
+        [sys.executable, osp.join(ROOT, 'tools', 'test.py'), CONFIG,
+         osp.join(work, 'iter_4.pth'), '--work-dir', str(tmp_path), '--metrics-out',
+         metrics_file, '--cfg-options', *options], env=env, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(metrics_file) as f:
+        metrics = json.load(f)
+    assert 0.0 <= metrics['accuracy/top1'] <= 100.0
+
+
+def test_dist_train_resume_two_processes(dist_run):
+    work, options, env = dist_run
+    env = dict(env, PORT=_free_port())
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CONFIG, '2', '--work-dir', work,
+         '--resume', '--cfg-options', 'train_cfg.max_iters=6', *options], env=env,
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'resumed epoch: 0, iter: 4' in result.stdout + result.stderr
+    assert osp.exists(osp.join(work, 'iter_6.pth'))
+
+
+def test_dist_train_usage_error():
+    result = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and 'usage' in result.stderr

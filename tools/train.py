@@ -1,0 +1,77 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Train a model from an mmdet, mmseg or mmpretrain config (the config's ``default_scope`` picks the
+codebase), with mmnorm's layers and hooks available.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options k=v]
+    bash tools/dist_train.sh CONFIG NUM_PROCS [args]       # torchrun, also on CPU (gloo)
+
+Differences from the codebases' own ``tools/train.py``: ``--launcher pytorch``/``slurm`` work
+without CUDA (gloo, CPU DDP), ``--sync-norm`` converts SN/BCN (and BN) layers to their
+synchronized versions, and checkpoints written by mmengine load under torch's safe unpickler.
+"""
+import argparse
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
+
+import mmnorm  # noqa: E402,F401  (registers layers and hooks; safe checkpoint loading)
+from mmengine.config import Config  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+
+from mmnorm.utils import (add_common_arguments, apply_common_options, build_runner,  # noqa: E402
+                          parse_with_common_arguments, prepare_distributed)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='Train a model (mmdet/mmseg/mmpretrain config)')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and models')
+    parser.add_argument(
+        '--resume', nargs='?', type=str, const='auto',
+        help='resume from the given checkpoint; without a path, from the latest checkpoint in '
+        'the work dir')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (bfloat16 on CPU, float16 on CUDA)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate with the total batch size')
+    parser.add_argument('--sync-norm', action='store_true',
+                        help='convert SN/SN_tied/BCN and BatchNorm layers to their synchronized '
+                        'versions before training (multi-process runs)')
+    add_common_arguments(parser)
+    return parse_with_common_arguments(parser, argv)
+
+
+def main(argv=None) -> Runner:
+    args = parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    apply_common_options(cfg, args)
+    if args.amp:
+        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper == 'AmpOptimWrapper':
+            print('AMP is already enabled in the config')
+        else:
+            if wrapper != 'OptimWrapper':
+                raise ValueError(f'--amp needs OptimWrapper in the config, got {wrapper}')
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+    if args.sync_norm:
+        cfg.sync_norm = True
+    prepare_distributed(cfg, args.launcher)
+    runner = build_runner(cfg)
+    runner.train()
+    return runner
+
+
+if __name__ == '__main__':
+    main()

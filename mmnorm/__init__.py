@@ -8,17 +8,24 @@ a config):
   in mmengine's root ``MODELS`` registry, where mmcv's ``build_norm_layer`` / ``build_conv_layer``
   and every OpenMMLab codebase find them;
 - registers the training hooks and the optimizer-wrapper constructor;
+- when mmdet / mmseg / mmpretrain models are imported: makes their backbones' ``norm_eval`` freeze
+  mmnorm layers too, and registers mmseg's ``DeepLabV2Head``;
 - lets checkpoints written by mmengine load under torch's ``weights_only`` unpickler
   (:mod:`mmnorm.utils.checkpoint`).
 """
-from . import functional, layers, utils
-from .layers import BatchChannelNorm, SwitchableNorm, SwitchableNormTied, WSConv2d
+from . import engine, functional, integration, layers, utils
+from .layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, SyncBatchChannelNorm,
+                     SyncSwitchableNorm, SyncSwitchableNormTied, WSConv2d, convert_sync_norm,
+                     revert_sync_norm)
 from .version import __version__, version_info
 
 utils.allow_mmengine_checkpoint_globals()
 utils.register_checkpoint_loader()
+integration.install_integrations()
 
 __all__ = [
-    '__version__', 'version_info', 'functional', 'layers', 'utils', 'SwitchableNorm',
-    'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d'
+    '__version__', 'version_info', 'functional', 'layers', 'engine', 'integration', 'utils',
+    'SwitchableNorm', 'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d',
+    'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'convert_sync_norm',
+    'revert_sync_norm'
 ]

@@ -9,48 +9,11 @@ import sys
 import pytest
 import torch
 from mmengine.logging import HistoryBuffer
-from mmengine.model import BaseModel
 from mmengine.runner import Runner, load_checkpoint
-from torch import nn
-from torch.utils.data import Dataset
 
-import mmnorm  # noqa: F401
 from mmnorm.utils import UnsafeCheckpointError
 from mmnorm.utils.checkpoint import _history_buffer_getattr
-
-
-class ToyModel(BaseModel):
-    """A conv net with an SN layer (buffers + ratio logits) and plain BN."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.sn = mmnorm.SwitchableNorm(8)
-        self.bn = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8, 2)
-
-    def forward(self, inputs, labels, mode='tensor'):
-        x = torch.stack(inputs) if isinstance(inputs, (list, tuple)) else inputs
-        feat = self.bn(torch.relu(self.sn(self.conv(x)))).mean((2, 3))
-        logits = self.head(feat)
-        if mode == 'loss':
-            labels = torch.stack(labels) if isinstance(labels, (list, tuple)) else labels
-            return dict(loss=nn.functional.cross_entropy(logits, labels))
-        return logits
-
-
-class ToyData(Dataset):
-
-    def __init__(self, size=24):
-        gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(size, 3, 6, 6, generator=gen)
-        self.y = torch.randint(0, 2, (size, ), generator=gen)
-
-    def __len__(self):
-        return len(self.x)
-
-    def __getitem__(self, i):
-        return dict(inputs=self.x[i], labels=self.y[i])
+from tests.helpers.toy import ToyModel, loader
 
 
 def make_runner(work_dir, max_epochs, resume=False, load_from=None):
@@ -58,9 +21,7 @@ def make_runner(work_dir, max_epochs, resume=False, load_from=None):
     return Runner(
         model=ToyModel(),
         work_dir=str(work_dir),
-        train_dataloader=dict(dataset=ToyData(), batch_size=4,
-                              sampler=dict(type='DefaultSampler', shuffle=False),
-                              collate_fn=dict(type='default_collate')),
+        train_dataloader=loader(),
         train_cfg=dict(by_epoch=True, max_epochs=max_epochs),
         optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.05, momentum=0.9,
                                           weight_decay=1e-4)),

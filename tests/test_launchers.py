@@ -93,3 +93,91 @@ def test_dist_train_usage_error():
     result = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')],
                             capture_output=True, text=True)
     assert result.returncode == 2 and 'usage' in result.stderr
+
+
+def test_sync_norm_and_amp_switches(tmp_path):
+    """--sync-norm: SN running statistics are the global batch's, identical on both ranks;
+    --amp: bfloat16 autocast on CPU (CPUAmpOptimWrapper)."""
+    data = make_class_folders(str(tmp_path / 'data'))
+    work = str(tmp_path / 'work')
+    env = dict(_env(), PORT=_free_port())
+    options = [f'{split}_dataloader.dataset.data_root={data}'
+               for split in ('train', 'val', 'test')] + ['train_cfg.max_iters=2']
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CONFIG, '2', '--work-dir', work,
+         '--sync-norm', '--amp', '--cfg-options', *options], env=env, capture_output=True,
+        text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'CPUAmpOptimWrapper' in result.stdout + result.stderr
+    assert "type='SyncSN'" in open(osp.join(work, "tiny_classifier.py")).read()
+    states = [torch.load(osp.join(work, f'rank{r}_state.pth'), weights_only=True)
+              for r in (0, 1)]
+    buffers = [k for k in states[0] if k.endswith('.running_var') and '.sn' in k]
+    assert buffers
+    for key in buffers:
+        torch.testing.assert_close(states[1][key], states[0][key], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(states[0][buffers[0]], torch.ones_like(states[0][buffers[0]]))
+
+
+def _recompute(args, env, timeout=300):
+    return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'recompute_stats.py'),
+                           *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_recompute_stats_cli(dist_run, tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import Runner, load_checkpoint
+
+    from mmnorm.engine import recompute_batch_stats
+
+    work, options, env = dist_run
+    source = osp.join(work, 'iter_4.pth')
+    out = str(tmp_path / 'recomputed.pth')
+    result = _recompute([CONFIG, source, '--num-iters', '3', '--out', out, '--cfg-options',
+                         *options], env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '3/3' in result.stdout  # progress
+    new = torch.load(out, weights_only=True)
+    old = torch.load(source, weights_only=True)
+    meta = new['meta']['batch_stats']
+    assert meta['estimator'] == 'batch_average' and meta['num_iters'] == 3
+    assert meta['world_size'] == 1 and meta['source_checkpoint'] == source
+    assert set(new) == set(old)  # optimizer, message hub, ... kept
+    changed = 0
+    for key, value in old['state_dict'].items():
+        if key.endswith(('running_mean', 'running_var')):
+            changed += not torch.equal(new['state_dict'][key], value)
+        elif key.endswith('stats_ready'):
+            assert bool(new['state_dict'][key])
+        else:
+            assert torch.equal(new['state_dict'][key], value), f'{key} changed'
+    assert changed > 0
+    # Same statistics as the in-process function on the same batches.
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(dict(o.split('=', 1) for o in options))
+    init_default_scope('mmpretrain')
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, source, map_location='cpu')
+    recompute_batch_stats(model, Runner.build_dataloader(cfg.train_dataloader, seed=0), 3)
+    for key, value in model.state_dict().items():
+        if key.endswith(('running_mean', 'running_var')):
+            torch.testing.assert_close(new['state_dict'][key], value)
+    # Refuses to replace a file unless asked.
+    again = _recompute([CONFIG, source, '--num-iters', '1', '--out', out, '--cfg-options',
+                        *options], env)
+    assert again.returncode != 0 and '--overwrite' in again.stderr
+
+
+def test_recompute_stats_cli_two_processes(dist_run, tmp_path):
+    work, options, env = dist_run
+    env = dict(env, PORT=_free_port())
+    out = str(tmp_path / 'recomputed.pth')
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_run.sh'), '2', 'recompute_stats.py', CONFIG,
+         osp.join(work, 'iter_4.pth'), '--num-iters', '2', '--out', out, '--estimator',
+         'population', '--cfg-options', *options], env=env, capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    meta = torch.load(out, weights_only=True)['meta']['batch_stats']
+    assert meta['world_size'] == 2 and meta['estimator'] == 'population'

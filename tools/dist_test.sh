@@ -6,4 +6,4 @@ if [ $# -lt 3 ]; then
     echo "usage: bash $0 CONFIG CHECKPOINT NUM_PROCS [tools/test.py args]" >&2
     exit 2
 fi
-exec bash "$(dirname "$0")/_torchrun.sh" "$3" test.py "$1" "$2" "${@:4}"
+exec bash "$(dirname "$0")/dist_run.sh" "$3" test.py "$1" "$2" "${@:4}"

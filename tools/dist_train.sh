@@ -7,4 +7,4 @@ if [ $# -lt 2 ]; then
     echo "usage: bash $0 CONFIG NUM_PROCS [tools/train.py args]" >&2
     exit 2
 fi
-exec bash "$(dirname "$0")/_torchrun.sh" "$2" train.py "$1" "${@:3}"
+exec bash "$(dirname "$0")/dist_run.sh" "$2" train.py "$1" "${@:3}"

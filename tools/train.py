@@ -16,6 +16,7 @@ import sys
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (registers layers and hooks; safe checkpoint loading)
+import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
@@ -32,7 +33,8 @@ def parse_args(argv=None):
         help='resume from the given checkpoint; without a path, from the latest checkpoint in '
         'the work dir')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (bfloat16 on CPU, float16 on CUDA)')
+                        help='automatic mixed precision (AmpOptimWrapper on CUDA; '
+                        'CPUAmpOptimWrapper, bfloat16, without CUDA)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate with the total batch size')
     parser.add_argument('--sync-norm', action='store_true',
@@ -42,19 +44,28 @@ def parse_args(argv=None):
     return parse_with_common_arguments(parser, argv)
 
 
+def enable_amp(cfg: Config) -> None:
+    """AmpOptimWrapper on CUDA; on CPU its bfloat16 variant (mmengine's refuses to start)."""
+    wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
+    if wrapper in ('AmpOptimWrapper', 'CPUAmpOptimWrapper'):
+        print('AMP is already enabled in the config')
+        return
+    if wrapper != 'OptimWrapper':
+        raise ValueError(f'--amp needs OptimWrapper in the config, got {wrapper}')
+    if torch.cuda.is_available():
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    else:
+        cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('dtype', 'bfloat16')
+
+
 def main(argv=None) -> Runner:
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     apply_common_options(cfg, args)
     if args.amp:
-        wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if wrapper == 'AmpOptimWrapper':
-            print('AMP is already enabled in the config')
-        else:
-            if wrapper != 'OptimWrapper':
-                raise ValueError(f'--amp needs OptimWrapper in the config, got {wrapper}')
-            cfg.optim_wrapper.type = 'AmpOptimWrapper'
-            cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        enable_amp(cfg)
     if args.auto_scale_lr:
         if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')

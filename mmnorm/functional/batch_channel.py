@@ -28,7 +28,7 @@ Because the BN step is a per-channel affine map, the group statistics of :math:`
 the per-(n, c) moments of :math:`x`; the whole layer is one per-(n, c) affine map of the input and
 costs what GroupNorm costs.
 """
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -77,8 +77,9 @@ class BatchChannelRule(CoefficientRule):
         delta = -alpha * bn_mean
         if bn_bias is not None:
             delta = delta + bn_bias.to(mean.dtype)
-        alpha3, delta3 = alpha.view(1, g, -1), delta.view(1, g, -1)
-        mean3, var3 = mean.view(n, g, -1), var.view(n, g, -1)
+        d = c // g  # explicit sizes: N may be 0 (an empty shard of a synchronized layer)
+        alpha3, delta3 = alpha.view(1, g, d), delta.view(1, g, d)
+        mean3, var3 = mean.view(n, g, d), var.view(n, g, d)
         # Eq. (15): group statistics of x_dot from its per-(n, c) moments.
         group_mean, group_var, group_dev = pool(torch.addcmul(delta3, alpha3, mean3),
                                                 alpha3.square() * var3, 2)
@@ -129,9 +130,9 @@ class BatchChannelRule(CoefficientRule):
             grad_bn_mean = -grad_delta * alpha3.reshape(-1)
             grad_bn_var = -0.5 * grad_bn_inv * bn_inv_std.pow(3)
             g_mean, g_var = self.batch_stats.backward(bn_state, grad_bn_mean, grad_bn_var)
-            grad_mean = grad_mean.reshape(n, -1) + g_mean
-            grad_var = grad_var.reshape(n, -1) + g_var
-        return (grad_mean.reshape(n, -1), grad_var.reshape(n, -1),
+            grad_mean = grad_mean.reshape(n, g * d) + g_mean
+            grad_var = grad_var.reshape(n, g * d) + g_var
+        return (grad_mean.reshape(n, g * d), grad_var.reshape(n, g * d),
                 [grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, None, None])
 
 
@@ -152,7 +153,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
                        bn_bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
                        running_var: Optional[Tensor] = None, training: bool = True,
                        momentum: float = 0.1, eps: float = 1e-5, estimate: bool = False,
-                       rate: Union[float, Tensor] = 0.0, batch_stats: Optional[Any] = None) -> Tensor:
+                       rate: Union[float, Tensor] = 0.0, batch_stats: Optional[Callable[[int], Any]] = None) -> Tensor:
     r"""Batch-Channel Normalization, see the module docstring for the equations.
 
     Args:
@@ -175,7 +176,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
             Defaults to False.
         rate (float | Tensor): update rate :math:`r` of the estimates (a 0-dim tensor avoids a
             host-device sync). Defaults to 0.
-        batch_stats (object, optional): how BN statistics are formed from per-(n, c) moments
+        batch_stats (callable, optional): how BN statistics are formed from per-(n, c) moments
             (large batch only), see :func:`~mmnorm.functional.switchable_norm`; defaults to this
             batch's.
 
@@ -186,8 +187,8 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     check_num_groups(input.shape[1], num_groups)
     if estimate and (running_mean is None or running_var is None):
         raise ValueError('estimate=True needs the running_mean/running_var estimate buffers')
-    if input.numel() == 0:
-        return input.clone()
+    if input.numel() == 0 and not getattr(batch_stats, 'collective', False):
+        return input.clone()  # (a synchronized layer still joins its collectives)
     input, mean, var, length = input_moments(input)
 
     bn_mean = bn_var = batch = None
@@ -198,7 +199,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         # (a layer called again before backward) cannot invalidate what backward saved.
         bn_mean, bn_var = running_mean.clone(), running_var.clone()
     elif training or running_mean is None:
-        batch_stats = batch_stats if batch_stats is not None else LocalBatchStats(length)
+        batch_stats = (batch_stats or LocalBatchStats)(length)
         batch = batch_stats.forward(mean, var)
         if running_mean is not None:
             update_running_stats(running_mean, running_var, batch[0], batch[1],

@@ -54,6 +54,9 @@ def _row_sums(a: Tensor, b: Tensor, shift: Tensor) -> Tuple[Tensor, Tensor]:
     materializing a temporary product.
     """
     rows, length = a.shape
+    if rows == 0 or length == 0:  # the kernel divides by the size; nothing to sum anyway
+        zeros = a.new_zeros(rows)
+        return zeros, zeros.clone()
     _, sum_prod, sum_a = torch.ops.aten.native_batch_norm_backward(
         a.view(1, rows, length), b.view(1, rows, length), None, None, None, shift,
         torch.ones_like(shift), True, 0.0, [False, True, True])
@@ -87,7 +90,7 @@ def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     """
     n, c, length = x.shape
     xs = x.to(_stat_dtype(x.dtype)).reshape(n * c, length)
-    if length == 0:
+    if xs.numel() == 0:
         zeros = xs.new_zeros(n, c)
         return zeros, zeros.clone()
     if xs.device.type != 'cpu':
@@ -104,6 +107,13 @@ def channel_moments(x: Tensor) -> Tuple[Tensor, Tensor]:
     return mean.view(n, c), var.view(n, c)
 
 
+def _spatial_size(input: Tensor) -> int:
+    size = 1
+    for d in input.shape[2:]:
+        size *= d
+    return size
+
+
 def input_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
     """``(input, mean, var, length)`` for a non-empty ``(N, C, *)`` input.
 
@@ -113,7 +123,7 @@ def input_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, int]:
     """
     input = input.contiguous()
     n, c = input.shape[:2]
-    x = input.view(n, c, -1)
+    x = input.view(n, c, _spatial_size(input))
     with torch.no_grad():
         mean, var = channel_moments(x)
     return input, mean, var, x.shape[-1]
@@ -228,7 +238,7 @@ class MomentAffineFunction(torch.autograd.Function):
 
 def _rows(input: Tensor, mean: Tensor) -> Tensor:
     """``input`` as ``(N, C, L)``, with ``(N, C)`` taken from the moments."""
-    return input.reshape(mean.shape[0], mean.shape[1], -1)
+    return input.reshape(mean.shape[0], mean.shape[1], _spatial_size(input))
 
 
 def moment_affine(input: Tensor, mean: Tensor, var: Tensor, rule: CoefficientRule,

@@ -21,7 +21,7 @@ channel) over space, LN per sample over channels and space, BN per channel over 
 space; all variances are biased. LN and BN statistics are pooled from the IN moments (law of total
 variance), so the input is read once for all three.
 """
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -179,7 +179,7 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
                     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                     training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
                     mix: str = 'var', in_unbiased: bool = False,
-                    batch_stats: Optional[Any] = None) -> Tensor:
+                    batch_stats: Optional[Callable[[int], Any]] = None) -> Tensor:
     r"""Switchable Normalization over IN, LN (and BN), see the module docstring for the equation.
 
     Args:
@@ -204,10 +204,11 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         in_unbiased (bool): compute the IN variance with Bessel's correction ÷(H·W−1) before LN
             and BN are pooled from it, as the SN authors' released code does. Only for converted
             checkpoints. Defaults to False.
-        batch_stats (object, optional): forms the BN statistics from per-(n, c) moments, with
-            ``forward(mean, var) -> (mean_c, var_c, state)``, ``backward(state, grad_mean_c,
-            grad_var_c)`` and ``count``; defaults to :class:`LocalBatchStats` (this batch). The
-            synchronized layers pass one that all-reduces.
+        batch_stats (callable, optional): ``batch_stats(L)`` makes the object that forms the BN
+            statistics from per-(n, c) moments (``forward(mean, var) -> (mean_c, var_c,
+            state)``, ``backward(state, grad_mean_c, grad_var_c)``, ``count``); defaults to
+            :class:`LocalBatchStats` (this batch). The synchronized layers pass one that
+            all-reduces (:class:`mmnorm.layers.sync.SyncBatchStats`).
 
     Returns:
         Tensor: normalized input, same shape and dtype. Statistics are computed in float32 for
@@ -219,8 +220,8 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     if mean_logits.numel() not in (2, 3) or var_logits.numel() != mean_logits.numel():
         raise ValueError('mean_logits and var_logits must both have 3 entries (IN, LN, BN) or '
                          f'both 2 (IN, LN); got {mean_logits.numel()} and {var_logits.numel()}')
-    if input.numel() == 0:
-        return input.clone()
+    if input.numel() == 0 and not getattr(batch_stats, 'collective', False):
+        return input.clone()  # (a synchronized layer still joins its collectives)
     input, mean, var, length = input_moments(input)
     in_correction = length / (length - 1) if in_unbiased and length > 1 else 1.0
 
@@ -228,7 +229,7 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     bn_mean = bn_var = batch = None
     if mean_logits.numel() == 3:
         if use_batch_stats:
-            batch_stats = batch_stats if batch_stats is not None else LocalBatchStats(length)
+            batch_stats = (batch_stats or LocalBatchStats)(length)
             batch = batch_stats.forward(mean, var * in_correction)
             if running_mean is not None:
                 update_running_stats(running_mean, running_var, batch[0], batch[1],

@@ -93,7 +93,10 @@ class BatchStatsNorm(nn.Module):
         """``(running_mean, running_var, use_batch_stats, momentum)`` for the functional form,
         following ``nn.BatchNorm``; also does the per-step bookkeeping."""
         momentum = 0.0
-        if self.training and self.track_running_stats and input.numel() > 0:
+        # An empty batch changes nothing, except in a synchronized layer, whose statistics are
+        # the global batch's (and the same on every process).
+        counts = input.numel() > 0 or self._batch_stats_fn() is not None
+        if self.training and self.track_running_stats and counts:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked)
@@ -107,6 +110,12 @@ class BatchStatsNorm(nn.Module):
         if self.training and not self.track_running_stats:
             return None, None, use_batch_stats, momentum
         return self.running_mean, self.running_var, use_batch_stats, momentum
+
+    def _batch_stats_fn(self):
+        """Factory of the object forming BN statistics from per-(n, c) moments (see
+        :func:`mmnorm.functional.switchable_norm`); ``None``: this batch's. The Sync layers
+        override it."""
+        return None
 
     def _check_eval_stats(self) -> None:
         if (self.eval_stats == 'batch_average' and not getattr(self, '_stale_warned', False)

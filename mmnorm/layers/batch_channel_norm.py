@@ -136,10 +136,6 @@ class BatchChannelNorm(BatchStatsNorm):
             raise ValueError(f'the estimate rate must be >= 0, got {rate!r}')
         self.estimate_rate.fill_(rate)
 
-    def _batch_stats_fn(self):
-        """How BN statistics are formed from per-(n, c) moments; ``None``: this batch's."""
-        return None
-
     def _check_rate(self) -> None:
         # On an accelerator reading the rate synchronizes; check the first step there only.
         if self._zero_rate_checked:

@@ -125,10 +125,6 @@ class SwitchableNorm(BatchStatsNorm):
         mean_logits, var_logits = self._logits()[0], self._logits()[-1]
         return mean_logits.softmax(0), var_logits.softmax(0)
 
-    def _batch_stats_fn(self):
-        """How BN statistics are formed from per-(n, c) moments; ``None``: this batch's."""
-        return None
-
     def forward(self, input: Tensor) -> Tensor:
         running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
         mean_logits, var_logits = self._logits()[0], self._logits()[-1]

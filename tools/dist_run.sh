@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Shared by dist_train.sh / dist_test.sh: torchrun NPROCS processes of tools/SCRIPT with ARGS.
+# torchrun NPROCS processes of tools/SCRIPT with ARGS and --launcher pytorch, e.g.
+#   bash tools/dist_run.sh 2 recompute_stats.py CONFIG CKPT --out NEW.pth
+# (dist_train.sh and dist_test.sh call it).
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR and PORT, as in mmdetection. PYTHON picks the
 # interpreter (default: python on PATH). Without CUDA the processes use gloo on CPU.
 set -euo pipefail

@@ -1,0 +1,6 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+from .batch_average_stats_hook import BatchAverageStatsHook
+from .estimate_rate_hook import EstimateRateHook
+from .ratio_logger_hook import SNRatioLoggerHook
+
+__all__ = ['BatchAverageStatsHook', 'EstimateRateHook', 'SNRatioLoggerHook']

@@ -1,0 +1,118 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Recompute batch-average BN statistics before validation, test and the last checkpoint."""
+import time
+from typing import Optional
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.runner import BaseLoop, Runner
+
+from ..batch_stats import ESTIMATORS, recompute_batch_stats
+
+__all__ = ['BatchAverageStatsHook']
+
+
+@HOOKS.register_module()
+class BatchAverageStatsHook(Hook):
+    """Replace moving-average BN statistics by a batch average before they are used.
+
+    SN study Sec. 3: BN in SN is evaluated with a batch average computed after training. This hook
+    runs :func:`mmnorm.engine.recompute_batch_stats` on ``num_iters`` training batches (frozen
+    weights, no gradients) for every SN/SN_tied/BCN (non-estimated) and ``_BatchNorm`` layer:
+
+    - before every validation and test run,
+    - after the last training iteration/epoch, *before* ``CheckpointHook`` saves the final
+      checkpoint (this hook's priority is ABOVE_NORMAL; CheckpointHook's is VERY_LOW),
+
+    and skips the work when no training step happened since the last computation. Statistics are
+    all-reduced, so every rank holds identical buffers.
+
+    Args:
+        num_iters (int): batches K per computation. Defaults to 200 (as precise-BN tools use).
+        estimator (str): ``'batch_average'`` or ``'population'``. Defaults to
+            ``'batch_average'``.
+        before_val (bool): run before validation. Defaults to True.
+        before_test (bool): run before test (needs ``train_dataloader`` in the config).
+            Defaults to True.
+        before_last_checkpoint (bool): run at the end of training. Defaults to True.
+        log_interval (int): log progress every this many batches. Defaults to 50.
+
+    Example:
+        >>> custom_hooks = [dict(type='BatchAverageStatsHook', num_iters=100)]
+    """
+
+    priority = 'ABOVE_NORMAL'
+
+    def __init__(self, num_iters: int = 200, estimator: str = 'batch_average',
+                 before_val: bool = True, before_test: bool = True,
+                 before_last_checkpoint: bool = True, log_interval: int = 50):
+        if estimator not in ESTIMATORS:
+            raise ValueError(f'estimator must be one of {ESTIMATORS}, got {estimator!r}')
+        if num_iters < 1:
+            raise ValueError(f'num_iters must be >= 1, got {num_iters}')
+        self.num_iters = num_iters
+        self.estimator = estimator
+        self.run_before_val = before_val
+        self.run_before_test = before_test
+        self.run_before_last_checkpoint = before_last_checkpoint
+        self.log_interval = log_interval
+        self._computed_at: Optional[int] = None
+
+    def before_val(self, runner: Runner) -> None:
+        if self.run_before_val:
+            self._recompute(runner, 'before validation')
+
+    def before_test(self, runner: Runner) -> None:
+        if self.run_before_test:
+            self._recompute(runner, 'before test')
+
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        if (self.run_before_last_checkpoint and not self._by_epoch(runner)
+                and self.is_last_train_iter(runner)):
+            self._recompute(runner, 'before the last checkpoint')
+
+    def after_train_epoch(self, runner: Runner) -> None:
+        if (self.run_before_last_checkpoint and self._by_epoch(runner)
+                and self.is_last_train_epoch(runner)):
+            self._recompute(runner, 'before the last checkpoint')
+
+    @staticmethod
+    def _by_epoch(runner: Runner) -> bool:
+        loop = runner._train_loop
+        return isinstance(loop, BaseLoop) and type(loop).__name__.startswith('EpochBased')
+
+    def _recompute(self, runner: Runner, when: str) -> None:
+        if self._computed_at is not None and self._computed_at == runner.iter:
+            return  # nothing trained since the last computation
+        loader = self._train_dataloader(runner)
+        if loader is None:
+            runner.logger.warning(
+                f'BatchAverageStatsHook: no train_dataloader to compute statistics from '
+                f'({when}); evaluating with the statistics in the model')
+            return
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        start = time.time()
+        runner.logger.info(f'BatchAverageStatsHook: recomputing statistics {when} from '
+                           f'{self.num_iters} training batches ({self.estimator})')
+
+        def progress(done: int) -> None:
+            if done % self.log_interval == 0 and done < self.num_iters:
+                runner.logger.info(f'BatchAverageStatsHook: {done}/{self.num_iters} batches')
+
+        recompute_batch_stats(model, loader, self.num_iters, estimator=self.estimator,
+                              progress=progress)
+        runner.logger.info(f'BatchAverageStatsHook: done in {time.time() - start:.1f} s')
+        self._computed_at = runner.iter
+
+    @staticmethod
+    def _train_dataloader(runner: Runner):
+        if isinstance(runner._train_loop, BaseLoop):
+            return runner.train_loop.dataloader
+        cfg = runner._train_dataloader
+        if cfg is None:
+            return None
+        if isinstance(cfg, dict):
+            runner._train_dataloader = Runner.build_dataloader(cfg, seed=runner.seed)
+        return runner._train_dataloader

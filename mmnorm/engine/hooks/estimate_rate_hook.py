@@ -1,0 +1,78 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Tie the update rate of estimated BCN statistics to the learning rate (BCN Algorithm 1)."""
+from typing import Dict, List, Optional
+
+import torch
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.optim import OptimWrapper, OptimWrapperDict
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
+
+from ...layers import BatchChannelNorm
+
+__all__ = ['EstimateRateHook']
+
+
+def _optimizers(optim_wrapper) -> List[torch.optim.Optimizer]:
+    if isinstance(optim_wrapper, OptimWrapperDict):
+        return [w.optimizer for w in optim_wrapper.values()]
+    if isinstance(optim_wrapper, OptimWrapper):
+        return [optim_wrapper.optimizer]
+    return [optim_wrapper]
+
+
+@HOOKS.register_module()
+class EstimateRateHook(Hook):
+    """Set every estimated BCN's update rate ``r`` to the current learning rate, every iteration.
+
+    BCN Algorithm 1: "we set the update rate r to be the learning rate of trainable parameters".
+    The rate of a layer is the learning rate of the optimizer parameter group that holds the
+    layer's own parameters (so ``lr_mult`` / ``custom_keys`` apply), or of the first group for a
+    layer without parameters. It is read before each iteration, after the parameter schedulers
+    have set it (warm-up included), and after a resume it follows the restored optimizer, whatever
+    rate the checkpoint stored.
+
+    Args:
+        scale (float): multiply the learning rate by this factor. Defaults to 1 (the paper).
+
+    Example:
+        >>> custom_hooks = [dict(type='EstimateRateHook')]
+    """
+
+    priority = 'NORMAL'
+
+    def __init__(self, scale: float = 1.0):
+        if not scale > 0:
+            raise ValueError(f'scale must be > 0, got {scale!r}')
+        self.scale = scale
+        self._groups: Optional[Dict[BatchChannelNorm, dict]] = None
+
+    def before_train(self, runner: Runner) -> None:
+        self._groups = None  # the optimizer may be rebuilt (resume)
+
+    def _layer_groups(self, runner: Runner) -> Dict[BatchChannelNorm, dict]:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        layers = [m for m in model.modules() if isinstance(m, BatchChannelNorm) and m.estimate]
+        groups_of = {}
+        optimizers = _optimizers(runner.optim_wrapper)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                for p in group['params']:
+                    groups_of[id(p)] = group
+        default = optimizers[0].param_groups[0]
+        found = {}
+        for layer in layers:
+            group = next((groups_of[id(p)] for p in layer.parameters() if id(p) in groups_of),
+                         default)
+            found[layer] = group
+        if not layers:
+            runner.logger.warning('EstimateRateHook: the model has no BCN layer with '
+                                  'estimate=True; the hook does nothing')
+        return found
+
+    def before_train_iter(self, runner: Runner, batch_idx: int, data_batch=None) -> None:
+        if self._groups is None:
+            self._groups = self._layer_groups(runner)
+        for layer, group in self._groups.items():
+            layer.set_estimate_rate(group['lr'] * self.scale)

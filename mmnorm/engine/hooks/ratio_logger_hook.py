@@ -1,0 +1,74 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Log SN importance ratios during training and keep their history as JSON lines."""
+import json
+import os.path as osp
+from typing import Optional
+
+from mmengine.dist import master_only
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
+
+from ...utils.ratios import model_ratios, symmetric_kl
+
+__all__ = ['SNRatioLoggerHook']
+
+
+@HOOKS.register_module()
+class SNRatioLoggerHook(Hook):
+    """Record every SN / SN_tied layer's softmaxed mean/var ratios every ``interval`` iterations.
+
+    - appends one JSON line ``{"iter", "epoch", "layers": {name: {"normalizers", "mean", "var",
+      "tied"}}}`` to ``<work_dir>/<out_file>`` (``tools/plot_ratios.py`` draws it);
+    - puts the ratios averaged over layers (``sn/mean_IN`` ... ``sn/var_BN``) and the mean
+      divergence ``sn/divergence`` (D(λμ‖λσ), SN study Fig. 3) into the message hub, so the
+      logger prints them and visualizer backends (TensorBoard, ...) plot them.
+
+    Args:
+        interval (int): iterations between records. Defaults to 50.
+        out_file (str): file name in the work dir. Defaults to ``'sn_ratios.jsonl'``.
+
+    Example:
+        >>> custom_hooks = [dict(type='SNRatioLoggerHook', interval=100)]
+    """
+
+    priority = 'BELOW_NORMAL'  # after the optimizer step, before the logger prints
+
+    def __init__(self, interval: int = 50, out_file: str = 'sn_ratios.jsonl'):
+        if interval < 1:
+            raise ValueError(f'interval must be >= 1, got {interval}')
+        self.interval = interval
+        self.out_file = out_file
+        self.path: Optional[str] = None
+
+    def before_train(self, runner: Runner) -> None:
+        self.path = osp.join(runner.work_dir, self.out_file)
+        self._record(runner, runner.iter)  # the starting point (1/3 each for a new model)
+
+    def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
+                         outputs=None) -> None:
+        if self.every_n_train_iters(runner, self.interval) or self.is_last_train_iter(runner):
+            self._record(runner, runner.iter + 1)
+
+    def _record(self, runner: Runner, iteration: int) -> None:
+        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        layers = model_ratios(model)
+        if not layers:
+            return
+        hub = runner.message_hub
+        count = len(layers)
+        first = next(iter(layers.values()))
+        for kind in ('mean', 'var'):
+            for index, normalizer in enumerate(first['normalizers']):
+                total = sum(r[kind][index] for r in layers.values()
+                            if len(r[kind]) > index)
+                hub.update_scalar(f'train/sn/{kind}_{normalizer}', total / count)
+        divergence = sum(symmetric_kl(r['mean'], r['var']) for r in layers.values()) / count
+        hub.update_scalar('train/sn/divergence', divergence)
+        self._append(dict(iter=iteration, epoch=runner.epoch, layers=layers))
+
+    @master_only
+    def _append(self, record: dict) -> None:
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')

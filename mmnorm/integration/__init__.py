@@ -1,0 +1,34 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Integration with mmdet, mmseg and mmpretrain, applied when each one's ``models`` package is
+imported (see :mod:`.post_import`): backbones' ``norm_eval`` freezes SN/BCN statistics
+(:mod:`.norm_eval`), and mmseg gets ``DeepLabV2Head``."""
+import importlib
+import importlib.util
+
+from .norm_eval import respect_norm_eval, respect_norm_eval_in_registry
+from .post_import import when_imported
+
+__all__ = ['respect_norm_eval', 'respect_norm_eval_in_registry', 'when_imported',
+           'install_integrations']
+
+
+def _norm_eval_only(scope: str):
+
+    def setup(module) -> None:
+        respect_norm_eval_in_registry(importlib.import_module(f'{scope}.registry').MODELS)
+
+    return setup
+
+
+def _setup_mmseg(module) -> None:
+    from .mmseg import setup
+    setup()
+
+
+def install_integrations() -> None:
+    """Arrange the per-codebase setup for every installed codebase (idempotent per import)."""
+    setups = {'mmdet': _norm_eval_only('mmdet'), 'mmseg': _setup_mmseg,
+              'mmpretrain': _norm_eval_only('mmpretrain')}
+    for scope, setup in setups.items():
+        if importlib.util.find_spec(scope) is not None:
+            when_imported(f'{scope}.models', setup)

@@ -1,0 +1,235 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Batch-average statistics: against a float64 oracle, invariances, guard, 2-process run."""
+import os
+import tempfile
+import traceback
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm.engine import find_batch_stats_layers, recompute_batch_stats
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), SwitchableNorm(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1), BatchChannelNorm(8, num_groups=4), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), SwitchableNormTied(8, eval_stats='batch_average'),
+        BatchChannelNorm(8, num_groups=2, estimate=True),
+        SwitchableNorm(8, using_bn=False)).double()
+    model[11].set_estimate_rate(0.1)
+    return model
+
+
+def make_batches(num=6, size=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, 3, 6, 5, generator=gen, dtype=torch.float64) * 2 + 1
+            for _ in range(num)]
+
+
+def forward(model, batch):
+    model(batch)
+
+
+def capture_inputs(model, batches):
+    """Each batch-statistics layer's training-mode input for every batch (plain forward)."""
+    layers = find_batch_stats_layers(model)
+    seen = {name: [] for name in layers}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=name: seen[n].append(a[0].clone()))
+               for name, m in layers.items()]
+    model.train()
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def oracle(inputs, estimator):
+    """Plain per-batch statistics of the captured inputs, combined as documented."""
+    def per_channel(x):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    if estimator == 'batch_average':
+        weights = torch.tensor([float(x.shape[0]) for x in inputs], dtype=torch.float64)
+        means = torch.stack([per_channel(x).mean(1) for x in inputs])
+        variances = torch.stack([per_channel(x).var(1, unbiased=True) for x in inputs])
+        w = (weights / weights.sum()).view(-1, 1)
+        return (w * means).sum(0), (w * variances).sum(0)
+    values = torch.cat([per_channel(x) for x in inputs], 1)
+    return values.mean(1), values.var(1, unbiased=True)
+
+
+def test_layer_discovery():
+    names = set(find_batch_stats_layers(make_model()))
+    # SN, BCN, BN, SN_tied; not the estimated BCN (11) nor SN without BN (12)
+    assert names == {'1', '4', '7', '10'}
+
+
+@pytest.mark.parametrize('estimator', ['batch_average', 'population'])
+def test_equals_float64_oracle(estimator):
+    model = make_model()
+    batches = make_batches()
+    inputs = capture_inputs(model, batches)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    estimates = {k: v.clone() for k, v in model[11].named_buffers()}
+    tracked = {k: v.clone() for k, v in model.state_dict().items() if 'num_batches' in k}
+    model.eval()
+    report = recompute_batch_stats(model, batches, len(batches), forward=forward,
+                                   estimator=estimator)
+    for name, layer in find_batch_stats_layers(model).items():
+        mean, var = oracle(inputs[name], estimator)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-10, atol=1e-10)
+        assert report[name] == dict(calls=len(batches), samples=4 * len(batches))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, params[name]), f'{name} changed'
+    for name, b in model[11].named_buffers():
+        assert torch.equal(b, estimates[name]), 'estimated BCN statistics changed'
+    for key, value in model.state_dict().items():
+        if 'num_batches' in key:
+            assert torch.equal(value, tracked[key])
+    assert not model.training and model[1].momentum == 0.1
+    assert bool(model[10].stats_ready) and bool(model[1].stats_ready)
+
+
+def test_population_is_independent_of_batching():
+    # Only the first norm's input (a conv of the data) does not depend on the batching; deeper
+    # inputs do, through the batch statistics used upstream in training mode.
+    model = make_model()
+    data = torch.cat(make_batches(num=4, size=6))
+    split_a = list(data.split(6))
+    split_b = list(data.split(4))
+    split_c = [data[:3], data[3:12], data[12:]]  # unequal sizes too
+    results = []
+    for split in (split_a, split_b, split_c):
+        recompute_batch_stats(model, split, len(split), forward=forward, estimator='population')
+        results.append({k: v.clone() for k, v in model.state_dict().items() if 'running' in k})
+    for other in results[1:]:
+        for key in ('1.running_mean', '1.running_var'):
+            torch.testing.assert_close(other[key], results[0][key], rtol=1e-9, atol=1e-9)
+    mean, var = oracle(capture_inputs(make_model(), [data])['1'], 'population')
+    torch.testing.assert_close(results[2]['1.running_mean'], mean)
+    torch.testing.assert_close(results[2]['1.running_var'], var)
+
+
+def test_batch_average_mean_invariant_to_equal_size_splits_and_order():
+    model = make_model()
+    data = torch.cat(make_batches(num=4, size=4))
+    splits = [list(data.split(4)), list(data[torch.randperm(16,
+                                        generator=torch.Generator().manual_seed(3))].split(4))]
+    reversed_split = list(reversed(splits[0]))
+    stats = []
+    for split in splits + [reversed_split]:
+        recompute_batch_stats(model, split, len(split), forward=forward)
+        stats.append({k: v.clone() for k, v in model.state_dict().items() if 'running' in k})
+    for key in stats[0]:
+        if key == '1.running_mean':  # the first norm's input is the same for any split
+            torch.testing.assert_close(stats[1][key], stats[0][key])
+        torch.testing.assert_close(stats[2][key], stats[0][key])  # same batches, other order
+
+
+def test_cycles_a_short_data_source():
+    model = make_model()
+    batches = make_batches(num=2)
+    report = recompute_batch_stats(model, batches, 5, forward=forward)
+    assert report['1']['calls'] == 5
+
+
+def test_frozen_layers_keep_their_statistics():
+    model = make_model()
+    recompute_batch_stats(model, make_batches(), 2, forward=forward)
+    before = model[7].running_mean.clone()
+
+    class Frozen(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def train(self, mode=True):
+            super().train(mode)
+            self.inner[7].eval()  # like a backbone with norm_eval=True
+            return self
+
+    frozen = Frozen(model)
+    recompute_batch_stats(frozen, make_batches(seed=5), 3, forward=lambda m, b: m.inner(b))
+    assert torch.equal(model[7].running_mean, before)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match='estimator'):
+        recompute_batch_stats(make_model(), make_batches(), 2, forward=forward, estimator='ema')
+    with pytest.raises(ValueError, match='num_iters'):
+        recompute_batch_stats(make_model(), make_batches(), 0, forward=forward)
+    with pytest.raises(RuntimeError, match='no batch'):
+        recompute_batch_stats(make_model(), [], 2, forward=forward)
+
+
+def test_guard_warns_until_statistics_are_recomputed():
+    layer = SwitchableNorm(4, eval_stats='batch_average')
+    layer(torch.randn(4, 4, 3, 3))
+    layer.eval()
+    with pytest.warns(UserWarning, match="eval_stats='batch_average'.*not recomputed"):
+        layer(torch.randn(2, 4, 3, 3))
+    model = nn.Sequential(layer)
+    recompute_batch_stats(model, [torch.randn(4, 4, 3, 3)], 1, forward=forward)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        model(torch.randn(2, 4, 3, 3))
+    model.train()
+    model(torch.randn(4, 4, 3, 3))  # a training step makes the recomputed statistics stale
+    assert not bool(layer.stats_ready)
+    model.eval()
+    with pytest.warns(UserWarning, match='not recomputed'):
+        model(torch.randn(2, 4, 3, 3))
+
+
+def test_moving_mode_layers_do_not_warn():
+    layer = SwitchableNorm(4).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        layer(torch.randn(2, 4, 3, 3))
+
+
+def _dist_worker(rank, world, init_file, out_dir):
+    try:
+        dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                                world_size=world)
+        torch.set_num_threads(1)
+        model = make_model()
+        batches = make_batches(num=6)
+        recompute_batch_stats(model, batches[rank::world], 3, forward=forward)
+        torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
+                   os.path.join(out_dir, f'rank{rank}.pth'))
+        dist.barrier()
+    except Exception:
+        with open(os.path.join(out_dir, f'error{rank}.txt'), 'w') as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_two_processes_end_identical_and_equal_to_one_process():
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(_dist_worker, args=(2, os.path.join(tmp, 'init'), tmp), nprocs=2)
+        except Exception:
+            pytest.fail('\n'.join(open(os.path.join(tmp, f)).read()
+                                  for f in os.listdir(tmp) if f.startswith('error')))
+        ranks = [torch.load(os.path.join(tmp, f'rank{r}.pth'), weights_only=True)
+                 for r in (0, 1)]
+    single = make_model()
+    recompute_batch_stats(single, make_batches(num=6), 6, forward=forward)
+    for key, value in ranks[0].items():
+        assert torch.equal(ranks[1][key], value), f'{key} differs between ranks'
+        torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-10, atol=1e-10)

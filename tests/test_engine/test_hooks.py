@@ -1,0 +1,200 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""The registered hooks inside real mmengine Runners."""
+import json
+import os.path as osp
+import warnings
+
+import pytest
+import torch
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+from mmengine.runner import Runner
+
+import mmnorm
+from mmnorm import BatchChannelNorm
+from mmnorm.engine import BatchAverageStatsHook, EstimateRateHook, recompute_batch_stats
+from tests.helpers.toy import ToyData, ToyModel, loader
+
+
+def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler=None,
+            val=False, resume=False, load_from=None, name='run'):
+    torch.manual_seed(0)
+    kwargs = {}
+    if val:
+        kwargs = dict(val_dataloader=loader(size=8), val_cfg=dict(),
+                      val_evaluator=dict(type='ToyAccuracy'))
+    return Runner(
+        model=model, work_dir=str(work_dir), train_dataloader=loader(),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=3),
+        optim_wrapper=optim or dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        param_scheduler=scheduler,
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False),
+                           logger=dict(type='LoggerHook', interval=1)),
+        custom_hooks=list(custom_hooks), randomness=dict(seed=0), resume=resume,
+        load_from=load_from, experiment_name=f'{name}_{osp.basename(str(work_dir))}', **kwargs)
+
+
+class TestBatchAverageStatsHook:
+
+    def test_recomputes_before_val_and_last_checkpoint(self, tmp_path):
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        runner = _runner(tmp_path, model, custom_hooks=[
+            dict(type='BatchAverageStatsHook', num_iters=3)], val=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='.*not recomputed.*')
+            runner.train()  # validation at iter 3 and 6 must not warn
+        assert bool(model.norm1.stats_ready)
+        # The final checkpoint holds the batch average of the final weights.
+        saved = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
+        reference = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        reference.load_state_dict(saved)
+        recompute_batch_stats(reference, runner.train_dataloader, 3)
+        for key in ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var'):
+            torch.testing.assert_close(saved[key], reference.state_dict()[key])
+        # Not the moving average the training left behind.
+        moving = _runner(tmp_path / 'moving', ToyModel(), name='moving')
+        moving.train()
+        assert not torch.allclose(moving.model.norm1.running_var, saved['norm1.running_var'])
+
+    def test_skips_when_nothing_trained_since(self, tmp_path):
+        hook = BatchAverageStatsHook(num_iters=2)
+        runner = _runner(tmp_path, ToyModel(), max_iters=3, custom_hooks=[hook], val=True)
+        runner.train()  # last iteration (3) computed, then validation at 3 skipped
+        assert hook._computed_at == 3
+        before = runner.model.norm1.running_mean.clone()
+        hook.before_val(runner)
+        assert torch.equal(runner.model.norm1.running_mean, before)
+
+    def test_before_test_builds_the_train_dataloader(self, tmp_path):
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        # As from a full config: train pieces present, but only test() is run.
+        runner = Runner(model=model, work_dir=str(tmp_path), train_dataloader=loader(),
+                        train_cfg=dict(by_epoch=False, max_iters=1),
+                        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+                        test_dataloader=loader(size=8), test_cfg=dict(),
+                        test_evaluator=dict(type='ToyAccuracy'),
+                        custom_hooks=[dict(type='BatchAverageStatsHook', num_iters=2)],
+                        experiment_name='test_only')
+        with warnings.catch_warnings():
+            warnings.filterwarnings('error', message='.*not recomputed.*')
+            metrics = runner.test()
+        assert 'accuracy' in metrics and bool(model.norm1.stats_ready)
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match='estimator'):
+            BatchAverageStatsHook(estimator='ema')
+        with pytest.raises(ValueError, match='num_iters'):
+            BatchAverageStatsHook(num_iters=0)
+
+
+@HOOKS.register_module(force=True)
+class RecordRateHook(Hook):
+    """Records (layer rate, group lr) during every iteration, after EstimateRateHook ran."""
+
+    priority = 'LOW'
+
+    def __init__(self):
+        self.records = []
+
+    def before_train_iter(self, runner, batch_idx, data_batch=None):
+        model = runner.model
+        groups = {id(p): g for g in runner.optim_wrapper.optimizer.param_groups
+                  for p in g['params']}
+        self.records.append([
+            (float(m.estimate_rate), groups[id(m.bn_weight)]['lr'])
+            for m in (model.norm1, model.norm2)])
+
+
+class TestEstimateRateHook:
+
+    def _model(self):
+        return ToyModel(norm1=BatchChannelNorm(8, num_groups=4, estimate=True),
+                        norm2=BatchChannelNorm(8, num_groups=2, estimate=True))
+
+    def _optim(self):
+        return dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9),
+                    paramwise_cfg=dict(custom_keys={'norm2': dict(lr_mult=0.5)}))
+
+    def _scheduler(self):
+        return [dict(type='LinearLR', start_factor=0.1, by_epoch=False, begin=0, end=4),
+                dict(type='MultiStepLR', milestones=[5], by_epoch=False, gamma=0.1)]
+
+    def test_rate_follows_lr_with_warmup_and_lr_mult(self, tmp_path):
+        recorder = RecordRateHook()
+        runner = _runner(tmp_path, self._model(), max_iters=6,
+                         custom_hooks=[dict(type='EstimateRateHook'), recorder],
+                         optim=self._optim(), scheduler=self._scheduler())
+        runner.train()
+        assert len(recorder.records) == 6
+        lrs = []
+        for rates in recorder.records:
+            for rate, lr in rates:
+                assert rate == pytest.approx(lr, rel=1e-6)
+            lrs.append(rates[0][1])
+            assert rates[1][1] == pytest.approx(0.5 * rates[0][1])  # lr_mult reaches the rate
+        assert lrs[0] == pytest.approx(0.01) and lrs[4] == pytest.approx(0.1)  # warm-up
+        assert lrs[5] == pytest.approx(0.01)  # step decay
+
+    def test_rate_correct_after_resume(self, tmp_path):
+        first = _runner(tmp_path, self._model(), max_iters=3,
+                        custom_hooks=[dict(type='EstimateRateHook')], optim=self._optim(),
+                        scheduler=self._scheduler(), name='first')
+        first.train()
+        ckpt = torch.load(tmp_path / 'iter_3.pth', weights_only=True)
+        ckpt['state_dict']['norm1.estimate_rate'].fill_(123.0)  # a stale value must not leak
+        torch.save(ckpt, tmp_path / 'stale.pth')
+        recorder = RecordRateHook()
+        resumed = _runner(tmp_path, self._model(), max_iters=6,
+                          custom_hooks=[dict(type='EstimateRateHook'), recorder],
+                          optim=self._optim(), scheduler=self._scheduler(), resume=True,
+                          load_from=str(tmp_path / 'stale.pth'), name='resumed')
+        resumed.train()
+        assert len(recorder.records) == 3
+        restored_lr = ckpt['optimizer']['param_groups'][0]['lr']
+        assert recorder.records[0][0] == pytest.approx((restored_lr, restored_lr))
+        for rates in recorder.records:
+            for rate, lr in rates:
+                assert rate == pytest.approx(lr, rel=1e-6)
+
+    def test_without_hook_layer_warns(self, tmp_path):
+        runner = _runner(tmp_path, self._model(), max_iters=1)
+        with pytest.warns(UserWarning, match='estimate_rate == 0'):
+            runner.train()
+
+    def test_bad_scale(self):
+        with pytest.raises(ValueError):
+            EstimateRateHook(scale=0)
+
+
+class TestRatioLogging:
+
+    def test_json_log_message_hub_and_plots(self, tmp_path):
+        model = ToyModel(norm2=mmnorm.SwitchableNormTied(8))
+        runner = _runner(tmp_path, model, max_iters=4,
+                         custom_hooks=[dict(type='SNRatioLoggerHook', interval=2)],
+                         optim=dict(optimizer=dict(type='SGD', lr=0.5)))
+        runner.train()
+        with open(tmp_path / 'sn_ratios.jsonl') as f:
+            records = [json.loads(line) for line in f]
+        assert [r['iter'] for r in records] == [0, 2, 4]
+        assert set(records[0]['layers']) == {'norm1', 'norm2'}
+        assert records[0]['layers']['norm1']['mean'] == pytest.approx([1 / 3] * 3)
+        assert records[-1]['layers']['norm1']['mean'] != pytest.approx([1 / 3] * 3)
+        assert records[-1]['layers']['norm2']['tied']
+        final = records[-1]['layers']['norm1']
+        expected = [r.tolist() for r in model.norm1.ratios()]
+        assert final['mean'] == pytest.approx(expected[0]) and final['var'] == pytest.approx(
+            expected[1])
+        assert runner.message_hub.get_scalar('train/sn/mean_BN').current() == pytest.approx(
+            (final['mean'][2] + records[-1]['layers']['norm2']['mean'][2]) / 2)
+
+        import sys
+        sys.path.insert(0, osp.join(osp.dirname(__file__), '..', '..', 'tools'))
+        import plot_ratios
+        png = plot_ratios.main([str(tmp_path / 'iter_3.pth'), '--out', str(tmp_path / 'a.png')])
+        assert osp.getsize(png) > 10_000
+        png = plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--iter', '2', '--out',
+                                str(tmp_path / 'b.png')])
+        assert osp.getsize(png) > 10_000
+        with pytest.raises(SystemExit, match='no record at iteration 7'):
+            plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--iter', '7'])

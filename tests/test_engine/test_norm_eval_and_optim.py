@@ -1,0 +1,190 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""norm_eval freezes SN/BCN statistics in the codebases' ResNets; the optimizer constructor puts
+every parameter in the group the docs say; AMP (bf16 on CPU) trains without NaN."""
+import importlib
+
+import pytest
+import torch
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import MODELS as ROOT_MODELS
+from mmengine.registry import DefaultScope
+from torch import nn
+
+import mmnorm
+from mmnorm import BatchChannelNorm, SwitchableNorm
+from mmnorm.layers import BatchStatsNorm
+
+BACKBONES = {
+    'mmdet': dict(type='ResNet', depth=18),
+    'mmseg': dict(type='ResNetV1c', depth=18),
+    'mmpretrain': dict(type='ResNetV1d', depth=18),
+}
+
+
+def _build_backbone(scope, norm_cfg, **kwargs):
+    registry = importlib.import_module(f'{scope}.registry').MODELS
+    importlib.import_module(f'{scope}.models')  # triggers mmnorm's integration
+    cfg = dict(BACKBONES[scope], base_channels=8, stem_channels=8, norm_cfg=norm_cfg,
+               **kwargs)
+    with DefaultScope.overwrite_default_scope(scope):  # independent of other tests' scope
+        return registry.build(cfg)
+
+
+def _stats(model):
+    return {k: v.clone() for k, v in model.state_dict().items()
+            if k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))}
+
+
+@pytest.mark.parametrize('scope', list(BACKBONES))
+@pytest.mark.parametrize('norm_cfg', [dict(type='SN'), dict(type='BCN', num_groups=4)])
+def test_norm_eval_keeps_buffers_unchanged_through_training_steps(scope, norm_cfg):
+    model = _build_backbone(scope, norm_cfg, norm_eval=True, frozen_stages=1)
+    norms = [m for m in model.modules() if isinstance(m, BatchStatsNorm)]
+    assert norms
+    before = _stats(model)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        model.train()
+        assert all(not m.training for m in norms)
+        out = model(torch.randn(2, 3, 32, 32))
+        loss = sum(o.float().mean() for o in (out if isinstance(out, (tuple, list)) else [out]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = _stats(model)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), f'{key} changed under norm_eval'
+    # Frozen stage 1 (and the stem) stay frozen: no gradient, eval mode.
+    assert not any(p.requires_grad for p in model.layer1.parameters())
+    assert not model.layer1.training
+
+
+@pytest.mark.parametrize('scope', list(BACKBONES))
+def test_without_norm_eval_buffers_move(scope):
+    model = _build_backbone(scope, dict(type='SN'), norm_eval=False)
+    before = _stats(model)
+    model.train()
+    model(torch.randn(2, 3, 32, 32))
+    assert any(not torch.equal(_stats(model)[k], v) for k, v in before.items())
+
+
+def test_respect_norm_eval_decorator_for_custom_backbones():
+    @mmnorm.integration.respect_norm_eval
+    class Backbone(nn.Module):
+        def __init__(self, norm_eval):
+            super().__init__()
+            self.norm_eval = norm_eval
+            self.norm = SwitchableNorm(4)
+
+        def train(self, mode=True):
+            return super().train(mode)
+
+    assert not Backbone(True).train().norm.training
+    assert Backbone(False).train().norm.training
+
+
+class Net(nn.Module):
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.sn = SwitchableNorm(4)
+        self.tied = mmnorm.SwitchableNormTied(4)
+        self.bcn = BatchChannelNorm(4, num_groups=2)
+        self.fc = nn.Linear(4, 2)
+
+
+def _groups(paramwise_cfg=None, weight_decay=1e-4):
+    model = Net()
+    cfg = dict(constructor='NormAwareOptimWrapperConstructor',
+               optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=weight_decay))
+    if paramwise_cfg is not None:
+        cfg['paramwise_cfg'] = paramwise_cfg
+    wrapper = build_optim_wrapper(model, cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    table = {}
+    for group in wrapper.optimizer.param_groups:
+        for p in group['params']:
+            table[names[id(p)]] = (group['lr'], group['weight_decay'])
+    assert len(table) == len(list(model.parameters()))
+    return table
+
+
+def test_constructor_default_decays_everything():
+    # The SN ImageNet protocol: weight decay on all parameters including gamma, beta, ratios.
+    table = _groups()
+    assert set(table.values()) == {(0.1, 1e-4)}
+
+
+def test_constructor_groups_as_documented():
+    table = _groups(dict(norm_decay_mult=0.0, ratio_decay_mult=0.0, ratio_lr_mult=2.0,
+                         bias_decay_mult=0.5))
+    expected = {
+        'conv.weight': (0.1, 1e-4), 'conv.bias': (0.1, 0.5e-4),
+        'bn.weight': (0.1, 0.0), 'bn.bias': (0.1, 0.0),
+        'sn.weight': (0.1, 0.0), 'sn.bias': (0.1, 0.0),
+        'sn.mean_logits': (0.2, 0.0), 'sn.var_logits': (0.2, 0.0),
+        'tied.weight': (0.1, 0.0), 'tied.bias': (0.1, 0.0), 'tied.logits': (0.2, 0.0),
+        'bcn.bn_weight': (0.1, 0.0), 'bcn.bn_bias': (0.1, 0.0),
+        'bcn.weight': (0.1, 0.0), 'bcn.bias': (0.1, 0.0),
+        'fc.weight': (0.1, 1e-4), 'fc.bias': (0.1, 0.5e-4),
+    }
+    for name, value in expected.items():
+        assert table[name] == pytest.approx(value), name
+
+
+def test_constructor_without_ratio_rules_uses_flat_and_custom_keys_win():
+    table = _groups(dict(flat_decay_mult=0.0, custom_keys={'sn.mean_logits': dict(
+        lr_mult=0.1, decay_mult=3.0)}))
+    assert table['sn.mean_logits'] == pytest.approx((0.01, 3e-4))
+    assert table['sn.var_logits'] == pytest.approx((0.1, 0.0))  # 1-d: flat_decay_mult
+    assert table['sn.weight'] == pytest.approx((0.1, 0.0))
+    assert table['conv.weight'] == pytest.approx((0.1, 1e-4))
+
+
+def test_mmengine_default_constructor_misses_mmnorm_layers():
+    # Why this constructor exists: the default does not see SN/BCN as norms.
+    model = Net()
+    wrapper = build_optim_wrapper(model, dict(
+        optimizer=dict(type='SGD', lr=0.1, weight_decay=1e-4),
+        paramwise_cfg=dict(norm_decay_mult=0.0)))
+    decay = {id(p): g['weight_decay'] for g in wrapper.optimizer.param_groups
+             for p in g['params']}
+    assert decay[id(model.bn.weight)] == 0.0 and decay[id(model.sn.weight)] == 1e-4
+
+
+def test_ratio_decay_needs_weight_decay():
+    with pytest.raises(ValueError, match='weight_decay'):
+        _groups(dict(ratio_decay_mult=0.0), weight_decay=None)
+
+
+@pytest.mark.parametrize('norm1, conv', [('SN', 'WSConv'), ('SN_tied', 'Conv'),
+                                         ('BCN', 'WSConv')])
+def test_amp_bfloat16_training_is_finite(norm1, conv, tmp_path):
+    from mmengine.runner import Runner
+    from tests.helpers.toy import ToyModel, loader
+    norm = ROOT_MODELS.build(dict(type=norm1, num_features=8, **(
+        dict(num_groups=4) if norm1 == 'BCN' else {})))
+    model = ToyModel(norm1=norm, norm2=SwitchableNorm(8))
+    if conv == 'Conv':
+        model.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+    runner = Runner(
+        model=model, work_dir=str(tmp_path), train_dataloader=loader(),
+        train_cfg=dict(by_epoch=False, max_iters=6),
+        # mmengine's AmpOptimWrapper refuses CPU-only machines; this is its CPU-capable subclass
+        optim_wrapper=dict(type='CPUAmpOptimWrapper', dtype='bfloat16',
+                           optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+        default_hooks=dict(checkpoint=None, logger=dict(type='LoggerHook', interval=1)),
+        experiment_name=f'amp_{norm1}_{conv}')
+    seen = []
+    hook = model.norm1.register_forward_hook(lambda m, a, out: seen.append(out.dtype))
+    runner.train()
+    hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}  # really under bf16 autocast
+    loss = runner.message_hub.get_scalar('train/loss')
+    assert all(torch.isfinite(torch.tensor(v)) for v in loss.data[0])
+    for name, p in model.named_parameters():
+        assert torch.isfinite(p).all(), name
+    for name, b in model.named_buffers():
+        assert torch.isfinite(b.float()).all(), name

@@ -1,0 +1,111 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""SyncSN / SyncSN_tied / SyncBCN on shards (2 real gloo processes) equal SN / SN_tied / BCN on
+the concatenated batch: outputs, input gradients, summed parameter gradients, running buffers."""
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mmnorm.layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied,
+                           SyncBatchChannelNorm, SyncSwitchableNorm, SyncSwitchableNormTied,
+                           convert_sync_norm, revert_sync_norm)
+
+PAIRS = {
+    'SN': (SwitchableNorm, SyncSwitchableNorm, {}),
+    'SN_std': (SwitchableNorm, SyncSwitchableNorm, dict(mix='std')),
+    'SN_tied': (SwitchableNormTied, SyncSwitchableNormTied, {}),
+    'BCN': (BatchChannelNorm, SyncBatchChannelNorm, dict(num_groups=4)),
+}
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _layer(cls, kwargs, dtype):
+    torch.manual_seed(123)
+    layer = cls(8, momentum=0.3, **kwargs).to(dtype)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_()
+    return layer
+
+
+def _check_case(rank, world, name, sizes, dtype):
+    local_cls, sync_cls, kwargs = PAIRS[name]
+    gen = torch.Generator().manual_seed(7)
+    full = torch.randn(sum(sizes), 8, 5, 4, generator=gen, dtype=torch.float64) * 2 + 1
+    grad = torch.randn(full.shape, generator=gen, dtype=torch.float64)
+    start = sum(sizes[:rank])
+    shard = slice(start, start + sizes[rank])
+
+    reference = _layer(local_cls, kwargs, torch.float64)
+    x_full = full.clone().requires_grad_()
+    y_full = reference(x_full)
+    y_full.backward(grad)
+
+    sync = _layer(sync_cls, kwargs, dtype)
+    x = full[shard].to(dtype).requires_grad_()
+    y = sync(x)
+    y.backward(grad[shard].to(dtype))
+    tol = TOL if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(y.double(), y_full[shard].detach(), **tol)
+    torch.testing.assert_close(x.grad.double(), x_full.grad[shard], **tol)
+    for (pname, p), (_, p_ref) in zip(sync.named_parameters(), reference.named_parameters()):
+        g = p.grad.clone()
+        dist.all_reduce(g)  # DDP would average: the sum is the full-batch gradient
+        torch.testing.assert_close(g.double(), p_ref.grad, **tol, msg=lambda m: f'{pname}: {m}')
+    torch.testing.assert_close(sync.running_mean.double(), reference.running_mean, **tol)
+    torch.testing.assert_close(sync.running_var.double(), reference.running_var, **tol)
+    # Eval: no communication, running statistics, same as the local layer.
+    sync.eval(), reference.eval()
+    torch.testing.assert_close(sync(full[shard].to(dtype)).double(),
+                               reference(full[shard]).detach(), **tol)
+
+
+def _worker(rank, world, init_file, result_dir):
+    try:
+        dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
+                                world_size=world)
+        torch.set_num_threads(1)
+        for name in PAIRS:
+            for sizes in ([3, 3], [2, 5]):
+                for dtype in (torch.float64, torch.float32):
+                    _check_case(rank, world, name, sizes, dtype)
+        # An empty shard still joins the collectives and adds nothing.
+        _check_case(rank, world, 'SN', [0, 4], torch.float64)
+        _check_case(rank, world, 'BCN', [4, 0], torch.float64)
+        # Converted local layers synchronize too.
+        model = convert_sync_norm(torch.nn.Sequential(SwitchableNorm(8).double()))
+        assert isinstance(model[0], SyncSwitchableNorm)
+        assert type(revert_sync_norm(model)[0]) is SwitchableNorm
+        dist.barrier()
+    except Exception:  # report to the parent; the pytest process shows the traceback
+        with open(os.path.join(result_dir, f'error{rank}.txt'), 'w') as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_sync_layers_on_shards_equal_local_layers_on_full_batch():
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, 'init')
+        try:
+            mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        except Exception:
+            errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
+                      if f.startswith('error')]
+            pytest.fail('\n'.join(errors) or 'a worker failed')
+
+
+def test_sync_layers_without_process_group_equal_local():
+    assert not dist.is_initialized()
+    for name, (local_cls, sync_cls, kwargs) in PAIRS.items():
+        local, sync = _layer(local_cls, kwargs, torch.float64), _layer(sync_cls, kwargs,
+                                                                      torch.float64)
+        x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
+        torch.testing.assert_close(sync(x), local(x), rtol=0, atol=0, msg=name)
+        assert sync._batch_stats_fn() is None

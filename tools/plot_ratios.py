@@ -1,0 +1,162 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Draw the learned SN importance ratios per layer, in the style of the SN study's Fig. 2 and 3.
+
+    python tools/plot_ratios.py work_dirs/exp/iter_1000.pth --out ratios.png
+    python tools/plot_ratios.py work_dirs/exp/sn_ratios.jsonl --out ratios.png [--iter 500]
+
+Input: a checkpoint (ratios from the ``mean_logits`` / ``var_logits`` / ``logits`` parameters) or
+the JSON lines written by ``SNRatioLoggerHook`` (the last record, or ``--iter``). Output: one PNG
+with five rows over the SN layers in network order: soft ratios of μ and σ as stacked bars of IN
+(blue), LN (red) and BN (green); hard ratios (argmax, Fig. 2); and the divergence
+D(λμ‖λσ) = KL(λμ‖λσ) + KL(λσ‖λμ) (Fig. 3c). Layers are grouped by their top-level module
+(backbone, neck, heads). A summary is printed as well.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
+
+import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
+from mmnorm.utils import state_dict_ratios, symmetric_kl  # noqa: E402
+
+COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
+
+
+def load_ratios(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, dict], str]:
+    """``({layer: record}, description)`` from a checkpoint or a ratio log."""
+    if path.endswith(('.jsonl', '.json')):
+        records = []
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    records.append(json.loads(line))
+        if not records:
+            raise SystemExit(f'{path} holds no ratio record')
+        if iteration is None:
+            record = records[-1]
+        else:
+            matches = [r for r in records if r['iter'] == iteration]
+            if not matches:
+                raise SystemExit(f'no record at iteration {iteration} in {path}; available: '
+                                 f'{[r["iter"] for r in records]}')
+            record = matches[-1]
+        return OrderedDict(record['layers']), f'iteration {record["iter"]}'
+    from mmengine.runner.checkpoint import _load_checkpoint
+    checkpoint = _load_checkpoint(path, map_location='cpu')
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    meta = checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
+    where = f'iteration {meta["iter"]}' if 'iter' in meta else osp.basename(path)
+    return state_dict_ratios(state_dict), where
+
+
+def _groups(names):
+    """[(group, first index, last index)] of consecutive layers sharing a top-level module."""
+    groups = []
+    for index, name in enumerate(names):
+        top = name.split('.')[0]
+        if groups and groups[-1][0] == top:
+            groups[-1][2] = index
+        else:
+            groups.append([top, index, index])
+    return groups
+
+
+def plot(layers: Dict[str, dict], out: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Patch
+
+    names = list(layers)
+    count = len(names)
+    normalizers = max((r['normalizers'] for r in layers.values()), key=len)
+    fig, axes = plt.subplots(5, 1, figsize=(max(8.0, 0.16 * count + 2.5), 11), sharex=True,
+                             gridspec_kw=dict(height_ratios=[3, 3, 1.2, 1.2, 2]))
+    x = np.arange(count)
+    for row, kind in enumerate(('mean', 'var')):
+        ax = axes[row]
+        bottom = np.zeros(count)
+        for index, z in enumerate(normalizers):
+            values = np.array([r[kind][index] if index < len(r[kind]) else 0.0
+                               for r in layers.values()])
+            ax.bar(x, values, bottom=bottom, width=0.85, color=COLORS[z], label=z)
+            bottom += values
+        ax.set_ylim(0, 1)
+        ax.set_ylabel('λμ (soft)' if kind == 'mean' else 'λσ (soft)')
+    for row, kind in enumerate(('mean', 'var')):
+        ax = axes[2 + row]
+        hard = [layers[n]['normalizers'][int(np.argmax(layers[n][kind]))] for n in names]
+        ax.bar(x, np.ones(count), width=0.85, color=[COLORS[z] for z in hard])
+        ax.set_yticks([])
+        ax.set_ylabel('μ hard' if kind == 'mean' else 'σ hard', rotation=0, ha='right',
+                      va='center')
+    divergence = [symmetric_kl(r['mean'], r['var']) for r in layers.values()]
+    axes[4].bar(x, divergence, width=0.85, color='#555555')
+    axes[4].set_ylabel('D(λμ‖λσ)')
+    tied = [i for i, r in enumerate(layers.values()) if r.get('tied')]
+    if tied:
+        axes[4].plot(tied, [0] * len(tied), 'k|', markersize=6, label='tied (D = 0)')
+        axes[4].legend(loc='upper right', fontsize=7)
+    for group, first, last in _groups(names):
+        for ax in axes:
+            ax.axvline(last + 0.5, color='black', linewidth=0.6, alpha=0.5)
+        axes[0].text((first + last) / 2, 1.02, group, ha='center', va='bottom', fontsize=8,
+                     transform=axes[0].get_xaxis_transform())
+    axes[4].set_xticks(x)
+    axes[4].set_xticklabels([n.replace('backbone.', '') for n in names], rotation=90,
+                            fontsize=5 if count > 40 else 7)
+    axes[4].set_xlim(-0.6, count - 0.4)
+    fig.legend(handles=[Patch(color=COLORS[z], label=z) for z in normalizers],
+               loc='upper right', ncol=len(normalizers), fontsize=9)
+    fig.suptitle(f'{title}: SN importance ratios of {count} layers', fontsize=11, x=0.02,
+                 ha='left')
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+
+
+def summarize(layers: Dict[str, dict]) -> str:
+    lines = []
+    for kind, label in (('mean', 'mu'), ('var', 'sigma')):
+        winners = {}
+        for record in layers.values():
+            z = record['normalizers'][max(range(len(record[kind])), key=record[kind].__getitem__)]
+            winners[z] = winners.get(z, 0) + 1
+        share = ', '.join(f'{z} {n}' for z, n in sorted(winners.items()))
+        lines.append(f'hard ratios of {label}: {share}')
+    differ = sum(1 for r in layers.values()
+                 if max(range(len(r['mean'])), key=r['mean'].__getitem__)
+                 != max(range(len(r['var'])), key=r['var'].__getitem__))
+    lines.append(f'layers whose mu and sigma select different normalizers: {differ}/'
+                 f'{len(layers)}')
+    divergence = [symmetric_kl(r['mean'], r['var']) for r in layers.values()]
+    lines.append(f'mean divergence D: {sum(divergence) / len(divergence):.4f}, max '
+                 f'{max(divergence):.4f}')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description='Plot SN importance ratios')
+    parser.add_argument('input', help='checkpoint (.pth) or ratio log (.jsonl)')
+    parser.add_argument('--out', default=None, help='PNG path (default: next to the input)')
+    parser.add_argument('--iter', type=int, default=None, help='record of a ratio log to draw')
+    parser.add_argument('--title', default=None, help='figure title')
+    args = parser.parse_args(argv)
+    layers, where = load_ratios(args.input, args.iter)
+    if not layers:
+        raise SystemExit(f'no SN / SN_tied layer found in {args.input}')
+    out = args.out or osp.splitext(args.input)[0] + '_ratios.png'
+    plot(layers, out, args.title or f'{osp.basename(args.input)} ({where})')
+    print(summarize(layers))
+    print(f'wrote {out}')
+    return out
+
+
+if __name__ == '__main__':
+    main()

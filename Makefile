@@ -1,10 +1,16 @@
 # mmnorm: the README's commands.
-#   make test   set up .venv (if needed) and run the test suite
-#   make demo   set up .venv (if needed) and run the embedded demo
+#   make test                 set up .venv (if needed) and run the test suite
+#   make demo                 set up .venv (if needed) and run the embedded demo (Mask R-CNN + SN)
+#   make demo NORM=BN         ... with another normalizer: SN, SN_tied, BCN-WS, GN, BN
+#   make demo QUICK=1         ... a smoke run of about a minute
+#   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+NORM ?= SN
+QUICK ?=
+DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
 .PHONY: env test demo demo-seg benchmark clean-env
 
@@ -15,7 +21,10 @@ test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: env
-	@echo "The embedded demo is not built yet (see the README)."
+	$(PY) tools/demo.py $(DEMO_ARGS)
+
+demo-seg: env
+	$(PY) tools/demo.py --task seg $(if $(QUICK),--quick,)
 
 benchmark: env
 	$(PY) tools/benchmark_norms.py

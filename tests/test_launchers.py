@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import mmnorm  # noqa: F401  (allow-lists the globals of mmengine checkpoints for torch.load)
+
 from tests.conftest import ROOT
 from tests.helpers.images import make_class_folders
 

@@ -83,6 +83,9 @@ class SwitchableNorm(BatchStatsNorm):
                          dtype)
         if mix not in MIX_MODES:
             raise ValueError(f'mix must be one of {MIX_MODES}, got {mix!r}')
+        if eval_stats == 'batch_average' and not using_bn:
+            raise ValueError("eval_stats='batch_average' concerns BN statistics; with "
+                             "using_bn=False use eval_stats='moving'")
         factory = {'device': device, 'dtype': dtype}
         self.affine = affine
         self.using_bn = using_bn

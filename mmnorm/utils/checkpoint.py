@@ -20,6 +20,7 @@ globals, and nothing that can execute code:
 call ``os.system`` on load, is refused with :class:`UnsafeCheckpointError`, which names the file
 and the offending global.
 """
+import os.path as osp
 import pickle
 from typing import Any, Callable, List, Tuple, Union
 
@@ -92,6 +93,12 @@ def load_from_local(filename: str, map_location: Any = None) -> Any:
     mmengine does (``torch.load`` with torch's default, ``weights_only=True`` on torch >= 2.6).
     """
     from mmengine.runner.checkpoint import load_from_local as mmengine_load_from_local
+    if not osp.isfile(osp.expanduser(filename)):
+        raise FileNotFoundError(
+            f'checkpoint {filename!r} not found. Configs that start from ImageNet weights expect '
+            f'them under checkpoints/: convert the released models with '
+            f'tools/convert_checkpoint.py (configs/README.md, "Pretrained backbones"), or point '
+            f'the config elsewhere, e.g. --cfg-options model.backbone.init_cfg.checkpoint=PATH')
     try:
         return mmengine_load_from_local(filename, map_location)
     except pickle.UnpicklingError as error:

@@ -48,7 +48,8 @@ class TestBatchAverageStatsHook:
         saved = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
         reference = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
         reference.load_state_dict(saved)
-        recompute_batch_stats(reference, runner.train_dataloader, 3)
+        hook = next(h for h in runner.hooks if isinstance(h, BatchAverageStatsHook))
+        recompute_batch_stats(reference, hook._train_dataloader(runner), 3)  # same batches
         for key in ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var'):
             torch.testing.assert_close(saved[key], reference.state_dict()[key])
         # Not the moving average the training left behind.
@@ -56,11 +57,22 @@ class TestBatchAverageStatsHook:
         moving.train()
         assert not torch.allclose(moving.model.norm1.running_var, saved['norm1.running_var'])
 
+    def test_training_continues_after_mid_training_validation(self, tmp_path):
+        # An infinite sampler shares one index generator between iterators: the hook must not
+        # iterate (and abandon) the training loader, or the training data would stop.
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        runner = _runner(tmp_path, model, max_iters=9,
+                         custom_hooks=[dict(type='BatchAverageStatsHook', num_iters=2)],
+                         val=True)
+        runner._train_dataloader['sampler'] = dict(type='InfiniteSampler', shuffle=True)
+        runner.train()  # validation after 3 and 6 iterations, then training goes on
+        assert runner.iter == 9
+
     def test_skips_when_nothing_trained_since(self, tmp_path):
         hook = BatchAverageStatsHook(num_iters=2)
         runner = _runner(tmp_path, ToyModel(), max_iters=3, custom_hooks=[hook], val=True)
         runner.train()  # last iteration (3) computed, then validation at 3 skipped
-        assert hook._computed_at == 3
+        assert hook._computed_at == 3  # iterations done when it last ran
         before = runner.model.norm1.running_mean.clone()
         hook.before_val(runner)
         assert torch.equal(runner.model.norm1.running_mean, before)

@@ -75,6 +75,7 @@ class TestExceptions:
         (dict(num_features=4, eval_stats='precise'), 'eval_stats'),
         (dict(num_features=4, eval_stats='batch_average', track_running_stats=False),
          'track_running_stats'),
+        (dict(num_features=4, eval_stats='batch_average', using_bn=False), 'using_bn'),
     ])
     def test_bad_constructor_arguments(self, kwargs, match):
         with pytest.raises(ValueError, match=match):

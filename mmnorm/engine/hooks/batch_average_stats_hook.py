@@ -3,10 +3,12 @@
 import time
 from typing import Optional
 
+from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, Runner
+from torch.utils.data import DataLoader
 
 from ..batch_stats import ESTIMATORS, recompute_batch_stats
 
@@ -57,34 +59,35 @@ class BatchAverageStatsHook(Hook):
         self.run_before_test = before_test
         self.run_before_last_checkpoint = before_last_checkpoint
         self.log_interval = log_interval
-        self._computed_at: Optional[int] = None
+        self._computed_at: Optional[int] = None  # training iterations done at the last run
+        self._loader: Optional[DataLoader] = None
 
     def before_val(self, runner: Runner) -> None:
         if self.run_before_val:
-            self._recompute(runner, 'before validation')
+            self._recompute(runner, 'before validation', runner.iter)
 
     def before_test(self, runner: Runner) -> None:
         if self.run_before_test:
-            self._recompute(runner, 'before test')
+            self._recompute(runner, 'before test', runner.iter)
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
         if (self.run_before_last_checkpoint and not self._by_epoch(runner)
                 and self.is_last_train_iter(runner)):
-            self._recompute(runner, 'before the last checkpoint')
+            self._recompute(runner, 'before the last checkpoint', runner.iter + 1)
 
     def after_train_epoch(self, runner: Runner) -> None:
         if (self.run_before_last_checkpoint and self._by_epoch(runner)
                 and self.is_last_train_epoch(runner)):
-            self._recompute(runner, 'before the last checkpoint')
+            self._recompute(runner, 'before the last checkpoint', runner.iter)
 
     @staticmethod
     def _by_epoch(runner: Runner) -> bool:
         loop = runner._train_loop
         return isinstance(loop, BaseLoop) and type(loop).__name__.startswith('EpochBased')
 
-    def _recompute(self, runner: Runner, when: str) -> None:
-        if self._computed_at is not None and self._computed_at == runner.iter:
+    def _recompute(self, runner: Runner, when: str, trained_iters: int) -> None:
+        if self._computed_at == trained_iters:
             return  # nothing trained since the last computation
         loader = self._train_dataloader(runner)
         if loader is None:
@@ -104,15 +107,29 @@ class BatchAverageStatsHook(Hook):
         recompute_batch_stats(model, loader, self.num_iters, estimator=self.estimator,
                               progress=progress)
         runner.logger.info(f'BatchAverageStatsHook: done in {time.time() - start:.1f} s')
-        self._computed_at = runner.iter
+        self._computed_at = trained_iters
 
-    @staticmethod
-    def _train_dataloader(runner: Runner):
+    def _train_dataloader(self, runner: Runner) -> Optional[DataLoader]:
+        """A loader of its own over the training dataset.
+
+        The training loop's loader must not be iterated here: mmengine's InfiniteSampler shares
+        one index generator between iterators, and abandoning an iterator closes it, which would
+        end the training loop's data. So the statistics come from a separate loader (same
+        dataset, batch size and collate function, a shuffled finite sampler sharded by rank).
+        """
+        if self._loader is not None:
+            return self._loader
         if isinstance(runner._train_loop, BaseLoop):
-            return runner.train_loop.dataloader
-        cfg = runner._train_dataloader
-        if cfg is None:
-            return None
-        if isinstance(cfg, dict):
-            runner._train_dataloader = Runner.build_dataloader(cfg, seed=runner.seed)
-        return runner._train_dataloader
+            source = runner.train_loop.dataloader
+        else:
+            cfg = runner._train_dataloader
+            if cfg is None:
+                return None
+            source = Runner.build_dataloader(cfg, seed=runner.seed) if isinstance(cfg, dict) \
+                else cfg
+        batch_size = source.batch_size or getattr(source.batch_sampler, 'batch_size', 1)
+        self._loader = DataLoader(
+            source.dataset, batch_size=batch_size, num_workers=source.num_workers,
+            sampler=DefaultSampler(source.dataset, shuffle=True, seed=runner.seed),
+            collate_fn=source.collate_fn, drop_last=True)
+        return self._loader

@@ -10,6 +10,7 @@ backward (unique storages, via ``saved_tensors_hooks``), as a multiple of the in
     python tools/benchmark_norms.py                  # all shapes, default rounds
     python tools/benchmark_norms.py --rounds 5 --shapes 8,64,56,56 512,256,7,7
     python tools/benchmark_norms.py --json out.json  # also write the raw numbers
+    python tools/benchmark_norms.py --deploy         # + ResNet-50 soft / hard / deploy SN
 """
 import argparse
 import json
@@ -147,6 +148,59 @@ def print_table(title: str, results: Dict[str, Dict[str, float]], reference: str
               f'{r["eval_ms"]:>9.2f} {r["eval_ratio"]:>9.2f} {r["saved_x_input"]:>11.2f}')
 
 
+def _resnet50(norm: str, conv_cfg=None):
+    import importlib
+
+    from mmengine.registry import DefaultScope
+    registry = importlib.import_module('mmpretrain.registry').MODELS
+    importlib.import_module('mmpretrain.models')
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return registry.build(dict(type='ResNet', depth=50, norm_cfg=dict(type=norm),
+                                   conv_cfg=conv_cfg)).eval()
+
+
+def _choose(model: nn.Module, pattern) -> None:
+    """Set every SN layer's running statistics and one-hot ratios, cycling through pattern."""
+    from mmnorm.convert import harden_ratios
+    index = {'IN': 0, 'LN': 1, 'BN': 2}
+    layers = [m for m in model.modules() if isinstance(m, SwitchableNorm)]
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            mean_choice, var_choice = pattern[i % len(pattern)]
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.mean_logits.zero_()[index[mean_choice]] = 1.0
+            layer.var_logits.zero_()[index[var_choice]] = 1.0
+    harden_ratios(model)
+
+
+def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, float]]:
+    """Inference of a ResNet-50: BN (folded into the convs) vs soft SN, hard SN and the deploy
+    form, for all layers choosing BN (everything folds) and for a realistic mix."""
+    from mmcv.cnn import fuse_conv_bn
+
+    from mmnorm.convert import to_deploy
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    models = {'BN (folded)': fuse_conv_bn(_resnet50('BN'))}
+    models['SN soft'] = _resnet50('SN')
+    mix = [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'), ('IN', 'BN')]
+    plans = {}
+    for name, pattern in (('all BN', [('BN', 'BN')]), ('mix', mix)):
+        hard = _resnet50('SN')
+        _choose(hard, pattern)
+        models[f'SN hard ({name})'] = hard
+        deployed = _resnet50('SN')
+        deployed.load_state_dict(hard.state_dict())
+        plans[name] = to_deploy(deployed)
+        models[f'SN deploy ({name})'] = deployed
+    timings = time_rounds({k: eval_step(m, x) for k, m in models.items()}, rounds, 1,
+                          'BN (folded)')
+    for name, plan in plans.items():
+        counts = {a: sum(1 for v in plan.values() if v == a) for a in set(plan.values())}
+        print(f'deploy plan ({name}): {counts} of {len(plan)} SN layers')
+    return {k: {'eval_ms': t, 'eval_ratio': r} for k, (t, r) in timings.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--shapes', nargs='+', default=DEFAULT_SHAPES,
@@ -154,6 +208,9 @@ def main() -> None:
     parser.add_argument('--rounds', type=int, default=21, help='timing rounds (median taken)')
     parser.add_argument('--inner', type=int, default=2, help='calls per round')
     parser.add_argument('--no-conv', action='store_true', help='skip the WSConv comparison')
+    parser.add_argument('--deploy', action='store_true',
+                        help='also time ResNet-50 inference: soft / hard / deploy SN vs BN')
+    parser.add_argument('--deploy-shape', default='4,3,224,224', help='N,C,H,W of that run')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--json', help='write all numbers to this JSON file')
     args = parser.parse_args()
@@ -171,6 +228,14 @@ def main() -> None:
             conv = measure(conv_layers(shape[1]), shape, max(3, args.rounds // 2), 1, 'Conv2d')
             print_table(f'3x3 conv {shape[1]}->{shape[1]}, input {shape}', conv, 'Conv2d')
             report[f'conv {text}'] = conv
+    if args.deploy:
+        shape = tuple(int(v) for v in args.deploy_shape.split(','))
+        results = measure_deploy(shape, max(5, args.rounds // 3))
+        print(f'\nResNet-50 inference (eval), input {shape}')
+        print(f'{"model":<22} {"ms":>9} {"x BN folded":>12}')
+        for name, r in results.items():
+            print(f'{name:<22} {r["eval_ms"]:>9.1f} {r["eval_ratio"]:>12.2f}')
+        report['deploy'] = results
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(report, f, indent=2)

@@ -32,6 +32,9 @@ def parse_args(argv=None):
     parser.add_argument('--metrics-out', help='write the metrics as JSON to this file')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation (tta_model '
                         'and tta_pipeline from the config)')
+    parser.add_argument('--deploy', action='store_true',
+                        help='evaluate the deploy form of a hard-ratio SN checkpoint '
+                        '(tools/export_hard_ratios.py): hardened layers folded / native')
     add_common_arguments(parser)
     return parse_with_common_arguments(parser, argv)
 
@@ -89,6 +92,8 @@ def main(argv=None) -> dict:
             raise RuntimeError('--tta needs tta_model and tta_pipeline in the config')
         cfg.model = dict(**cfg.tta_model, module=cfg.model)
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    if args.deploy:
+        cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployHook')]
     prepare_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
     metrics = runner.test()

@@ -2,11 +2,12 @@
 """Training integration: batch-average statistics, LR-tied estimates, ratio logging, optimizer
 rules. Registered in mmengine's root ``HOOKS`` / ``OPTIM_WRAPPER_CONSTRUCTORS`` registries."""
 from .batch_stats import ESTIMATORS, find_batch_stats_layers, recompute_batch_stats
-from .hooks import BatchAverageStatsHook, EstimateRateHook, SNRatioLoggerHook
+from .hooks import (BatchAverageStatsHook, DeployHook, EstimateRateHook, HardRatiosHook,
+                    SNRatioLoggerHook)
 from .optimizers import RATIO_PARAMS, CPUAmpOptimWrapper, NormAwareOptimWrapperConstructor
 
 __all__ = [
     'recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS', 'BatchAverageStatsHook',
     'EstimateRateHook', 'SNRatioLoggerHook', 'NormAwareOptimWrapperConstructor', 'RATIO_PARAMS',
-    'CPUAmpOptimWrapper'
+    'CPUAmpOptimWrapper', 'HardRatiosHook', 'DeployHook'
 ]

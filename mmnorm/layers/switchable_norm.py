@@ -54,7 +54,9 @@ class SwitchableNorm(BatchStatsNorm):
             where BN equals IN. Defaults to True.
         mix (str): ``'var'`` (default, the SN authors' formulation) or ``'std'`` (Eq. (1)).
         in_unbiased (bool): IN variance with Bessel's correction, as the SN authors' released
-            code computes it; set by ``tools/convert_checkpoint.py``. Defaults to False.
+            code computes it. Saved with the weights (buffer ``in_var_unbiased``), so a
+            checkpoint written by ``tools/convert_checkpoint.py --format sn`` turns it on when
+            loaded. Defaults to False.
         eval_stats (str): ``'moving'`` or ``'batch_average'`` (SN study Sec. 3: BN in SN is
             evaluated with a batch average computed after training). Defaults to ``'moving'``.
 
@@ -90,6 +92,7 @@ class SwitchableNorm(BatchStatsNorm):
         self.affine = affine
         self.using_bn = using_bn
         self.mix = mix
+        self.register_buffer('in_var_unbiased', torch.tensor(bool(in_unbiased), device=device))
         self.in_unbiased = in_unbiased
         num_ratios = 3 if using_bn else 2
         if affine:
@@ -136,6 +139,25 @@ class SwitchableNorm(BatchStatsNorm):
                                    running_mean, running_var, use_batch_stats, momentum,
                                    self.eps, self.mix, self.in_unbiased,
                                    self._batch_stats_fn() if use_batch_stats else None)
+
+    @property
+    def in_unbiased(self) -> bool:
+        """IN variance with Bessel's correction (saved as the bool buffer ``in_var_unbiased``,
+        so a checkpoint converted from the SN authors' models keeps computing what they were
+        trained with, whatever the config says)."""
+        return self._in_unbiased
+
+    @in_unbiased.setter
+    def in_unbiased(self, value: bool) -> None:
+        self._in_unbiased = bool(value)
+        if 'in_var_unbiased' in self._buffers:
+            self.in_var_unbiased.fill_(self._in_unbiased)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints from before the option existed (or from elsewhere) keep the configured one.
+        state_dict.setdefault(prefix + 'in_var_unbiased', self.in_var_unbiased.clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._in_unbiased = bool(self.in_var_unbiased)  # read once here, never in forward
 
     def extra_repr(self) -> str:
         return (f'{self._base_repr()}, affine={self.affine}, using_bn={self.using_bn}, '

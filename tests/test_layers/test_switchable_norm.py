@@ -329,3 +329,27 @@ class TestEdgeCases:
         switchable_norm(x, torch.zeros(3, dtype=x.dtype), torch.zeros(3, dtype=x.dtype),
                         running_mean=rm, running_var=rv, training=False)
         assert torch.equal(rm, torch.zeros(4, dtype=x.dtype))
+
+
+class TestSavedOptions:
+
+    def test_in_unbiased_travels_with_the_weights(self):
+        source = _sn_with_params(in_unbiased=True)
+        state = source.state_dict()
+        assert bool(state['in_var_unbiased'])
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+        target = _sn_with_params(seed=5)
+        assert not target.in_unbiased
+        target.load_state_dict(state)
+        assert target.in_unbiased
+        x = make_input((3, 6, 4, 5))
+        assert_close(target.eval()(x), source.eval()(x))
+        target.in_unbiased = False
+        assert not bool(target.state_dict()['in_var_unbiased'])
+
+    def test_checkpoint_without_the_option_keeps_the_configured_one(self):
+        state = _sn_with_params().state_dict()
+        del state['in_var_unbiased']
+        target = _sn_with_params(in_unbiased=True)
+        target.load_state_dict(state)  # strict: no missing key
+        assert target.in_unbiased

@@ -1,6 +1,10 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 from .batch_average_stats_hook import BatchAverageStatsHook
 from .estimate_rate_hook import EstimateRateHook
+from .hard_ratio_hooks import DeployHook, HardRatiosHook
 from .ratio_logger_hook import SNRatioLoggerHook
 
-__all__ = ['BatchAverageStatsHook', 'EstimateRateHook', 'SNRatioLoggerHook']
+__all__ = [
+    'BatchAverageStatsHook', 'EstimateRateHook', 'SNRatioLoggerHook', 'HardRatiosHook',
+    'DeployHook'
+]

@@ -1,0 +1,191 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Hard (argmax) SN ratios and the cheapest equivalent of each hardened layer for inference.
+
+SN study Sec. 4.1.1 ("Performance of hard ratios", Table 2 right): replacing the soft ratios by
+one-hot ones (argmax) and finetuning keeps the accuracy; Appendix B, Table 4 items 7-8: layers
+whose μ and σ both select BN "can be turned into linear transformation".
+
+- :func:`harden_ratios` sets every SN / SN_tied layer's ratios to one-hot: the argmax logit is set
+  to 0 and the others far below, so the softmax is exactly one-hot; the logits are frozen
+  (``requires_grad=False``) for finetuning.
+- :func:`to_deploy` (eval mode) replaces each hardened layer by its cheapest equivalent:
+  μ and σ both BN -> a per-channel affine map ``a x + b``, folded into the preceding convolution
+  where there is one (a WS convolution becomes a plain one with the standardized, scaled
+  weight), else a native ``BatchNorm`` in eval mode; both IN -> ``nn.InstanceNorm`` (affine); both
+  LN -> ``nn.GroupNorm(1, C)``; different choices for μ and σ stay one fused SN layer. Layers
+  with ``in_unbiased=True`` (converted from the SN authors) keep the fused layer for IN / LN,
+  whose native kernels use the biased variance.
+"""
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..layers import SwitchableNorm, SwitchableNormTied, WSConv2d
+
+__all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS']
+
+#: What :func:`to_deploy` can do with a layer.
+DEPLOY_ACTIONS = ('folded', 'affine', 'instance_norm', 'group_norm', 'fused')
+_HARD_GAP = 1e4  # exp(-1e4) underflows to 0 in float32 and float64
+
+
+def hard_choices(model: nn.Module) -> Dict[str, Tuple[str, str]]:
+    """``{layer: (normalizer chosen for μ, for σ)}`` by argmax of the current ratios."""
+    choices = OrderedDict()
+    for name, module in model.named_modules():
+        if isinstance(module, SwitchableNorm):
+            mean, var = module.ratios()
+            names = module.normalizers
+            choices[name] = (names[int(mean.argmax())], names[int(var.argmax())])
+    return choices
+
+
+@torch.no_grad()
+def _one_hot_(logits: nn.Parameter) -> None:
+    winner = int(logits.argmax())
+    logits.fill_(-_HARD_GAP)
+    logits[winner] = 0.0
+    logits.requires_grad_(False)
+
+
+def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
+    """Make every SN / SN_tied layer's ratios one-hot (argmax) and freeze them.
+
+    Returns:
+        the choices, as :func:`hard_choices`.
+    """
+    choices = hard_choices(model)
+    for module in model.modules():
+        if isinstance(module, SwitchableNormTied):
+            _one_hot_(module.logits)
+        elif isinstance(module, SwitchableNorm):
+            _one_hot_(module.mean_logits)
+            _one_hot_(module.var_logits)
+    return choices
+
+
+def _is_hard(module: SwitchableNorm) -> bool:
+    mean, var = module.ratios()
+    return bool(((mean == 0) | (mean == 1)).all() and ((var == 0) | (var == 1)).all())
+
+
+@torch.no_grad()
+def _bn_affine(module: SwitchableNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)`` with ``SN(x) = a x + b`` per channel when both ratios select BN (eval)."""
+    scale = torch.rsqrt(module.running_var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -scale * module.running_mean
+    if module.bias is not None:
+        shift = shift + module.bias
+    return scale, shift
+
+
+@torch.no_grad()
+def _folded_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
+    """A plain conv computing ``scale * conv(x) + shift`` per output channel."""
+    weight = conv.standardized_weight() if isinstance(conv, WSConv2d) else conv.weight
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                      conv.padding, conv.dilation, conv.groups, bias=True,
+                      padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
+    fused.weight.copy_(weight * scale.view(-1, *([1] * (weight.dim() - 1))))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
+    fused.bias.copy_(scale * bias + shift)
+    return fused
+
+
+def _native(module: SwitchableNorm, action: str) -> nn.Module:
+    channels = module.num_features
+    if action == 'affine':
+        replacement = nn.BatchNorm2d(channels, eps=module.eps, affine=module.affine)
+        replacement.running_mean.copy_(module.running_mean)
+        replacement.running_var.copy_(module.running_var)
+    elif action == 'instance_norm':
+        replacement = nn.InstanceNorm2d(channels, eps=module.eps, affine=module.affine)
+    else:
+        replacement = nn.GroupNorm(1, channels, eps=module.eps, affine=module.affine)
+    if module.affine:
+        with torch.no_grad():
+            replacement.weight.copy_(module.weight)
+            replacement.bias.copy_(module.bias)
+    return replacement.to(module.running_mean.device).eval()
+
+
+def _action(module: SwitchableNorm, can_fold: bool) -> str:
+    if not _is_hard(module):
+        return 'fused'
+    mean, var = module.ratios()
+    names = module.normalizers
+    mean_choice, var_choice = names[int(mean.argmax())], names[int(var.argmax())]
+    if mean_choice != var_choice:
+        return 'fused'
+    if mean_choice == 'BN':
+        return 'folded' if can_fold else 'affine'
+    if module.in_unbiased:
+        return 'fused'  # native IN / LN kernels use the biased variance
+    return 'instance_norm' if mean_choice == 'IN' else 'group_norm'
+
+
+def _preceding_conv(parent: nn.Module, names: List[str], index: int) -> Optional[str]:
+    """The conv whose output this child normalizes, for the layouts where that is certain:
+    consecutive children of a ``Sequential`` / ``ConvModule``, or ``conv{k}`` -> ``<abbr>{k}``
+    (ResNet blocks and stems)."""
+    if index == 0:
+        return None
+    previous = names[index - 1]
+    if not isinstance(getattr(parent, previous), nn.Conv2d):
+        return None
+    if isinstance(parent, nn.Sequential):
+        return previous
+    if type(parent).__name__ == 'ConvModule':  # children are registered conv-first always
+        order = getattr(parent, 'order', ('conv', 'norm', 'act'))
+        return previous if order.index('conv') < order.index('norm') else None
+    conv_index = re.fullmatch(r'conv(\d+)', previous)
+    norm_index = re.search(r'(\d+)$', names[index])
+    if conv_index and norm_index and conv_index.group(1) == norm_index.group(1):
+        return previous
+    return None
+
+
+def to_deploy(model: nn.Module, prefix: str = '') -> Dict[str, str]:
+    """Replace hardened SN layers by their cheapest equivalent, in place (call in eval mode).
+
+    Returns:
+        ``{layer: action}`` with actions from :data:`DEPLOY_ACTIONS` for every SN layer.
+    """
+    if model.training:
+        raise RuntimeError('to_deploy() folds eval-mode statistics: call model.eval() first')
+    plan: Dict[str, str] = OrderedDict()
+    names = [name for name, _ in model.named_children()]
+    for index, name in enumerate(names):
+        child = getattr(model, name)
+        full = f'{prefix}.{name}' if prefix else name
+        if not isinstance(child, SwitchableNorm):
+            plan.update(to_deploy(child, full))
+            continue
+        conv_name = _preceding_conv(model, names, index)
+        action = _action(child, conv_name is not None)
+        plan[full] = action
+        if action == 'folded':
+            scale, shift = _bn_affine(child)
+            setattr(model, conv_name, _folded_conv(getattr(model, conv_name), scale, shift))
+            setattr(model, name, nn.Identity())
+        elif action != 'fused':
+            setattr(model, name, _native(child, action))
+    return plan
+
+
+def summarize(plan: Dict[str, str], choices: Dict[str, Tuple[str, str]]) -> str:
+    """Per-layer choices and actions, and the share of layers folded away."""
+    lines = [f'{"layer":<48} {"mu":>3} {"sigma":>5}  deploy']
+    for name, action in plan.items():
+        mean_choice, var_choice = choices.get(name, ('?', '?'))
+        lines.append(f'{name:<48} {mean_choice:>3} {var_choice:>5}  {action}')
+    total = max(len(plan), 1)
+    counts = {a: sum(1 for v in plan.values() if v == a) for a in DEPLOY_ACTIONS}
+    lines.append(', '.join(f'{a}: {n}' for a, n in counts.items()) +
+                 f' -- {counts["folded"] / total:.0%} of {len(plan)} SN layers folded away')
+    return '\n'.join(lines)

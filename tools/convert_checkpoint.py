@@ -1,0 +1,139 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Convert the papers' released ImageNet ResNets into mmpretrain ImageClassifier checkpoints.
+
+    python tools/convert_checkpoint.py SRC.pth DST.pth --format sn  [--verify]
+    python tools/convert_checkpoint.py SRC.pth DST.pth --format bcn [--verify]
+
+``--format sn``: the SN authors' ResNets (SN / SN without BN); ``--format bcn``: the BCN authors'
+BCN+WS ResNets. See mmnorm/convert/resnet.py for both layouts. The output's ``backbone.`` keys
+load into the mmdet / mmseg / mmpretrain ResNets of mmnorm's configs
+(``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=DST)``), with the same
+norm_cfg: ``dict(type='SN')`` (converted SN layers carry ``in_unbiased=True``, the authors' IN
+variance, in their saved state) or ``dict(type='BCN', num_groups=G)`` with
+``conv_cfg=dict(type='WSConv')``.
+
+The source is loaded with ``weights_only=True``. Every key and shape is checked against the
+target model; the tool names what does not match and writes nothing unless ``--allow-partial``.
+The output records the source and the format in ``meta``. ``--verify`` runs the converted model
+and an independent eval-mode forward of the source network on the same random batch and prints
+the largest difference.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
+
+import mmnorm  # noqa: E402,F401
+import torch  # noqa: E402
+
+from mmnorm.convert import (FORMATS, ConversionError, check_against,  # noqa: E402
+                            classifier_config, convert_state_dict, source_forward)
+
+
+def load_source(path: str) -> dict:
+    """The source state dict, loaded with the safe unpickler (and unwrapped)."""
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f'error: {path} not found')
+    except Exception as error:  # the unpickler's refusal, a corrupt file, ...
+        raise SystemExit(f'error: cannot load {path} with weights_only=True: {error}')
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor)
+                                                   for v in checkpoint.values()):
+        raise SystemExit(f'error: {path} does not hold a state dict of tensors')
+    return checkpoint
+
+
+def build_target(spec):
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    import mmpretrain.models  # noqa: F401
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(classifier_config(spec))
+
+
+def verify(source: dict, spec, model, batch: int, size: int, seed: int = 0) -> float:
+    """Largest relative difference of the logits (eval mode, random images)."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, size, size, generator=gen)
+    model.eval()
+    with torch.no_grad():
+        converted = model(images, mode='tensor')
+    reference = source_forward(source, spec, images)
+    diff = (converted - reference).abs().max().item()
+    scale = reference.abs().max().item()
+    print(f'verify: {batch} random {size}x{size} images; largest |difference| of the logits '
+          f'{diff:.3e} (largest |logit| {scale:.3e}, relative {diff / max(scale, 1e-12):.3e})')
+    return diff / max(scale, 1e-12)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('src', help='released checkpoint (.pth / .pth.tar)')
+    parser.add_argument('dst', help='output mmpretrain checkpoint')
+    parser.add_argument('--format', choices=FORMATS, required=True)
+    parser.add_argument('--style', choices=['pytorch', 'caffe'], default='pytorch',
+                        help="where the stride sits in a bottleneck: the 3x3 conv ('pytorch', "
+                        "torchvision, default) or the first 1x1 ('caffe')")
+    parser.add_argument('--allow-partial', action='store_true',
+                        help='write the matched part even when keys are missing or mismatched')
+    parser.add_argument('--verify', action='store_true',
+                        help='compare the converted model with the source network')
+    parser.add_argument('--verify-size', type=int, default=224)
+    parser.add_argument('--verify-batch', type=int, default=2)
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing dst')
+    args = parser.parse_args(argv)
+    if osp.exists(args.dst) and not args.overwrite:
+        raise SystemExit(f'error: {args.dst} exists; pass --overwrite to replace it')
+
+    source = load_source(args.src)
+    try:
+        converted, spec, problems, unused = convert_state_dict(source, args.format, args.style)
+    except ConversionError as error:
+        raise SystemExit(f'error: {error}')
+    print(f'source: ResNet-{spec.depth} ({spec.block} blocks {list(spec.blocks)}), '
+          f'{spec.num_classes} classes, format {args.format}; target norm_cfg {spec.norm_cfg}'
+          + (f', conv_cfg {spec.conv_cfg}' if spec.conv_cfg else ''))
+    model = build_target(spec)
+    missing, unexpected, mismatched = check_against(converted, model.state_dict())
+    report = problems + [f'target key not provided: {k!r}' for k in missing] + [
+        f'converted key the model does not have: {k!r}' for k in unexpected
+    ] + [f'shape mismatch {m}' for m in mismatched] + [
+        f'source key not converted: {k!r}' for k in unused
+    ]
+    for line in report:
+        print(f'  - {line}')
+    if report and not args.allow_partial:
+        raise SystemExit(f'error: {len(report)} problem(s) above; nothing written '
+                         f'(--allow-partial writes the matched part)')
+    if mismatched:
+        for entry in mismatched:
+            converted.pop(entry.split(':')[0], None)
+
+    meta = dict(converted_from=osp.abspath(args.src), format=args.format, style=args.style,
+                architecture=spec.as_dict(), partial=bool(report),
+                time=time.strftime('%Y-%m-%d %H:%M:%S'), mmnorm_version=mmnorm.__version__)
+    relative = None
+    if args.verify:
+        model.load_state_dict(converted, strict=not report)
+        relative = verify(source, spec, model, args.verify_batch, args.verify_size)
+        meta['verify_relative_difference'] = relative
+    tmp = f'{args.dst}.tmp{os.getpid()}'
+    try:
+        torch.save({'meta': meta, 'state_dict': converted}, tmp)
+        os.replace(tmp, args.dst)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+    print(f'wrote {args.dst}: {len(converted)} entries')
+    return dict(meta=meta, report=report, relative_difference=relative)
+
+
+if __name__ == '__main__':
+    main()

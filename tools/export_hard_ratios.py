@@ -1,0 +1,128 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Replace the soft SN ratios of a checkpoint by hard (argmax) ones; optionally finetune; export
+the deploy form in which every hardened layer is its cheapest equivalent.
+
+    python tools/export_hard_ratios.py CONFIG CHECKPOINT DST [--finetune] [--deploy-out DEPLOY]
+
+DST is a checkpoint of the same config with one-hot ratios (it evaluates with tools/test.py as
+usual; ``tools/test.py CONFIG DST --deploy`` evaluates the deploy form). ``--finetune`` trains it
+further with the ratios frozen (SN study Table 2, right), with the config's own schedule
+(override with --cfg-options, e.g. ``train_cfg.max_iters=5000``). ``--deploy-out`` also saves
+the state dict of the deploy form with its per-layer plan in ``meta`` (the deploy structure is
+rebuilt with ``mmnorm.convert.to_deploy`` on a model built from the config).
+
+Per layer, the deploy form is: μ and σ both BN -> a per-channel affine map folded into the
+preceding convolution (``folded``) or a native eval-mode BN where there is none (``affine``);
+both IN -> ``nn.InstanceNorm2d``; both LN -> ``nn.GroupNorm(1, C)``; different choices for μ
+and σ -> the fused SN layer (``fused``). The tool prints every layer's choice and the share of
+layers folded away.
+"""
+import argparse
+import copy
+import os
+import os.path as osp
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
+
+import mmnorm  # noqa: E402,F401
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import MODELS, DefaultScope  # noqa: E402
+from mmengine.runner import load_checkpoint  # noqa: E402
+from mmengine.runner.checkpoint import _load_checkpoint, get_state_dict, weights_to_cpu  # noqa
+
+from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
+from mmnorm.utils import add_common_arguments, build_runner  # noqa: E402
+
+
+def build_model(cfg: Config):
+    scope = cfg.get('default_scope', 'mmengine')
+    with DefaultScope.overwrite_default_scope(scope):
+        return MODELS.build(cfg.model)
+
+
+def save(checkpoint: dict, path: str) -> None:
+    tmp = f'{path}.tmp{os.getpid()}'
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if osp.exists(tmp):
+            os.remove(tmp)
+
+
+def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
+    """Train from ``hard_checkpoint`` with the ratios frozen; returns the last checkpoint."""
+    cfg = copy.deepcopy(cfg)
+    cfg.work_dir = work_dir
+    cfg.load_from = hard_checkpoint
+    cfg.resume = False
+    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='HardRatiosHook')]
+    cfg.launcher = 'none'
+    runner = build_runner(cfg)
+    runner.train()
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('dst', help='hard-ratio checkpoint to write')
+    parser.add_argument('--finetune', action='store_true',
+                        help="finetune with frozen hard ratios, with the config's schedule")
+    parser.add_argument('--work-dir', default=None, help='work dir of the finetuning')
+    parser.add_argument('--deploy-out', default=None,
+                        help='also save the deploy form (state dict + plan) here')
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+
+    model = build_model(cfg)
+    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
+    soft = hard_choices(model)
+    if not soft:
+        raise SystemExit(f'{args.checkpoint} has no SN / SN_tied layer')
+    choices = harden_ratios(model)
+    checkpoint = _load_checkpoint(args.checkpoint, map_location='cpu')
+    if 'state_dict' not in checkpoint:
+        checkpoint = {'state_dict': checkpoint}
+    checkpoint['state_dict'] = weights_to_cpu(get_state_dict(model))
+    checkpoint.pop('optimizer', None)  # the ratios are no longer trained
+    meta = checkpoint.setdefault('meta', {})
+    meta['hard_ratios'] = dict(source_checkpoint=osp.abspath(args.checkpoint),
+                               choices={k: list(v) for k, v in choices.items()},
+                               finetuned=False, time=time.strftime('%Y-%m-%d %H:%M:%S'))
+    save(checkpoint, args.dst)
+    print(f'wrote {args.dst}: {len(choices)} SN layer(s) with one-hot ratios')
+
+    if args.finetune:
+        work_dir = args.work_dir or tempfile.mkdtemp(prefix='hard_ratio_finetune_')
+        last = finetune(cfg, args.dst, work_dir)
+        tuned = _load_checkpoint(last, map_location='cpu')
+        tuned.setdefault('meta', {})['hard_ratios'] = dict(meta['hard_ratios'], finetuned=True,
+                                                           finetune_checkpoint=last)
+        save(tuned, args.dst)
+        model = build_model(cfg)
+        load_checkpoint(model, args.dst, map_location='cpu', strict=True)
+        print(f'finetuned with frozen hard ratios ({last}); wrote {args.dst}')
+
+    model.eval()
+    plan = to_deploy(model)
+    print(summarize(plan, choices))
+    if args.deploy_out:
+        save({'meta': dict(meta, deploy_plan=plan, config=osp.abspath(args.config)),
+              'state_dict': weights_to_cpu(get_state_dict(model))}, args.deploy_out)
+        print(f'wrote {args.deploy_out} (deploy form)')
+    folded = sum(1 for action in plan.values() if action == 'folded')
+    return dict(choices=choices, plan=plan, folded_share=folded / len(plan))
+
+
+if __name__ == '__main__':
+    main()

@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """tools/convert_checkpoint.py on checkpoints built in the authors' layouts from the published
 architecture; the converted model against an independent forward written here."""
+import hashlib
 import os.path as osp
 import sys
 
@@ -167,6 +168,8 @@ def test_round_trip_matches_independent_forward(tmp_path, fmt, depth, variant):
     checkpoint = torch.load(dst, weights_only=True)
     assert checkpoint['meta']['format'] == fmt
     assert checkpoint['meta']['converted_from'] == str(tmp_path / 'src.pth')
+    expected = hashlib.sha256((tmp_path / 'src.pth').read_bytes()).hexdigest()
+    assert checkpoint['meta']['source_sha256'] == expected
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     logits = _converted_logits(dst, x).double()
     expected = independent_forward(source, fmt, depth, x)

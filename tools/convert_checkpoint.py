@@ -19,6 +19,7 @@ and an independent eval-mode forward of the source network on the same random ba
 the largest difference.
 """
 import argparse
+import hashlib
 import os
 import os.path as osp
 import sys
@@ -31,6 +32,14 @@ import torch  # noqa: E402
 
 from mmnorm.convert import (FORMATS, ConversionError, check_against,  # noqa: E402
                             classifier_config, convert_state_dict, source_forward)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_source(path: str) -> dict:
@@ -116,7 +125,8 @@ def main(argv=None) -> dict:
         for entry in mismatched:
             converted.pop(entry.split(':')[0], None)
 
-    meta = dict(converted_from=osp.abspath(args.src), format=args.format, style=args.style,
+    meta = dict(converted_from=osp.abspath(args.src), source_sha256=_sha256(args.src),
+                format=args.format, style=args.style,
                 architecture=spec.as_dict(), partial=bool(report),
                 time=time.strftime('%Y-%m-%d %H:%M:%S'), mmnorm_version=mmnorm.__version__)
     relative = None

@@ -34,12 +34,14 @@ def respect_norm_eval(cls: Type[nn.Module]) -> Type[nn.Module]:
 
     @functools.wraps(original)
     def train(self, mode: bool = True):
-        result = original(self, mode)
+        original(self, mode)
         if mode and getattr(self, 'norm_eval', False):
             for module in self.modules():
                 if isinstance(module, BatchStatsNorm):
                     module.eval()
-        return result
+        # nn.Module.train returns self (so `model.eval()` chains); several backbones' overrides
+        # return None, which this wrapper corrects.
+        return self
 
     setattr(train, _MARK, True)
     cls.train = train

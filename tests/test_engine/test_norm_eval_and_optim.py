@@ -68,6 +68,13 @@ def test_without_norm_eval_buffers_move(scope):
     assert any(not torch.equal(_stats(model)[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize('scope', list(BACKBONES))
+def test_wrapped_train_returns_the_module(scope):
+    # nn.Module's contract (`model.eval()` chains); some backbones' own train() returns None.
+    model = _build_backbone(scope, dict(type='SN'), norm_eval=True)
+    assert model.eval() is model and model.train() is model
+
+
 def test_respect_norm_eval_decorator_for_custom_backbones():
     @mmnorm.integration.respect_norm_eval
     class Backbone(nn.Module):

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -232,8 +233,10 @@ def main(argv=None) -> dict:
         ratio_png = None
 
     say('step 6/6: drawing predictions on validation images')
-    drawn = draw_predictions(config, final, data_root, osp.join(work_dir, 'predictions'),
-                             args.task)
+    with warnings.catch_warnings():  # the codebases' deprecation chatter, not the demo's
+        warnings.simplefilter('ignore')
+        drawn = draw_predictions(config, final, data_root, osp.join(work_dir, 'predictions'),
+                                 args.task)
     elapsed = time.time() - start
 
     print('\n' + '=' * 78)

@@ -8,7 +8,7 @@
 #
 # Environment knobs:
 #   VENV=.venv          where the environment lives
-#   PYTHON=python3      interpreter used to create it (3.8-3.12)
+#   PYTHON=python3      interpreter used to create it (>= 3.10; tested: 3.11)
 #   MAX_JOBS=<nproc>    parallel compile jobs for the mmcv build
 set -euo pipefail
 

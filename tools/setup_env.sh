@@ -19,7 +19,13 @@ PY="$VENV/bin/python"
 CONSTRAINTS=requirements/constraints.txt
 STAMP="$VENV/.mmnorm-env"
 
-say() { printf '[mmnorm setup] %s\n' "$*"; }
+say() {
+    if [ -n "${start:-}" ]; then  # elapsed time, so a slow step shows where the minutes go
+        printf '[mmnorm setup] (%4d s) %s\n' "$(( $(date +%s) - start ))" "$*"
+    else
+        printf '[mmnorm setup] %s\n' "$*"
+    fi
+}
 die() { printf '[mmnorm setup] ERROR: %s\n' "$*" >&2; exit 1; }
 pip_install() { "$PY" -m pip install --progress-bar off -c "$CONSTRAINTS" "$@"; }
 
@@ -70,6 +76,10 @@ if mmcv_ok; then
     say "step 3/5: mmcv 2.1.0 with ops already installed"
 else
     jobs=${MAX_JOBS:-$(nproc)}
+    # Python's CFLAGS carry -g: debug info for ~170 sources that include torch's headers doubles
+    # the compile time (measured 25 s -> 13 s for one file) and is no use in a wheel. -g0 last wins.
+    cflags="${CFLAGS:-$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("CFLAGS") or "")')} -g0"
+    export CFLAGS="$cflags"
     say "step 3/5: building mmcv 2.1.0 with its C++ ops from source (about 8 min on 2 cores; pip caches the wheel)"
     MMCV_WITH_OPS=1 MAX_JOBS=$jobs pip_install --no-build-isolation mmcv==2.1.0
     if ! mmcv_ok; then
@@ -89,4 +99,4 @@ pip_install --no-build-isolation --no-deps -e .
 
 stack_ok || die "the installed stack does not import; run: $PY -c 'import mmcv.ops, mmdet, mmseg, mmpretrain, mmnorm'"
 fingerprint > "$STAMP"
-say "done in $(( $(date +%s) - start )) s: $("$PY" -c 'import torch, mmcv, mmdet, mmseg, mmpretrain, mmnorm as m; print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmnorm {m.__version__}")')"
+say "done: $("$PY" -c 'import torch, mmcv, mmdet, mmseg, mmpretrain, mmnorm as m; print(f"torch {torch.__version__}, mmcv {mmcv.__version__}, mmdet {mmdet.__version__}, mmseg {mmseg.__version__}, mmpretrain {mmpretrain.__version__}, mmnorm {m.__version__}")')"

@@ -80,7 +80,7 @@ else
     # the compile time (measured 25 s -> 13 s for one file) and is no use in a wheel. -g0 last wins.
     cflags="${CFLAGS:-$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("CFLAGS") or "")')} -g0"
     export CFLAGS="$cflags"
-    say "step 3/5: building mmcv 2.1.0 with its C++ ops from source (about 8 min on 2 cores; pip caches the wheel)"
+    say "step 3/5: building mmcv 2.1.0 with its C++ ops from source (about 10 min on 2 cores; pip caches the wheel)"
     MMCV_WITH_OPS=1 MAX_JOBS=$jobs pip_install --no-build-isolation mmcv==2.1.0
     if ! mmcv_ok; then
         # A wheel cached from a build against another torch fails with undefined symbols: rebuild it.

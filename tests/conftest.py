@@ -34,3 +34,13 @@ def make_input(shape, dtype=torch.float64, seed=0, scale=2.0, offset=0.5):
 @pytest.fixture
 def repo_root():
     return ROOT
+
+
+#: Devices the layer tests run on: the CPU, and every accelerator torch sees (inputs are made on
+#: the CPU, then moved, so they are identical across devices).
+DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)

@@ -1,16 +1,21 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Pure functions implementing the normalizers; the modules in :mod:`mmnorm.layers` wrap them."""
-from .batch_channel import BatchChannelRule, batch_channel_norm, check_num_groups
-from .moments import (CoefficientRule, MomentAffineFunction, channel_moments,
-                            moment_affine)
-from .running_stats import (LocalBatchStats, pool, pool_backward, unbiased_factor,
-                            update_running_stats)
-from .switchable import MIX_MODES, SwitchableRule, check_norm_input, switchable_norm
+"""Pure functions implementing the normalizers; the modules in :mod:`mmnorm.layers` wrap them.
+
+:mod:`.moments` is the shared core (per-row moments, a coefficient function on ``(N, C)``
+tensors, one centered affine map); :mod:`.switchable` and :mod:`.batch_channel` are SN's and
+BCN's coefficient functions and functional forms.
+"""
+from .batch_channel import batch_channel_norm, check_num_groups, update_estimates
+from .moments import (LOW_PRECISION, CoefficientFn, as_rows, channel_moments, in_recomputation,
+                      is_tracing, normalize_rows, pool, stat_dtype)
+from .running_stats import batch_statistics, unbiased_factor, update_running_stats
+from .switchable import MIX_MODES, check_norm_input, switchable_norm
 from .weight_std import conv2d_ws, standardize_weight
 
 __all__ = [
-    'switchable_norm', 'batch_channel_norm', 'standardize_weight', 'conv2d_ws', 'moment_affine',
-    'MomentAffineFunction', 'CoefficientRule', 'SwitchableRule', 'BatchChannelRule',
-    'channel_moments', 'LocalBatchStats', 'pool', 'pool_backward', 'update_running_stats',
-    'unbiased_factor', 'check_norm_input', 'check_num_groups', 'MIX_MODES'
+    'switchable_norm', 'batch_channel_norm', 'standardize_weight', 'conv2d_ws',
+    'normalize_rows', 'CoefficientFn', 'channel_moments', 'as_rows', 'pool', 'stat_dtype',
+    'LOW_PRECISION', 'batch_statistics', 'update_running_stats', 'unbiased_factor',
+    'update_estimates', 'check_norm_input', 'check_num_groups', 'MIX_MODES', 'is_tracing',
+    'in_recomputation'
 ]

@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Batch statistics derived from per-(sample, channel) moments, and running-buffer updates.
+"""Batch statistics from per-(sample, channel) moments, and running-buffer updates.
 
 Every layer keeps its batch-normalization statistics the PyTorch way: ``running_mean`` and
 ``running_var`` shaped ``(C,)``, updated as ``running = (1 - momentum) * running +
@@ -7,67 +7,65 @@ momentum * batch`` with the *unbiased* batch variance, while normalization itsel
 one. Tools that work on ``nn.BatchNorm`` buffers (precise BN, ``momentum=1.0`` refreshes) therefore
 work on mmnorm layers too.
 
-Pooled statistics use the law of total variance, ``Var = E[var] + E[(mean - E[mean])^2]``, not
+Pooled statistics use the law of total variance (:func:`~mmnorm.functional.moments.pool`), not
 ``E[x^2] - E[x]^2``: no catastrophic cancellation when means are large against the spread.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ['pool', 'pool_backward', 'LocalBatchStats', 'update_running_stats',
-           'unbiased_factor']
+from .moments import pool
+
+__all__ = ['batch_statistics', 'update_running_stats', 'unbiased_factor']
+
+Count = Union[int, Tensor]
 
 
-def pool(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """Mean and biased variance of the union of equally sized groups, reduced over ``dim``.
-
-    Returns:
-        ``(pooled_mean, pooled_var, deviation)`` with the reduced dim kept (size 1), and
-        ``deviation = mean - pooled_mean`` (needed by :func:`pool_backward`).
-    """
-    pooled_mean = mean.mean(dim, keepdim=True)
-    deviation = mean - pooled_mean
-    pooled_var = var.mean(dim, keepdim=True) + deviation.square().mean(dim, keepdim=True)
-    return pooled_mean, pooled_var, deviation
+def _all_reduce_sum(tensor: Tensor, group) -> Tensor:
+    # Differentiable: the backward all-reduces the incoming gradient. Imported here because
+    # torch.distributed.nn pulls in RPC modules that a non-distributed run never needs.
+    from torch.distributed.nn.functional import all_reduce
+    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
 
 
-def pool_backward(grad_mean: Tensor, grad_var: Tensor, deviation: Tensor, dim: int
-                  ) -> Tuple[Tensor, Tensor]:
-    """Gradients w.r.t. the group moments given those w.r.t. :func:`pool`'s outputs.
-
-    ``d pooled_var / d mean_i = 2 * deviation_i / n`` (the term through ``pooled_mean`` vanishes
-    because deviations sum to zero). The variance gradient is returned as a broadcast view.
-    """
-    size = deviation.shape[dim]
-    grad_group_mean = torch.addcmul(grad_mean / size, deviation, grad_var, value=2.0 / size)
-    return grad_group_mean, (grad_var / size).expand_as(deviation)
-
-
-class LocalBatchStats:
-    """BN statistics of this process's batch from per-(n, c) moments (pooled over the batch).
-
-    The synchronized layers substitute an object with the same interface that all-reduces
-    (:class:`mmnorm.layers.sync.SyncBatchStats`).
+def batch_statistics(mean: Tensor, var: Tensor, length: int, process_group=None
+                     ) -> Tuple[Tensor, Tensor, Count]:
+    """BN statistics ``(batch_mean, batch_var, count)`` from per-(n, c) moments ``(N, C)``.
 
     Args:
-        length (int): number of values per (n, c) row (the spatial size).
+        mean (Tensor): per-(n, c) means, ``(N, C)``.
+        var (Tensor): per-(n, c) biased variances, ``(N, C)``.
+        length (int): values per (n, c) row (the spatial size ``L``).
+        process_group: ``None``: this process's batch; otherwise the batch of every process in
+            the group. Each process contributes its own count, mean and variance per channel in
+            its slot of one ``(world, 1 + 2C)`` tensor; one differentiable sum all-reduce makes
+            every slot known everywhere and the global statistics are pooled exactly (processes
+            with different batch or image sizes weigh by their number of values; an empty batch
+            adds nothing but still joins the collective).
+
+    Returns:
+        tuple: ``(C,)`` mean and biased variance (differentiable w.r.t. the moments), and the
+        number of values per channel (an ``int``, or a 0-dim tensor when synchronized). A batch
+        with no values gives zeros.
     """
-
-    def __init__(self, length: int):
-        self.length = length
-        self.count = 0
-
-    def forward(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor, object]:
-        """``(batch_mean, batch_var)`` shaped ``(C,)`` and the state for :meth:`backward`."""
-        self.count = mean.shape[0] * self.length
-        batch_mean, batch_var, deviation = pool(mean, var, 0)
-        return batch_mean.squeeze(0), batch_var.squeeze(0), deviation
-
-    def backward(self, state: object, grad_mean: Tensor, grad_var: Tensor
-                 ) -> Tuple[Tensor, Tensor]:
-        """Gradients w.r.t. the per-(n, c) ``(mean, var)``."""
-        return pool_backward(grad_mean.unsqueeze(0), grad_var.unsqueeze(0), state, 0)
+    local_mean, local_var = pool(mean, var, 0)
+    if process_group is None:
+        return local_mean[0], local_var[0], mean.shape[0] * length
+    world = dist.get_world_size(process_group)
+    rank = dist.get_rank(process_group)
+    width = 1 + 2 * mean.shape[1]
+    count = local_mean.new_full((1, 1), float(mean.shape[0] * length))
+    own = torch.cat([count, local_mean, local_var], 1)
+    slots = torch.cat([own.new_zeros(rank, width), own, own.new_zeros(world - rank - 1, width)])
+    slots = _all_reduce_sum(slots, process_group)
+    counts, means, variances = slots.split([1, mean.shape[1], mean.shape[1]], dim=1)
+    total = counts.sum()
+    weights = counts / total.clamp(min=1.0)
+    global_mean = (weights * means).sum(0)
+    global_var = (weights * (variances + (means - global_mean).square())).sum(0)
+    return global_mean, global_var, total
 
 
 def unbiased_factor(count: int) -> Optional[float]:
@@ -77,14 +75,28 @@ def unbiased_factor(count: int) -> Optional[float]:
 
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor,
-                         batch_var: Tensor, count: int, momentum: float) -> None:
+                         batch_var: Tensor, count: Count, momentum: Union[float, Tensor]) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` in place.
 
     ``batch_var`` is the biased variance of ``count`` values per channel; the running variance
     tracks the unbiased one (PyTorch convention). With ``count == 1`` the unbiased variance is
-    undefined: the running mean is updated and the running variance is left unchanged.
+    undefined and the running variance is left unchanged; with ``count == 0`` nothing changes.
+    A tensor ``count`` (synchronized statistics) is handled without reading it on the host.
     """
-    running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+    batch_mean = batch_mean.to(running_mean.dtype)
+    batch_var = batch_var.to(running_var.dtype)
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(running_mean.dtype)
+    if isinstance(count, Tensor):
+        count = count.to(running_var.dtype)
+        unbiased = batch_var * (count / (count - 1).clamp(min=1.0))
+        running_mean.copy_(torch.where(count > 0, running_mean.lerp(batch_mean, momentum),
+                                       running_mean))
+        running_var.copy_(torch.where(count > 1, running_var.lerp(unbiased, momentum),
+                                      running_var))
+        return
+    if count > 0:
+        running_mean.lerp_(batch_mean, momentum)
     factor = unbiased_factor(count)
     if factor is not None:
-        running_var.lerp_((batch_var * factor).to(running_var.dtype), momentum)
+        running_var.lerp_(batch_var * factor, momentum)

@@ -20,17 +20,22 @@ with :math:`\lambda^\mu = \mathrm{softmax}(\text{mean\_logits})`,
 channel) over space, LN per sample over channels and space, BN per channel over the batch and
 space; all variances are biased. LN and BN statistics are pooled from the IN moments (law of total
 variance), so the input is read once for all three.
+
+The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
+:math:`a = \gamma / \sigma_{mix}` and :math:`b = a\,\sum_{z \ne IN} \lambda^\mu_z (\mu_{IN} -
+\mu_z) + \beta`, the output at the row mean (the IN term of the mixed mean cancels).
 """
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+import functools
+import math
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .moments import CoefficientRule, input_moments, moment_affine, softmax_backward
-from .running_stats import LocalBatchStats, pool, pool_backward, update_running_stats
+from .moments import normalize_rows, pool
+from .running_stats import batch_statistics, update_running_stats
 
-__all__ = ['switchable_norm', 'SwitchableRule', 'check_norm_input', 'MIX_MODES']
+__all__ = ['switchable_norm', 'check_norm_input', 'MIX_MODES']
 
 MIX_MODES = ('var', 'std')
 
@@ -49,137 +54,46 @@ def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
         raise TypeError(f'expected a floating-point input, got {input.dtype}')
 
 
-def _mix(ratios: Tensor, per_nc: Tensor, per_n: Tensor, per_c: Optional[Tensor],
-         constant: float = 0.0) -> Tensor:
-    """``ratios[0] * per_nc + ratios[1] * per_n + ratios[2] * per_c + constant``, as ``(N, C)``.
+def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Tensor,
+                  weight: Optional[Tensor], bias: Optional[Tensor], bn_mean: Optional[Tensor],
+                  bn_var: Optional[Tensor], *, eps: float, mix: str, in_correction: float,
+                  length: int, batch: bool, process_group) -> Tuple[Tensor, Tensor, tuple]:
+    """SN's coefficient function (see :data:`~mmnorm.functional.moments.CoefficientFn`).
 
-    The per-sample and per-channel terms are combined on their small shapes first, so only two
-    operations touch ``(N, C)`` tensors.
+    ``mean``/``var``: IN moments ``(N, C)``. ``bn_mean``/``bn_var``: constant BN statistics
+    (eval), or ``None`` with ``batch=True`` to pool them from the moments (training); ``aux``
+    then returns them, with their count, for the running buffers.
     """
-    rest = ratios[1] * per_n + constant
-    if per_c is not None:
-        rest = rest + ratios[2] * per_c
-    return torch.addcmul(rest, ratios[0], per_nc)
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """``(a * b).sum()`` without a temporary (both contiguous and alike in shape)."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
-
-
-class SwitchableRule(CoefficientRule):
-    """Coefficients of SN: ``tensors = (mean_logits, var_logits, weight, bias, bn_mean, bn_var)``.
-
-    ``bn_mean``/``bn_var`` are BN statistics used as constants (eval). When they are ``None``
-    (training) the rule uses ``batch = (batch_mean, batch_var, state)`` from
-    ``batch_stats.forward`` on the same moments, and ``batch_stats.backward`` to route their
-    gradients. Passing the same tensor as both logits gives tied ratios.
-    """
-
-    def __init__(self, eps: float, mix: str, in_correction: float, batch_stats: Any = None,
-                 batch: Optional[tuple] = None):
-        self.eps, self.mix, self.in_correction = eps, mix, in_correction
-        self.batch_stats, self.batch = batch_stats, batch
-
-    def forward(self, mean: Tensor, var: Tensor, tensors: Sequence[Optional[Tensor]]
-                ) -> Tuple[Tensor, Tensor, Any]:
-        mean_logits, var_logits, weight, bias, bn_mean, bn_var = tensors
-        dtype = mean.dtype
-        var = var * self.in_correction if self.in_correction != 1.0 else var
-        ln_mean, ln_var, ln_dev = pool(mean, var, 1)                # (N, 1)
-        bn_state = None
-        if mean_logits.numel() == 3:
-            if bn_mean is None:
-                bn_mean, bn_var, bn_state = self.batch
-            bn_mean, bn_var = bn_mean.to(dtype), bn_var.to(dtype)
-        mean_ratios = F.softmax(mean_logits.to(dtype), 0)
-        var_ratios = (mean_ratios if var_logits is mean_logits else
-                      F.softmax(var_logits.to(dtype), 0))
-        mixed_mean = _mix(mean_ratios, mean, ln_mean, bn_mean)
-        stds = None
-        if self.mix == 'var':
-            inv_std = _mix(var_ratios, var, ln_var, bn_var, self.eps).rsqrt_()
-        else:
-            stds = [torch.sqrt(v + self.eps) if v is not None else None
-                    for v in (var, ln_var, bn_var)]
-            inv_std = _mix(var_ratios, *stds).reciprocal_()
-        scale = inv_std * weight.to(dtype) if weight is not None else inv_std
-        if bias is not None:
-            shift = torch.addcmul(bias.to(dtype), scale, mixed_mean, value=-1.0)
-        else:
-            shift = torch.mul(scale, mixed_mean).neg_()
-        state = (mean, var, ln_mean, ln_var, ln_dev, bn_mean, bn_var, bn_state, mean_ratios,
-                 var_ratios, mixed_mean, inv_std, stds, weight, scale)
-        return scale, shift, state
-
-    def backward(self, state: Any, grad_scale: Tensor, grad_shift: Tensor,
-                 needs: Sequence[bool]) -> Tuple[Tensor, Tensor, List[Optional[Tensor]]]:
-        (mean, var, ln_mean, ln_var, ln_dev, bn_mean, bn_var, bn_state, mean_ratios, var_ratios,
-         mixed_mean, inv_std, stds, weight, scale) = state
-        using_bn = bn_mean is not None
-        # shift = bias - scale * mixed_mean, scale = weight * inv_std
-        grad_bias = grad_shift.sum(0) if needs[3] else None
-        grad_a = torch.addcmul(grad_scale, mixed_mean, grad_shift, value=-1.0)
-        neg_grad_mixed_mean = scale * grad_shift                   # -d/d mixed_mean
-        grad_weight = (grad_a * inv_std).sum(0) if needs[2] else None
-        grad_inv_std = grad_a.mul_(weight.to(grad_a.dtype)) if weight is not None else grad_a
-
-        # The mixed variance (mix='var', inv_std = (mix + eps)^-1/2) or the mixed std (mix='std',
-        # inv_std = 1 / mix): grad_mix = grad_inv_std * inv_std^p * factor.
-        if self.mix == 'var':
-            grad_mix = grad_inv_std.mul_(inv_std.pow(3)).mul_(-0.5)
-            terms = (var, ln_var, bn_var)
-        else:
-            grad_mix = grad_inv_std.mul_(inv_std.square()).neg_()
-            terms = stds
-        grad_mix_n = grad_mix.sum(1, keepdim=True)
-        grad_mix_c = grad_mix.sum(0) if using_bn else None
-        parts = [_dot(grad_mix, terms[0]), _dot(grad_mix_n, terms[1])]
-        if using_bn:
-            parts.append(torch.dot(grad_mix_c, terms[2]))
-        grad_var_ratios = torch.stack(parts)
-        grad_ln_var = var_ratios[1] * grad_mix_n
-        grad_bn_var = var_ratios[2] * grad_mix_c if using_bn else None
-        if self.mix == 'var':
-            grad_var = var_ratios[0] * grad_mix
-        else:  # d sqrt(v + eps) / dv = 1 / (2 sqrt(v + eps))
-            grad_var = torch.div(grad_mix, stds[0]).mul_(0.5 * var_ratios[0])
-            grad_ln_var = grad_ln_var / (2 * stds[1])
-            grad_bn_var = grad_bn_var / (2 * stds[2]) if using_bn else None
-
-        # Means.
-        neg_grad_mean_n = neg_grad_mixed_mean.sum(1, keepdim=True)
-        neg_grad_mean_c = neg_grad_mixed_mean.sum(0) if using_bn else None
-        parts = [_dot(neg_grad_mixed_mean, mean), _dot(neg_grad_mean_n, ln_mean)]
-        if using_bn:
-            parts.append(torch.dot(neg_grad_mean_c, bn_mean))
-        grad_mean_ratios = -torch.stack(parts)
-
-        # LN statistics are pooled over channels, BN statistics over the batch.
-        grad_mean, g_var = pool_backward(-mean_ratios[1] * neg_grad_mean_n, grad_ln_var, ln_dev,
-                                         1)
-        grad_mean.addcmul_(neg_grad_mixed_mean, mean_ratios[0], value=-1.0)
-        grad_var = grad_var + g_var
-        if bn_state is not None:
-            g_mean, g_var = self.batch_stats.backward(
-                bn_state, -mean_ratios[2] * neg_grad_mean_c, grad_bn_var)
-            grad_mean += g_mean
-            grad_var += g_var
-        if self.in_correction != 1.0:
-            grad_var *= self.in_correction
-
-        grad_mean_logits = softmax_backward(mean_ratios, grad_mean_ratios) if needs[0] else None
-        grad_var_logits = softmax_backward(var_ratios, grad_var_ratios) if needs[1] else None
-        return grad_mean, grad_var, [grad_mean_logits, grad_var_logits, grad_weight, grad_bias,
-                                     None, None]
+    dtype = mean.dtype
+    if in_correction != 1.0:
+        var = var * in_correction
+    stats = [(mean, var), pool(mean, var, 1)]                     # IN (N, C), LN (N, 1)
+    aux: tuple = ()
+    if mean_logits.shape[0] == 3:
+        if batch:
+            bn_mean, bn_var, count = batch_statistics(mean, var, length, process_group)
+            aux = (bn_mean, bn_var) + ((count, ) if isinstance(count, Tensor) else ())
+        stats.append((bn_mean.to(dtype), bn_var.to(dtype)))        # BN (C,)
+    mean_ratios = torch.softmax(mean_logits.to(dtype), 0)
+    var_ratios = torch.softmax(var_logits.to(dtype), 0)
+    # Row mean minus the mixed mean: the IN term cancels, the others are small differences.
+    deviation = sum(r * (mean - mu) for r, (mu, _) in zip(mean_ratios[1:], stats[1:]))
+    if mix == 'var':
+        inv_std = torch.rsqrt(sum(r * v for r, (_, v) in zip(var_ratios, stats)) + eps)
+    else:
+        inv_std = sum(r * torch.sqrt(v + eps) for r, (_, v) in zip(var_ratios, stats)).reciprocal()
+    scale = inv_std * weight.to(dtype) if weight is not None else inv_std
+    shift = scale * deviation
+    if bias is not None:
+        shift = shift + bias.to(dtype)
+    return scale, shift, aux
 
 
 def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                     training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                    mix: str = 'var', in_unbiased: bool = False,
-                    batch_stats: Optional[Callable[[int], Any]] = None) -> Tensor:
+                    mix: str = 'var', in_unbiased: bool = False, process_group=None) -> Tensor:
     r"""Switchable Normalization over IN, LN (and BN), see the module docstring for the equation.
 
     Args:
@@ -195,8 +109,8 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         training (bool): use the batch's BN statistics and, when running buffers are given, update
             them; otherwise the BN branch uses the running buffers. IN and LN are always computed
             per sample. Defaults to True.
-        momentum (float): PyTorch convention, ``running = (1 - m) * running + m * batch``.
-            Defaults to 0.1.
+        momentum (float | Tensor): PyTorch convention, ``running = (1 - m) * running + m *
+            batch``. Defaults to 0.1.
         eps (float): added to the variance(s). Defaults to 1e-5.
         mix (str): ``'var'`` mixes variances then takes one square root (the SN authors'
             formulation); ``'std'`` mixes standard deviations (Eq. (1) literally).
@@ -204,41 +118,34 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         in_unbiased (bool): compute the IN variance with Bessel's correction ÷(H·W−1) before LN
             and BN are pooled from it, as the SN authors' released code does. Only for converted
             checkpoints. Defaults to False.
-        batch_stats (callable, optional): ``batch_stats(L)`` makes the object that forms the BN
-            statistics from per-(n, c) moments (``forward(mean, var) -> (mean_c, var_c,
-            state)``, ``backward(state, grad_mean_c, grad_var_c)``, ``count``); defaults to
-            :class:`LocalBatchStats` (this batch). The synchronized layers pass one that
-            all-reduces (:class:`mmnorm.layers.sync.SyncBatchStats`).
+        process_group (optional): when given, the BN statistics of a training step are those of
+            the whole group's batch (synchronized SN, see
+            :func:`~mmnorm.functional.running_stats.batch_statistics`). Defaults to None (this
+            process's batch).
 
     Returns:
-        Tensor: normalized input, same shape and dtype. Statistics are computed in float32 for
-        float16/bfloat16 inputs.
+        Tensor: normalized input, same shape and dtype. Statistics and the affine map are
+        computed in float32 for float16/bfloat16 inputs.
     """
-    check_norm_input(input, weight.numel() if weight is not None else None)
+    check_norm_input(input, weight.shape[0] if weight is not None else None)
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
-    if mean_logits.numel() not in (2, 3) or var_logits.numel() != mean_logits.numel():
+    if mean_logits.dim() != 1 or mean_logits.shape[0] not in (2, 3) \
+            or var_logits.shape != mean_logits.shape:
         raise ValueError('mean_logits and var_logits must both have 3 entries (IN, LN, BN) or '
-                         f'both 2 (IN, LN); got {mean_logits.numel()} and {var_logits.numel()}')
-    if input.numel() == 0 and not getattr(batch_stats, 'collective', False):
-        return input.clone()  # (a synchronized layer still joins its collectives)
-    input, mean, var, length = input_moments(input)
-    in_correction = length / (length - 1) if in_unbiased and length > 1 else 1.0
-
-    use_batch_stats = training or running_mean is None
-    bn_mean = bn_var = batch = None
-    if mean_logits.numel() == 3:
-        if use_batch_stats:
-            batch_stats = (batch_stats or LocalBatchStats)(length)
-            batch = batch_stats.forward(mean, var * in_correction)
-            if running_mean is not None:
-                update_running_stats(running_mean, running_var, batch[0], batch[1],
-                                     batch_stats.count, momentum)
-        else:
-            # Copies: backward must not see a later in-place update of the buffers.
-            bn_mean, bn_var = running_mean.clone(), running_var.clone()
-
-    rule = SwitchableRule(eps, mix, in_correction, batch_stats, batch)
-    # Tied ratios (SN_tied) pass the same tensor twice; autograd sums its two gradients.
-    return moment_affine(input, mean, var, rule,
-                         (mean_logits, var_logits, weight, bias, bn_mean, bn_var))
+                         f'both 2 (IN, LN); got shapes {tuple(mean_logits.shape)} and '
+                         f'{tuple(var_logits.shape)}')
+    length = math.prod(input.shape[2:])
+    using_bn = mean_logits.shape[0] == 3
+    batch = using_bn and (training or running_mean is None)
+    bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
+    coefficients = functools.partial(
+        _coefficients, eps=eps, mix=mix, length=length, batch=batch,
+        process_group=process_group if batch else None,
+        in_correction=length / (length - 1) if in_unbiased and length > 1 else 1.0)
+    out, aux = normalize_rows(input, coefficients,
+                              (mean_logits, var_logits, weight, bias, bn_mean, bn_var))
+    if batch and training and running_mean is not None:
+        count = aux[2] if len(aux) == 3 else input.shape[0] * length
+        update_running_stats(running_mean, running_var, aux[0], aux[1], count, momentum)
+    return out

@@ -5,11 +5,11 @@ from .base import EVAL_STATS_MODES, BatchStatsNorm
 from .batch_channel_norm import BatchChannelNorm
 from .conv_ws import WSConv2d
 from .switchable_norm import NORMALIZERS, SwitchableNorm, SwitchableNormTied
-from .sync import (SyncBatchChannelNorm, SyncBatchStats, SyncSwitchableNorm,
-                   SyncSwitchableNormTied, convert_sync_norm, revert_sync_norm)
+from .sync import (SyncBatchChannelNorm, SyncSwitchableNorm, SyncSwitchableNormTied,
+                   convert_sync_norm, revert_sync_norm)
 
 __all__ = [
     'BatchStatsNorm', 'SwitchableNorm', 'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d',
     'NORMALIZERS', 'EVAL_STATS_MODES', 'SyncSwitchableNorm', 'SyncSwitchableNormTied',
-    'SyncBatchChannelNorm', 'SyncBatchStats', 'convert_sync_norm', 'revert_sync_norm'
+    'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm'
 ]

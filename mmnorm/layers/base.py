@@ -1,13 +1,16 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """State that every mmnorm normalizer shares with ``nn.BatchNorm``: the BN-shaped constructor,
 running buffers with PyTorch's momentum convention, and the batch-average evaluation guard."""
+import contextlib
 import warnings
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ['BatchStatsNorm', 'EVAL_STATS_MODES']
+from ..functional import in_recomputation, is_tracing
+
+__all__ = ['BatchStatsNorm', 'EVAL_STATS_MODES', 'full_precision']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -19,6 +22,17 @@ _STALE_STATS_MSG = (
     'were not recomputed after training (they are the training-time moving average). Add '
     "dict(type='BatchAverageStatsHook') to custom_hooks, or run tools/recompute_stats.py on the "
     'checkpoint, before evaluating.')
+
+
+def full_precision(input: Tensor):
+    """Context that turns autocast off for ``input``'s device if it is on: the layers compute
+    their statistics and affine map in float32 (or wider) themselves, and autocast would run the
+    ``(N, C)`` coefficient math in half precision. A no-op otherwise, so traced graphs carry no
+    autocast regions."""
+    device = input.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.autocast(device_type=device, enabled=False)
+    return contextlib.nullcontext()
 
 
 class BatchStatsNorm(nn.Module):
@@ -39,8 +53,6 @@ class BatchStatsNorm(nn.Module):
         eval_stats (str): ``'moving'`` or ``'batch_average'``, see :data:`EVAL_STATS_MODES`.
             Defaults to ``'moving'``.
     """
-
-    _version = 1
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  track_running_stats: bool = True, eval_stats: str = 'moving',
@@ -89,37 +101,42 @@ class BatchStatsNorm(nn.Module):
             self.stats_ready.fill_(False)
 
     def _batch_stats_state(self, input: Tensor
-                           ) -> Tuple[Optional[Tensor], Optional[Tensor], bool, float]:
+                           ) -> Tuple[Optional[Tensor], Optional[Tensor], bool,
+                                      Union[float, Tensor]]:
         """``(running_mean, running_var, use_batch_stats, momentum)`` for the functional form,
-        following ``nn.BatchNorm``; also does the per-step bookkeeping."""
-        momentum = 0.0
+        following ``nn.BatchNorm``; also does the per-step bookkeeping.
+
+        The running buffers are passed (and so updated) only by a training step's first forward:
+        not when activation checkpointing recomputes it (:func:`in_recomputation`), so that a
+        checkpointed model keeps the same buffers as a plain one.
+        """
+        group = self._sync_group()
+        update = self.training and self.track_running_stats and not in_recomputation()
         # An empty batch changes nothing, except in a synchronized layer, whose statistics are
         # the global batch's (and the same on every process).
-        counts = input.numel() > 0 or self._batch_stats_fn() is not None
-        if self.training and self.track_running_stats and counts:
+        momentum: Union[float, Tensor] = 0.0
+        if update and (input.shape[0] > 0 or group is not None):
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-            else:
-                momentum = self.momentum
+            # momentum=None: cumulative average, 1 / steps (a tensor: no host sync).
+            momentum = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+                        if self.momentum is None else self.momentum)
             # The running buffers move away from any recomputed batch average.
             self.stats_ready.fill_(False)
         if not self.training:
             self._check_eval_stats()
         use_batch_stats = self.training or self.running_mean is None
-        if self.training and not self.track_running_stats:
+        if self.training and not update:
             return None, None, use_batch_stats, momentum
         return self.running_mean, self.running_var, use_batch_stats, momentum
 
-    def _batch_stats_fn(self):
-        """Factory of the object forming BN statistics from per-(n, c) moments (see
-        :func:`mmnorm.functional.switchable_norm`); ``None``: this batch's. The Sync layers
-        override it."""
+    def _sync_group(self):
+        """The process group whose batch forms the BN statistics of a training step, or
+        ``None`` for this process's batch. The Sync layers override it."""
         return None
 
     def _check_eval_stats(self) -> None:
-        if (self.eval_stats == 'batch_average' and not getattr(self, '_stale_warned', False)
-                and not bool(self.stats_ready)):
+        if (self.eval_stats == 'batch_average' and not is_tracing()
+                and not getattr(self, '_stale_warned', False) and not bool(self.stats_ready)):
             self._stale_warned = True
             warnings.warn(_STALE_STATS_MSG, stacklevel=4)
 

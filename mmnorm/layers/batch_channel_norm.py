@@ -18,9 +18,9 @@ import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..functional import batch_channel_norm, check_num_groups
+from ..functional import batch_channel_norm, check_num_groups, in_recomputation, is_tracing
 from ..registry import register
-from .base import BatchStatsNorm
+from .base import BatchStatsNorm, full_precision
 
 __all__ = ['BatchChannelNorm']
 
@@ -137,30 +137,33 @@ class BatchChannelNorm(BatchStatsNorm):
         self.estimate_rate.fill_(rate)
 
     def _check_rate(self) -> None:
-        # On an accelerator reading the rate synchronizes; check the first step there only.
-        if self._zero_rate_checked:
+        # Reading the rate synchronizes with an accelerator and cannot be traced: check the first
+        # training step only, eagerly.
+        if self._zero_rate_checked or is_tracing():
             return
-        if self.estimate_rate.device.type != 'cpu':
-            self._zero_rate_checked = True
+        self._zero_rate_checked = True
         if float(self.estimate_rate) == 0.0:
-            self._zero_rate_checked = True
             warnings.warn(_ZERO_RATE_MSG, stacklevel=3)
 
     def forward(self, input: Tensor) -> Tensor:
         if self.estimate:
-            if self.training:
+            # Algorithm 1 moves the estimates once per training step: not again when activation
+            # checkpointing recomputes the step, which then normalizes with the moved estimates,
+            # exactly as the first forward did.
+            update = self.training and not in_recomputation()
+            if update:
                 self._check_rate()
                 self.num_batches_tracked.add_(1)
             running_mean, running_var = self.running_mean, self.running_var
-            use_batch_stats, momentum = self.training, 0.0
+            use_batch_stats, momentum = update, 0.0
         else:
             running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
-        with torch.autocast(device_type=input.device.type, enabled=False):
+        with full_precision(input):
             return batch_channel_norm(
                 input, self.num_groups, self.weight, self.bias, self.bn_weight, self.bn_bias,
                 running_mean, running_var, use_batch_stats, momentum, self.eps, self.estimate,
                 self.estimate_rate if self.estimate else 0.0,
-                self._batch_stats_fn() if use_batch_stats and not self.estimate else None)
+                self._sync_group() if use_batch_stats and not self.estimate else None)
 
     def extra_repr(self) -> str:
         return (f'{self._base_repr()}, num_groups={self.num_groups}, affine={self.affine}, '

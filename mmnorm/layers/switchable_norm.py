@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ..functional import MIX_MODES, switchable_norm
 from ..registry import register
-from .base import BatchStatsNorm
+from .base import BatchStatsNorm, full_precision
 
 __all__ = ['SwitchableNorm', 'SwitchableNormTied', 'NORMALIZERS']
 
@@ -133,12 +133,13 @@ class SwitchableNorm(BatchStatsNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
+        # SN_tied has one logits vector, used for means and variances alike.
         mean_logits, var_logits = self._logits()[0], self._logits()[-1]
-        with torch.autocast(device_type=input.device.type, enabled=False):
+        with full_precision(input):
             return switchable_norm(input, mean_logits, var_logits, self.weight, self.bias,
                                    running_mean, running_var, use_batch_stats, momentum,
                                    self.eps, self.mix, self.in_unbiased,
-                                   self._batch_stats_fn() if use_batch_stats else None)
+                                   self._sync_group() if use_batch_stats else None)
 
     @property
     def in_unbiased(self) -> bool:

@@ -108,4 +108,4 @@ def test_sync_layers_without_process_group_equal_local():
                                                                       torch.float64)
         x = torch.randn(4, 8, 3, 3, dtype=torch.float64)
         torch.testing.assert_close(sync(x), local(x), rtol=0, atol=0, msg=name)
-        assert sync._batch_stats_fn() is None
+        assert sync._sync_group() is None

@@ -1,0 +1,52 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Every mmnorm normalizer configuration, with non-trivial parameters and trained buffers."""
+import torch
+from torch import nn
+
+from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
+
+CHANNELS = 8
+
+#: name -> constructor of each layer configuration the portability tests cover.
+LAYERS = {
+    'SN': lambda: SwitchableNorm(CHANNELS, momentum=0.3),
+    'SN_std': lambda: SwitchableNorm(CHANNELS, momentum=0.3, mix='std'),
+    'SN_tied': lambda: SwitchableNormTied(CHANNELS, momentum=0.3),
+    'SN_noBN': lambda: SwitchableNorm(CHANNELS, using_bn=False),
+    'BCN': lambda: BatchChannelNorm(CHANNELS, num_groups=4, momentum=0.3),
+    'BCN_est': lambda: _estimated(BatchChannelNorm(CHANNELS, num_groups=4, estimate=True)),
+}
+
+
+def _estimated(layer: BatchChannelNorm) -> BatchChannelNorm:
+    layer.set_estimate_rate(0.2)
+    return layer
+
+
+def make_layer(name: str, seed: int = 0, dtype=torch.float32, device='cpu') -> nn.Module:
+    """``LAYERS[name]`` with random parameters (positive scales), in train mode."""
+    torch.manual_seed(seed)
+    layer = LAYERS[name]()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for pname, p in layer.named_parameters():
+            value = torch.randn(p.shape, generator=gen) * 0.5
+            if pname in ('weight', 'bn_weight'):
+                value = value.abs() + 0.5
+            p.copy_(value)
+    return layer.to(device=device, dtype=dtype)
+
+
+def batches(count: int, shape=(4, CHANNELS, 5, 6), seed: int = 0, dtype=torch.float32):
+    """``count`` different inputs with channel-dependent offsets, made on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    offsets = torch.linspace(-2, 3, shape[1]).view(1, -1, *[1] * (len(shape) - 2))
+    return [(torch.randn(shape, generator=gen) * 1.5 + offsets).to(dtype) for _ in range(count)]
+
+
+def train_steps(layer: nn.Module, count: int = 3, seed: int = 100) -> nn.Module:
+    """Run ``count`` training forwards so the running buffers / estimates are not initial."""
+    layer.train()
+    for x in batches(count, seed=seed):
+        layer(x.to(next(layer.parameters()).device))
+    return layer

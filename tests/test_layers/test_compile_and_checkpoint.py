@@ -1,0 +1,144 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Training under ``torch.compile`` and under activation checkpointing computes what eager,
+plain training computes: outputs, input and parameter gradients, running buffers (estimated BCN:
+estimates moved once per step)."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tests.helpers.layers import LAYERS, batches, make_layer
+
+#: Compiled graphs reorder float reductions: compare in float64, where that is ~1e-15.
+TOL = dict(rtol=1e-10, atol=1e-10)
+
+
+class Block(nn.Module):
+    """conv -> norm -> relu -> conv -> norm, as in a residual branch."""
+
+    def __init__(self, make_norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm1 = make_norm(1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.norm2 = make_norm(2)
+
+    def forward(self, x):
+        return self.norm2(self.conv2(torch.relu(self.norm1(self.conv1(x)))))
+
+
+def _block(name: str, dtype=torch.float64) -> Block:
+    torch.manual_seed(0)
+    return Block(lambda seed: make_layer(name, seed=seed)).to(dtype)
+
+
+def _step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None):
+    """One training step's forward and backward; returns output, input grad, param grads."""
+    x = x.clone().requires_grad_()
+    y = (model if forward is None else forward)(x)
+    y.backward(grad)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return y.detach(), x.grad, grads
+
+
+#: Activation checkpointing: outputs and buffers are bit-exact (the forward is deterministic; a
+#: second update of the statistics would show here); gradients differ by the float32 rounding
+#: of oneDNN's convolution backward, which is not bit-reproducible even for torch's own norms.
+EXACT, FLOAT32_GRADS = dict(rtol=0, atol=0), dict(rtol=1e-5, atol=1e-6)
+
+
+def _assert_close_to_scale(actual, expected, rel=1e-5, msg=''):
+    """``max|actual - expected| <= rel * max|expected|``: float32 rounding of sums is relative
+    to the size of the summands, not of each (possibly tiny) result."""
+    error = float((actual - expected).abs().max())
+    assert error <= rel * float(expected.abs().max()), f'{msg}: {error}'
+
+
+def _assert_same(reference: nn.Module, other: nn.Module, ref_step, other_step, tol,
+                 grad_tol=None):
+    grad_tol = grad_tol or tol
+    (y0, gx0, gp0), (y1, gx1, gp1) = ref_step, other_step
+    torch.testing.assert_close(y1, y0, **tol, msg=lambda m: f'output: {m}')
+    torch.testing.assert_close(gx1, gx0, **grad_tol, msg=lambda m: f'input grad: {m}')
+    for n in gp0:
+        torch.testing.assert_close(gp1[n], gp0[n], **grad_tol, msg=lambda m, n=n: f'{n}: {m}')
+    for (n, b0), (_, b1) in zip(reference.named_buffers(), other.named_buffers()):
+        torch.testing.assert_close(b1, b0, **tol, msg=lambda m, n=n: f'buffer {n}: {m}')
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_compiled_training_step_equals_eager(name):
+    eager = _block(name)
+    compiled_model = copy.deepcopy(eager)
+    # aot_eager runs Dynamo and AOTAutograd (functionalization of the buffer updates, the
+    # joint graph) without inductor's C++ code generation, which takes minutes on a small CPU.
+    # One graph, except around estimated BCN's update (a deliberate graph break).
+    compiled = torch.compile(compiled_model, backend='aot_eager',
+                             fullgraph=name != 'BCN_est')
+    inputs = batches(3, shape=(4, 8, 5, 6), dtype=torch.float64)
+    for x, grad in zip(inputs, batches(3, shape=(4, 8, 5, 6), seed=9, dtype=torch.float64)):
+        _assert_same(eager, compiled_model, _step(eager, x, grad),
+                     _step(compiled_model, x, grad, forward=compiled), TOL)
+
+
+def test_inductor_training_step_equals_eager():
+    """Inductor's generated kernels (float32, the dtype users train in), estimated BCN: the
+    layer whose compiled graph once normalized with the estimates from before the update."""
+    eager = _block('BCN_est', dtype=torch.float32)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, dynamic=False)
+    for x, grad in zip(batches(2, shape=(4, 8, 5, 6)), batches(2, shape=(4, 8, 5, 6), seed=9)):
+        _assert_same(eager, compiled_model, _step(eager, x, grad),
+                     _step(compiled_model, x, grad, forward=compiled), dict(rtol=1e-4, atol=1e-4))
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_activation_checkpointing_equals_plain(name, reentrant):
+    plain = _block(name, dtype=torch.float32)
+    checkpointed = copy.deepcopy(plain)
+
+    def forward(x):
+        return checkpoint(checkpointed, x, use_reentrant=reentrant)
+
+    for x, grad in zip(batches(3, shape=(2, 8, 4, 4)), batches(3, shape=(2, 8, 4, 4), seed=9)):
+        _assert_same(plain, checkpointed, _step(plain, x, grad),
+                     _step(checkpointed, x, grad, forward=forward), EXACT, FLOAT32_GRADS)
+    if name == 'BCN_est':  # the estimates moved exactly three times, as in plain training
+        assert int(checkpointed.norm1.num_batches_tracked) == 3
+
+
+def test_resnet_with_cp_equals_plain_for_estimated_bcn_ws():
+    """mmpretrain's ResNet ``with_cp=True`` (reentrant checkpoints of every block), BCN
+    micro-batch form with WS convs, batch 1: the setting where double updates showed."""
+    from mmpretrain.registry import MODELS
+
+    import mmnorm  # noqa: F401
+
+    def build(with_cp):
+        torch.manual_seed(0)
+        model = MODELS.build(dict(type='ResNet', depth=18, base_channels=16, with_cp=with_cp,
+                                  conv_cfg=dict(type='WSConv'),
+                                  norm_cfg=dict(type='BCN', num_groups=4, estimate=True)))
+        for m in model.modules():
+            if hasattr(m, 'set_estimate_rate'):
+                m.set_estimate_rate(0.02)
+        return model.train()
+
+    plain, checkpointed = build(False), build(True)
+    for x in batches(2, shape=(1, 3, 32, 32)):
+        outputs = []
+        for model in (plain, checkpointed):
+            x_in = x.clone().requires_grad_()
+            out = model(x_in)[-1]
+            out.square().mean().backward()
+            outputs.append((out.detach(), x_in.grad))
+        torch.testing.assert_close(outputs[1][0], outputs[0][0], **EXACT)
+        _assert_close_to_scale(outputs[1][1], outputs[0][1], msg='input grad')
+    for (n, p0), (_, p1) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        _assert_close_to_scale(p1.grad, p0.grad, msg=n)
+    for (n, b0), (_, b1) in zip(plain.named_buffers(), checkpointed.named_buffers()):
+        torch.testing.assert_close(b1, b0, **EXACT, msg=n)

@@ -1,0 +1,89 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Every layer, trained for a few steps, exports with ``torch.export`` and to ONNX with a dynamic
+batch dimension, and ONNX Runtime reproduces the eager output; so does an mmpretrain ResNet-50
+classifier with SN everywhere."""
+import pytest
+import torch
+from torch import nn
+
+from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+
+ort = pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+
+BATCH = torch.export.Dim('batch', min=1, max=64)
+
+
+def _relative_error(actual, expected) -> float:
+    return float((actual - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, path) -> 'ort.InferenceSession':
+    program = torch.onnx.export(model, (example, ), dynamo=True,
+                                dynamic_shapes=({0: BATCH}, ), verbose=False)
+    program.save(str(path))
+    return ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+
+
+class Block(nn.Module):
+    """conv -> norm -> relu: the norm as it sits in a network."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv2d(3, norm.num_features, 3, padding=1)
+        self.norm = norm
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_torch_export_with_dynamic_batch(name):
+    layer = train_steps(make_layer(name)).eval()
+    program = torch.export.export(layer, (batches(1, shape=(3, 8, 5, 6))[0], ),
+                                  dynamic_shapes=({0: BATCH}, ))
+    for n, x in zip((1, 3, 5), batches(3, seed=7)):
+        x = x[:n] if n <= x.shape[0] else torch.cat([x, x])[:n]
+        torch.testing.assert_close(program.module()(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_onnx_runtime_reproduces_the_layer(name, tmp_path):
+    torch.manual_seed(0)
+    block = Block(train_steps(make_layer(name))).eval()
+    example = torch.randn(2, 3, 5, 6)
+    session = _onnx_session(block, example, tmp_path / f'{name}.onnx')
+    for n in (1, 3, 5):
+        x = torch.randn(n, 3, 5, 6) * 2 + 1
+        expected = block(x)
+        (actual, ) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative_error(torch.from_numpy(actual), expected) <= 1e-4, (name, n)
+
+
+def test_onnx_runtime_reproduces_resnet50_sn_classifier(tmp_path):
+    from mmpretrain.models import ImageClassifier  # noqa: F401  (registers the model types)
+    from mmpretrain.registry import MODELS
+
+    import mmnorm  # noqa: F401
+    torch.manual_seed(0)
+    model = MODELS.build(dict(
+        type='ImageClassifier',
+        backbone=dict(type='ResNet', depth=50, norm_cfg=dict(type='SN')),
+        neck=dict(type='GlobalAveragePooling'),
+        head=dict(type='LinearClsHead', num_classes=10, in_channels=2048)))
+    # A few training steps, so every SN layer has running statistics and moved ratios.
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        logits = model(torch.randn(2, 3, 64, 64), mode='tensor')
+        optimizer.zero_grad()
+        logits.square().mean().backward()
+        optimizer.step()
+    model.eval()
+    session = _onnx_session(model, torch.randn(2, 3, 64, 64), tmp_path / 'r50_sn.onnx')
+    for n in (1, 3):
+        x = torch.randn(n, 3, 64, 64)
+        with torch.no_grad():
+            expected = model(x, mode='tensor')
+        (actual, ) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative_error(torch.from_numpy(actual), expected) <= 1e-4, n

@@ -1,0 +1,151 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Accuracy against torch's own norms (half precision, zero-variance channels), exact zeros,
+empty batches, agreement of the two forms of the core, and every available device."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mmnorm.functional.moments as core
+from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
+from tests import oracles
+from tests.conftest import assert_close
+from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+
+
+def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).abs().max())
+
+
+def _oracle(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Float64 oracle of a layer in train mode (batch statistics)."""
+    p = {n: t.detach().double() for n, t in layer.named_parameters()}
+    if isinstance(layer, BatchChannelNorm):
+        return oracles.bcn(x, layer.num_groups, p['weight'], p['bias'], p['bn_weight'],
+                           p['bn_bias'], eps=layer.eps)
+    ml = p.get('logits', p.get('mean_logits'))
+    vl = p.get('logits', p.get('var_logits'))
+    return oracles.sn(x, ml, vl, p['weight'], p['bias'], eps=layer.eps, mix=layer.mix)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SN_std', 'BCN'])
+def test_half_precision_error_within_twice_torch_norms(name, dtype):
+    # Values offset from their mean: an affine map rounded before it is applied loses them.
+    gen = torch.Generator().manual_seed(0)
+    x = ((torch.randn(4, 8, 6, 6, generator=gen) + 30).to(dtype))
+    exact = x.double()
+    layer = make_layer(name)
+    ours = _max_error(layer(x), _oracle(layer, exact))
+    bn, gn = nn.BatchNorm2d(8), nn.GroupNorm(4, 8)
+    torch_error = max(_max_error(bn(x), bn.double()(exact)),
+                      _max_error(gn(x), gn.double()(exact)))
+    assert ours <= 2 * torch_error, (ours, torch_error)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast does not change the result
+        torch.testing.assert_close(layer.float()(x), layer(x), rtol=0, atol=0)
+
+
+def _bn_then_gn(bcn: BatchChannelNorm, x: torch.Tensor) -> torch.Tensor:
+    """BCN composed from torch's own layers: BatchNorm2d, then GroupNorm with a per-group
+    affine (Eq. 16)."""
+    bn = nn.BatchNorm2d(bcn.num_features).to(x.dtype)
+    with torch.no_grad():
+        bn.weight.copy_(bcn.bn_weight), bn.bias.copy_(bcn.bn_bias)
+    n, c = x.shape[:2]
+    g = F.group_norm(bn(x), bcn.num_groups).view(n, bcn.num_groups, -1)
+    g = g * bcn.weight.view(1, -1, 1).to(x.dtype) + bcn.bias.view(1, -1, 1).to(x.dtype)
+    return g.view_as(x)
+
+
+@pytest.mark.parametrize('value', [3.7, -2.0, 30.0, 1e3])
+@pytest.mark.parametrize('batch', [1, 3, 4])
+def test_bcn_zero_variance_channels_as_accurate_as_bn_then_gn(value, batch):
+    bcn = make_layer('BCN')
+    gen = torch.Generator().manual_seed(1)
+    mixed = torch.randn(batch, 8, 5, 5, generator=gen) * 2
+    mixed[:, ::3] = value  # some channels constant over the batch and space
+    for x in (torch.full((batch, 8, 5, 5), value), mixed):
+        exact = _oracle(bcn, x.double())
+        ours = _max_error(bcn(x), exact)
+        theirs = _max_error(_bn_then_gn(bcn, x), exact)
+        assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+@pytest.mark.parametrize('traced', [False, True])
+def test_bcn_gradient_is_exactly_zero_where_output_ignores_input(monkeypatch, traced):
+    # N=1, H*W=1: BN maps every channel to its shift, so BCN's output does not depend on x.
+    if traced:
+        monkeypatch.setattr(core, 'is_tracing', lambda: True)
+    bcn = make_layer('BCN')
+    x = torch.randn(1, 8, 1, 1, requires_grad=True)
+    bcn(x).backward(torch.randn(1, 8, 1, 1))
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_empty_batch_keeps_parameters_in_the_graph(name):
+    layer = train_steps(make_layer(name))
+    buffers = {n: b.clone() for n, b in layer.named_buffers()}
+    x = torch.randn(0, 8, 5, 5, requires_grad=True)
+    y = layer(x)
+    assert y.shape == x.shape
+    y.sum().backward()
+    for n, p in layer.named_parameters():  # as nn.BatchNorm2d / nn.GroupNorm: zero gradients
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), n
+    for n, b in layer.named_buffers():
+        if n != 'num_batches_tracked' or not name.startswith('BCN_est'):
+            assert torch.equal(b, buffers[n]), n
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_traced_form_equals_eager_training_form(monkeypatch, name):
+    """The plain-op form (export, compile) and the fused eager form agree in float64."""
+    results = []
+    for traced in (False, True):
+        monkeypatch.setattr(core, 'is_tracing', lambda traced=traced: traced)
+        layer = make_layer(name).double()
+        outs = []
+        for x, g in zip(batches(2, dtype=torch.float64), batches(2, seed=5, dtype=torch.float64)):
+            x = x.requires_grad_()
+            y = layer(x)
+            y.backward(g)
+            outs.append((y.detach(), x.grad))
+        grads = [p.grad for p in layer.parameters()]
+        results.append((outs, grads, [b.clone() for b in layer.buffers()]))
+    torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_layer_on_device_matches_float64_oracle(name, device):
+    layer = make_layer(name, device=device)
+    if name.endswith('est'):  # estimates are checked against Algorithm 1 in their own tests
+        layer.eval()
+    x = batches(1)[0]
+    x_dev = x.to(device).requires_grad_()
+    y = layer(x_dev)
+    assert y.device == x_dev.device
+    if name.endswith('est'):
+        p = {n: t.detach().double().cpu() for n, t in layer.named_parameters()}
+        expected = oracles.bcn(x.double(), 4, p['weight'], p['bias'], p['bn_weight'],
+                               p['bn_bias'], bn_stats=(layer.running_mean.double().cpu(),
+                                                       layer.running_var.double().cpu()))
+    else:
+        expected = _oracle(layer, x.double())
+    assert_close(y.cpu(), expected)
+    y.square().sum().backward()
+    assert torch.isfinite(x_dev.grad).all()
+
+
+@pytest.mark.parametrize('cls', [SwitchableNorm, SwitchableNormTied, BatchChannelNorm])
+def test_layer_called_twice_before_backward(cls):
+    """A shared head applies one layer to several inputs before one backward: each use's
+    gradient is its own (independent oracle per use), though buffers change in between."""
+    kwargs = dict(num_groups=4) if cls is BatchChannelNorm else {}
+    layer = cls(8, **kwargs).double()
+    a, b = batches(2, dtype=torch.float64)
+    a, b = a.requires_grad_(), b[:, :, :3].requires_grad_()
+    (layer(a).sum() + layer(b).square().sum()).backward()
+    for x, loss in ((a, lambda y: y.sum()), (b, lambda y: y.square().sum())):
+        x_ref = x.detach().clone().requires_grad_()
+        loss(_oracle(layer, x_ref)).backward()
+        assert_close(x.grad, x_ref.grad)

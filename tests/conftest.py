@@ -5,6 +5,12 @@ import warnings
 import pytest
 import torch
 
+# The suite runs the layers' public-op eager forms: compiling every configuration in every test
+# process (and in the tools the tests start, which inherit this) would add minutes.
+# tests/test_layers/test_compiled.py checks the compiled form, the default outside tests,
+# against them.
+os.environ.setdefault('MMNORM_COMPILE', '0')
+
 # Deterministic, single-threaded-safe defaults for the suite.
 torch.manual_seed(0)
 warnings.filterwarnings('ignore', message='.*torch.cuda.amp.*', category=FutureWarning)

@@ -201,6 +201,66 @@ def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, f
     return {k: {'eval_ms': t, 'eval_ratio': r} for k, (t, r) in timings.items()}
 
 
+#: The demo Mask R-CNN with each normalizer (backbone, FPN, box and mask heads).
+DEMO_CONFIGS = {
+    'GN': 'configs/demo/mask-rcnn_r18-tiny_fpn_gn_demo.py',
+    'SN': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn_demo.py',
+    'BCN+WS': 'configs/demo/mask-rcnn_r18-tiny_fpn_bcn-ws_demo.py',
+    'BN': 'configs/demo/mask-rcnn_r18-tiny_fpn_bn_demo.py',
+}
+
+
+def measure_demo_model(rounds: int, num_batches: int = 4) -> Dict[str, Dict[str, float]]:
+    """One training iteration (forward, losses, backward, SGD step) of the demo Mask R-CNN with
+    each normalizer, on the same generated batches of 2 images, as a ratio to GN."""
+    import os.path as osp
+    import tempfile
+
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
+    from mmengine.registry import init_default_scope
+
+    from mmnorm.demo import generate_demo_data
+    init_default_scope('mmdet')
+    from mmdet.registry import DATASETS, MODELS
+    root = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))))
+    data_root = tempfile.mkdtemp(prefix='mmnorm_bench_')
+    generate_demo_data(data_root, num_train=2 * num_batches, num_val=1, seed=0)
+    steps = {}
+    for name, config in DEMO_CONFIGS.items():
+        cfg = Config.fromfile(osp.join(root, config))
+        dataset_cfg = cfg.train_dataloader.dataset
+        dataset_cfg.data_root = data_root + '/'
+        torch.manual_seed(0)
+        dataset = DATASETS.build(dataset_cfg)
+        batches = [pseudo_collate([dataset[2 * i], dataset[2 * i + 1]])
+                   for i in range(num_batches)]
+        model = MODELS.build(cfg.model).train()
+        for m in model.modules():  # BCN's micro-batch form: the rate EstimateRateHook would set
+            if getattr(m, 'estimate', False):
+                m.set_estimate_rate(0.01)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        steps[name] = _detector_step(model, optimizer, batches)
+    timings = time_rounds(steps, rounds, num_batches, 'GN')
+    return {k: {'train_ms': t, 'train_ratio': r} for k, (t, r) in timings.items()}
+
+
+def _detector_step(model: nn.Module, optimizer, batches) -> Callable[[], None]:
+    state = {'i': 0}
+
+    def step():
+        batch = batches[state['i'] % len(batches)]
+        state['i'] += 1
+        data = model.data_preprocessor(batch, True)
+        losses = model(**data, mode='loss')
+        loss = sum(v if isinstance(v, torch.Tensor) else sum(v) for k, v in losses.items()
+                   if 'loss' in k)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--shapes', nargs='+', default=DEFAULT_SHAPES,
@@ -211,6 +271,10 @@ def main() -> None:
     parser.add_argument('--deploy', action='store_true',
                         help='also time ResNet-50 inference: soft / hard / deploy SN vs BN')
     parser.add_argument('--deploy-shape', default='4,3,224,224', help='N,C,H,W of that run')
+    parser.add_argument('--no-model', action='store_true',
+                        help='skip the whole-model row (demo Mask R-CNN training iteration)')
+    parser.add_argument('--model-rounds', type=int, default=7,
+                        help='timing rounds of the whole-model row')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--json', help='write all numbers to this JSON file')
     args = parser.parse_args()
@@ -228,6 +292,13 @@ def main() -> None:
             conv = measure(conv_layers(shape[1]), shape, max(3, args.rounds // 2), 1, 'Conv2d')
             print_table(f'3x3 conv {shape[1]}->{shape[1]}, input {shape}', conv, 'Conv2d')
             report[f'conv {text}'] = conv
+    if not args.no_model:
+        results = measure_demo_model(args.model_rounds)
+        print('\nDemo Mask R-CNN (R-18 FPN, 2 images of 128x128), one training iteration')
+        print(f'{"norm":<9} {"ms":>9} {"x GN":>7}')
+        for name, r in results.items():
+            print(f'{name:<9} {r["train_ms"]:>9.1f} {r["train_ratio"]:>7.2f}')
+        report['model'] = results
     if args.deploy:
         shape = tuple(int(v) for v in args.deploy_shape.split(','))
         results = measure_deploy(shape, max(5, args.rounds // 3))

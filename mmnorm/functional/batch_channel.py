@@ -38,7 +38,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import channel_moments, normalize_rows, pool
+from .moments import eager_channel_moments, normalize_rows, pool
 from .running_stats import batch_statistics, update_running_stats
 from .switchable import check_norm_input
 
@@ -57,7 +57,7 @@ def check_num_groups(num_channels: int, num_groups: int) -> None:
 def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                   bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *, num_groups: int,
-                  eps: float, length: int, batch: bool, process_group
+                  eps: float, batch: bool, process_group, length: int
                   ) -> Tuple[Tensor, Tensor, tuple]:
     """BCN's coefficient function (see :data:`~mmnorm.functional.moments.CoefficientFn`).
 
@@ -114,9 +114,9 @@ def update_estimates(estimate_mean: Tensor, estimate_var: Tensor, mean: Tensor, 
 
 @torch.compiler.disable
 def _move_estimates(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
-                    rate: Union[float, Tensor]) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, ...]]:
+                    rate: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
     """Algorithm 1's update, always run eagerly: returns the moved estimates as new tensors
-    (the buffers are updated in place too) and the moments of ``x``.
+    (the buffers are updated in place too).
 
     Under ``torch.compile`` this is a graph break on purpose. Inside one graph, the min-cut
     partitioner of torch <= 2.13 may recompute the moved estimates in the backward from the
@@ -125,8 +125,7 @@ def _move_estimates(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
     mutates.
     """
     with torch.no_grad():
-        moments = channel_moments(x)
-        return update_estimates(estimate_mean, estimate_var, *moments, rate), moments
+        return update_estimates(estimate_mean, estimate_var, *eager_channel_moments(x), rate)
 
 
 def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -172,16 +171,14 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     length = math.prod(input.shape[2:])
     batch = not estimate and (training or running_mean is None)
     bn_mean, bn_var = (None, None) if batch else (running_mean, running_var)
-    moments = None
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.
-        (bn_mean, bn_var), moments = _move_estimates(running_mean, running_var, input, rate)
+        bn_mean, bn_var = _move_estimates(running_mean, running_var, input, rate)
     coefficients = functools.partial(_coefficients, num_groups=num_groups, eps=eps,
-                                     length=length, batch=batch,
-                                     process_group=process_group if batch else None)
+                                     batch=batch, process_group=process_group if batch else None)
     out, aux = normalize_rows(input, coefficients,
-                              (weight, bias, bn_weight, bn_bias, bn_mean, bn_var), moments)
+                              (weight, bias, bn_weight, bn_bias, bn_mean, bn_var))
     if batch and training and running_mean is not None:
         count = aux[2] if len(aux) == 3 else input.shape[0] * length
         update_running_stats(running_mean, running_var, aux[0], aux[1], count, momentum)

@@ -56,8 +56,8 @@ def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
 
 def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Tensor,
                   weight: Optional[Tensor], bias: Optional[Tensor], bn_mean: Optional[Tensor],
-                  bn_var: Optional[Tensor], *, eps: float, mix: str, in_correction: float,
-                  length: int, batch: bool, process_group) -> Tuple[Tensor, Tensor, tuple]:
+                  bn_var: Optional[Tensor], *, eps: float, mix: str, in_unbiased: bool,
+                  batch: bool, process_group, length: int) -> Tuple[Tensor, Tensor, tuple]:
     """SN's coefficient function (see :data:`~mmnorm.functional.moments.CoefficientFn`).
 
     ``mean``/``var``: IN moments ``(N, C)``. ``bn_mean``/``bn_var``: constant BN statistics
@@ -65,8 +65,8 @@ def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Te
     then returns them, with their count, for the running buffers.
     """
     dtype = mean.dtype
-    if in_correction != 1.0:
-        var = var * in_correction
+    if in_unbiased and length > 1:  # the SN authors' IN variance, with Bessel's correction
+        var = var * (length / (length - 1))
     stats = [(mean, var), pool(mean, var, 1)]                     # IN (N, C), LN (N, 1)
     aux: tuple = ()
     if mean_logits.shape[0] == 3:
@@ -139,10 +139,9 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     using_bn = mean_logits.shape[0] == 3
     batch = using_bn and (training or running_mean is None)
     bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
-    coefficients = functools.partial(
-        _coefficients, eps=eps, mix=mix, length=length, batch=batch,
-        process_group=process_group if batch else None,
-        in_correction=length / (length - 1) if in_unbiased and length > 1 else 1.0)
+    coefficients = functools.partial(_coefficients, eps=eps, mix=mix, batch=batch,
+                                     in_unbiased=bool(in_unbiased),
+                                     process_group=process_group if batch else None)
     out, aux = normalize_rows(input, coefficients,
                               (mean_logits, var_logits, weight, bias, bn_mean, bn_var))
     if batch and training and running_mean is not None:

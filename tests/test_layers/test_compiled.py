@@ -1,0 +1,104 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""The compiled plain form (the default for eager calls outside the test suite) computes what
+the public-op forms compute: outputs, gradients, buffers, in training and eval; it falls back,
+with one warning, when compilation fails."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+import mmnorm.functional.moments as core
+from tests.helpers.layers import LAYERS, batches, make_layer
+
+
+@pytest.fixture
+def compiled():
+    core.use_compiled(True)
+    yield
+    core.use_compiled(False)
+
+
+def _run(layer, inputs, grads, forward=None):
+    """Training steps, then one eval forward; everything a step produces."""
+    results = []
+    for x, g in zip(inputs, grads):
+        x = x.clone().requires_grad_()
+        y = (layer if forward is None else forward)(x)
+        y.backward(g)
+        results.append((y.detach(), x.grad))
+    results.append([p.grad.clone() for p in layer.parameters()])
+    results.append([b.clone() for b in layer.buffers()])
+    layer.eval()
+    with torch.no_grad():
+        results.append(layer(inputs[0]))
+    layer.train()
+    return results
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
+    reference = make_layer(name, dtype=dtype)
+    layer = copy.deepcopy(reference)
+    inputs = batches(3, shape=(3, 8, 5, 6), dtype=dtype)
+    grads = batches(3, shape=(3, 8, 5, 6), seed=4, dtype=dtype)
+    ours = _run(layer, inputs, grads)
+    core.use_compiled(False)
+    expected = _run(reference, inputs, grads)
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+
+
+def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
+    """bfloat16, a single sample, a 3-d input and channels-last memory, against the public-op
+    form (one compile each)."""
+    for shape, dtype, fmt in (((4, 8, 6, 6), torch.bfloat16, torch.contiguous_format),
+                              ((1, 8, 5, 7), torch.float32, torch.contiguous_format),
+                              ((2, 8, 3, 4, 5), torch.float32, torch.contiguous_format),
+                              ((2, 8, 5, 6), torch.float32, torch.channels_last)):
+        x = batches(1, shape=shape)[0].to(dtype).contiguous(memory_format=fmt)
+        layer = make_layer('SN')
+        core.use_compiled(True)
+        y = layer(x.requires_grad_())
+        y.float().square().sum().backward()
+        grad = x.grad
+        x.grad = None
+        core.use_compiled(False)
+        y_ref = make_layer('SN')(x)
+        y_ref.float().square().sum().backward()
+        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5,
+                                                                               atol=2e-5)
+        assert y.dtype == dtype and y.shape == shape
+        torch.testing.assert_close(y, y_ref, **tol)
+        torch.testing.assert_close(grad, x.grad, **tol)
+
+
+def test_compiled_form_under_activation_checkpointing(compiled):
+    plain = make_layer('BCN_est')
+    checkpointed = copy.deepcopy(plain)
+    inputs, grads = batches(2), batches(2, seed=3)
+    ours = _run(checkpointed, inputs, grads,
+                forward=lambda x: checkpoint(checkpointed, x, use_reentrant=False))
+    expected = _run(plain, inputs, grads)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_failure_falls_back_with_one_warning(compiled, monkeypatch):
+    """A machine without a working C++ compiler: one warning, then public eager ops."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(core, '_compiled', dict(core._compiled, fn=None, failed=None))
+    monkeypatch.setattr(inductor_config.cpp, 'cxx', ('/nonexistent/c++', ))
+    monkeypatch.setattr(inductor_config, 'fx_graph_cache', False)
+    torch._dynamo.reset()
+    layer = make_layer('SN_tied')
+    x = batches(1)[0]
+    with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
+        y = layer(x)
+    assert not core.compiled_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        layer(x)  # warned once
+    torch._dynamo.reset()
+    core.use_compiled(False)
+    torch.testing.assert_close(y, make_layer('SN_tied')(x))

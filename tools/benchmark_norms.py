@@ -5,12 +5,19 @@ For every shape (the seeds' typical feature maps), each layer's forward+backward
 (inference) time and saved-activation memory are measured in the same process, interleaved
 round by round (so machine noise hits all layers alike), and reported as ratios to native
 GroupNorm (and, for WSConv, to ``nn.Conv2d``). Saved-activation memory is what autograd keeps for
-backward (unique storages, via ``saved_tensors_hooks``), as a multiple of the input size. Ratios are medians of per-round ratios (see ``time_rounds``).
+backward (unique storages, via ``saved_tensors_hooks``), as a multiple of the input size. Ratios
+are medians of per-round ratios (see ``time_rounds``). The whole-model row times one training
+iteration of the demo Mask R-CNN with SN, BCN+WS and BN against the same model with GN, on the
+same generated batches.
+
+mmnorm's layers run as they do by default (compiled; the warm-up rounds absorb the compile);
+``MMNORM_COMPILE=0 python tools/benchmark_norms.py`` measures the public-op eager form.
 
     python tools/benchmark_norms.py                  # all shapes, default rounds
     python tools/benchmark_norms.py --rounds 5 --shapes 8,64,56,56 512,256,7,7
     python tools/benchmark_norms.py --json out.json  # also write the raw numbers
     python tools/benchmark_norms.py --deploy         # + ResNet-50 soft / hard / deploy SN
+    python tools/benchmark_norms.py --no-model       # layers only (no Mask R-CNN row)
 """
 import argparse
 import json
@@ -280,8 +287,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    from mmnorm.functional import compiled_enabled
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; '
-          f'{args.rounds} rounds x {args.inner} calls, median')
+          f'{args.rounds} rounds x {args.inner} calls, median; mmnorm layers '
+          f'{"compiled" if compiled_enabled() else "in public eager ops (MMNORM_COMPILE=0)"}')
     report = {}
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split(','))

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .moments import eager_channel_moments, normalize_rows, pool
-from .running_stats import batch_statistics, update_running_stats
+from .running_stats import batch_statistics, update_from_batch
 from .switchable import check_norm_input
 
 __all__ = ['batch_channel_norm', 'check_num_groups', 'update_estimates']
@@ -180,6 +180,5 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     out, aux = normalize_rows(input, coefficients,
                               (weight, bias, bn_weight, bn_bias, bn_mean, bn_var))
     if batch and training and running_mean is not None:
-        count = aux[2] if len(aux) == 3 else input.shape[0] * length
-        update_running_stats(running_mean, running_var, aux[0], aux[1], count, momentum)
+        update_from_batch(running_mean, running_var, aux, input.shape[0] * length, momentum)
     return out

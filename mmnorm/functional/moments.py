@@ -91,8 +91,10 @@ def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     dtype = stat_dtype(input.dtype)
     if input.dim() == 2 or input.numel() == 0:  # one value per row, or no rows
-        first = input.to(dtype) if input.dim() == 2 else input.new_zeros(input.shape[:2],
-                                                                          dtype=dtype)
+        if input.dim() == 2:
+            first = input.to(dtype)
+        else:
+            first = input.new_zeros(input.shape[:2], dtype=dtype)
         zeros = torch.zeros_like(first)
         return first, zeros, torch.sub(input, _per_row(first, input)), zeros
     first = input.mean(tuple(range(2, input.dim())), dtype=dtype)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .moments import pool
 
-__all__ = ['batch_statistics', 'update_running_stats', 'unbiased_factor']
+__all__ = ['batch_statistics', 'update_running_stats', 'update_from_batch', 'unbiased_factor']
 
 Count = Union[int, Tensor]
 
@@ -69,7 +69,7 @@ def batch_statistics(mean: Tensor, var: Tensor, length: int, process_group=None
 
 
 def unbiased_factor(count: int) -> Optional[float]:
-    """Bessel's correction ``n / (n - 1)``; ``None`` when ``n <= 1`` (unbiased variance undefined)."""
+    """Bessel's correction ``n / (n - 1)``; ``None`` when ``n <= 1`` (undefined)."""
     return count / (count - 1) if count > 1 else None
 
 
@@ -100,3 +100,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch_mean: 
     factor = unbiased_factor(count)
     if factor is not None:
         running_var.lerp_(batch_var * factor, momentum)
+
+
+def update_from_batch(running_mean: Tensor, running_var: Tensor, batch: Tuple[Tensor, ...],
+                      local_count: int, momentum: Union[float, Tensor]) -> None:
+    """:func:`update_running_stats` from what a coefficient function returned as ``aux``:
+    ``(batch_mean, batch_var)`` of this process's ``local_count`` values per channel, or
+    ``(batch_mean, batch_var, count)`` when synchronized."""
+    count = batch[2] if len(batch) == 3 else local_count
+    update_running_stats(running_mean, running_var, batch[0], batch[1], count, momentum)

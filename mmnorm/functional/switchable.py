@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .moments import normalize_rows, pool
-from .running_stats import batch_statistics, update_running_stats
+from .running_stats import batch_statistics, update_from_batch
 
 __all__ = ['switchable_norm', 'check_norm_input', 'MIX_MODES']
 
@@ -145,6 +145,5 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     out, aux = normalize_rows(input, coefficients,
                               (mean_logits, var_logits, weight, bias, bn_mean, bn_var))
     if batch and training and running_mean is not None:
-        count = aux[2] if len(aux) == 3 else input.shape[0] * length
-        update_running_stats(running_mean, running_var, aux[0], aux[1], count, momentum)
+        update_from_batch(running_mean, running_var, aux, input.shape[0] * length, momentum)
     return out

@@ -2,17 +2,15 @@
 """Batch-average statistics: against a float64 oracle, invariances, guard, 2-process run."""
 import os
 import tempfile
-import traceback
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
 from mmnorm.engine import find_batch_stats_layers, recompute_batch_stats
+from tests.helpers.distributed import run_on_gloo
 
 
 def make_model():
@@ -199,33 +197,17 @@ def test_moving_mode_layers_do_not_warn():
         layer(torch.randn(2, 4, 3, 3))
 
 
-def _dist_worker(rank, world, init_file, out_dir):
-    try:
-        dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                                world_size=world)
-        torch.set_num_threads(1)
-        model = make_model()
-        batches = make_batches(num=6)
-        recompute_batch_stats(model, batches[rank::world], 3, forward=forward)
-        torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
-                   os.path.join(out_dir, f'rank{rank}.pth'))
-        dist.barrier()
-    except Exception:
-        with open(os.path.join(out_dir, f'error{rank}.txt'), 'w') as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _dist_worker(rank, world, out_dir):
+    model = make_model()
+    batches = make_batches(num=6)
+    recompute_batch_stats(model, batches[rank::world], 3, forward=forward)
+    torch.save({k: v for k, v in model.state_dict().items() if 'running' in k},
+               os.path.join(out_dir, f'rank{rank}.pth'))
 
 
 def test_two_processes_end_identical_and_equal_to_one_process():
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            mp.spawn(_dist_worker, args=(2, os.path.join(tmp, 'init'), tmp), nprocs=2)
-        except Exception:
-            pytest.fail('\n'.join(open(os.path.join(tmp, f)).read()
-                                  for f in os.listdir(tmp) if f.startswith('error')))
+        run_on_gloo(_dist_worker, out_dir=tmp)
         ranks = [torch.load(os.path.join(tmp, f'rank{r}.pth'), weights_only=True)
                  for r in (0, 1)]
     single = make_model()

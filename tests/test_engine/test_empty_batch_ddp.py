@@ -4,17 +4,13 @@ R-CNN mask head with no positive RoI): every parameter still takes part in the g
 reduction (zero gradients), as with torch's own norms, so the next iteration does not fail with
 ``Expected to have finished reduction in the prior iteration``. Two real gloo processes."""
 import copy
-import os
-import tempfile
-import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from tests.helpers.distributed import run_on_gloo
 from tests.helpers.layers import LAYERS, make_layer
 
 NAMES = ['SN', 'SN_tied', 'SN_noBN', 'BCN', 'BCN_est']
@@ -60,30 +56,11 @@ def _run(rank, name):
         ddp.zero_grad()
 
 
-def _worker(rank, world, init_file, result_dir):
-    try:
-        dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                                world_size=world)
-        torch.set_num_threads(1)
-        for name in NAMES:
-            _run(rank, name)
-        dist.barrier()
-    except Exception:  # report to the parent; the pytest process shows the traceback
-        with open(os.path.join(result_dir, f'error{rank}.txt'), 'w') as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    for name in NAMES:
+        _run(rank, name)
 
 
 def test_ddp_survives_empty_batches_on_one_and_both_ranks():
     assert set(NAMES) <= set(LAYERS)
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, 'init')
-        try:
-            mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
-        except Exception:
-            errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
-                      if f.startswith('error')]
-            pytest.fail('\n'.join(errors) or 'a worker failed')
+    run_on_gloo(_worker)

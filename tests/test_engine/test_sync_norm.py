@@ -1,18 +1,13 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """SyncSN / SyncSN_tied / SyncBCN on shards (2 real gloo processes) equal SN / SN_tied / BCN on
 the concatenated batch: outputs, input gradients, summed parameter gradients, running buffers."""
-import os
-import tempfile
-import traceback
-
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from mmnorm.layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied,
                            SyncBatchChannelNorm, SyncSwitchableNorm, SyncSwitchableNormTied,
                            convert_sync_norm, revert_sync_norm)
+from tests.helpers.distributed import run_on_gloo
 
 PAIRS = {
     'SN': (SwitchableNorm, SyncSwitchableNorm, {}),
@@ -64,41 +59,22 @@ def _check_case(rank, world, name, sizes, dtype):
                                reference(full[shard]).detach(), **tol)
 
 
-def _worker(rank, world, init_file, result_dir):
-    try:
-        dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank,
-                                world_size=world)
-        torch.set_num_threads(1)
-        for name in PAIRS:
-            for sizes in ([3, 3], [2, 5]):
-                for dtype in (torch.float64, torch.float32):
-                    _check_case(rank, world, name, sizes, dtype)
-        # An empty shard still joins the collectives and adds nothing.
-        _check_case(rank, world, 'SN', [0, 4], torch.float64)
-        _check_case(rank, world, 'BCN', [4, 0], torch.float64)
-        # Converted local layers synchronize too.
-        model = convert_sync_norm(torch.nn.Sequential(SwitchableNorm(8).double()))
-        assert isinstance(model[0], SyncSwitchableNorm)
-        assert type(revert_sync_norm(model)[0]) is SwitchableNorm
-        dist.barrier()
-    except Exception:  # report to the parent; the pytest process shows the traceback
-        with open(os.path.join(result_dir, f'error{rank}.txt'), 'w') as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _worker(rank, world, out_dir):
+    for name in PAIRS:
+        for sizes in ([3, 3], [2, 5]):
+            for dtype in (torch.float64, torch.float32):
+                _check_case(rank, world, name, sizes, dtype)
+    # An empty shard still joins the collectives and adds nothing.
+    _check_case(rank, world, 'SN', [0, 4], torch.float64)
+    _check_case(rank, world, 'BCN', [4, 0], torch.float64)
+    # Converted local layers synchronize too.
+    model = convert_sync_norm(torch.nn.Sequential(SwitchableNorm(8).double()))
+    assert isinstance(model[0], SyncSwitchableNorm)
+    assert type(revert_sync_norm(model)[0]) is SwitchableNorm
 
 
 def test_sync_layers_on_shards_equal_local_layers_on_full_batch():
-    with tempfile.TemporaryDirectory() as tmp:
-        init_file = os.path.join(tmp, 'init')
-        try:
-            mp.spawn(_worker, args=(2, init_file, tmp), nprocs=2, join=True)
-        except Exception:
-            errors = [open(os.path.join(tmp, f)).read() for f in sorted(os.listdir(tmp))
-                      if f.startswith('error')]
-            pytest.fail('\n'.join(errors) or 'a worker failed')
+    run_on_gloo(_worker)
 
 
 def test_sync_layers_without_process_group_equal_local():

@@ -118,15 +118,19 @@ def test_activation_checkpointing_equals_plain(name, reentrant):
 def test_resnet_with_cp_equals_plain_for_estimated_bcn_ws():
     """mmpretrain's ResNet ``with_cp=True`` (reentrant checkpoints of every block), BCN
     micro-batch form with WS convs, batch 1: the setting where double updates showed."""
+    import mmpretrain.models  # noqa: F401  (registers the model types)
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
     import mmnorm  # noqa: F401
 
     def build(with_cp):
         torch.manual_seed(0)
-        model = MODELS.build(dict(type='ResNet', depth=18, base_channels=16, with_cp=with_cp,
-                                  conv_cfg=dict(type='WSConv'),
-                                  norm_cfg=dict(type='BCN', num_groups=4, estimate=True)))
+        with DefaultScope.overwrite_default_scope('mmpretrain'):
+            model = MODELS.build(dict(
+                type='ResNet', depth=18, base_channels=16, with_cp=with_cp,
+                conv_cfg=dict(type='WSConv'),
+                norm_cfg=dict(type='BCN', num_groups=4, estimate=True)))
         for m in model.modules():
             if hasattr(m, 'set_estimate_rate'):
                 m.set_estimate_rate(0.02)

@@ -67,8 +67,8 @@ def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
         core.use_compiled(False)
         y_ref = make_layer('SN')(x)
         y_ref.float().square().sum().backward()
-        tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=2e-5,
-                                                                               atol=2e-5)
+        tol = 1e-2 if dtype == torch.bfloat16 else 2e-5
+        tol = dict(rtol=tol, atol=tol)
         assert y.dtype == dtype and y.shape == shape
         torch.testing.assert_close(y, y_ref, **tol)
         torch.testing.assert_close(grad, x.grad, **tol)

@@ -61,16 +61,18 @@ def test_onnx_runtime_reproduces_the_layer(name, tmp_path):
 
 
 def test_onnx_runtime_reproduces_resnet50_sn_classifier(tmp_path):
-    from mmpretrain.models import ImageClassifier  # noqa: F401  (registers the model types)
+    import mmpretrain.models  # noqa: F401  (registers the model types)
+    from mmengine.registry import DefaultScope
     from mmpretrain.registry import MODELS
 
     import mmnorm  # noqa: F401
     torch.manual_seed(0)
-    model = MODELS.build(dict(
-        type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=50, norm_cfg=dict(type='SN')),
-        neck=dict(type='GlobalAveragePooling'),
-        head=dict(type='LinearClsHead', num_classes=10, in_channels=2048)))
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        model = MODELS.build(dict(
+            type='ImageClassifier',
+            backbone=dict(type='ResNet', depth=50, norm_cfg=dict(type='SN')),
+            neck=dict(type='GlobalAveragePooling'),
+            head=dict(type='LinearClsHead', num_classes=10, in_channels=2048)))
     # A few training steps, so every SN layer has running statistics and moved ratios.
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -83,10 +83,10 @@ def test_bcn_gradient_is_exactly_zero_where_output_ignores_input(monkeypatch, tr
 
 
 @pytest.mark.parametrize('name', list(LAYERS))
-def test_empty_batch_keeps_parameters_in_the_graph(name):
-    layer = train_steps(make_layer(name))
+def test_empty_batch_keeps_parameters_in_the_graph(name, device):
+    layer = train_steps(make_layer(name, device=device))
     buffers = {n: b.clone() for n, b in layer.named_buffers()}
-    x = torch.randn(0, 8, 5, 5, requires_grad=True)
+    x = torch.randn(0, 8, 5, 5, device=device, requires_grad=True)
     y = layer(x)
     assert y.shape == x.shape
     y.sum().backward()

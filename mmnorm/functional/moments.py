@@ -17,14 +17,20 @@ layer's parameters :math:`\theta` (``b`` is the output at the row mean). Centeri
 channel whose values are all equal map to exactly ``b`` whatever the size of ``a`` (BCN's batch
 step has ``a ~ 1/sqrt(eps)`` on zero-variance channels).
 
-:func:`normalize_rows` computes this with public tensor ops only, in two forms with one forward:
+:func:`normalize_rows` computes this with public tensor ops only. One **plain form**
+(:func:`_forward`: moments, :math:`f`, the affine map as ordinary differentiable ops, no
+data-dependent Python control flow) is the specification, and runs three ways:
 
-- the **plain form** (inference, ``torch.export`` / ONNX, ``torch.compile``, TorchScript
-  tracing): moments, :math:`f` and the affine map as ordinary differentiable ops, nothing else;
-- the **eager training form** (:class:`_RowNormFunction`): the same forward, with a backward that
-  touches the full-size tensors in three passes. It gets the gradient of :math:`f` from
-  ``torch.autograd.grad`` on the small ``(N, C)`` graph built in the forward, so no calculus is
-  written by hand; only the textbook full-size rules are:
+- **traced** as it is by ``torch.export`` / ONNX, an outer ``torch.compile`` and
+  ``torch.jit.trace``;
+- **compiled** by mmnorm itself for eager calls on CPU and CUDA (``torch.compile``,
+  ``dynamic=True``; :func:`use_compiled`): Inductor fuses each full-size pass into one kernel and
+  AOTAutograd derives the backward;
+- in **public eager ops** where compiling is off, fails, or does not serve (the synchronized
+  layers, whose :math:`f` holds a collective; one value per row): with a gradient, through
+  :class:`_RowNormFunction`, whose backward touches the full-size tensors in four passes and gets
+  the gradient of :math:`f` from ``torch.autograd.grad`` on the small ``(N, C)`` graph built in
+  the forward. No calculus is written by hand; only the textbook full-size rules are:
 
   .. math::
       \frac{\partial \mathcal L}{\partial a} = \sum_l dy\,(x - m), \quad
@@ -37,13 +43,12 @@ Statistics, coefficients and the affine map are computed in float32 for float16/
 (float64 stays float64) and rounded to the input dtype once, at the end.
 """
 import contextlib
-import math
-from typing import Callable, Optional, Sequence, Tuple
-
 import functools
+import math
 import os
 import time
 import warnings
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -170,7 +175,7 @@ def _row_affine(rows: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
 
 def _forward(input: Tensor, coefficients: CoefficientFn, tensors: Sequence[Optional[Tensor]],
              track: bool = False):
-    """The forward of both forms: ``y = a (x - m) + b`` with ``x - m = centered - delta``.
+    """The plain form: ``y = a (x - m) + b`` with ``x - m = centered - delta``.
     Returns ``(out, aux, state)``.
 
     ``track=False``: plain differentiable ops (the plain form). ``track=True``: the moments are

@@ -19,7 +19,7 @@ with :math:`\lambda^\mu = \mathrm{softmax}(\text{mean\_logits})`,
 :math:`\lambda^\sigma = \mathrm{softmax}(\text{var\_logits})`. IN statistics are per (sample,
 channel) over space, LN per sample over channels and space, BN per channel over the batch and
 space; all variances are biased. LN and BN statistics are pooled from the IN moments (law of total
-variance), so the input is read once for all three.
+variance), so the moments of the input serve all three.
 
 The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
 :math:`a = \gamma / \sigma_{mix}` and :math:`b = a\,\sum_{z \ne IN} \lambda^\mu_z (\mu_{IN} -

@@ -41,7 +41,8 @@ class SwitchableNorm(BatchStatsNorm):
     (``mix='std'``: :math:`\sum_z \lambda^\sigma_z\sqrt{\sigma^2_z+\epsilon}` in the denominator,
     Eq. (1) literally). In training the BN branch uses the batch's statistics and updates the
     running buffers; in eval it uses the running buffers, while IN and LN are always computed per
-    sample. All statistics come from one pass over the input (see :mod:`mmnorm.functional`).
+    sample. All statistics come from the per-(n, c) moments of the input (see
+    :mod:`mmnorm.functional.moments`).
 
     Args:
         num_features (int): channels ``C``.

@@ -320,13 +320,11 @@ def _run_compiled(name: str, fn: Callable, x: Tensor, *args, **kwargs):
             'run with public eager ops instead (same results, slower). Set MMNORM_COMPILE=0 to '
             'skip the attempt.', stacklevel=4)
         return None
-    if key not in _compiled['seen']:
+    if key not in _compiled['seen']:  # the first call of this kind traced and compiled
         _compiled['seen'].add(key)
-        elapsed = time.perf_counter() - start
-        if elapsed > 1.0:
-            print(f'mmnorm: compiled {what.split(".")[-1]} for {x.dim()}-d {x.dtype} inputs on '
-                  f'{x.device.type} ({"training" if torch.is_grad_enabled() else "inference"}) '
-                  f'in {elapsed:.1f} s; cached on disk for later runs', flush=True)
+        print(f'mmnorm: compiled {what.split(".")[-1]} for {x.dim()}-d {x.dtype} inputs on '
+              f'{x.device.type} ({"training" if torch.is_grad_enabled() else "inference"}) in '
+              f'{time.perf_counter() - start:.1f} s; cached on disk for later runs', flush=True)
     return result
 
 

@@ -102,3 +102,34 @@ def test_compile_failure_falls_back_with_one_warning(compiled, monkeypatch):
     torch._dynamo.reset()
     core.use_compiled(False)
     torch.testing.assert_close(y, make_layer('SN_tied')(x))
+
+
+def test_compiled_form_in_two_process_training(tmp_path):
+    """The default (compiled) form in a real 2-process gloo DDP run of tools/dist_train.sh (the
+    rest of the suite trains with it off): it trains, and both ranks end with equal weights."""
+    import os
+    import os.path as osp
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+    from tests.helpers.images import make_class_folders
+    data = make_class_folders(str(tmp_path / 'data'))
+    work = str(tmp_path / 'work')
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = str(s.getsockname()[1])
+    env = dict(os.environ, MMNORM_COMPILE='1', PORT=port, PYTHON=sys.executable,
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    options = [f'{split}_dataloader.dataset.data_root={data}' for split in ('train', 'val', 'test')]
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'),
+         osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py'), '2', '--work-dir', work,
+         '--cfg-options', *options], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'mmnorm: compiled' in result.stdout + result.stderr  # the compiled form ran
+    states = [torch.load(osp.join(work, f'rank{r}_state.pth'), weights_only=True) for r in (0, 1)]
+    for key, value in states[0].items():
+        if not key.endswith(('running_mean', 'running_var', 'num_batches_tracked')):
+            torch.testing.assert_close(states[1][key], value, rtol=0, atol=0, msg=key)

@@ -89,3 +89,18 @@ def test_onnx_runtime_reproduces_resnet50_sn_classifier(tmp_path):
             expected = model(x, mode='tensor')
         (actual, ) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         assert _relative_error(torch.from_numpy(actual), expected) <= 1e-4, n
+
+
+@pytest.mark.parametrize('cls, kwargs', [('SyncSwitchableNorm', {}),
+                                         ('SyncSwitchableNormTied', {}),
+                                         ('SyncBatchChannelNorm', dict(num_groups=4))])
+def test_synchronized_layers_export_in_eval(cls, kwargs, tmp_path):
+    import mmnorm
+    torch.manual_seed(0)
+    layer = train_steps(getattr(mmnorm, cls)(8, **kwargs)).eval()
+    block = Block(layer).eval()
+    session = _onnx_session(block, torch.randn(2, 3, 5, 6), tmp_path / f'{cls}.onnx')
+    for n in (1, 3):
+        x = torch.randn(n, 3, 5, 6)
+        (actual, ) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        assert _relative_error(torch.from_numpy(actual), block(x)) <= 1e-4, (cls, n)

@@ -88,17 +88,17 @@ def test_compile_failure_falls_back_with_one_warning(compiled, monkeypatch):
     """A machine without a working C++ compiler: one warning, then public eager ops."""
     import torch._inductor.config as inductor_config
     monkeypatch.setattr(core, '_compiled', dict(core._compiled, fn=None, failed=None))
-    monkeypatch.setattr(inductor_config.cpp, 'cxx', ('/nonexistent/c++', ))
-    monkeypatch.setattr(inductor_config, 'fx_graph_cache', False)
     torch._dynamo.reset()
     layer = make_layer('SN_tied')
     x = batches(1)[0]
-    with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
-        y = layer(x)
-    assert not core.compiled_enabled()
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        layer(x)  # warned once
+    # Inductor's own config.patch (monkeypatching its config module does not restore it).
+    with inductor_config.patch({'cpp.cxx': ('/nonexistent/c++', ), 'fx_graph_cache': False}):
+        with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
+            y = layer(x)
+        assert not core.compiled_enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            layer(x)  # warned once
     torch._dynamo.reset()
     core.use_compiled(False)
     torch.testing.assert_close(y, make_layer('SN_tied')(x))

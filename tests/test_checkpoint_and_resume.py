@@ -1,6 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Checkpoints written by mmengine load again under torch's weights_only unpickler; unsafe
-pickles are refused; a resumed Runner continues with identical state."""
+pickles are refused, and told apart from damaged files and files that are not checkpoints; a
+resumed Runner continues with identical state; ``--resume`` finds the newest checkpoint that
+loads when ``last_checkpoint`` is empty."""
 import os
 import pickle
 import subprocess
@@ -11,7 +13,7 @@ import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner, load_checkpoint
 
-from mmnorm.utils import UnsafeCheckpointError
+from mmnorm.utils import CheckpointFileError, UnsafeCheckpointError, find_resume_checkpoint
 from mmnorm.utils.checkpoint import _history_buffer_getattr
 from tests.helpers.toy import ToyModel, loader
 
@@ -141,3 +143,94 @@ def test_resume_in_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, '-c', code], check=True, capture_output=True,
                          text=True, timeout=120)
     assert 'message_hub' in out.stdout
+
+
+def _corrupt_one_pickle_byte(path):
+    """Set the first opcode after the pickle's PROTO header to 0xff (stored uncompressed in the
+    zip archive, so the archive itself stays valid)."""
+    data = bytearray(open(path, 'rb').read())
+    start = data.find(b'\x80\x02')
+    assert start >= 0
+    data[start + 2] = 0xff
+    open(path, 'wb').write(bytes(data))
+
+
+def test_damaged_checkpoint_is_not_called_unsafe(tmp_path):
+    runner = make_runner(tmp_path, max_epochs=1)
+    runner.train()
+    path = str(tmp_path / 'epoch_1.pth')
+    _corrupt_one_pickle_byte(path)
+    with pytest.raises(CheckpointFileError, match='damaged.*Unsupported operand 255') as info:
+        load_checkpoint(ToyModel(), path, map_location='cpu')
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert 'arbitrary code' not in str(info.value)
+    # Truncated: the archive's directory is gone.
+    data = open(str(tmp_path / 'last_checkpoint')).read().strip()
+    whole = open(data, 'rb').read()
+    open(tmp_path / 'cut.pth', 'wb').write(whole[:len(whole) // 2])
+    with pytest.raises(CheckpointFileError, match='damaged'):
+        load_checkpoint(ToyModel(), str(tmp_path / 'cut.pth'), map_location='cpu')
+
+
+@pytest.mark.parametrize('zip_format', [True, False])
+def test_not_a_checkpoint_and_foreign_objects_are_told_apart(tmp_path, zip_format):
+    text = tmp_path / 'notes.pth'
+    text.write_text('these are my notes\n')
+    with pytest.raises(CheckpointFileError, match='not a checkpoint written by torch.save'):
+        load_checkpoint(ToyModel(), str(text), map_location='cpu')
+    marker = tmp_path / 'pwned'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'meta': _RunsShell(marker)}, evil, _use_new_zipfile_serialization=zip_format)
+    with pytest.raises(UnsafeCheckpointError, match='system'):
+        load_checkpoint(ToyModel(), str(evil), map_location='cpu')
+    assert not marker.exists()
+    # A damaged legacy (non-zip) file is damaged, not unsafe.
+    good = tmp_path / 'good.pth'
+    torch.save({'w': torch.ones(2)}, good, _use_new_zipfile_serialization=zip_format)
+    _corrupt_one_pickle_byte(good)
+    with pytest.raises(CheckpointFileError, match='damaged'):
+        load_checkpoint(ToyModel(), str(good), map_location='cpu')
+
+
+def test_find_resume_checkpoint_skips_empty_pointer_and_damaged_files(tmp_path):
+    runner = make_runner(tmp_path, max_epochs=3)
+    runner.train()
+    (tmp_path / 'last_checkpoint').write_text('')  # killed while rewriting it
+    _corrupt_one_pickle_byte(str(tmp_path / 'epoch_3.pth'))  # killed while saving
+    messages = []
+    found = find_resume_checkpoint(str(tmp_path), log=messages.append)
+    assert found == str(tmp_path / 'epoch_2.pth')
+    assert any('is empty' in m for m in messages)
+    assert any('epoch_3.pth' in m and 'damaged' in m for m in messages)
+    assert messages[-1].startswith(f'resuming from {found}')
+    # An intact pointer is used as it is, silently.
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_1.pth'))
+    messages.clear()
+    assert find_resume_checkpoint(str(tmp_path), log=messages.append).endswith('epoch_1.pth')
+    assert messages == []
+    # Nothing loadable: None (a fresh start), said so.
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    assert find_resume_checkpoint(str(empty), log=messages.append) is None
+    assert 'starts from the beginning' in messages[-1]
+
+
+def test_train_tool_resumes_after_empty_last_checkpoint(tmp_path, capsys):
+    import os.path as osp
+
+    from tests.conftest import ROOT
+    from tests.helpers.images import make_class_folders
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import train
+    config = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
+    data = make_class_folders(str(tmp_path / 'data'))
+    options = [f'{s}_dataloader.dataset.data_root={data}' for s in ('train', 'val', 'test')]
+    work = tmp_path / 'work'
+    train.main([config, '--work-dir', str(work), '--cfg-options', *options])
+    assert (work / 'iter_4.pth').exists()
+    (work / 'last_checkpoint').write_text('')
+    runner = train.main([config, '--work-dir', str(work), '--resume', '--cfg-options', *options,
+                         'train_cfg.max_iters=6'])
+    out = capsys.readouterr().out
+    assert f'resuming from {work / "iter_4.pth"}' in out
+    assert runner.iter == 6 and (work / 'iter_6.pth').exists()

@@ -28,11 +28,13 @@ def _norm_state(gen, prefix, channels, fmt, ratios=3, groups=4, bn_prefix='pbn')
         return t.abs() + 0.5 if positive else t
 
     if fmt == 'sn':
-        return {f'{prefix}.weight': rand(1, channels, 1, 1, positive=True),
-                f'{prefix}.bias': rand(1, channels, 1, 1, scale=0.1),
-                f'{prefix}.mean_weight': rand(ratios), f'{prefix}.var_weight': rand(ratios),
-                f'{prefix}.running_mean': rand(1, channels, 1, scale=0.1),
-                f'{prefix}.running_var': rand(1, channels, 1, positive=True)}
+        state = {f'{prefix}.weight': rand(1, channels, 1, 1, positive=True),
+                 f'{prefix}.bias': rand(1, channels, 1, 1, scale=0.1),
+                 f'{prefix}.mean_weight': rand(ratios), f'{prefix}.var_weight': rand(ratios)}
+        if ratios == 3:  # the authors' layer has running buffers only with BN in Omega
+            state.update({f'{prefix}.running_mean': rand(1, channels, 1, scale=0.1),
+                          f'{prefix}.running_var': rand(1, channels, 1, positive=True)})
+        return state
     bn = f'{prefix}.{bn_prefix}'
     return {f'{bn}.weight': rand(channels, positive=True), f'{bn}.bias': rand(channels, scale=0.1),
             f'{bn}.running_mean': rand(channels, scale=0.1),
@@ -102,7 +104,8 @@ def independent_forward(state, fmt, depth, x):
             return oracles.sn(h, state[f'{name}.mean_weight'], state[f'{name}.var_weight'],
                               state[f'{name}.weight'].flatten(), state[f'{name}.bias'].flatten(),
                               bn_stats=(state[f'{name}.running_mean'].flatten(),
-                                        state[f'{name}.running_var'].flatten()),
+                                        state[f'{name}.running_var'].flatten())
+                              if f'{name}.running_mean' in state else None,
                               in_unbiased=True)
         bn = [k for k in state if k.startswith(f'{name}.') and k.endswith('running_mean')][0]
         bn = bn[:-len('.running_mean')]

@@ -159,7 +159,9 @@ def test_recompute_stats_cli(dist_run, tmp_path):
     cfg = Config.fromfile(CONFIG)
     cfg.merge_from_dict(dict(o.split('=', 1) for o in options))
     init_default_scope('mmpretrain')
-    model = MODELS.build(cfg.model)
+    # Built as the Runner builds it: the config's top-level data_preprocessor normalizes the
+    # images (the tool once built the model without it and averaged unnormalized statistics).
+    model = MODELS.build(dict(cfg.model, data_preprocessor=cfg.data_preprocessor))
     load_checkpoint(model, source, map_location='cpu')
     recompute_batch_stats(model, Runner.build_dataloader(cfg.train_dataloader, seed=0), 3)
     for key, value in model.state_dict().items():

@@ -17,6 +17,7 @@ mmnorm's layers run as they do by default (compiled; the warm-up rounds absorb t
     python tools/benchmark_norms.py --rounds 5 --shapes 8,64,56,56 512,256,7,7
     python tools/benchmark_norms.py --json out.json  # also write the raw numbers
     python tools/benchmark_norms.py --deploy         # + ResNet-50 soft / hard / deploy SN
+    python tools/benchmark_norms.py --onnx --no-model --shapes 8,64,56,56   # + the same in ONNX
     python tools/benchmark_norms.py --no-model       # layers only (no Mask R-CNN row)
 """
 import argparse
@@ -208,6 +209,55 @@ def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, f
     return {k: {'eval_ms': t, 'eval_ratio': r} for k, (t, r) in timings.items()}
 
 
+class _Classifier(nn.Module):
+    """ResNet-50 backbone + global pooling + 1000-way fc: the exported classifier."""
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = nn.Linear(2048, 1000)
+
+    def forward(self, x):
+        return self.fc(self.backbone(x)[-1].mean((2, 3)))
+
+
+def measure_onnx(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, float]]:
+    """The models of :func:`measure_deploy` as ResNet-50 classifiers exported to ONNX: file size
+    and ONNX Runtime (CPU) latency, against the BN ResNet-50 with BN folded into the convs."""
+    import os
+    import tempfile
+
+    from mmcv.cnn import fuse_conv_bn
+
+    from mmnorm.convert import to_deploy
+    from mmnorm.deploy import export_onnx, ort_session
+    torch.manual_seed(0)
+    models = {'BN (folded)': fuse_conv_bn(_resnet50('BN')), 'SN soft': _resnet50('SN')}
+    mix = [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'), ('IN', 'BN')]
+    for name, pattern in (('all BN', [('BN', 'BN')]), ('mix', mix)):
+        hard = _resnet50('SN')
+        _choose(hard, pattern)
+        models[f'SN hard ({name})'] = hard
+        folded = _resnet50('SN')
+        folded.load_state_dict(hard.state_dict())
+        to_deploy(folded)
+        models[f'SN folded ({name})'] = folded
+    x = torch.randn(*shape)
+    feed = x.numpy()
+    sizes, sessions = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, backbone in models.items():
+            path = os.path.join(tmp, f'{len(sizes)}.onnx')
+            export_onnx(_Classifier(backbone).eval(), x, path)
+            sizes[name] = os.path.getsize(path) / 2**20
+            sessions[name] = ort_session(path)
+    fns = {name: (lambda s=session: s.run(None, {s.get_inputs()[0].name: feed}))
+           for name, session in sessions.items()}
+    timings = time_rounds(fns, rounds, 1, 'BN (folded)')
+    return {k: {'size_mb': sizes[k], 'size_ratio': sizes[k] / sizes['BN (folded)'],
+                'ort_ms': t, 'ort_ratio': r} for k, (t, r) in timings.items()}
+
+
 #: The demo Mask R-CNN with each normalizer (backbone, FPN, box and mask heads).
 DEMO_CONFIGS = {
     'GN': 'configs/demo/mask-rcnn_r18-tiny_fpn_gn_demo.py',
@@ -278,6 +328,10 @@ def main() -> None:
     parser.add_argument('--deploy', action='store_true',
                         help='also time ResNet-50 inference: soft / hard / deploy SN vs BN')
     parser.add_argument('--deploy-shape', default='4,3,224,224', help='N,C,H,W of that run')
+    parser.add_argument('--onnx', action='store_true',
+                        help='also export those ResNet-50s to ONNX: size and ONNX Runtime '
+                        'latency against the BN-folded one (input --onnx-shape)')
+    parser.add_argument('--onnx-shape', default='1,3,224,224', help='N,C,H,W of that run')
     parser.add_argument('--no-model', action='store_true',
                         help='skip the whole-model row (demo Mask R-CNN training iteration)')
     parser.add_argument('--model-rounds', type=int, default=7,
@@ -316,6 +370,15 @@ def main() -> None:
         for name, r in results.items():
             print(f'{name:<22} {r["eval_ms"]:>9.1f} {r["eval_ratio"]:>12.2f}')
         report['deploy'] = results
+    if args.onnx:
+        shape = tuple(int(v) for v in args.onnx_shape.split(','))
+        results = measure_onnx(shape, max(5, args.rounds // 2))
+        print(f'\nResNet-50 classifier in ONNX Runtime (CPU), input {shape}')
+        print(f'{"model":<22} {"MiB":>7} {"x BN":>6} {"ms":>9} {"x BN folded":>12}')
+        for name, r in results.items():
+            print(f'{name:<22} {r["size_mb"]:>7.1f} {r["size_ratio"]:>6.2f} '
+                  f'{r["ort_ms"]:>9.1f} {r["ort_ratio"]:>12.2f}')
+        report['onnx'] = results
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(report, f, indent=2)

@@ -12,7 +12,8 @@ norm_cfg: ``dict(type='SN')`` (converted SN layers carry ``in_unbiased=True``, t
 variance, in their saved state) or ``dict(type='BCN', num_groups=G)`` with
 ``conv_cfg=dict(type='WSConv')``.
 
-The source is loaded with ``weights_only=True``. Every key and shape is checked against the
+The source is loaded with ``weights_only=True`` and only read; DST is never the source, and an
+existing DST is replaced only with ``--overwrite``, atomically. Every key and shape is checked against the
 target model; the tool names what does not match and writes nothing unless ``--allow-partial``.
 The output records the source and the format in ``meta``. ``--verify`` runs the converted model
 and an independent eval-mode forward of the source network on the same random batch and prints
@@ -20,7 +21,6 @@ the largest difference.
 """
 import argparse
 import hashlib
-import os
 import os.path as osp
 import sys
 import time
@@ -30,8 +30,11 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 import mmnorm  # noqa: E402,F401
 import torch  # noqa: E402
 
-from mmnorm.convert import (FORMATS, ConversionError, check_against,  # noqa: E402
-                            classifier_config, convert_state_dict, source_forward)
+from mmnorm.convert import (FORMATS, SN_SOURCE_MOMENTUM, ConversionError,  # noqa: E402
+                            check_against, classifier_config, convert_state_dict, source_forward)
+from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
+                          UnsafeCheckpointError, check_output, load_checkpoint_file,
+                          save_checkpoint)
 
 
 def _sha256(path: str) -> str:
@@ -45,11 +48,13 @@ def _sha256(path: str) -> str:
 def load_source(path: str) -> dict:
     """The source state dict, loaded with the safe unpickler (and unwrapped)."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+        checkpoint = load_checkpoint_file(path, map_location='cpu')
     except FileNotFoundError:
         raise SystemExit(f'error: {path} not found')
-    except Exception as error:  # the unpickler's refusal, a corrupt file, ...
-        raise SystemExit(f'error: cannot load {path} with weights_only=True: {error}')
+    except UnsafeCheckpointError as error:
+        raise SystemExit(f'error: (weights_only=True) {error}')
+    except CheckpointFileError as error:
+        raise SystemExit(f'error: {error}')
     for key in ('state_dict', 'model'):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -87,6 +92,10 @@ def main(argv=None) -> dict:
     parser.add_argument('src', help='released checkpoint (.pth / .pth.tar)')
     parser.add_argument('dst', help='output mmpretrain checkpoint')
     parser.add_argument('--format', choices=FORMATS, required=True)
+    parser.add_argument('--source-momentum', type=float, default=SN_SOURCE_MOMENTUM,
+                        help='--format sn: the momentum the source was trained with, in the SN '
+                        "authors' convention (share of the old running value kept; their "
+                        'SwitchNorm2d default 0.9). The converted norm_cfg gets 1 - this')
     parser.add_argument('--style', choices=['pytorch', 'caffe'], default='pytorch',
                         help="where the stride sits in a bottleneck: the 3x3 conv ('pytorch', "
                         "torchvision, default) or the first 1x1 ('caffe')")
@@ -98,17 +107,23 @@ def main(argv=None) -> dict:
     parser.add_argument('--verify-batch', type=int, default=2)
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dst')
     args = parser.parse_args(argv)
-    if osp.exists(args.dst) and not args.overwrite:
-        raise SystemExit(f'error: {args.dst} exists; pass --overwrite to replace it')
+    try:
+        check_output(args.dst, [args.src], args.overwrite)
+    except OutputExistsError as error:
+        raise SystemExit(f'error: {error}')
 
     source = load_source(args.src)
     try:
-        converted, spec, problems, unused = convert_state_dict(source, args.format, args.style)
+        converted, spec, problems, unused = convert_state_dict(source, args.format, args.style,
+                                                               args.source_momentum)
     except ConversionError as error:
         raise SystemExit(f'error: {error}')
     print(f'source: ResNet-{spec.depth} ({spec.block} blocks {list(spec.blocks)}), '
           f'{spec.num_classes} classes, format {args.format}; target norm_cfg {spec.norm_cfg}'
           + (f', conv_cfg {spec.conv_cfg}' if spec.conv_cfg else ''))
+    if args.format == 'sn' and spec.num_ratios == 2:
+        print('  (no BN in the source, as the authors\' using_bn=False layers: the running '
+              'buffers, unused, get their initial values)')
     model = build_target(spec)
     missing, unexpected, mismatched = check_against(converted, model.state_dict())
     report = problems + [f'target key not provided: {k!r}' for k in missing] + [
@@ -126,7 +141,7 @@ def main(argv=None) -> dict:
             converted.pop(entry.split(':')[0], None)
 
     meta = dict(converted_from=osp.abspath(args.src), source_sha256=_sha256(args.src),
-                format=args.format, style=args.style,
+                format=args.format, style=args.style, source_momentum=args.source_momentum,
                 architecture=spec.as_dict(), partial=bool(report),
                 time=time.strftime('%Y-%m-%d %H:%M:%S'), mmnorm_version=mmnorm.__version__)
     relative = None
@@ -134,13 +149,7 @@ def main(argv=None) -> dict:
         model.load_state_dict(converted, strict=not report)
         relative = verify(source, spec, model, args.verify_batch, args.verify_size)
         meta['verify_relative_difference'] = relative
-    tmp = f'{args.dst}.tmp{os.getpid()}'
-    try:
-        torch.save({'meta': meta, 'state_dict': converted}, tmp)
-        os.replace(tmp, args.dst)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+    save_checkpoint({'meta': meta, 'state_dict': converted}, args.dst)
     print(f'wrote {args.dst}: {len(converted)} entries')
     return dict(meta=meta, report=report, relative_difference=relative)
 

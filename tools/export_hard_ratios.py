@@ -4,7 +4,8 @@ the deploy form in which every hardened layer is its cheapest equivalent.
 
     python tools/export_hard_ratios.py CONFIG CHECKPOINT DST [--finetune] [--deploy-out DEPLOY]
 
-DST is a checkpoint of the same config with one-hot ratios (it evaluates with tools/test.py as
+DST is a checkpoint of the same config (written atomically; an existing file, the input
+checkpoint included, is replaced only with ``--overwrite``) with one-hot ratios (it evaluates with tools/test.py as
 usual; ``tools/test.py CONFIG DST --deploy`` evaluates the deploy form). ``--finetune`` trains it
 further with the ratios frozen (SN study Table 2, right), with the config's own schedule
 (override with --cfg-options, e.g. ``train_cfg.max_iters=5000``). ``--deploy-out`` also saves
@@ -19,7 +20,6 @@ layers folded away.
 """
 import argparse
 import copy
-import os
 import os.path as osp
 import sys
 import tempfile
@@ -28,30 +28,13 @@ import time
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401
-import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
-from mmengine.registry import MODELS, DefaultScope  # noqa: E402
-from mmengine.runner import load_checkpoint  # noqa: E402
-from mmengine.runner.checkpoint import _load_checkpoint, get_state_dict, weights_to_cpu  # noqa
+from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E402
 
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
-from mmnorm.utils import add_common_arguments, build_runner  # noqa: E402
-
-
-def build_model(cfg: Config):
-    scope = cfg.get('default_scope', 'mmengine')
-    with DefaultScope.overwrite_default_scope(scope):
-        return MODELS.build(cfg.model)
-
-
-def save(checkpoint: dict, path: str) -> None:
-    tmp = f'{path}.tmp{os.getpid()}'
-    try:
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if osp.exists(tmp):
-            os.remove(tmp)
+from mmnorm.utils import (OutputExistsError, add_common_arguments, build_runner,  # noqa: E402
+                          check_output, load_checkpoint_file, save_checkpoint)
+from mmnorm.utils.model import build_model  # noqa: E402
 
 
 def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
@@ -78,19 +61,27 @@ def main(argv=None) -> dict:
     parser.add_argument('--work-dir', default=None, help='work dir of the finetuning')
     parser.add_argument('--deploy-out', default=None,
                         help='also save the deploy form (state dict + plan) here')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='replace an existing DST / --deploy-out (even the input checkpoint)')
     add_common_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        for output in filter(None, (args.dst, args.deploy_out)):
+            check_output(output, [args.checkpoint, args.config], args.overwrite)
+        if args.deploy_out and osp.abspath(args.deploy_out) == osp.abspath(args.dst):
+            raise OutputExistsError('DST and --deploy-out name the same file')
+    except OutputExistsError as error:
+        raise SystemExit(f'error: {error}')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
 
-    model = build_model(cfg)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
+    model = build_model(cfg, args.checkpoint)
     soft = hard_choices(model)
     if not soft:
         raise SystemExit(f'{args.checkpoint} has no SN / SN_tied layer')
     choices = harden_ratios(model)
-    checkpoint = _load_checkpoint(args.checkpoint, map_location='cpu')
+    checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu')
     if 'state_dict' not in checkpoint:
         checkpoint = {'state_dict': checkpoint}
     checkpoint['state_dict'] = weights_to_cpu(get_state_dict(model))
@@ -99,25 +90,24 @@ def main(argv=None) -> dict:
     meta['hard_ratios'] = dict(source_checkpoint=osp.abspath(args.checkpoint),
                                choices={k: list(v) for k, v in choices.items()},
                                finetuned=False, time=time.strftime('%Y-%m-%d %H:%M:%S'))
-    save(checkpoint, args.dst)
+    save_checkpoint(checkpoint, args.dst)
     print(f'wrote {args.dst}: {len(choices)} SN layer(s) with one-hot ratios')
 
     if args.finetune:
         work_dir = args.work_dir or tempfile.mkdtemp(prefix='hard_ratio_finetune_')
         last = finetune(cfg, args.dst, work_dir)
-        tuned = _load_checkpoint(last, map_location='cpu')
+        tuned = load_checkpoint_file(last, map_location='cpu')
         tuned.setdefault('meta', {})['hard_ratios'] = dict(meta['hard_ratios'], finetuned=True,
                                                            finetune_checkpoint=last)
-        save(tuned, args.dst)
-        model = build_model(cfg)
-        load_checkpoint(model, args.dst, map_location='cpu', strict=True)
+        save_checkpoint(tuned, args.dst)
+        model = build_model(cfg, args.dst)
         print(f'finetuned with frozen hard ratios ({last}); wrote {args.dst}')
 
     model.eval()
     plan = to_deploy(model)
     print(summarize(plan, choices))
     if args.deploy_out:
-        save({'meta': dict(meta, deploy_plan=plan, config=osp.abspath(args.config)),
+        save_checkpoint({'meta': dict(meta, deploy_plan=plan, config=osp.abspath(args.config)),
               'state_dict': weights_to_cpu(get_state_dict(model))}, args.deploy_out)
         print(f'wrote {args.deploy_out} (deploy form)')
     folded = sum(1 for action in plan.values() if action == 'folded')

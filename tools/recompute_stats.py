@@ -12,7 +12,6 @@ old one and records in ``meta['batch_stats']`` how the statistics were made. The
 written to a temporary file and renamed, so a failure never leaves a partial checkpoint.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 import time
@@ -23,14 +22,15 @@ import mmnorm  # noqa: E402,F401  (registers layers; safe checkpoint loading)
 import torch  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.dist import get_dist_info, init_dist  # noqa: E402
-from mmengine.registry import MODELS, init_default_scope  # noqa: E402
-from mmengine.runner import Runner, load_checkpoint  # noqa: E402
-from mmengine.runner.checkpoint import _load_checkpoint, get_state_dict, weights_to_cpu  # noqa
+from mmengine.runner import Runner  # noqa: E402
+from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmnorm.engine import ESTIMATORS, recompute_batch_stats  # noqa: E402
-from mmnorm.utils import (add_common_arguments, parse_with_common_arguments,  # noqa: E402
-                          prepare_distributed)
+from mmnorm.utils import (OutputExistsError, add_common_arguments, check_output,  # noqa: E402
+                          load_checkpoint_file, parse_with_common_arguments,
+                          prepare_distributed, save_checkpoint)
+from mmnorm.utils.model import build_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -53,8 +53,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.num_iters < 1:
         raise SystemExit('--num-iters must be >= 1')
-    if osp.exists(args.out) and not args.overwrite:
-        raise SystemExit(f'{args.out} exists; pass --overwrite to replace it')
+    try:
+        check_output(args.out, [args.checkpoint, args.config], args.overwrite)
+    except OutputExistsError as error:
+        raise SystemExit(f'error: {error}')
     cfg = Config.fromfile(args.config)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -63,12 +65,8 @@ def main(argv=None) -> dict:
     if args.launcher != 'none' and not prepare_distributed(cfg, args.launcher):
         init_dist(args.launcher, **cfg.get('env_cfg', {}).get('dist_cfg', {}))
     rank, world_size = get_dist_info()
-    init_default_scope(cfg.get('default_scope', 'mmengine'))
-
-    model = MODELS.build(cfg.model)
-    load_checkpoint(model, args.checkpoint, map_location='cpu', strict=True)
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
-    model.to(device)
+    model = build_model(cfg, args.checkpoint,
+                        device='cuda' if torch.cuda.is_available() else 'cpu')
     seed = cfg.get('randomness', {}).get('seed', 0)
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
 
@@ -78,7 +76,7 @@ def main(argv=None) -> dict:
                                    progress=(lambda _: bar.update()) if bar else None)
     if rank == 0:
         print()
-        checkpoint = _load_checkpoint(args.checkpoint, map_location='cpu')
+        checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu')
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
             checkpoint = {'state_dict': checkpoint}
         checkpoint['state_dict'] = weights_to_cpu(get_state_dict(model))
@@ -90,13 +88,7 @@ def main(argv=None) -> dict:
             layers=len(layers), source_checkpoint=osp.abspath(args.checkpoint),
             config=osp.abspath(args.config), time=time.strftime('%Y-%m-%d %H:%M:%S'),
             mmnorm_version=mmnorm.__version__)
-        tmp = f'{args.out}.tmp{os.getpid()}'
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, args.out)
-        finally:
-            if osp.exists(tmp):
-                os.remove(tmp)
+        save_checkpoint(checkpoint, args.out)
         print(f'recomputed {len(layers)} layer(s) from {args.num_iters} batch(es) x '
               f'{world_size} process(es) in {time.time() - start:.1f} s; wrote {args.out}')
         return meta['batch_stats']

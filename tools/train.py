@@ -21,7 +21,8 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 from mmnorm.utils import (add_common_arguments, apply_common_options, build_runner,  # noqa: E402
-                          parse_with_common_arguments, prepare_distributed)
+                          find_resume_checkpoint, parse_with_common_arguments,
+                          prepare_distributed)
 
 
 def parse_args(argv=None):
@@ -30,8 +31,8 @@ def parse_args(argv=None):
     parser.add_argument('--work-dir', help='the dir to save logs and models')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
-        help='resume from the given checkpoint; without a path, from the latest checkpoint in '
-        'the work dir')
+        help='resume from the given checkpoint; without a path, from the newest checkpoint in '
+        'the work dir that loads (the one last_checkpoint names, else iter_*/epoch_*.pth)')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (AmpOptimWrapper on CUDA; '
                         'CPUAmpOptimWrapper, bfloat16, without CUDA)')
@@ -71,8 +72,13 @@ def main(argv=None) -> Runner:
             raise RuntimeError('--auto-scale-lr needs auto_scale_lr.base_batch_size in the config')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
-        cfg.resume = True
-        cfg.load_from = None
+        # The newest checkpoint in the work dir that loads, even when last_checkpoint is empty
+        # or names a damaged file (mmengine would stop, or start afresh, then).
+        found = find_resume_checkpoint(cfg.work_dir)
+        if found is not None:
+            cfg.resume, cfg.load_from = True, found
+        else:  # nothing to resume: start as a fresh run of the config would
+            cfg.resume = False
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume

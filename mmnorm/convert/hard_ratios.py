@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..layers import SwitchableNorm, SwitchableNormTied, WSConv2d
+from ..layers import SwitchableNorm, SwitchableNormTied
+from .folding import bn_affine, fold_affine_into_conv
 
 __all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS']
 
@@ -70,31 +71,6 @@ def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
 def _is_hard(module: SwitchableNorm) -> bool:
     mean, var = module.ratios()
     return bool(((mean == 0) | (mean == 1)).all() and ((var == 0) | (var == 1)).all())
-
-
-@torch.no_grad()
-def _bn_affine(module: SwitchableNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(a, b)`` with ``SN(x) = a x + b`` per channel when both ratios select BN (eval)."""
-    scale = torch.rsqrt(module.running_var + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight
-    shift = -scale * module.running_mean
-    if module.bias is not None:
-        shift = shift + module.bias
-    return scale, shift
-
-
-@torch.no_grad()
-def _folded_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> nn.Conv2d:
-    """A plain conv computing ``scale * conv(x) + shift`` per output channel."""
-    weight = conv.standardized_weight() if isinstance(conv, WSConv2d) else conv.weight
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                      conv.padding, conv.dilation, conv.groups, bias=True,
-                      padding_mode=conv.padding_mode, device=weight.device, dtype=weight.dtype)
-    fused.weight.copy_(weight * scale.view(-1, *([1] * (weight.dim() - 1))))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
-    fused.bias.copy_(scale * bias + shift)
-    return fused
 
 
 def _native(module: SwitchableNorm, action: str) -> nn.Module:
@@ -170,8 +146,10 @@ def to_deploy(model: nn.Module, prefix: str = '') -> Dict[str, str]:
         action = _action(child, conv_name is not None)
         plan[full] = action
         if action == 'folded':
-            scale, shift = _bn_affine(child)
-            setattr(model, conv_name, _folded_conv(getattr(model, conv_name), scale, shift))
+            # With both ratios on BN, the eval-mode layer is BN's affine map of its buffers.
+            scale, shift = bn_affine(child)
+            folded = fold_affine_into_conv(getattr(model, conv_name), scale, shift)
+            setattr(model, conv_name, folded)
             setattr(model, name, nn.Identity())
         elif action != 'fused':
             setattr(model, name, _native(child, action))

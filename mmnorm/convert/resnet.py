@@ -7,10 +7,18 @@ theirs is used):
 ``sn`` (SN authors, ResNet v1): an optional ``module.`` prefix; stem ``conv1`` / ``sn1``; blocks
 ``layer{i}.{j}.conv{k}`` / ``layer{i}.{j}.sn{k}``; shortcut ``layer{i}.{j}.downsample.0`` (conv)
 / ``.downsample.1`` (SN); classifier ``fc``. Each SN holds ``weight`` and ``bias`` shaped
-``(1, C, 1, 1)``, ratio logits ``mean_weight`` / ``var_weight`` (3 entries IN, LN, BN, or 2
-entries IN, LN for models trained without BN) and moving averages ``running_mean`` /
-``running_var`` shaped ``(1, C, 1)``. Their IN variance is unbiased: the converted layers get
-``in_unbiased=True`` (saved as each layer's ``in_var_unbiased`` buffer).
+``(1, C, 1, 1)`` and ratio logits ``mean_weight`` / ``var_weight``: 3 entries (IN, LN, BN), or
+2 (IN, LN) for the micro-batch models trained with ``using_bn=False``. Only layers with BN in Ω
+hold ``running_mean`` / ``running_var`` (shaped ``(1, C, 1)``): the authors' ``SwitchNorm2d``
+registers them only then. Their running statistics follow the authors' momentum convention
+(``running = m * running + (1 - m) * batch``, ``m = 0.9`` in their ``SwitchNorm2d``), which is
+``momentum = 1 - m`` in PyTorch's convention: the converted ``norm_cfg`` carries it, so that
+finetuning keeps updating them at the same rate. Their values are copied as they are: the
+authors evaluate with them directly (moving average, or the batch average their ``sn_helper``
+leaves in the same buffers). Layers without BN get the buffers' initial values (0 and 1, never
+used with ``using_bn=False``) so that the result loads strictly into mmnorm's ``sn-nobn``
+configs. Their IN variance is unbiased: the converted layers get ``in_unbiased=True`` (saved as
+each layer's ``in_var_unbiased`` buffer).
 
 ``bcn`` (BCN authors, torchvision naming, WS convs): ``conv1``, ``bn1``, ``layer{i}.{j}.conv{k}``,
 ``layer{i}.{j}.bn{k}``, ``downsample.0`` / ``.1``, ``fc``. Each norm holds a batch norm
@@ -30,10 +38,13 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['FORMATS', 'ResNetSpec', 'ConversionError', 'strip_prefix', 'resnet_spec',
-           'convert_state_dict', 'classifier_config', 'check_against']
+__all__ = ['FORMATS', 'SN_SOURCE_MOMENTUM', 'ResNetSpec', 'ConversionError', 'strip_prefix',
+           'resnet_spec', 'convert_state_dict', 'classifier_config', 'check_against']
 
 FORMATS = ('sn', 'bcn')
+#: The SN authors' ``SwitchNorm2d`` default momentum (their convention: the share of the old
+#: running value kept).
+SN_SOURCE_MOMENTUM = 0.9
 _DEPTHS = {
     ('bottleneck', (3, 4, 6, 3)): 50,
     ('bottleneck', (3, 4, 23, 3)): 101,
@@ -52,15 +63,19 @@ class ResNetSpec:
 
     def __init__(self, depth: int, block: str, blocks: Tuple[int, ...], num_classes: int,
                  fmt: str, num_ratios: int = 3, num_groups: int = 32, bn_prefix: str = 'bn',
-                 style: str = 'pytorch'):
+                 style: str = 'pytorch', source_momentum: float = SN_SOURCE_MOMENTUM):
         self.depth, self.block, self.blocks, self.style = depth, block, blocks, style
         self.num_classes, self.fmt = num_classes, fmt
         self.num_ratios, self.num_groups, self.bn_prefix = num_ratios, num_groups, bn_prefix
+        self.source_momentum = source_momentum
 
     @property
     def norm_cfg(self) -> dict:
         if self.fmt == 'sn':
-            return dict(type='SN', using_bn=self.num_ratios == 3, in_unbiased=True)
+            cfg = dict(type='SN', using_bn=self.num_ratios == 3, in_unbiased=True)
+            if cfg['using_bn']:  # the authors keep m of the old value; PyTorch's is 1 - m
+                cfg['momentum'] = round(1.0 - self.source_momentum, 12)
+            return cfg
         return dict(type='BCN', num_groups=self.num_groups)
 
     @property
@@ -83,10 +98,14 @@ def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = 'module.') -> D
     return OrderedDict(state_dict)
 
 
-def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorch'
-                ) -> ResNetSpec:
+def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorch',
+                source_momentum: float = SN_SOURCE_MOMENTUM) -> ResNetSpec:
     """Read the architecture off the source keys. ``style``: where a stage's stride sits in a
-    bottleneck, on the 3x3 conv (``'pytorch'``, torchvision) or the first 1x1 (``'caffe'``)."""
+    bottleneck, on the 3x3 conv (``'pytorch'``, torchvision) or the first 1x1 (``'caffe'``).
+    ``source_momentum``: the SN source's momentum in the authors' convention."""
+    if not 0.0 <= source_momentum <= 1.0:
+        raise ConversionError(f'source momentum must be in [0, 1] (the authors\' convention: '
+                              f'the share of the old value kept), got {source_momentum!r}')
     if style not in ('pytorch', 'caffe'):
         raise ConversionError(f"style must be 'pytorch' or 'caffe', got {style!r}")
     if fmt not in FORMATS:
@@ -105,7 +124,8 @@ def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorc
     if 'fc.weight' not in state_dict:
         raise ConversionError('the source has no classifier fc.weight')
     num_classes = state_dict['fc.weight'].shape[0]
-    spec = ResNetSpec(depth, block, tuple(blocks), num_classes, fmt, style=style)
+    spec = ResNetSpec(depth, block, tuple(blocks), num_classes, fmt, style=style,
+                      source_momentum=source_momentum)
     if fmt == 'sn':
         if 'sn1.mean_weight' not in state_dict:
             raise ConversionError('no sn1.mean_weight: not an SN ResNet (try --format bcn)')
@@ -180,8 +200,12 @@ def _convert_norm(reader: _Reader, src: str, dst: str, spec: ResNetSpec) -> Dict
         _put(out, f'{dst}.bias', reader.flat(f'{src}.bias', channels))
         _put(out, f'{dst}.mean_logits', reader.flat(f'{src}.mean_weight', spec.num_ratios))
         _put(out, f'{dst}.var_logits', reader.flat(f'{src}.var_weight', spec.num_ratios))
-        for name in ('running_mean', 'running_var'):
-            _put(out, f'{dst}.{name}', reader.flat(f'{src}.{name}', channels))
+        if spec.num_ratios == 3:
+            for name in ('running_mean', 'running_var'):
+                _put(out, f'{dst}.{name}', reader.flat(f'{src}.{name}', channels))
+        elif channels is not None:  # no BN branch, no buffers in the source (see module doc)
+            out[f'{dst}.running_mean'] = torch.zeros(channels, dtype=weight.dtype)
+            out[f'{dst}.running_var'] = torch.ones(channels, dtype=weight.dtype)
         out[f'{dst}.in_var_unbiased'] = torch.tensor(True)  # the authors' unbiased IN variance
         return out
     bn = f'{src}.{spec.bn_prefix}'
@@ -198,7 +222,8 @@ def _convert_norm(reader: _Reader, src: str, dst: str, spec: ResNetSpec) -> Dict
     return out
 
 
-def convert_state_dict(source: Mapping[str, Tensor], fmt: str, style: str = 'pytorch'
+def convert_state_dict(source: Mapping[str, Tensor], fmt: str, style: str = 'pytorch',
+                       source_momentum: float = SN_SOURCE_MOMENTUM
                        ) -> Tuple[Dict[str, object], ResNetSpec, List[str], List[str]]:
     """Map a source state dict to mmpretrain keys.
 
@@ -209,7 +234,7 @@ def convert_state_dict(source: Mapping[str, Tensor], fmt: str, style: str = 'pyt
         of the format at all.
     """
     source = strip_prefix(source)
-    spec = resnet_spec(source, fmt, style)
+    spec = resnet_spec(source, fmt, style, source_momentum)
     reader = _Reader(source)
     out: Dict[str, object] = OrderedDict()
 

@@ -1,14 +1,17 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Integration with mmdet, mmseg and mmpretrain, applied when each one's ``models`` package is
+"""Integration with mmcv, mmdet, mmseg and mmpretrain, applied when the module concerned is
 imported (see :mod:`.post_import`): backbones' ``norm_eval`` freezes SN/BCN statistics
-(:mod:`.norm_eval`), and mmseg gets ``DeepLabV2Head``."""
+(:mod:`.norm_eval`), mmseg gets ``DeepLabV2Head``, and mmcv's conv + BN folding
+(``fuse_conv_bn``, ``efficient_conv_bn_eval``) folds ``WSConv`` from its standardized weight
+(:mod:`.mmcv_fusion`)."""
 import importlib
 import importlib.util
 
+from . import mmcv_fusion
 from .norm_eval import respect_norm_eval, respect_norm_eval_in_registry
 from .post_import import when_imported
 
-__all__ = ['respect_norm_eval', 'respect_norm_eval_in_registry', 'when_imported',
+__all__ = ['mmcv_fusion', 'respect_norm_eval', 'respect_norm_eval_in_registry', 'when_imported',
            'install_integrations']
 
 
@@ -32,3 +35,6 @@ def install_integrations() -> None:
     for scope, setup in setups.items():
         if importlib.util.find_spec(scope) is not None:
             when_imported(f'{scope}.models', setup)
+    if importlib.util.find_spec('mmcv') is not None:
+        for module_name, _ in mmcv_fusion.TARGETS:
+            when_imported(module_name, mmcv_fusion.install)

@@ -18,7 +18,8 @@ globals, and nothing that can execute code:
 
 ``weights_only`` is never switched off. A file that needs anything else, e.g. a pickle that would
 call ``os.system`` on load, is refused with :class:`UnsafeCheckpointError`, which names the file
-and the offending global.
+and the offending global; a file that is not a checkpoint, or a damaged one, raises
+:class:`CheckpointFileError` with torch's own cause (:func:`load_checkpoint_file`).
 """
 import os.path as osp
 import pickle
@@ -28,12 +29,16 @@ import torch
 
 __all__ = [
     'allow_mmengine_checkpoint_globals', 'safe_globals', 'UnsafeCheckpointError',
-    'load_from_local', 'register_checkpoint_loader'
+    'CheckpointFileError', 'load_checkpoint_file', 'load_from_local', 'register_checkpoint_loader'
 ]
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds Python objects outside the allow-list; it was not loaded."""
+
+
+class CheckpointFileError(RuntimeError):
+    """The file is not a checkpoint, or a damaged one; it was not loaded."""
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
@@ -86,33 +91,79 @@ def allow_mmengine_checkpoint_globals() -> None:
         add(safe_globals())
 
 
-def load_from_local(filename: str, map_location: Any = None) -> Any:
-    """mmengine's local checkpoint loader, with a clear error for files outside the allow-list.
+def _damaged(filename: str, detail: str) -> 'CheckpointFileError':
+    return CheckpointFileError(
+        f'cannot load {filename!r}: the file is damaged ({detail}). It was probably truncated or '
+        f'altered after it was written; use another copy, or an earlier checkpoint of the run')
 
-    Registered as mmengine's loader for local paths by ``import mmnorm``; loads exactly as
-    mmengine does (``torch.load`` with torch's default, ``weights_only=True`` on torch >= 2.6).
+
+def _diagnose(filename: str, error: BaseException) -> BaseException:
+    """The error to report for a checkpoint that ``torch.load(weights_only=True)`` refused.
+
+    Three causes look alike from torch's message and need different actions: a file that is not
+    a checkpoint at all, a damaged one (one corrupt byte in the pickle stream, a truncated
+    archive), and an intact one carrying Python objects outside the allow-list. The last is told
+    apart by listing the file's globals (``get_unsafe_globals_in_checkpoint``), not by parsing
+    the message; legacy (non-zip) files, which that cannot read, by the unpickler's own words.
     """
-    from mmengine.runner.checkpoint import load_from_local as mmengine_load_from_local
+    with open(filename, 'rb') as f:
+        magic = f.read(4)
+    detail = next((line.strip() for line in str(error).splitlines()
+                   if 'Unsupported' in line or 'GLOBAL' in line), str(error).strip() or
+                  type(error).__name__)
+    if magic.startswith(b'PK'):  # torch.save's zip archive
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(filename)
+        except Exception as scan_error:  # the archive or its pickle stream cannot be read
+            return _damaged(filename, str(scan_error).strip().splitlines()[0])
+        if not unsafe:  # readable and safe: damaged data, or an unrelated error (map_location)
+            return _damaged(filename, detail) if isinstance(error, pickle.UnpicklingError) \
+                else error
+        detail = 'globals: ' + ', '.join(unsafe)
+    elif not magic.startswith(b'\x80'):  # neither a zip archive nor a pickle
+        return CheckpointFileError(
+            f'cannot load {filename!r}: it is not a checkpoint written by torch.save (neither a '
+            f'zip archive nor a pickle; it starts with {magic!r})')
+    elif not isinstance(error, pickle.UnpicklingError) or 'GLOBAL' not in str(error):
+        return _damaged(filename, detail)
+    return UnsafeCheckpointError(
+        f'refused to load {filename!r}: it contains Python objects outside the allow-list of '
+        f'torch.load(weights_only=True) + mmnorm ({detail}). Loading it could run arbitrary '
+        f'code. If you created the file yourself and trust it, inspect it with '
+        f'torch.serialization.get_unsafe_globals_in_checkpoint() and allow-list the needed '
+        f'classes with torch.serialization.add_safe_globals().')
+
+
+def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
+    """``torch.load(filename, weights_only=True)`` with errors that say what is wrong.
+
+    Raises:
+        FileNotFoundError: no such file (the message says how to get the configs' checkpoints).
+        CheckpointFileError: not a checkpoint, or a damaged one (torch's own cause is kept).
+        UnsafeCheckpointError: an intact checkpoint with objects outside the allow-list (named).
+    """
     if not osp.isfile(osp.expanduser(filename)):
         raise FileNotFoundError(
             f'checkpoint {filename!r} not found. Configs that start from ImageNet weights expect '
             f'them under checkpoints/: convert the released models with '
             f'tools/convert_checkpoint.py (configs/README.md, "Pretrained backbones"), or point '
             f'the config elsewhere, e.g. --cfg-options model.backbone.init_cfg.checkpoint=PATH')
+    filename = osp.expanduser(filename)
     try:
-        return mmengine_load_from_local(filename, map_location)
-    except pickle.UnpicklingError as error:
-        if isinstance(error, UnsafeCheckpointError):
+        return torch.load(filename, map_location=map_location, weights_only=True)
+    except Exception as error:  # damaged bytes surface as almost any type; _diagnose decides
+        if isinstance(error, (PermissionError, MemoryError)):
             raise
-        reason = str(error).strip().splitlines()
-        detail = next((line for line in reason if 'GLOBAL' in line or 'global' in line),
-                      reason[0] if reason else '')
-        raise UnsafeCheckpointError(
-            f'refused to load {filename!r}: it contains Python objects outside the allow-list '
-            f'of torch.load(weights_only=True) + mmnorm ({detail.strip()}). Loading it could run '
-            f'arbitrary code. If you created the file yourself and trust it, inspect it with '
-            f'torch.serialization.get_unsafe_globals_in_checkpoint() and allow-list the needed '
-            f'classes with torch.serialization.add_safe_globals().') from error
+        raise _diagnose(filename, error) from error
+
+
+def load_from_local(filename: str, map_location: Any = None) -> Any:
+    """mmengine's local checkpoint loader with :func:`load_checkpoint_file`'s errors.
+
+    Registered as mmengine's loader for local paths by ``import mmnorm``; loads as mmengine does
+    (``torch.load``, ``weights_only=True`` as torch >= 2.6 defaults to).
+    """
+    return load_checkpoint_file(filename, map_location)
 
 
 def register_checkpoint_loader() -> None:

@@ -1,18 +1,22 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Glue shared by ``tools/train.py`` and ``tools/test.py``."""
 import argparse
+import glob
 import os
 import os.path as osp
+import re
+from typing import List, Optional
 
 from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from .checkpoint import CheckpointFileError, UnsafeCheckpointError, load_checkpoint_file
 from .config import sync_norm_config
 
 __all__ = [
     'add_common_arguments', 'parse_with_common_arguments', 'apply_common_options',
-    'build_runner'
+    'build_runner', 'find_resume_checkpoint'
 ]
 
 
@@ -53,3 +57,46 @@ def build_runner(cfg: Config) -> Runner:
     if 'runner_type' in cfg:
         return RUNNERS.build(cfg)
     return Runner.from_cfg(cfg)
+
+
+def _numbered_checkpoints(work_dir: str) -> List[str]:
+    """``iter_*.pth`` / ``epoch_*.pth`` in ``work_dir``, newest (highest number) first."""
+    found = []
+    for path in glob.glob(osp.join(work_dir, '*.pth')):
+        match = re.fullmatch(r'(?:iter|epoch)_(\d+)\.pth', osp.basename(path))
+        if match:
+            found.append((int(match.group(1)), osp.getmtime(path), path))
+    return [path for _, _, path in sorted(found, reverse=True)]
+
+
+def find_resume_checkpoint(work_dir: str, log=print) -> Optional[str]:
+    """The checkpoint to resume a run in ``work_dir`` from: the newest one that loads.
+
+    mmengine resumes from the path written in ``work_dir/last_checkpoint``. A run killed while
+    that file was being rewritten leaves it empty (mmengine then fails with ``checkpoint ''
+    not found``), and one killed while saving leaves a damaged checkpoint. This tries the file
+    named there first, then ``iter_*.pth`` / ``epoch_*.pth`` from the highest number down, and
+    returns the first that loads, saying (through ``log``) which one and why others were passed
+    over. ``None`` when there is none (training starts afresh, as mmengine does).
+    """
+    named = ''
+    pointer = osp.join(work_dir, 'last_checkpoint')
+    if osp.isfile(pointer):
+        with open(pointer) as f:
+            named = f.read().strip()
+        if not named:
+            log(f'{pointer} is empty (the run stopped while writing it)')
+    candidates = [named] if named else []
+    candidates += [p for p in _numbered_checkpoints(work_dir)
+                   if not (named and osp.exists(named) and osp.samefile(p, named))]
+    for path in candidates:
+        try:
+            load_checkpoint_file(path, map_location='cpu')
+        except (FileNotFoundError, CheckpointFileError, UnsafeCheckpointError) as error:
+            log(f'cannot resume from {path}: {str(error).splitlines()[0]}')
+            continue
+        if path != named:
+            log(f'resuming from {path}, the newest checkpoint in {work_dir} that loads')
+        return path
+    log(f'no checkpoint to resume from in {work_dir}: training starts from the beginning')
+    return None

@@ -1,0 +1,125 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""ONNX export of OpenMMLab models with mmnorm layers, and ONNX Runtime inference.
+
+What is exported is the tensor part of each codebase's model, the part mmdeploy's rewriters start
+from, with pre- and post-processing left to the caller (``tools/deploy/test_onnx.py`` runs the
+config's own):
+
+- an mmpretrain classifier: image batch -> class logits (``mode='tensor'``);
+- an mmseg segmentor: image batch -> segmentation logits at the input's size (the decode head's
+  output resized as the segmentor's whole-image inference resizes it);
+- an mmdet detector: image batch -> its backbone + neck features (the FPN levels).
+
+The layers export through ``torch.onnx.export(dynamo=True)``: under tracing they run their plain
+form (:mod:`mmnorm.functional.moments`), public ops only.
+"""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..utils.files import atomic_write
+
+__all__ = ['KINDS', 'model_kind', 'TensorForward', 'export_onnx', 'ort_session', 'run_session',
+           'compare']
+
+#: What :func:`model_kind` can return.
+KINDS = ('classifier', 'segmentor', 'detector')
+
+
+def model_kind(model: nn.Module) -> str:
+    """``'classifier'``, ``'segmentor'`` or ``'detector'`` for a built OpenMMLab model."""
+    if hasattr(model, 'decode_head'):
+        return 'segmentor'
+    if hasattr(model, 'backbone') and type(model).__module__.startswith('mmdet.'):
+        return 'detector'
+    if hasattr(model, 'backbone') and hasattr(model, 'head'):
+        return 'classifier'
+    raise ValueError(f'cannot export {type(model).__name__}: expected an mmpretrain classifier, '
+                     f'an mmseg segmentor or an mmdet detector')
+
+
+class TensorForward(nn.Module):
+    """The tensor-to-tensor part of ``model`` that is exported (see the module doc)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model.eval()
+        self.kind = model_kind(model)
+        if self.kind == 'segmentor':
+            mode = (getattr(model, 'test_cfg', None) or {}).get('mode', 'whole')
+            if mode != 'whole':
+                raise ValueError(
+                    f"the segmentor's test_cfg.mode is {mode!r}; only whole-image inference is "
+                    f"exported (pass --cfg-options model.test_cfg.mode=whole)")
+
+    @property
+    def output_names(self) -> List[str]:
+        if self.kind == 'classifier':
+            return ['logits']
+        if self.kind == 'segmentor':
+            return ['seg_logits']
+        return [f'feat{i}' for i in range(self._num_features())]
+
+    def _num_features(self) -> int:
+        with torch.no_grad():
+            return len(self.model.extract_feat(torch.zeros(1, 3, 64, 64)))
+
+    def forward(self, inputs: Tensor):
+        if self.kind == 'classifier':
+            return self.model(inputs, mode='tensor')
+        features = self.model.extract_feat(inputs)
+        if self.kind == 'detector':
+            return tuple(features)
+        logits = self.model.decode_head(features)
+        return F.interpolate(logits, size=inputs.shape[2:], mode='bilinear',
+                             align_corners=self.model.align_corners)
+
+
+def export_onnx(module: nn.Module, example: Tensor, path: str, dynamic_batch: bool = False,
+                output_names: Optional[Sequence[str]] = None, opset: int = 18) -> None:
+    """Export ``module(example)`` to ``path`` (one self-contained file, written atomically).
+
+    ``dynamic_batch``: the batch dimension is symbolic (the example needs a batch of 2 or more:
+    torch.export specializes size-1 dimensions); the rest of the shape is the example's.
+    """
+    if dynamic_batch and example.shape[0] < 2:
+        raise ValueError('export an example batch of >= 2 for a dynamic batch dimension')
+    dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=1024)}, ) if dynamic_batch else None
+    module.eval()
+    with torch.no_grad():
+        program = torch.onnx.export(module, (example, ), dynamo=True, input_names=['inputs'],
+                                    output_names=list(output_names or []) or None,
+                                    dynamic_shapes=dynamic_shapes, opset_version=opset,
+                                    verbose=False)
+    atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+
+
+def ort_session(path: str, threads: Optional[int] = None):
+    """An ONNX Runtime CPU session for ``path``."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+
+
+def run_session(session, inputs: Tensor) -> List[Tensor]:
+    """Run ``session`` on one image batch; its outputs as tensors."""
+    feed = {session.get_inputs()[0].name: inputs.detach().cpu().numpy().astype(np.float32)}
+    return [torch.from_numpy(out) for out in session.run(None, feed)]
+
+
+def compare(actual: Sequence[Tensor], expected: Sequence[Tensor]
+            ) -> Tuple[float, float, Dict[int, float]]:
+    """``(largest |difference|, largest relative difference, per-output relative)``; relative
+    to each output's largest magnitude."""
+    per_output = {}
+    worst_abs = 0.0
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        diff = (a.double() - e.double()).abs().max().item()
+        worst_abs = max(worst_abs, diff)
+        per_output[index] = diff / max(e.abs().max().item(), 1e-12)
+    return worst_abs, max(per_output.values()), per_output

@@ -1,0 +1,177 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""tools/deploy/export_onnx.py and test_onnx.py: a classifier, the DeepLabv2 segmentor and the
+Mask R-CNN backbone + neck, with SN and with BCN + WS, through ONNX Runtime on real test images at
+two batch sizes; the folded hard-ratio export against the hard-ratio PyTorch model; the metrics
+from ONNX Runtime against tools/test.py's."""
+import json
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+from mmnorm.layers.base import BatchStatsNorm
+from tests.conftest import ROOT
+
+pytest.importorskip('onnxruntime')
+pytest.importorskip('onnxscript')
+sys.path.insert(0, osp.join(ROOT, 'tools', 'deploy'))
+sys.path.insert(0, osp.join(ROOT, 'tools'))
+import export_onnx  # noqa: E402
+import test_onnx  # noqa: E402
+
+#: Config lines turning a base config's backbone (and heads) to BCN + WS.
+BCN_WS = ("norm_cfg = dict(_delete_=True, type='BCN', num_groups=4)\n"
+          "conv_cfg = dict(type='WSConv')\n")
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    from tests.helpers.images import make_class_folders
+    from tests.helpers.tiny_data import make_shapes
+    root = tmp_path_factory.mktemp('deploy_data')
+    return {'root': str(root), 'shapes': make_shapes(str(root / 'shapes')),
+            'classes': make_class_folders(str(root / 'classes'), per_class=2)}
+
+
+def _with_bcn_ws(base, heads, folder):
+    """A config inheriting ``base`` with BCN + WS in the backbone and ``heads``."""
+    path = osp.join(folder, 'bcn_ws_' + osp.basename(base))
+    parts = ', '.join(f'{part}=dict(norm_cfg=norm_cfg, conv_cfg=conv_cfg)'
+                      for part in ('backbone', ) + heads)
+    with open(path, 'w') as f:
+        f.write(f'_base_ = {base!r}\n{BCN_WS}model = dict({parts})\n')
+    return path
+
+
+def _case(name, data):
+    """(config, --cfg-options) of each exported model."""
+    if name.startswith('classifier'):
+        options = [f'{s}_dataloader.dataset.data_root={data["classes"]}'
+                   for s in ('train', 'val', 'test')]
+        config = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
+        if name.endswith('bcn-ws'):
+            config = _with_bcn_ws(config, (), data['root'])
+        return config, options
+    if name.startswith('deeplabv2'):
+        options = [f'{s}_dataloader.dataset.data_root={data["shapes"]}'
+                   for s in ('train', 'val', 'test')]
+        options += [f'{s}_dataloader.{k}' for s in ('train', 'val', 'test')
+                    for k in ('num_workers=0', 'persistent_workers=False')]
+        config = osp.join(ROOT, 'configs', 'demo', 'deeplabv2_r18-tiny-d8_sn_demo.py')
+        if name.endswith('bcn-ws'):
+            config = _with_bcn_ws(config, ('auxiliary_head', ), data['root'])
+        return config, options
+    config = 'mask-rcnn_r18-tiny_fpn_bcn-ws_demo.py' if name.endswith('bcn-ws') else \
+        'mask-rcnn_r18-tiny_fpn_sn_demo.py'
+    options = [f'{s}_dataloader.dataset.data_root={data["shapes"]}' for s in ('train', 'test')]
+    options += [f'{s}_dataloader.{k}' for s in ('train', 'val', 'test')
+                for k in ('num_workers=0', 'persistent_workers=False')]
+    return osp.join(ROOT, 'configs', 'demo', config), options
+
+
+def _trained_looking_checkpoint(config, options, path, seed=0):
+    """The config's model with its normalizers' parameters, ratios and running statistics
+    moved away from their initial values (train-mode forwards on real images, then noise)."""
+    from mmengine.config import Config
+
+    from mmnorm.deploy import TensorForward, real_inputs
+    from mmnorm.utils.model import build_model
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(dict(o.split('=', 1) for o in options))
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    module = TensorForward(model)
+    images = real_inputs(cfg, model, 2)
+    model.train()
+    for layer in model.modules():
+        if getattr(layer, 'estimate', False):
+            layer.set_estimate_rate(0.5)  # estimated BCN: the estimates move (Algorithm 1)
+    with torch.no_grad():
+        for _ in range(3):
+            module(images * 1.3 + 0.1)
+        gen = torch.Generator().manual_seed(seed)
+        for layer in model.modules():
+            if isinstance(layer, BatchStatsNorm):
+                for name, param in layer.named_parameters():
+                    if name.endswith('logits'):
+                        param.normal_(0, 1.0, generator=gen)
+                    elif 'weight' in name:
+                        param.uniform_(0.5, 1.5, generator=gen)
+                    else:
+                        param.normal_(0, 0.2, generator=gen)
+                if layer.track_running_stats:
+                    layer.stats_ready.fill_(True)  # as if batch-averaged after training
+    model.eval()
+    torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
+    return cfg, model
+
+
+CASES = ['classifier-sn', 'classifier-bcn-ws', 'deeplabv2-sn', 'deeplabv2-bcn-ws',
+         'mask-rcnn-sn', 'mask-rcnn-bcn-ws']
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_onnx_runtime_reproduces_the_model(name, data, tmp_path, capsys):
+    config, options = _case(name, data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    out = tmp_path / 'model.onnx'
+    result = export_onnx.main([config, str(tmp_path / 'model.pth'), str(out), '--dynamic-batch',
+                               '--verify', '--cfg-options', *options])
+    printed = capsys.readouterr().out
+    assert 'verify: batch 1 of real test images' in printed
+    assert 'verify: batch 2 of real test images' in printed
+    assert result['relative_difference'] <= 1e-4
+    kinds = {'classifier': 'classifier', 'deeplabv2': 'segmentor', 'mask': 'detector'}
+    assert result['kind'] == kinds[name.split('-')[0]]
+
+
+@pytest.mark.parametrize('name', ['deeplabv2-sn', 'classifier-sn'])
+def test_folded_export_equals_the_hard_ratio_model(name, data, tmp_path, capsys):
+    from mmnorm.convert import harden_ratios
+    from mmnorm.deploy import TensorForward, ort_session, real_inputs, run_session
+    config, options = _case(name, data)
+    cfg, model = _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    out = str(tmp_path / 'folded.onnx')
+    result = export_onnx.main([config, str(tmp_path / 'model.pth'), out, '--fold',
+                               '--cfg-options', *options])
+    assert 'soft ratios, made one-hot now' in capsys.readouterr().out
+    assert 'folded' in result['plan'].values()  # something was folded away
+    harden_ratios(model)
+    images = real_inputs(cfg, model, 1)
+    with torch.no_grad():
+        expected = TensorForward(model)(images)
+    (actual, ) = run_session(ort_session(out), images)
+    relative = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert relative <= 1e-4, relative
+
+
+@pytest.mark.parametrize('name, metric', [('deeplabv2-sn', 'mIoU'),
+                                          ('classifier-sn', 'accuracy/top1')])
+def test_onnx_runtime_metrics_equal_pytorch_metrics(name, metric, data, tmp_path):
+    import test as test_tool
+    config, options = _case(name, data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'm.onnx'),
+                      '--cfg-options', *options])  # static batch 1: run image by image
+    onnx_metrics = test_onnx.main([config, str(tmp_path / 'm.onnx'), '--metrics-out',
+                                   str(tmp_path / 'onnx.json'), '--cfg-options', *options])
+    torch_metrics = test_tool.main([config, str(tmp_path / 'model.pth'), '--work-dir',
+                                    str(tmp_path / 'w'), '--cfg-options', *options])
+    assert json.load(open(tmp_path / 'onnx.json'))[metric] == pytest.approx(onnx_metrics[metric])
+    assert abs(onnx_metrics[metric] - torch_metrics[metric]) <= 0.1, (onnx_metrics,
+                                                                       torch_metrics)
+
+
+def test_detectors_and_slide_inference_are_refused_clearly(data, tmp_path):
+    config, options = _case('deeplabv2-sn', data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    with pytest.raises(SystemExit, match="test_cfg.mode is 'slide'"):
+        export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'm.onnx'),
+                          '--cfg-options', *options, 'model.test_cfg.mode=slide',
+                          'model.test_cfg.crop_size=(64,64)', 'model.test_cfg.stride=(32,32)'])
+    assert not (tmp_path / 'm.onnx').exists()
+    (tmp_path / 'd.onnx').write_bytes(b'')
+    config, options = _case('mask-rcnn-sn', data)
+    with pytest.raises(SystemExit, match='detector is exported up to its neck'):
+        test_onnx.main([config, str(tmp_path / 'd.onnx'), '--cfg-options', *options])

@@ -1,0 +1,99 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Every tool that writes a checkpoint or a model refuses to replace an existing file, and its
+own input above all, unless given --overwrite; writes are atomic (mmnorm.utils.files)."""
+import hashlib
+import importlib
+import os
+import os.path as osp
+import sys
+
+import pytest
+import torch
+
+from mmnorm.utils import OutputExistsError, atomic_write, check_output, save_checkpoint
+from tests.conftest import ROOT
+
+CONFIG = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
+
+#: tool module -> argv builder (source checkpoint, output path).
+TOOLS = {
+    'convert_checkpoint': lambda src, out: [src, out, '--format', 'sn'],
+    'export_hard_ratios': lambda src, out: [CONFIG, src, out],
+    'recompute_stats': lambda src, out: [CONFIG, src, '--out', out],
+    'deploy.export_onnx': lambda src, out: [CONFIG, src, out],
+}
+
+
+def _tool(name):
+    for folder in ('tools', osp.join('tools', 'deploy')):
+        if osp.join(ROOT, folder) not in sys.path:
+            sys.path.insert(0, osp.join(ROOT, folder))
+    return importlib.import_module(name.split('.')[-1])
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, 'rb').read()).hexdigest()
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = str(tmp_path / 'model.pth')
+    torch.save({'state_dict': {'w': torch.arange(4.)}, 'optimizer': {'lr': 0.1}}, path)
+    return path
+
+
+@pytest.mark.parametrize('tool', list(TOOLS))
+def test_tool_refuses_its_own_input(tool, source):
+    before = _digest(source)
+    with pytest.raises(SystemExit, match='also an input of this command.*--overwrite'):
+        _tool(tool).main(TOOLS[tool](source, source))
+    # The same file under another name is still the input.
+    alias = osp.join(osp.dirname(source), '.', '..', osp.basename(osp.dirname(source)),
+                     osp.basename(source))
+    with pytest.raises(SystemExit, match='also an input'):
+        _tool(tool).main(TOOLS[tool](source, alias))
+    assert _digest(source) == before
+
+
+@pytest.mark.parametrize('tool', list(TOOLS))
+def test_tool_refuses_an_existing_output(tool, source, tmp_path):
+    existing = tmp_path / 'existing.out'
+    existing.write_bytes(b'keep me')
+    with pytest.raises(SystemExit, match='existing.out exists; pass --overwrite'):
+        _tool(tool).main(TOOLS[tool](source, str(existing)))
+    assert existing.read_bytes() == b'keep me'
+
+
+def test_check_output_rules(tmp_path):
+    out = tmp_path / 'out.pth'
+    check_output(str(out), [str(tmp_path / 'src.pth'), None])  # neither exists: fine
+    out.write_bytes(b'x')
+    with pytest.raises(OutputExistsError, match='--overwrite'):
+        check_output(str(out))
+    with pytest.raises(OutputExistsError, match='also an input'):
+        check_output(str(out), [str(out)])
+    link = tmp_path / 'link.pth'
+    link.symlink_to(out)
+    with pytest.raises(OutputExistsError, match='also an input'):
+        check_output(str(link), [str(out)])
+    check_output(str(out), [str(out)], overwrite=True)  # asked for
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    out = tmp_path / 'out.pth'
+    save_checkpoint({'v': 1}, str(out))
+    before = _digest(out)
+
+    def fails(tmp):
+        open(tmp, 'wb').write(b'partial')
+        raise KeyboardInterrupt  # interrupted half-way
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(out), fails)
+    assert _digest(out) == before
+    assert sorted(os.listdir(tmp_path)) == ['out.pth']  # no temporary left behind
+    save_checkpoint({'v': 2}, str(tmp_path / 'sub' / 'new.pth'))  # creates the folder
+    assert torch.load(tmp_path / 'sub' / 'new.pth')['v'] == 2
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as a plain open() would make it

@@ -1,0 +1,147 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Export a trained model with mmnorm layers to ONNX, and check it with ONNX Runtime.
+
+    python tools/deploy/export_onnx.py CONFIG CHECKPOINT OUT.onnx [--hard-ratios] [--fold]
+        [--dynamic-batch] [--verify] [--shape H W] [--overwrite] [--cfg-options k=v]
+
+Exports the tensor part of the config's model (mmnorm.deploy.onnx): an mmpretrain classifier's
+logits, an mmseg segmentor's segmentation logits at the input size, or an mmdet detector's
+backbone + neck features (where mmdeploy's detector rewriters start). The input is the image
+batch after the model's data preprocessor (normalized, padded).
+
+- ``--hard-ratios``: SN layers use one-hot (argmax) ratios (SN study Table 2 right). Use a
+  checkpoint finetuned with them (tools/export_hard_ratios.py --finetune) for the accuracy of
+  the soft model.
+- ``--fold``: hard ratios, and every layer whose μ and σ both pick BN folded into the preceding
+  convolution (a WSConv becomes a plain conv with its standardized, scaled weight); IN / LN
+  choices become native InstanceNorm / GroupNorm (mmnorm.convert.to_deploy).
+- ``--dynamic-batch``: a symbolic batch dimension (else batch 1).
+- ``--verify``: runs ONNX Runtime and the PyTorch model (after the same --hard-ratios / --fold)
+  on real images from the config's test pipeline, at batch 1 and, with --dynamic-batch, 2, and
+  prints the largest differences; exits with status 1 above ``--tolerance`` (relative).
+
+The spatial size is ``--shape`` or the first test image's preprocessed size. OUT is written
+atomically and never replaces an existing file (or the checkpoint) without ``--overwrite``.
+"""
+import argparse
+import os.path as osp
+import sys
+import time
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
+
+import mmnorm  # noqa: E402,F401  (registers the layers; safe checkpoint loading)
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+
+from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
+from mmnorm.deploy import (TensorForward, compare, export_onnx, ort_session,  # noqa: E402
+                           real_inputs, run_session)
+from mmnorm.utils import OutputExistsError, check_output  # noqa: E402
+from mmnorm.utils.model import build_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('checkpoint')
+    parser.add_argument('out', help='the .onnx file to write')
+    parser.add_argument('--hard-ratios', action='store_true',
+                        help='one-hot (argmax) SN ratios')
+    parser.add_argument('--fold', action='store_true',
+                        help='hard ratios, BN choices folded into the convolutions')
+    parser.add_argument('--dynamic-batch', action='store_true',
+                        help='symbolic batch dimension (default: batch 1)')
+    parser.add_argument('--verify', action='store_true',
+                        help='compare ONNX Runtime with PyTorch on real test images')
+    parser.add_argument('--tolerance', type=float, default=1e-4,
+                        help='largest relative difference --verify accepts (default 1e-4)')
+    parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
+                        help='input height and width (default: the first test image)')
+    parser.add_argument('--opset', type=int, default=18)
+    parser.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value')
+    return parser.parse_args(argv)
+
+
+def prepare(model, hard: bool, fold: bool, checkpoint_meta: dict) -> dict:
+    """Apply --hard-ratios / --fold in place; returns what was done, for the report."""
+    info = {}
+    if not (hard or fold):
+        return info
+    if not hard_choices(model):
+        raise SystemExit('error: --hard-ratios / --fold concern SN layers; the model has none')
+    if 'hard_ratios' not in checkpoint_meta:
+        print('note: the checkpoint has soft ratios, made one-hot now; without finetuning with '
+              'them (tools/export_hard_ratios.py --finetune) its accuracy can drop')
+    info['choices'] = harden_ratios(model)
+    if fold:
+        model.eval()
+        info['plan'] = to_deploy(model)
+        print(summarize(info['plan'], info['choices']))
+    return info
+
+
+def _checkpoint_meta(path: str) -> dict:
+    from mmnorm.utils import load_checkpoint_file
+    checkpoint = load_checkpoint_file(path, map_location='cpu')
+    return checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
+
+
+def verify(cfg, module, session, shape, dynamic_batch: bool, tolerance: float) -> float:
+    """Largest relative difference ONNX Runtime vs PyTorch on real test images."""
+    worst = 0.0
+    for count in ((1, 2) if dynamic_batch else (1, )):
+        images = real_inputs(cfg, module.model, count, shape)
+        with torch.no_grad():
+            expected = module(images)
+        expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+        diff, relative, per_output = compare(run_session(session, images), expected)
+        worst = max(worst, relative)
+        print(f'verify: batch {count} of real test images {tuple(images.shape)}: largest '
+              f'|difference| {diff:.3e}, relative {relative:.3e} '
+              f'({", ".join(f"{k}: {v:.1e}" for k, v in zip(module.output_names, per_output.values()))})')
+    status = 'ok' if worst <= tolerance else f'ABOVE the tolerance {tolerance:g}'
+    print(f'verify: largest relative difference {worst:.3e} ({status})')
+    return worst
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    try:
+        check_output(args.out, [args.checkpoint, args.config], args.overwrite)
+    except OutputExistsError as error:
+        raise SystemExit(f'error: {error}')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    model = build_model(cfg, args.checkpoint).eval()
+    info = prepare(model, args.hard_ratios or args.fold, args.fold,
+                   _checkpoint_meta(args.checkpoint))
+    try:
+        module = TensorForward(model)
+        shape = tuple(args.shape) if args.shape else tuple(
+            real_inputs(cfg, model, 1).shape[-2:])
+    except (ValueError, RuntimeError) as error:
+        raise SystemExit(f'error: {error} (or give the input size with --shape H W)')
+    example = torch.randn(2 if args.dynamic_batch else 1, 3, *shape,
+                          generator=torch.Generator().manual_seed(0))
+    start = time.time()
+    export_onnx(module, example, args.out, args.dynamic_batch, module.output_names, args.opset)
+    size_mb = osp.getsize(args.out) / 2**20
+    print(f'wrote {args.out}: {module.kind}, input (N, 3, {shape[0]}, {shape[1]}) with '
+          f'{"dynamic" if args.dynamic_batch else "static"} N, outputs '
+          f'{module.output_names}, {size_mb:.1f} MiB, {time.time() - start:.1f} s')
+    result = dict(kind=module.kind, shape=shape, size_mb=size_mb, **info)
+    if args.verify:
+        session = ort_session(args.out)
+        result['relative_difference'] = verify(cfg, module, session, shape, args.dynamic_batch,
+                                               args.tolerance)
+        if result['relative_difference'] > args.tolerance:
+            raise SystemExit(1)
+    return result
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,111 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Evaluate an exported classifier or segmentor with ONNX Runtime, through the config's own test
+dataloader, preprocessing, postprocessing and evaluator.
+
+    python tools/deploy/test_onnx.py CONFIG MODEL.onnx [--metrics-out FILE] [--cfg-options k=v]
+
+MODEL.onnx comes from tools/deploy/export_onnx.py with the same CONFIG. Each test batch goes
+through the model's data preprocessor (built from the config; no weights are loaded), then ONNX
+Runtime (image by image when the file has a static batch of 1), then the codebase's own
+postprocessing (mmseg: ``postprocess_result``, which removes padding and resizes to the original
+image; mmpretrain: softmax scores and labels) and the config's ``test_evaluator``. The metrics
+are the ones ``tools/test.py CONFIG CHECKPOINT`` prints for the PyTorch model.
+"""
+import argparse
+import json
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
+
+import mmnorm  # noqa: E402,F401  (registers the layers)
+import torch  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.evaluator import Evaluator  # noqa: E402
+from mmengine.utils import ProgressBar  # noqa: E402
+
+from mmnorm.deploy import (model_kind, ort_session, preprocessed_batches,  # noqa: E402
+                           run_session, test_dataloader)
+from mmnorm.utils.model import build_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config')
+    parser.add_argument('model', help='the .onnx file (tools/deploy/export_onnx.py)')
+    parser.add_argument('--metrics-out', help='write the metrics as JSON to this file')
+    parser.add_argument('--threads', type=int, default=None, help='ONNX Runtime threads')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value')
+    return parser.parse_args(argv)
+
+
+def _static_batch(session):
+    batch = session.get_inputs()[0].shape[0]
+    return batch if isinstance(batch, int) else None
+
+
+def _run(session, inputs: torch.Tensor) -> torch.Tensor:
+    """The first output for ``inputs``, image by image if the file has a static batch of 1."""
+    static = _static_batch(session)
+    if static is None or static == inputs.shape[0]:
+        return run_session(session, inputs)[0]
+    if static != 1:
+        raise SystemExit(f'error: the model has a static batch of {static}; test with '
+                         f'--cfg-options test_dataloader.batch_size={static}')
+    return torch.cat([run_session(session, image[None])[0] for image in inputs])
+
+
+def _classifier_predictions(logits: torch.Tensor, data_samples):
+    """Scores and labels as mmpretrain's classification heads set them."""
+    scores = logits.softmax(dim=1)
+    labels = scores.argmax(dim=1, keepdim=True).detach()
+    for sample, score, label in zip(data_samples, scores, labels):
+        sample.set_pred_score(score).set_pred_label(label)
+    return data_samples
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if not osp.isfile(args.model):
+        raise SystemExit(f'error: {args.model} not found')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    model = build_model(cfg).eval()  # preprocessing and postprocessing only
+    kind = model_kind(model)
+    if kind == 'detector':
+        raise SystemExit('error: a detector is exported up to its neck features; evaluate its '
+                         'boxes with mmdeploy (the detection heads are not exported)')
+    session = ort_session(args.model, args.threads)
+    try:
+        loader = test_dataloader(cfg)
+    except RuntimeError as error:
+        raise SystemExit(f'error: {error}')
+    evaluator = Evaluator(cfg.test_evaluator)
+    evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
+    bar = ProgressBar(len(loader.dataset))
+    for data in preprocessed_batches(model, loader):
+        outputs = _run(session, data['inputs'])
+        samples = data['data_samples']
+        if kind == 'segmentor':
+            samples = model.postprocess_result(outputs, samples)
+        else:
+            samples = _classifier_predictions(outputs, samples)
+        evaluator.process(data_samples=samples, data_batch=data)
+        for _ in samples:
+            bar.update()
+    print()
+    metrics = evaluator.evaluate(len(loader.dataset))
+    print(f'ONNX Runtime, {args.model}: ' +
+          ', '.join(f'{k}: {v:.4f}' if isinstance(v, float) else f'{k}: {v}'
+                    for k, v in metrics.items()))
+    if args.metrics_out:
+        with open(args.metrics_out, 'w') as f:
+            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
+        print(f'metrics written to {args.metrics_out}')
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

@@ -4,6 +4,7 @@
 #   make demo NORM=BN         ... with another normalizer: SN, SN_tied, BCN-WS, GN, BN
 #   make demo QUICK=1         ... a smoke run of about a minute
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
+#   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ NORM ?= SN
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test demo demo-seg benchmark clean-env
+.PHONY: env test demo demo-seg deploy-seg benchmark clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -25,6 +26,16 @@ demo: env
 
 demo-seg: env
 	$(PY) tools/demo.py --task seg $(if $(QUICK),--quick,)
+
+SEG_CONFIG := configs/demo/deeplabv2_r18-tiny-d8_sn_demo.py
+SEG_DIR := work_dirs/demo-seg
+
+deploy-seg: env
+	@test -f $(SEG_DIR)/model_batch_average.pth || { echo "run make demo-seg first"; exit 1; }
+	$(PY) tools/deploy/export_onnx.py $(SEG_CONFIG) $(SEG_DIR)/model_batch_average.pth \
+		$(SEG_DIR)/model.onnx --dynamic-batch --verify --overwrite
+	$(PY) tools/deploy/test_onnx.py $(SEG_CONFIG) $(SEG_DIR)/model.onnx \
+		--metrics-out $(SEG_DIR)/metrics_onnx.json
 
 benchmark: env
 	$(PY) tools/benchmark_norms.py

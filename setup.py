@@ -41,8 +41,11 @@ setup(
     install_requires=read_requirements('runtime'),
     extras_require={
         'mm': read_requirements('mminstall'),
-        'tests': read_requirements('tests'),
-        'all': read_requirements('mminstall') + read_requirements('tests'),
+        'deploy': read_requirements('deploy'),
+        # The tests export models to ONNX.
+        'tests': read_requirements('tests') + read_requirements('deploy'),
+        'all': read_requirements('mminstall') + read_requirements('tests') +
+        read_requirements('deploy'),
     },
     classifiers=[
         'Programming Language :: Python :: 3',

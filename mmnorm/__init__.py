@@ -10,8 +10,11 @@ a config):
 - registers the training hooks and the optimizer-wrapper constructor;
 - when mmdet / mmseg / mmpretrain models are imported: makes their backbones' ``norm_eval`` freeze
   mmnorm layers too, and registers mmseg's ``DeepLabV2Head``;
-- lets checkpoints written by mmengine load under torch's ``weights_only`` unpickler
-  (:mod:`mmnorm.utils.checkpoint`).
+- when mmcv's conv + BN folding modules are imported: makes ``fuse_conv_bn`` and
+  ``efficient_conv_bn_eval`` fold ``WSConv`` from its standardized weight (other convolutions
+  unchanged; :mod:`mmnorm.integration.mmcv_fusion`);
+- lets checkpoints written by mmengine load under torch's ``weights_only`` unpickler, with errors
+  that tell damaged files, non-checkpoints and unsafe ones apart (:mod:`mmnorm.utils.checkpoint`).
 """
 from . import engine, functional, integration, layers, utils
 from .layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, SyncBatchChannelNorm,

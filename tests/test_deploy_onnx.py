@@ -70,6 +70,28 @@ def _case(name, data):
     return osp.join(ROOT, 'configs', 'demo', config), options
 
 
+def test_deeplabv3_config_exports(data, tmp_path):
+    """A DeepLabv3 config of this repository (ASPP with image pooling: SN on 1x1 maps)."""
+    from tests.helpers.tiny_data import mmseg_zoo_options
+    config = osp.join(ROOT, 'configs', 'deeplabv3',
+                      'deeplabv3_r50-d8_sn_8xb1-80k_cityscapes-769x769.py')
+    # (the Cityscapes configs test with sliding windows, which is not exported: whole images)
+    options = mmseg_zoo_options(data['shapes'], crop=64) + ['model.test_cfg.mode=whole']
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    result = export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'm.onnx'),
+                               '--verify', '--cfg-options', *options])
+    assert result['kind'] == 'segmentor' and result['relative_difference'] <= 1e-4
+
+
+def _parse_options(options):
+    import argparse
+
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    return parser.parse_args(['--cfg-options', *options]).cfg_options
+
+
 def _trained_looking_checkpoint(config, options, path, seed=0):
     """The config's model with its normalizers' parameters, ratios and running statistics
     moved away from their initial values (train-mode forwards on real images, then noise)."""
@@ -78,7 +100,7 @@ def _trained_looking_checkpoint(config, options, path, seed=0):
     from mmnorm.deploy import TensorForward, real_inputs
     from mmnorm.utils.model import build_model
     cfg = Config.fromfile(config)
-    cfg.merge_from_dict(dict(o.split('=', 1) for o in options))
+    cfg.merge_from_dict(_parse_options(options))  # as the tools parse --cfg-options
     torch.manual_seed(seed)
     model = build_model(cfg)
     module = TensorForward(model)

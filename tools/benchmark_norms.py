@@ -17,7 +17,7 @@ mmnorm's layers run as they do by default (compiled; the warm-up rounds absorb t
     python tools/benchmark_norms.py --rounds 5 --shapes 8,64,56,56 512,256,7,7
     python tools/benchmark_norms.py --json out.json  # also write the raw numbers
     python tools/benchmark_norms.py --deploy         # + ResNet-50 soft / hard / deploy SN
-    python tools/benchmark_norms.py --onnx --no-model --shapes 8,64,56,56   # + the same in ONNX
+    python tools/benchmark_norms.py --onnx --no-model --shapes   # ResNet-50s in ONNX Runtime only
     python tools/benchmark_norms.py --no-model       # layers only (no Mask R-CNN row)
 """
 import argparse
@@ -181,16 +181,14 @@ def _choose(model: nn.Module, pattern) -> None:
     harden_ratios(model)
 
 
-def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, float]]:
-    """Inference of a ResNet-50: BN (folded into the convs) vs soft SN, hard SN and the deploy
-    form, for all layers choosing BN (everything folds) and for a realistic mix."""
+def deploy_models() -> Tuple[Dict[str, nn.Module], Dict[str, Dict[str, str]]]:
+    """ResNet-50s: BN with BN folded into the convs, soft SN, and hard SN with its deploy form,
+    for all layers choosing BN (everything folds) and for a realistic mix; and the deploy plans."""
     from mmcv.cnn import fuse_conv_bn
 
     from mmnorm.convert import to_deploy
     torch.manual_seed(0)
-    x = torch.randn(*shape)
-    models = {'BN (folded)': fuse_conv_bn(_resnet50('BN'))}
-    models['SN soft'] = _resnet50('SN')
+    models = {'BN (folded)': fuse_conv_bn(_resnet50('BN')), 'SN soft': _resnet50('SN')}
     mix = [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'), ('IN', 'BN')]
     plans = {}
     for name, pattern in (('all BN', [('BN', 'BN')]), ('mix', mix)):
@@ -201,11 +199,18 @@ def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, f
         deployed.load_state_dict(hard.state_dict())
         plans[name] = to_deploy(deployed)
         models[f'SN deploy ({name})'] = deployed
-    timings = time_rounds({k: eval_step(m, x) for k, m in models.items()}, rounds, 1,
-                          'BN (folded)')
     for name, plan in plans.items():
         counts = {a: sum(1 for v in plan.values() if v == a) for a in set(plan.values())}
         print(f'deploy plan ({name}): {counts} of {len(plan)} SN layers')
+    return models, plans
+
+
+def measure_deploy(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, float]]:
+    """Inference of the :func:`deploy_models` in PyTorch, against BN folded."""
+    models, _ = deploy_models()
+    x = torch.randn(*shape)
+    timings = time_rounds({k: eval_step(m, x) for k, m in models.items()}, rounds, 1,
+                          'BN (folded)')
     return {k: {'eval_ms': t, 'eval_ratio': r} for k, (t, r) in timings.items()}
 
 
@@ -222,26 +227,13 @@ class _Classifier(nn.Module):
 
 
 def measure_onnx(shape: Tuple[int, ...], rounds: int) -> Dict[str, Dict[str, float]]:
-    """The models of :func:`measure_deploy` as ResNet-50 classifiers exported to ONNX: file size
-    and ONNX Runtime (CPU) latency, against the BN ResNet-50 with BN folded into the convs."""
+    """The :func:`deploy_models` as ResNet-50 classifiers exported to ONNX: file size and ONNX
+    Runtime (CPU) latency, against the BN ResNet-50 with BN folded into the convs."""
     import os
     import tempfile
 
-    from mmcv.cnn import fuse_conv_bn
-
-    from mmnorm.convert import to_deploy
     from mmnorm.deploy import export_onnx, ort_session
-    torch.manual_seed(0)
-    models = {'BN (folded)': fuse_conv_bn(_resnet50('BN')), 'SN soft': _resnet50('SN')}
-    mix = [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'), ('IN', 'BN')]
-    for name, pattern in (('all BN', [('BN', 'BN')]), ('mix', mix)):
-        hard = _resnet50('SN')
-        _choose(hard, pattern)
-        models[f'SN hard ({name})'] = hard
-        folded = _resnet50('SN')
-        folded.load_state_dict(hard.state_dict())
-        to_deploy(folded)
-        models[f'SN folded ({name})'] = folded
+    models, _ = deploy_models()
     x = torch.randn(*shape)
     feed = x.numpy()
     sizes, sessions = {}, {}
@@ -320,8 +312,9 @@ def _detector_step(model: nn.Module, optimizer, batches) -> Callable[[], None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--shapes', nargs='+', default=DEFAULT_SHAPES,
-                        help='N,C,H,W shapes (default: the seeds\' typical shapes)')
+    parser.add_argument('--shapes', nargs='*', default=DEFAULT_SHAPES,
+                        help='N,C,H,W shapes (default: the seeds\' typical shapes; none: skip '
+                        'the layer tables)')
     parser.add_argument('--rounds', type=int, default=21, help='timing rounds (median taken)')
     parser.add_argument('--inner', type=int, default=2, help='calls per round')
     parser.add_argument('--no-conv', action='store_true', help='skip the WSConv comparison')

@@ -12,12 +12,12 @@ norm_cfg: ``dict(type='SN')`` (converted SN layers carry ``in_unbiased=True``, t
 variance, in their saved state) or ``dict(type='BCN', num_groups=G)`` with
 ``conv_cfg=dict(type='WSConv')``.
 
-The source is loaded with ``weights_only=True`` and only read; DST is never the source, and an
-existing DST is replaced only with ``--overwrite``, atomically. Every key and shape is checked against the
-target model; the tool names what does not match and writes nothing unless ``--allow-partial``.
-The output records the source and the format in ``meta``. ``--verify`` runs the converted model
-and an independent eval-mode forward of the source network on the same random batch and prints
-the largest difference.
+The source is loaded with ``weights_only=True`` and only read; an existing DST (the source
+included) is replaced only with ``--overwrite``, atomically. Every key and shape is checked
+against the target model; the tool names what does not match and writes nothing unless
+``--allow-partial``. The output records the source, the format and the momentum in ``meta``.
+``--verify`` runs the converted model and an independent eval-mode forward of the source network
+on the same random batch and prints the largest difference.
 """
 import argparse
 import hashlib

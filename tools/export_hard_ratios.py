@@ -4,13 +4,14 @@ the deploy form in which every hardened layer is its cheapest equivalent.
 
     python tools/export_hard_ratios.py CONFIG CHECKPOINT DST [--finetune] [--deploy-out DEPLOY]
 
-DST is a checkpoint of the same config (written atomically; an existing file, the input
-checkpoint included, is replaced only with ``--overwrite``) with one-hot ratios (it evaluates with tools/test.py as
-usual; ``tools/test.py CONFIG DST --deploy`` evaluates the deploy form). ``--finetune`` trains it
-further with the ratios frozen (SN study Table 2, right), with the config's own schedule
-(override with --cfg-options, e.g. ``train_cfg.max_iters=5000``). ``--deploy-out`` also saves
-the state dict of the deploy form with its per-layer plan in ``meta`` (the deploy structure is
-rebuilt with ``mmnorm.convert.to_deploy`` on a model built from the config).
+DST is a checkpoint of the same config with one-hot ratios (it evaluates with tools/test.py as
+usual; ``tools/test.py CONFIG DST --deploy`` evaluates the deploy form). It is written atomically;
+an existing file, the input checkpoint included, is replaced only with ``--overwrite``.
+``--finetune`` trains it further with the ratios frozen (SN study Table 2, right), with the
+config's own schedule (override with --cfg-options, e.g. ``train_cfg.max_iters=5000``).
+``--deploy-out`` also saves the state dict of the deploy form with its per-layer plan in
+``meta`` (the deploy structure is rebuilt with ``mmnorm.convert.to_deploy`` on a model built
+from the config).
 
 Per layer, the deploy form is: μ and σ both BN -> a per-channel affine map folded into the
 preceding convolution (``folded``) or a native eval-mode BN where there is none (``affine``);

@@ -92,7 +92,7 @@ else
 fi
 
 say "step 4/5: mmdet, mmsegmentation, mmpretrain and test tools"
-pip_install -r requirements/mminstall.txt -r requirements/tests.txt
+pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt
 
 say "step 5/5: mmnorm itself (editable)"
 pip_install --no-build-isolation --no-deps -e .

@@ -1,5 +1,6 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Utilities: safe checkpoint loading, safe output writing, CPU distributed launch, config and runner helpers."""
+"""Utilities: safe checkpoint loading and output writing, CPU distributed launch, config, model
+and runner helpers."""
 from .checkpoint import (CheckpointFileError, UnsafeCheckpointError,
                          allow_mmengine_checkpoint_globals, load_checkpoint_file,
                          register_checkpoint_loader, safe_globals)

@@ -99,9 +99,10 @@ def verify(cfg, module, session, shape, dynamic_batch: bool, tolerance: float) -
         expected = list(expected) if isinstance(expected, (tuple, list)) else [expected]
         diff, relative, per_output = compare(run_session(session, images), expected)
         worst = max(worst, relative)
+        outputs = ', '.join(f'{name}: {value:.1e}'
+                            for name, value in zip(module.output_names, per_output.values()))
         print(f'verify: batch {count} of real test images {tuple(images.shape)}: largest '
-              f'|difference| {diff:.3e}, relative {relative:.3e} '
-              f'({", ".join(f"{k}: {v:.1e}" for k, v in zip(module.output_names, per_output.values()))})')
+              f'|difference| {diff:.3e}, relative {relative:.3e} ({outputs})')
     status = 'ok' if worst <= tolerance else f'ABOVE the tolerance {tolerance:g}'
     print(f'verify: largest relative difference {worst:.3e} ({status})')
     return worst

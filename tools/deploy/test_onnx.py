@@ -13,6 +13,7 @@ are the ones ``tools/test.py CONFIG CHECKPOINT`` prints for the PyTorch model.
 """
 import argparse
 import json
+import numbers
 import os.path as osp
 import sys
 
@@ -98,7 +99,7 @@ def main(argv=None) -> dict:
     print()
     metrics = evaluator.evaluate(len(loader.dataset))
     print(f'ONNX Runtime, {args.model}: ' +
-          ', '.join(f'{k}: {v:.4f}' if isinstance(v, float) else f'{k}: {v}'
+          ', '.join(f'{k}: {float(v):.4f}' if isinstance(v, numbers.Real) else f'{k}: {v}'
                     for k, v in metrics.items()))
     if args.metrics_out:
         with open(args.metrics_out, 'w') as f:

@@ -97,3 +97,21 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(out).st_mode & 0o777 == 0o666 & ~mask  # as a plain open() would make it
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path):
+    from mmengine.config import Config
+
+    from mmnorm.utils.model import build_model
+    state = build_model(Config.fromfile(CONFIG)).state_dict()
+    wrong_shape = dict(state, **{'backbone.conv1.weight': torch.zeros(16, 3, 7, 7)})
+    torch.save({'state_dict': wrong_shape}, tmp_path / 'shape.pth')
+    missing = {k: v for k, v in state.items() if 'layer4' not in k}
+    torch.save({'state_dict': missing}, tmp_path / 'missing.pth')
+    export = _tool('deploy.export_onnx')
+    with pytest.raises(SystemExit, match=r'does not fit the model of the config: 1 shape\(s\) '
+                       r'\(backbone.conv1.weight \(16, 3, 7, 7\) vs \(8, 3, 7, 7\)\)'):
+        export.main([CONFIG, str(tmp_path / 'shape.pth'), str(tmp_path / 'a.onnx')])
+    with pytest.raises(SystemExit, match=r'missing key\(s\) \(backbone.layer4'):
+        export.main([CONFIG, str(tmp_path / 'missing.pth'), str(tmp_path / 'a.onnx')])
+    assert not (tmp_path / 'a.onnx').exists()

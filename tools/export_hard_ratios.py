@@ -35,7 +35,7 @@ from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
 from mmnorm.utils import (OutputExistsError, add_common_arguments, build_runner,  # noqa: E402
                           check_output, load_checkpoint_file, save_checkpoint)
-from mmnorm.utils.model import build_model  # noqa: E402
+from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
 
 
 def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
@@ -77,12 +77,15 @@ def main(argv=None) -> dict:
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
 
-    model = build_model(cfg, args.checkpoint)
+    model = build_model(cfg)
+    try:
+        checkpoint = load_weights(model, args.checkpoint)
+    except MODEL_LOAD_ERRORS as error:
+        raise SystemExit(f'error: {error}')
     soft = hard_choices(model)
     if not soft:
         raise SystemExit(f'{args.checkpoint} has no SN / SN_tied layer')
     choices = harden_ratios(model)
-    checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu')
     if 'state_dict' not in checkpoint:
         checkpoint = {'state_dict': checkpoint}
     checkpoint['state_dict'] = weights_to_cpu(get_state_dict(model))

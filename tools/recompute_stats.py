@@ -28,9 +28,8 @@ from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmnorm.engine import ESTIMATORS, recompute_batch_stats  # noqa: E402
 from mmnorm.utils import (OutputExistsError, add_common_arguments, check_output,  # noqa: E402
-                          load_checkpoint_file, parse_with_common_arguments,
-                          prepare_distributed, save_checkpoint)
-from mmnorm.utils.model import build_model  # noqa: E402
+                          parse_with_common_arguments, prepare_distributed, save_checkpoint)
+from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,8 +64,12 @@ def main(argv=None) -> dict:
     if args.launcher != 'none' and not prepare_distributed(cfg, args.launcher):
         init_dist(args.launcher, **cfg.get('env_cfg', {}).get('dist_cfg', {}))
     rank, world_size = get_dist_info()
-    model = build_model(cfg, args.checkpoint,
-                        device='cuda' if torch.cuda.is_available() else 'cpu')
+    model = build_model(cfg)
+    try:
+        checkpoint = load_weights(model, args.checkpoint)
+    except MODEL_LOAD_ERRORS as error:
+        raise SystemExit(f'error: {error}')
+    model.to('cuda' if torch.cuda.is_available() else 'cpu')
     seed = cfg.get('randomness', {}).get('seed', 0)
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)
 
@@ -76,7 +79,6 @@ def main(argv=None) -> dict:
                                    progress=(lambda _: bar.update()) if bar else None)
     if rank == 0:
         print()
-        checkpoint = load_checkpoint_file(args.checkpoint, map_location='cpu')
         if not isinstance(checkpoint, dict) or 'state_dict' not in checkpoint:
             checkpoint = {'state_dict': checkpoint}
         checkpoint['state_dict'] = weights_to_cpu(get_state_dict(model))

@@ -4,12 +4,61 @@ Runner need."""
 import copy
 from typing import Optional
 
+import re
+
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
-from mmengine.runner import load_checkpoint
 from torch import nn
 
-__all__ = ['config_scope', 'build_model']
+from .checkpoint import CheckpointFileError, UnsafeCheckpointError, load_checkpoint_file
+
+__all__ = ['config_scope', 'build_model', 'load_weights', 'CheckpointMismatchError',
+           'MODEL_LOAD_ERRORS']
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's weights do not fit the config's model (keys or shapes)."""
+
+
+#: What :func:`build_model` raises for a checkpoint it cannot use (the tools report these as
+#: one-line errors).
+MODEL_LOAD_ERRORS = (FileNotFoundError, CheckpointFileError, UnsafeCheckpointError,
+                     CheckpointMismatchError)
+
+
+def _summary(kind: str, keys) -> str:
+    keys = list(keys)
+    shown = ', '.join(keys[:4]) + (f', ... ({len(keys) - 4} more)' if len(keys) > 4 else '')
+    return f'{len(keys)} {kind} ({shown})'
+
+
+def load_weights(model: nn.Module, checkpoint: str, strict: bool = True) -> dict:
+    """Load ``checkpoint`` (an mmengine checkpoint or a bare state dict, ``module.`` prefixes
+    removed as mmengine removes them) into ``model``; returns the whole checkpoint.
+
+    Raises:
+        CheckpointMismatchError: with ``strict``, when keys are missing or unexpected, or shapes
+            differ; the message counts them and names the first few.
+    """
+    loaded = load_checkpoint_file(checkpoint, map_location='cpu')
+    state = loaded.get('state_dict', loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise CheckpointMismatchError(f'{checkpoint} holds no state dict')
+    state = {re.sub(r'^module\.', '', k): v for k, v in state.items()}
+    own = model.state_dict()
+    shapes = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in state.items()
+              if k in own and hasattr(v, 'shape') and v.shape != own[k].shape]
+    if shapes:
+        raise CheckpointMismatchError(
+            f'{checkpoint} does not fit the model of the config: {_summary("shape(s)", shapes)}')
+    result = model.load_state_dict(state, strict=False)
+    problems = [_summary(kind, keys) for kind, keys in
+                (('missing key(s)', result.missing_keys),
+                 ('unexpected key(s)', result.unexpected_keys)) if keys]
+    if strict and problems:
+        raise CheckpointMismatchError(f'{checkpoint} does not fit the model of the config: '
+                                      + '; '.join(problems))
+    return loaded
 
 
 def config_scope(cfg: Config) -> str:
@@ -21,8 +70,8 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, strict: bool = Tr
                 device: str = 'cpu') -> nn.Module:
     """``cfg.model`` built as a Runner builds it: in the config's scope (made the default scope,
     so that its datasets and transforms resolve too) and with a top-level ``data_preprocessor``
-    merged in; then ``checkpoint`` loaded through mmengine's ``load_checkpoint`` (and so mmnorm's
-    safe loader), on ``device``."""
+    merged in; then ``checkpoint`` loaded (:func:`load_weights`), on ``device``. Raises one of
+    :data:`MODEL_LOAD_ERRORS` for a checkpoint it cannot use."""
     init_default_scope(config_scope(cfg))
     model_cfg = copy.deepcopy(cfg.model)
     # As mmengine's Runner does: mmpretrain configs give the data preprocessor at top level.
@@ -30,5 +79,5 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, strict: bool = Tr
         model_cfg.setdefault('data_preprocessor', copy.deepcopy(cfg.data_preprocessor))
     model = MODELS.build(model_cfg)
     if checkpoint is not None:
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=strict)
+        load_weights(model, checkpoint, strict)
     return model.to(device)

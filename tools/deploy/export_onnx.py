@@ -38,7 +38,7 @@ from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # 
 from mmnorm.deploy import (TensorForward, compare, export_onnx, ort_session,  # noqa: E402
                            real_inputs, run_session)
 from mmnorm.utils import OutputExistsError, check_output  # noqa: E402
-from mmnorm.utils.model import build_model  # noqa: E402
+from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -83,12 +83,6 @@ def prepare(model, hard: bool, fold: bool, checkpoint_meta: dict) -> dict:
     return info
 
 
-def _checkpoint_meta(path: str) -> dict:
-    from mmnorm.utils import load_checkpoint_file
-    checkpoint = load_checkpoint_file(path, map_location='cpu')
-    return checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
-
-
 def verify(cfg, module, session, shape, dynamic_batch: bool, tolerance: float) -> float:
     """Largest relative difference ONNX Runtime vs PyTorch on real test images."""
     worst = 0.0
@@ -117,9 +111,12 @@ def main(argv=None) -> dict:
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
         cfg.merge_from_dict(args.cfg_options)
-    model = build_model(cfg, args.checkpoint).eval()
-    info = prepare(model, args.hard_ratios or args.fold, args.fold,
-                   _checkpoint_meta(args.checkpoint))
+    model = build_model(cfg)
+    try:
+        meta = load_weights(model, args.checkpoint).get('meta', {})
+    except MODEL_LOAD_ERRORS as error:
+        raise SystemExit(f'error: {error}')
+    info = prepare(model.eval(), args.hard_ratios or args.fold, args.fold, meta)
     try:
         module = TensorForward(model)
         shape = tuple(args.shape) if args.shape else tuple(

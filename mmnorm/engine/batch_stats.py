@@ -21,6 +21,13 @@ values per channel (:math:`N_b \times` spatial size):
   batches (:math:`\sigma^2 = \sum_b n_b(v_b + (\mu_b - \mu)^2) / (\sum_b n_b - 1)`, :math:`v_b`
   biased), independent of the batching.
 
+With one value per channel in a batch (:math:`n_b = 1`: e.g. ASPP's image pooling branch at one
+image per process) a batch has no variance (the layers leave their running variance unchanged for
+such batches, in training too), so ``'batch_average'`` cannot be formed: those layers get the
+``'population'`` estimate, pooled over the K batches, and the function says which. With a single
+value seen in all (:math:`\sum_b n_b = 1`) no variance can be estimated at all: the layer keeps
+its statistics, is *not* marked ready, and a warning names it.
+
 In distributed runs the sums are all-reduced (one collective per pass over all layers), so every
 rank ends with identical buffers. Layers configured with ``eval_stats='batch_average'`` are marked
 ready (``stats_ready``), which silences the guard that warns when they are evaluated with
@@ -78,7 +85,8 @@ class _Accumulator:
 
 
 def _combine(accumulators: List[_Accumulator], estimator: str) -> List[tuple]:
-    """All-reduced (mean, var) per layer; one or two collectives for all layers together."""
+    """All-reduced (mean, var, count) per layer; one or two collectives for all layers together.
+    ``count``: values per channel seen (all processes), for the population estimate."""
     device = accumulators[0].layer.running_mean.device
     if estimator == 'batch_average':
         sums = []
@@ -89,7 +97,7 @@ def _combine(accumulators: List[_Accumulator], estimator: str) -> List[tuple]:
             sums.append(torch.cat([torch.tensor([float(weight)], dtype=torch.float64,
                                                 device=device), mean.to(device), var.to(device)]))
         flat = _all_reduce_sum(torch.cat(sums))
-        return [(s[1:1 + (len(s) - 1) // 2] / s[0], s[1 + (len(s) - 1) // 2:] / s[0])
+        return [(s[1:1 + (len(s) - 1) // 2] / s[0], s[1 + (len(s) - 1) // 2:] / s[0], None)
                 for s in _split(flat, sums)]
     # population: exact pooled mean first, then the pooled variance around it.
     firsts = []
@@ -106,7 +114,7 @@ def _combine(accumulators: List[_Accumulator], estimator: str) -> List[tuple]:
                      for b in acc.batches)
         seconds.append(spread)
     flat = _all_reduce_sum(torch.cat(seconds))
-    return [(mean, spread / max(count.item() - 1, 1.0))
+    return [(mean, spread / max(count.item() - 1, 1.0), count.item())
             for (mean, count), spread in zip(means, _split(flat, seconds))]
 
 
@@ -198,13 +206,39 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
     if get_world_size() > 1 and bool(((seen > 0) & (seen < get_world_size())).any()):
         raise RuntimeError('recompute_batch_stats: some layers saw data on some processes only; '
                            'the processes must run the same layers')
+    names = {acc: name for name, acc in accumulators.items()}
+    # A batch with one value per channel has no variance: batch-average those layers'
+    # variances is impossible, pool over all their batches instead (every rank decides alike:
+    # the flag is all-reduced).
+    single = torch.tensor([float(any(b[1] <= 1 for b in acc.batches)) for acc in used],
+                          dtype=torch.float64)
     if used:
-        for acc, (mean, var) in zip(used, _combine(used, estimator)):
+        single = _all_reduce_sum(single.to(used[0].layer.running_mean.device)) > 0
+    fallback = [a for a, s in zip(used, single.tolist()) if s] \
+        if estimator == 'batch_average' else []
+    groups = [(estimator, [a for a in used if a not in fallback]), ('population', fallback)]
+    if fallback:
+        print_log(f'recompute_batch_stats: {len(fallback)} layer(s) saw one value per channel '
+                  f'in a batch (no batch variance): population estimate instead: '
+                  f'{[names[a] for a in fallback][:5]}', logger=logger, level=30)
+    stale = []
+    for group_estimator, group in groups:
+        if not group:
+            continue
+        for acc, (mean, var, count) in zip(group, _combine(group, group_estimator)):
             acc.layer.running_mean.copy_(mean.to(acc.layer.running_mean.dtype))
+            if count is not None and count <= 1:
+                stale.append(names[acc])  # one value in all: no variance to estimate
+                continue
             acc.layer.running_var.copy_(var.to(acc.layer.running_var.dtype))
             if isinstance(acc.layer, BatchStatsNorm):
                 acc.layer.stats_ready.fill_(True)
                 acc.layer._stale_warned = False
+    if stale:
+        print_log(f'recompute_batch_stats: {len(stale)} layer(s) saw a single value per channel '
+                  f'in all; their running variance cannot be estimated, is kept, and they are '
+                  f'not marked recomputed (use more batches): {stale[:5]}', logger=logger,
+                  level=30)
     if unused:
         print_log(f'recompute_batch_stats: {len(unused)} layer(s) received no input and keep '
                   f'their statistics: {unused[:5]}{"..." if len(unused) > 5 else ""}',

@@ -5,13 +5,13 @@
 tensors, one centered affine map); :mod:`.switchable` and :mod:`.batch_channel` are SN's and
 BCN's coefficient functions and functional forms.
 """
-from .batch_channel import batch_channel_norm, check_num_groups, update_estimates
+from .batch_channel import batch_channel_norm, check_num_groups, check_rate, update_estimates
 from .moments import (COMPILED_DEVICES, LOW_PRECISION, CoefficientFn, as_rows, channel_moments,
                       compiled_enabled, in_recomputation, is_tracing, normalize_rows, pool,
                       stat_dtype, use_compiled)
 from .running_stats import (batch_statistics, unbiased_factor, update_from_batch,
                             update_running_stats)
-from .switchable import MIX_MODES, check_norm_input, switchable_norm
+from .switchable import MIX_MODES, check_norm_input, check_param_sizes, switchable_norm
 from .weight_std import conv2d_ws, standardize_weight
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     'normalize_rows', 'CoefficientFn', 'channel_moments', 'as_rows', 'pool', 'stat_dtype',
     'LOW_PRECISION', 'batch_statistics', 'update_running_stats', 'update_from_batch',
     'unbiased_factor',
-    'update_estimates', 'check_norm_input', 'check_num_groups', 'MIX_MODES', 'is_tracing',
+    'update_estimates', 'check_norm_input', 'check_param_sizes', 'check_num_groups',
+    'check_rate', 'MIX_MODES', 'is_tracing',
     'in_recomputation', 'use_compiled', 'compiled_enabled', 'COMPILED_DEVICES'
 ]

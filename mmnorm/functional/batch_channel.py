@@ -40,9 +40,9 @@ from torch import Tensor
 
 from .moments import eager_channel_moments, normalize_rows, pool
 from .running_stats import batch_statistics, update_from_batch
-from .switchable import check_norm_input
+from .switchable import check_norm_input, check_param_sizes
 
-__all__ = ['batch_channel_norm', 'check_num_groups', 'update_estimates']
+__all__ = ['batch_channel_norm', 'check_num_groups', 'check_rate', 'update_estimates']
 
 
 def check_num_groups(num_channels: int, num_groups: int) -> None:
@@ -124,8 +124,25 @@ def _move_estimates(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
     PyTorch issue: pytorch/pytorch#197039). Given to the graph as inputs, they are values nothing
     mutates.
     """
+    check_rate(rate)
     with torch.no_grad():
         return update_estimates(estimate_mean, estimate_var, *eager_channel_moments(x), rate)
+
+
+def check_rate(rate: Union[float, Tensor], name: str = 'rate') -> None:
+    """Refuse an estimate update rate outside [0, 1]: beyond 1 the estimates overshoot the
+    batch statistics and the variance can turn negative (NaN outputs); below 0 they move away.
+
+    Python numbers are always checked; a tensor rate when it lives on the CPU (reading an
+    accelerator's value would synchronize every step: layers and hooks check where they set it).
+    """
+    if isinstance(rate, Tensor):
+        if rate.device.type != 'cpu' or rate.numel() != 1:
+            return
+        rate = float(rate)
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f'{name} must be in [0, 1] (BCN Algorithm 1 sets it to the learning '
+                         f'rate), got {rate!r}')
 
 
 def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -156,16 +173,23 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         eps (float): added to both variances. Defaults to 1e-5.
         estimate (bool): micro-batch form (Algorithm 1); requires the running buffers.
             Defaults to False.
-        rate (float | Tensor): update rate :math:`r` of the estimates (a 0-dim tensor avoids a
-            host-device sync). Defaults to 0.
+        rate (float | Tensor): update rate :math:`r` of the estimates, in [0, 1] (a 0-dim
+            tensor avoids a host-device sync). Defaults to 0.
         process_group (optional): large-batch training only: BN statistics of the whole group's
             batch (synchronized BCN). Defaults to None (this process's batch).
 
     Returns:
         Tensor: normalized input, same shape and dtype.
     """
-    check_norm_input(input, bn_weight.shape[0] if bn_weight is not None else None)
+    check_norm_input(input)
     check_num_groups(input.shape[1], num_groups)
+    channels, per_channel, per_group = input.shape[1], 'one per channel C', 'one per group G'
+    check_param_sizes('batch_channel_norm', weight=(weight, num_groups, per_group),
+                      bias=(bias, num_groups, per_group),
+                      bn_weight=(bn_weight, channels, per_channel),
+                      bn_bias=(bn_bias, channels, per_channel),
+                      running_mean=(running_mean, channels, per_channel),
+                      running_var=(running_var, channels, per_channel))
     if estimate and (running_mean is None or running_var is None):
         raise ValueError('estimate=True needs the running_mean/running_var estimate buffers')
     length = math.prod(input.shape[2:])

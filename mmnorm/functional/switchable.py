@@ -35,7 +35,7 @@ from torch import Tensor
 from .moments import normalize_rows, pool
 from .running_stats import batch_statistics, update_from_batch
 
-__all__ = ['switchable_norm', 'check_norm_input', 'MIX_MODES']
+__all__ = ['switchable_norm', 'check_norm_input', 'check_param_sizes', 'MIX_MODES']
 
 MIX_MODES = ('var', 'std')
 
@@ -52,6 +52,19 @@ def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
                          f'{tuple(input.shape)}')
     if not input.is_floating_point():
         raise TypeError(f'expected a floating-point input, got {input.dtype}')
+
+
+def check_param_sizes(function: str, **sizes) -> None:
+    """Raise a clear error for a parameter or buffer whose shape is not ``(size,)``.
+
+    ``sizes`` maps each argument name to ``(tensor or None, expected size, what the size is)``.
+    Broadcasting would otherwise accept a size-1 tensor silently, and other sizes fail deep
+    inside with an unrelated reshape error; ``F.batch_norm`` / ``F.group_norm`` check the same.
+    """
+    for name, (tensor, size, meaning) in sizes.items():
+        if tensor is not None and tuple(tensor.shape) != (size, ):
+            raise ValueError(f'{function}: {name} should have shape ({size},) ({meaning}), got '
+                             f'{tuple(tensor.shape)}')
 
 
 def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Tensor,
@@ -127,7 +140,12 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         Tensor: normalized input, same shape and dtype. Statistics and the affine map are
         computed in float32 for float16/bfloat16 inputs.
     """
-    check_norm_input(input, weight.shape[0] if weight is not None else None)
+    check_norm_input(input)
+    channels = input.shape[1]
+    check_param_sizes('switchable_norm', weight=(weight, channels, 'one per channel C'),
+                      bias=(bias, channels, 'one per channel C'),
+                      running_mean=(running_mean, channels, 'one per channel C'),
+                      running_var=(running_var, channels, 'one per channel C'))
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
     if mean_logits.dim() != 1 or mean_logits.shape[0] not in (2, 3) \

@@ -18,7 +18,8 @@ import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..functional import batch_channel_norm, check_num_groups, in_recomputation, is_tracing
+from ..functional import (batch_channel_norm, check_norm_input, check_num_groups, check_rate,
+                          in_recomputation, is_tracing)
 from ..registry import register
 from .base import BatchStatsNorm, full_precision
 
@@ -132,8 +133,7 @@ class BatchChannelNorm(BatchStatsNorm):
         """Set the update rate ``r`` of Algorithm 1 (the learning rate, per the paper)."""
         if not self.estimate:
             raise RuntimeError('set_estimate_rate() applies to BCN layers with estimate=True')
-        if not rate >= 0:
-            raise ValueError(f'the estimate rate must be >= 0, got {rate!r}')
+        check_rate(rate, 'the estimate rate')
         self.estimate_rate.fill_(rate)
 
     def _check_rate(self) -> None:
@@ -146,6 +146,7 @@ class BatchChannelNorm(BatchStatsNorm):
             warnings.warn(_ZERO_RATE_MSG, stacklevel=3)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_norm_input(input, self.num_features)  # before any bookkeeping
         if self.estimate:
             # Algorithm 1 moves the estimates once per training step: not again when activation
             # checkpointing recomputes the step, which then normalizes with the moved estimates,

@@ -18,7 +18,7 @@ import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..functional import MIX_MODES, switchable_norm
+from ..functional import MIX_MODES, check_norm_input, switchable_norm
 from ..registry import register
 from .base import BatchStatsNorm, full_precision
 
@@ -133,6 +133,7 @@ class SwitchableNorm(BatchStatsNorm):
         return mean_logits.softmax(0), var_logits.softmax(0)
 
     def forward(self, input: Tensor) -> Tensor:
+        check_norm_input(input, self.num_features)  # before any bookkeeping
         running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
         # SN_tied has one logits vector, used for means and variances alike.
         mean_logits, var_logits = self._logits()[0], self._logits()[-1]

@@ -215,3 +215,36 @@ def test_two_processes_end_identical_and_equal_to_one_process():
     for key, value in ranks[0].items():
         assert torch.equal(ranks[1][key], value), f'{key} differs between ranks'
         torch.testing.assert_close(value, single.state_dict()[key], rtol=1e-10, atol=1e-10)
+
+
+def _image_pooling_model():
+    """ASPP's image pooling branch: global average pooling, then a 1x1 conv and SN, so that at
+    one image per batch each SN channel sees a single value."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1),
+                         SwitchableNorm(4, eval_stats='batch_average')).double()
+
+
+def test_one_value_per_channel_gets_the_population_estimate():
+    model = _image_pooling_model()
+    batches = make_batches(num=5, size=1)
+    with torch.no_grad():  # the SN input of every batch: (1, 4, 1, 1)
+        values = torch.cat([model[:3](b).flatten(1) for b in batches])  # (5, 4)
+    stale_var = model[3].running_var.clone()
+    recompute_batch_stats(model, batches, 5, forward=forward)
+    # Batch variances do not exist here; the pooled (population) estimate over the 5 values.
+    torch.testing.assert_close(model[3].running_mean, values.mean(0))
+    torch.testing.assert_close(model[3].running_var, values.var(0, unbiased=True))
+    assert not torch.equal(model[3].running_var, stale_var)
+    assert bool(model[3].stats_ready)
+
+
+def test_a_single_value_in_all_is_never_marked_fresh():
+    model = _image_pooling_model()
+    model[3].running_var.fill_(7.0)  # the stale training-time value
+    recompute_batch_stats(model, make_batches(num=1, size=1), 1, forward=forward)
+    assert torch.equal(model[3].running_var, torch.full((4, ), 7.0, dtype=torch.float64))
+    assert not bool(model[3].stats_ready)
+    model.eval()
+    with pytest.warns(UserWarning, match='not recomputed'):
+        model(make_batches(num=1, size=1)[0])

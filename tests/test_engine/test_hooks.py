@@ -177,6 +177,15 @@ class TestEstimateRateHook:
         with pytest.raises(ValueError):
             EstimateRateHook(scale=0)
 
+    def test_rate_above_one_is_refused_naming_the_group(self, tmp_path):
+        optim = dict(optimizer=dict(type='SGD', lr=0.1),
+                     paramwise_cfg=dict(custom_keys={'norm2': dict(lr_mult=20.0)}))
+        runner = _runner(tmp_path, self._model(), max_iters=1, optim=optim,
+                         custom_hooks=[dict(type='EstimateRateHook')])
+        with pytest.raises(ValueError, match=r'EstimateRateHook: layer norm2 \(its param group '
+                           r'\d+ of optimizer 0\) has lr 2\.0 x scale 1\.0 = 2\.0, outside'):
+            runner.train()
+
 
 class TestRatioLogging:
 

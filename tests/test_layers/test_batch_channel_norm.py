@@ -69,8 +69,34 @@ class TestExceptions:
     def test_rate_setter(self):
         with pytest.raises(RuntimeError, match='estimate=True'):
             BatchChannelNorm(8, num_groups=4).set_estimate_rate(0.1)
-        with pytest.raises(ValueError, match='>= 0'):
-            BatchChannelNorm(8, num_groups=4, estimate=True).set_estimate_rate(-1)
+        layer = BatchChannelNorm(8, num_groups=4, estimate=True)
+        for rate in (-1, 1.5, float('nan')):
+            with pytest.raises(ValueError, match=r'must be in \[0, 1\]'):
+                layer.set_estimate_rate(rate)
+        layer.set_estimate_rate(1.0)  # the bounds are allowed
+        layer.set_estimate_rate(0.0)
+
+    @pytest.mark.parametrize('rate', [-0.5, 1.5, torch.tensor(-0.5), torch.tensor(1.5)])
+    def test_functional_refuses_rates_outside_unit_interval(self, rate):
+        # Above 1 the estimates overshoot: after a wide then a narrow batch the estimated
+        # variance goes negative and the output is NaN.
+        with pytest.raises(ValueError, match=r'rate must be in \[0, 1\]'):
+            batch_channel_norm(torch.randn(2, 8, 3), 4, running_mean=torch.zeros(8),
+                               running_var=torch.ones(8), estimate=True, rate=rate)
+
+    @pytest.mark.parametrize('name, size, expected, meaning', [
+        ('bias', 1, 4, 'group'), ('weight', 8, 4, 'group'), ('bn_bias', 1, 8, 'channel'),
+        ('bn_weight', 4, 8, 'channel'), ('running_mean', 1, 8, 'channel'),
+        ('running_var', 7, 8, 'channel')])
+    @pytest.mark.parametrize('estimate', [False, True])
+    def test_functional_checks_parameter_sizes(self, name, size, expected, meaning, estimate):
+        args = dict(weight=torch.ones(4), bias=torch.zeros(4), bn_weight=torch.ones(8),
+                    bn_bias=torch.zeros(8), running_mean=torch.zeros(8),
+                    running_var=torch.ones(8))
+        args[name] = torch.ones(size)
+        with pytest.raises(ValueError, match=rf'batch_channel_norm: {name} should have shape '
+                           rf'\({expected},\) \(one per {meaning}'):
+            batch_channel_norm(torch.randn(2, 8, 3), 4, estimate=estimate, rate=0.1, **args)
 
     def test_bad_input(self):
         bcn = BatchChannelNorm(8, num_groups=4)

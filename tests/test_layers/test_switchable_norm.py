@@ -104,6 +104,19 @@ class TestExceptions:
         with pytest.raises(ValueError, match='mix'):
             switchable_norm(x, torch.zeros(3), torch.zeros(3), mix='l1')
 
+    @pytest.mark.parametrize('name, size', [('bias', 1), ('weight', 1), ('running_mean', 1),
+                                            ('running_var', 1), ('weight', 4), ('bias', 2)])
+    @pytest.mark.parametrize('training', [True, False])
+    def test_functional_checks_parameter_sizes(self, name, size, training):
+        # Size 1 would broadcast silently; other sizes used to fail inside with a reshape error.
+        x = torch.randn(2, 3, 4)
+        args = dict(weight=torch.ones(3), bias=torch.zeros(3), running_mean=torch.zeros(3),
+                    running_var=torch.ones(3))
+        args[name] = torch.ones(size)
+        with pytest.raises(ValueError, match=rf'switchable_norm: {name} should have shape '
+                           rf'\(3,\) \(one per channel C\), got \({size},\)'):
+            switchable_norm(x, torch.zeros(3), torch.zeros(3), training=training, **args)
+
 
 class TestShapes:
 

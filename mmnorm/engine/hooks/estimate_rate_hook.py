@@ -47,6 +47,7 @@ class EstimateRateHook(Hook):
             raise ValueError(f'scale must be > 0, got {scale!r}')
         self.scale = scale
         self._groups: Optional[Dict[BatchChannelNorm, dict]] = None
+        self._group_names: Dict[BatchChannelNorm, str] = {}
 
     def before_train(self, runner: Runner) -> None:
         self._groups = None  # the optimizer may be rebuilt (resume)
@@ -60,12 +61,18 @@ class EstimateRateHook(Hook):
             for group in optimizer.param_groups:
                 for p in group['params']:
                     groups_of[id(p)] = group
+        names = {id(group): f'param group {index} of optimizer {k}'
+                 for k, optimizer in enumerate(optimizers)
+                 for index, group in enumerate(optimizer.param_groups)}
         default = optimizers[0].param_groups[0]
         found = {}
+        self._group_names = {}
         for layer in layers:
             group = next((groups_of[id(p)] for p in layer.parameters() if id(p) in groups_of),
                          default)
             found[layer] = group
+            layer_name = next((n for n, m in model.named_modules() if m is layer), '?')
+            self._group_names[layer] = f'layer {layer_name} (its {names[id(group)]})'
         if not layers:
             runner.logger.warning('EstimateRateHook: the model has no BCN layer with '
                                   'estimate=True; the hook does nothing')
@@ -75,4 +82,11 @@ class EstimateRateHook(Hook):
         if self._groups is None:
             self._groups = self._layer_groups(runner)
         for layer, group in self._groups.items():
-            layer.set_estimate_rate(group['lr'] * self.scale)
+            rate = group['lr'] * self.scale
+            if not 0.0 <= rate <= 1.0:
+                index = self._group_names[layer]
+                raise ValueError(
+                    f'EstimateRateHook: {index} has lr {group["lr"]!r} x scale {self.scale} = '
+                    f'{rate!r}, outside [0, 1]. The estimate rate is the learning rate (BCN '
+                    f'Algorithm 1); lower the scale, or that group\'s lr / lr_mult')
+            layer.set_estimate_rate(rate)

@@ -11,7 +11,7 @@ from mmcv.cnn import ConvModule
 from mmengine.registry import DefaultScope
 from torch import nn
 
-import mmnorm
+import mmnorm  # noqa: F401  (registers the layers)
 from mmnorm import SwitchableNorm, SwitchableNormTied
 from mmnorm.convert import hard_choices, harden_ratios, to_deploy
 from tests.conftest import ROOT
@@ -139,6 +139,8 @@ def test_export_tool_and_deploy_test(tmp_path):
         return result.stdout
 
     tool('train.py', config, '--work-dir', str(tmp_path / 'w'), '--cfg-options', *options)
+    source = tmp_path / 'w' / 'iter_4.pth'
+    source_bytes = source.read_bytes()
     hard = str(tmp_path / 'hard.pth')
     out = tool('export_hard_ratios.py', config, str(tmp_path / 'w' / 'iter_4.pth'), hard,
                '--finetune', '--work-dir', str(tmp_path / 'ft'), '--deploy-out',
@@ -158,4 +160,25 @@ def test_export_tool_and_deploy_test(tmp_path):
              '--cfg-options', *options, *extra)
         metrics.append(json.load(open(path))['accuracy/top1'])
     assert metrics[0] == metrics[1]  # the deploy form predicts what the hard model predicts
-    assert mmnorm.__version__
+    # The source checkpoint is only read, and the output says where it came from.
+    assert source.read_bytes() == source_bytes
+    assert checkpoint['meta']['hard_ratios']['source_checkpoint'] == str(source)
+
+
+def test_deploy_hook_logs_each_layers_choices():
+    """DeployHook's log names every layer's (mu, sigma) choice (it printed '?' for all)."""
+    from types import SimpleNamespace
+
+    from mmnorm.engine import DeployHook
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), SwitchableNorm(8), nn.Conv2d(8, 8, 1),
+                          SwitchableNorm(8))
+    expected = _set_choices(model)
+    harden_ratios(model)
+    messages = []
+    runner = SimpleNamespace(model=model, logger=SimpleNamespace(info=messages.append))
+    DeployHook().before_test(runner)
+    log = messages[0]
+    assert '?' not in log
+    for name, (mean_choice, var_choice) in expected.items():
+        assert any(line.split()[:3] == [name, mean_choice, var_choice]
+                   for line in log.splitlines()), (name, log)

@@ -65,18 +65,53 @@ def test_dist_train_two_cpu_processes_agree(dist_run):
     assert osp.exists(osp.join(work, 'iter_4.pth'))
 
 
+def _independent_scores(checkpoint, options):
+    """Class scores of every test image: the config's model built directly (with its top-level
+    data preprocessor), the checkpoint's state dict loaded, eval mode, softmax."""
+    import argparse
+
+    from mmengine.config import Config, DictAction
+    from mmengine.registry import MODELS, init_default_scope
+    from mmengine.runner import Runner
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction)
+    cfg = Config.fromfile(CONFIG)
+    cfg.merge_from_dict(parser.parse_args(['--cfg-options', *options]).cfg_options)
+    init_default_scope('mmpretrain')
+    model = MODELS.build(dict(cfg.model, data_preprocessor=cfg.data_preprocessor))
+    model.load_state_dict(torch.load(checkpoint, weights_only=True)['state_dict'])
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for data in Runner.build_dataloader(cfg.test_dataloader):
+            data = model.data_preprocessor(data, False)
+            scores.append(model(data['inputs'], mode='tensor').softmax(1))
+    return torch.cat(scores)
+
+
 def test_test_tool_evaluates_the_checkpoint(dist_run, tmp_path):
+    import pickle
     work, options, env = dist_run
     metrics_file = str(tmp_path / 'metrics.json')
+    dump = str(tmp_path / 'predictions.pkl')
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'test.py'), CONFIG,
          osp.join(work, 'iter_4.pth'), '--work-dir', str(tmp_path), '--metrics-out',
-         metrics_file, '--cfg-options', *options], env=env, capture_output=True, text=True,
-        timeout=300)
+         metrics_file, '--out', dump, '--cfg-options', *options], env=env, capture_output=True,
+        text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(metrics_file) as f:
         metrics = json.load(f)
-    assert 0.0 <= metrics['accuracy/top1'] <= 100.0
+    with open(dump, 'rb') as f:
+        predictions = pickle.load(f)
+    # The tool ran the checkpoint's weights in eval mode: its scores are those of the same
+    # model computed here, and its accuracy is theirs.
+    expected = _independent_scores(osp.join(work, 'iter_4.pth'), options)
+    actual = torch.stack([torch.as_tensor(p['pred_score']) for p in predictions])
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6)
+    labels = torch.tensor([int(p['gt_label']) for p in predictions])
+    accuracy = (expected.argmax(1) == labels).double().mean().item() * 100
+    assert metrics['accuracy/top1'] == pytest.approx(accuracy, abs=1e-4)
 
 
 def test_dist_train_resume_two_processes(dist_run):

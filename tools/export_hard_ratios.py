@@ -29,12 +29,12 @@ import time
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E402
 
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
-from mmnorm.utils import (OutputExistsError, add_common_arguments, build_runner,  # noqa: E402
-                          check_output, load_checkpoint_file, save_checkpoint)
+from mmnorm.utils import (OutputExistsError, build_runner, check_output,  # noqa: E402
+                          load_checkpoint_file, save_checkpoint)
 from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
 
 
@@ -64,7 +64,10 @@ def main(argv=None) -> dict:
                         help='also save the deploy form (state dict + plan) here')
     parser.add_argument('--overwrite', action='store_true',
                         help='replace an existing DST / --deploy-out (even the input checkpoint)')
-    add_common_arguments(parser)
+    # Single-process (the finetuning too; for a distributed finetune, train the hard checkpoint
+    # with tools/dist_train.sh and custom_hooks=[dict(type='HardRatiosHook')]): no --launcher.
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value')
     args = parser.parse_args(argv)
     try:
         for output in filter(None, (args.dst, args.deploy_out)):

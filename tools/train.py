@@ -6,8 +6,8 @@ codebase), with mmnorm's layers and hooks available.
     bash tools/dist_train.sh CONFIG NUM_PROCS [args]       # torchrun, also on CPU (gloo)
 
 Differences from the codebases' own ``tools/train.py``: ``--launcher pytorch``/``slurm`` work
-without CUDA (gloo, CPU DDP), ``--sync-norm`` converts SN/BCN (and BN) layers to their
-synchronized versions, and checkpoints written by mmengine load under torch's safe unpickler.
+without CUDA (gloo, CPU DDP), ``--sync-norm`` switches SN/SN_tied/BCN norm configs to their
+synchronized versions (plain BN is left to mmengine's ``sync_bn``), and checkpoints written by mmengine load under torch's safe unpickler.
 """
 import argparse
 import os.path as osp
@@ -39,8 +39,9 @@ def parse_args(argv=None):
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate with the total batch size')
     parser.add_argument('--sync-norm', action='store_true',
-                        help='convert SN/SN_tied/BCN and BatchNorm layers to their synchronized '
-                        'versions before training (multi-process runs)')
+                        help='switch SN/SN_tied/BCN in the model config to SyncSN/SyncSN_tied/'
+                        'SyncBCN before training (multi-process runs; BatchNorm is left to the '
+                        "config's own sync_bn key)")
     add_common_arguments(parser)
     return parse_with_common_arguments(parser, argv)
 

@@ -13,7 +13,7 @@ from mmengine.runner import Runner
 import mmnorm
 from mmnorm import BatchChannelNorm
 from mmnorm.engine import BatchAverageStatsHook, EstimateRateHook, recompute_batch_stats
-from tests.helpers.toy import ToyData, ToyModel, loader
+from tests.helpers.toy import ToyModel, loader
 
 
 def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler=None,

@@ -252,10 +252,25 @@ class TestEdgeCases:
         torch.testing.assert_close(y.float(), expected, rtol=5e-2, atol=5e-2)
 
     def test_layer_called_twice_before_backward(self):
-        # A shared head applies the same layer to several levels before one backward.
-        bcn = BatchChannelNorm(8, num_groups=4, estimate=True)
-        bcn.set_estimate_rate(0.1)
-        a = torch.randn(2, 8, 4, 4, requires_grad=True)
-        b = torch.randn(2, 8, 2, 2, requires_grad=True)
+        """A shared head applies one estimated layer to several levels before one backward.
+        Each use normalizes with the estimates *its* update produced (constants for autograd),
+        though the buffers move again before the backward: an independent float64 oracle per
+        use, with the estimates of Algorithm 1 after the first and after the second update."""
+        rate = 0.3
+        bcn = _bcn(estimate=True)
+        bcn.set_estimate_rate(rate)
+        a = make_input((2, 8, 4, 4), seed=1, offset=1.0).requires_grad_()
+        b = make_input((2, 8, 2, 2), seed=2, scale=5.0, offset=-3.0).requires_grad_()
         (bcn(a).sum() + bcn(b).square().sum()).backward()
-        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+        first = oracles.algorithm1_step(a.detach(), torch.zeros(8, dtype=torch.float64),
+                                        torch.ones(8, dtype=torch.float64), rate)
+        second = oracles.algorithm1_step(b.detach(), *first, rate)
+        assert_close(bcn.running_mean, second[0])
+        assert_close(bcn.running_var, second[1])
+        for x, stats, loss in ((a, first, lambda y: y.sum()),
+                               (b, second, lambda y: y.square().sum())):
+            x_ref = x.detach().clone().requires_grad_()
+            params = {n: p.detach() for n, p in bcn.named_parameters()}
+            loss(oracles.bcn(x_ref, 4, params['weight'], params['bias'], params['bn_weight'],
+                             params['bn_bias'], bn_stats=stats)).backward()
+            assert_close(x.grad, x_ref.grad)

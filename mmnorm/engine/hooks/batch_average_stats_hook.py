@@ -5,12 +5,12 @@ from typing import Optional
 
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, Runner
 from torch.utils.data import DataLoader
 
 from ..batch_stats import ESTIMATORS, recompute_batch_stats
+from .runner_model import runner_model
 
 __all__ = ['BatchAverageStatsHook']
 
@@ -95,7 +95,7 @@ class BatchAverageStatsHook(Hook):
                 f'BatchAverageStatsHook: no train_dataloader to compute statistics from '
                 f'({when}); evaluating with the statistics in the model')
             return
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner_model(runner)
         start = time.time()
         runner.logger.info(f'BatchAverageStatsHook: recomputing statistics {when} from '
                            f'{self.num_iters} training batches ({self.estimator})')

@@ -4,12 +4,12 @@ from typing import Dict, List, Optional
 
 import torch
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 from ...layers import BatchChannelNorm
+from .runner_model import runner_model
 
 __all__ = ['EstimateRateHook']
 
@@ -53,7 +53,7 @@ class EstimateRateHook(Hook):
         self._groups = None  # the optimizer may be rebuilt (resume)
 
     def _layer_groups(self, runner: Runner) -> Dict[BatchChannelNorm, dict]:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner_model(runner)
         layers = [m for m in model.modules() if isinstance(m, BatchChannelNorm) and m.estimate]
         groups_of = {}
         optimizers = _optimizers(runner.optim_wrapper)

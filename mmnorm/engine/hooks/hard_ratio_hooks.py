@@ -1,17 +1,13 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Hooks for hard-ratio finetuning and deploy-form evaluation."""
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from ...convert.hard_ratios import harden_ratios, summarize, to_deploy
+from ...convert.hard_ratios import hard_choices, harden_ratios, summarize, to_deploy
+from .runner_model import runner_model
 
 __all__ = ['HardRatiosHook', 'DeployHook']
-
-
-def _unwrap(runner: Runner):
-    return runner.model.module if is_model_wrapper(runner.model) else runner.model
 
 
 @HOOKS.register_module()
@@ -25,7 +21,7 @@ class HardRatiosHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_train(self, runner: Runner) -> None:
-        choices = harden_ratios(_unwrap(runner))
+        choices = harden_ratios(runner_model(runner))
         runner.logger.info(f'HardRatiosHook: {len(choices)} SN layer(s) with frozen one-hot '
                            f'ratios')
 
@@ -38,7 +34,8 @@ class DeployHook(Hook):
     priority = 'VERY_HIGH'
 
     def before_test(self, runner: Runner) -> None:
-        model = _unwrap(runner)
+        model = runner_model(runner)
         model.eval()
+        choices = hard_choices(model)  # read before the layers are replaced
         plan = to_deploy(model)
-        runner.logger.info('DeployHook:\n' + summarize(plan, {}))
+        runner.logger.info('DeployHook:\n' + summarize(plan, choices))

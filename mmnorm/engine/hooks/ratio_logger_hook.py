@@ -6,11 +6,11 @@ from typing import Optional
 
 from mmengine.dist import master_only
 from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
 from ...utils.ratios import model_ratios, symmetric_kl
+from .runner_model import runner_model
 
 __all__ = ['SNRatioLoggerHook']
 
@@ -52,7 +52,7 @@ class SNRatioLoggerHook(Hook):
             self._record(runner, runner.iter + 1)
 
     def _record(self, runner: Runner, iteration: int) -> None:
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+        model = runner_model(runner)
         layers = model_ratios(model)
         if not layers:
             return

@@ -10,7 +10,6 @@ uses it (ResNet-50, output stride 8) for Cityscapes and ADE20K.
 """
 from typing import List, Sequence
 
-import torch
 from mmseg.models.decode_heads.decode_head import BaseDecodeHead
 from mmseg.registry import MODELS
 from torch import Tensor, nn
@@ -53,12 +52,10 @@ class DeepLabV2Head(BaseDecodeHead):
         if self.input_transform == 'multiple_select':
             raise ValueError('DeepLabV2Head classifies one feature map; use in_index=<int>')
         del self.conv_seg  # the summed ASPP branches are the classifier
-        conv = nn.Conv2d
-        if self.conv_cfg is not None:
-            from mmcv.cnn import build_conv_layer
+        from mmcv.cnn import build_conv_layer
 
-            def conv(*args, **kw):
-                return build_conv_layer(self.conv_cfg, *args, **kw)
+        def conv(*args, **kw):  # build_conv_layer(None) is nn.Conv2d
+            return build_conv_layer(self.conv_cfg, *args, **kw)
         self.dilations = tuple(dilations)
         self.aspp = nn.ModuleList([
             conv(self.in_channels, self.out_channels, 3, padding=d, dilation=d, bias=True)

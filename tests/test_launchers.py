@@ -126,6 +126,34 @@ def test_dist_train_resume_two_processes(dist_run):
     assert osp.exists(osp.join(work, 'iter_6.pth'))
 
 
+@pytest.mark.skipif(not osp.exists(osp.join(ROOT, '.venv', 'bin', 'python')),
+                    reason='no project environment (.venv) to find')
+def test_dist_train_finds_the_project_environment(dist_run, tmp_path):
+    """A new user's shell: nothing activated, no PYTHON, a PATH whose python has no torch.
+    The script must run the project's .venv."""
+    _, options, _ = dist_run
+    path = '/usr/bin:/bin'
+    probe = subprocess.run(['bash', '-c', 'python3 -c "import torch"'], capture_output=True,
+                           env={'PATH': path})
+    assert probe.returncode != 0, 'the bare PATH should not provide torch'
+    env = {'PATH': path, 'HOME': os.environ.get('HOME', str(tmp_path)), 'PORT': _free_port(),
+           'MMNORM_COMPILE': '0'}
+    result = subprocess.run(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CONFIG, '2', '--work-dir',
+         str(tmp_path / 'work'), '--cfg-options', *options, 'train_cfg.max_iters=2'], env=env,
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (tmp_path / 'work' / 'iter_2.pth').exists()
+    # An explicit PYTHON still wins.
+    fake = tmp_path / 'fake-python'
+    fake.write_text('#!/bin/sh\necho "fake python: $*"\nexit 3\n')
+    fake.chmod(0o755)
+    env['PYTHON'] = str(fake)
+    result = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), CONFIG, '2'],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 3 and 'fake python: -m torch.distributed.run' in result.stdout
+
+
 def test_dist_train_usage_error():
     result = subprocess.run(['bash', osp.join(ROOT, 'tools', 'dist_train.sh')],
                             capture_output=True, text=True)

@@ -46,8 +46,8 @@ def load_ratios(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, d
                                  f'{[r["iter"] for r in records]}')
             record = matches[-1]
         return OrderedDict(record['layers']), f'iteration {record["iter"]}'
-    from mmengine.runner.checkpoint import _load_checkpoint
-    checkpoint = _load_checkpoint(path, map_location='cpu')
+    from mmnorm.utils import load_checkpoint_file
+    checkpoint = load_checkpoint_file(path, map_location='cpu')
     state_dict = checkpoint.get('state_dict', checkpoint)
     meta = checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
     where = f'iteration {meta["iter"]}' if 'iter' in meta else osp.basename(path)

@@ -1,5 +1,7 @@
 # mmnorm: the README's commands.
 #   make test                 set up .venv (if needed) and run the test suite
+#   make test-fast            the fast tier: layers, functional forms, contract (under 90 s)
+#   make lint                 ruff (pinned in requirements/lint.txt, configured in ruff.toml)
 #   make demo                 set up .venv (if needed) and run the embedded demo (Mask R-CNN + SN)
 #   make demo NORM=BN         ... with another normalizer: SN, SN_tied, BCN-WS, GN, BN
 #   make demo QUICK=1         ... a smoke run of about a minute
@@ -13,13 +15,19 @@ NORM ?= SN
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test demo demo-seg deploy-seg benchmark clean-env
+.PHONY: env test test-fast lint demo demo-seg deploy-seg benchmark clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
 
 test: env
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: env
+	$(PY) -m pytest -m fast $(PYTEST_ARGS)
+
+lint: env
+	$(PY) -m ruff check .
 
 demo: env
 	$(PY) tools/demo.py $(DEMO_ARGS)

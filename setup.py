@@ -2,7 +2,8 @@
 """Install mmnorm.
 
 ``pip install -e .`` installs the plugin with its runtime requirements (torch, mmengine). Extras:
-``[mm]`` the OpenMMLab codebases (mmcv with ops must be built first, see README), ``[tests]``, ``[all]``.
+``[mm]`` the OpenMMLab codebases (mmcv with ops must be built first, see README), ``[tests]``,
+``[deploy]`` (ONNX export and ONNX Runtime), ``[all]``.
 """
 import os.path as osp
 import re

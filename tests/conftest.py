@@ -25,6 +25,26 @@ TOLERANCES = {
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+#: The fast tier (``pytest -m fast``, ``make test-fast``, under 90 s on 2 cores): the layers and
+#: their functional forms against the oracles, the OpenMMLab contract, batch statistics, WS
+#: folding and the output rules; no training runs beyond one step, no exports, no compilation.
+FAST_FILES = (
+    'tests/test_layers/test_switchable_norm.py',
+    'tests/test_layers/test_batch_channel_norm.py',
+    'tests/test_layers/test_conv_ws.py',
+    'tests/test_layers/test_precision_and_devices.py',
+    'tests/test_openmmlab_contract.py',
+    'tests/test_engine/test_batch_stats.py',
+    'tests/test_ws_folding.py',
+    'tests/test_tool_outputs.py',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if os.path.relpath(str(item.fspath), ROOT) in FAST_FILES:
+            item.add_marker(pytest.mark.fast)
+
 
 def assert_close(actual, expected, dtype=None, **override):
     tol = dict(TOLERANCES[dtype or actual.dtype])

@@ -54,7 +54,8 @@ def make_source(fmt, depth=18, ratios=3, bn_prefix='pbn', num_classes=10, seed=0
     state = {}
 
     def conv(name, cout, cin, k):
-        state[f'{name}.weight'] = torch.randn(cout, cin, k, k, generator=gen) * (2 / (cin * k * k)) ** 0.5
+        std = (2 / (cin * k * k)) ** 0.5
+        state[f'{name}.weight'] = torch.randn(cout, cin, k, k, generator=gen) * std
 
     def norm(name, channels):
         state.update(_norm_state(gen, name, channels, fmt, ratios, bn_prefix=bn_prefix))

@@ -9,7 +9,7 @@ import torch
 from mmcv.cnn import ConvModule, build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
 
-import mmnorm
+import mmnorm  # noqa: F401  (registers the layers)
 from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied, WSConv2d
 
 NORMS = {'SN': (SwitchableNorm, 'sn'), 'SN_tied': (SwitchableNormTied, 'sn'),

@@ -85,8 +85,9 @@ def time_rounds(fns: Dict[str, Callable[[], None]], rounds: int, inner: int,
     """Per layer: (median time in ms, median of the per-round time ratio to ``reference``).
 
     Layers run back to back within a round, in a shuffled order, so a ratio compares them under
-    the same machine state; the median over rounds discards rounds disturbed by other load. (On shared machines the
-    absolute speed can drift by several times over minutes; the ratios stay meaningful.)
+    the same machine state; the median over rounds discards rounds disturbed by other load. (On
+    shared machines the absolute speed can drift by several times over minutes; the ratios stay
+    meaningful.)
     """
     for fn in fns.values():  # warm-up
         fn()

@@ -92,7 +92,8 @@ else
 fi
 
 say "step 4/5: mmdet, mmsegmentation, mmpretrain and test tools"
-pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt
+pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt \
+    -r requirements/lint.txt
 
 say "step 5/5: mmnorm itself (editable)"
 pip_install --no-build-isolation --no-deps -e .

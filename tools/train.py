@@ -7,7 +7,8 @@ codebase), with mmnorm's layers and hooks available.
 
 Differences from the codebases' own ``tools/train.py``: ``--launcher pytorch``/``slurm`` work
 without CUDA (gloo, CPU DDP), ``--sync-norm`` switches SN/SN_tied/BCN norm configs to their
-synchronized versions (plain BN is left to mmengine's ``sync_bn``), and checkpoints written by mmengine load under torch's safe unpickler.
+synchronized versions (plain BN is left to mmengine's ``sync_bn``), and checkpoints written by
+mmengine load under torch's safe unpickler.
 """
 import argparse
 import os.path as osp

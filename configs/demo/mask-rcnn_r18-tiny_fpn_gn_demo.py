@@ -1,4 +1,5 @@
-# The demo with GroupNorm (8 groups: the narrow stem has 16 channels): python tools/demo.py --norm GN
+# The demo with GroupNorm (8 groups: the narrow stem has 16 channels):
+#   python tools/demo.py --norm GN
 _base_ = './mask-rcnn_r18-tiny_fpn_sn_demo.py'
 
 norm_cfg = dict(_delete_=True, type='GN', num_groups=8, requires_grad=True)

@@ -1,4 +1,5 @@
-# The demo with SN_tied (one ratio vector for means and variances): python tools/demo.py --norm SN_tied
+# The demo with SN_tied (one ratio vector for means and variances):
+#   python tools/demo.py --norm SN_tied
 _base_ = './mask-rcnn_r18-tiny_fpn_sn_demo.py'
 
 norm_cfg = dict(type='SN_tied', eval_stats='batch_average')

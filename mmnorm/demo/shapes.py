@@ -85,7 +85,8 @@ def render_image(rng: np.random.Generator, image_size: int, min_size: int, max_s
         label = int(rng.integers(len(CLASSES)))
         size = float(np.exp(rng.uniform(np.log(min_size), np.log(max_size))))
         margin = size * 0.3
-        center = (rng.uniform(margin, image_size - margin), rng.uniform(margin, image_size - margin))
+        center = (rng.uniform(margin, image_size - margin),
+                  rng.uniform(margin, image_size - margin))
         mask = np.zeros((image_size, image_size), np.uint8)
         polygon = _shape_polygon(rng, label, center, size)
         if polygon is None:

@@ -67,7 +67,8 @@ def mmseg_zoo_options(root: str, crop: int = 128) -> List[str]:
     """Point an mmseg config at the shapes' semantic labels (5 classes), small crops."""
     options = ['model.backbone.init_cfg=None', 'train_cfg.max_iters=2',
                'train_cfg.val_interval=100', 'model.decode_head.num_classes=5',
-               'model.auxiliary_head.num_classes=5', f'model.data_preprocessor.size=({crop},{crop})']
+               'model.auxiliary_head.num_classes=5',
+               f'model.data_preprocessor.size=({crop},{crop})']
     for split, ann in (('train', 'train'), ('test', 'val'), ('val', 'val')):
         prefix = f'{split}_dataloader'
         options += [f'{prefix}.dataset.type=BaseSegDataset',

@@ -151,7 +151,8 @@ class TestNumerics:
 
     def test_gradcheck(self):
         x = make_input((3, 4, 3, 2)).requires_grad_()
-        w, b = make_input((2, ), seed=1).requires_grad_(), make_input((2, ), seed=2).requires_grad_()
+        w = make_input((2, ), seed=1).requires_grad_()
+        b = make_input((2, ), seed=2).requires_grad_()
         bw = make_input((4, ), seed=3).requires_grad_()
         bb = make_input((4, ), seed=4).requires_grad_()
         assert torch.autograd.gradcheck(

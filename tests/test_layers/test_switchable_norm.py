@@ -238,9 +238,9 @@ class TestNumerics:
         x = make_input((3, 4, 5)).requires_grad_()
         logits = make_input((3, ), seed=1).requires_grad_()
         running = (make_input((4, ), seed=2), make_input((4, ), seed=3).abs() + 0.5)
-        assert torch.autograd.gradcheck(lambda x, l: switchable_norm(x, l, l), (x, logits))
+        assert torch.autograd.gradcheck(lambda x, lg: switchable_norm(x, lg, lg), (x, logits))
         assert torch.autograd.gradcheck(
-            lambda x, l: switchable_norm(x, l, l, None, None, *running, training=False),
+            lambda x, lg: switchable_norm(x, lg, lg, None, None, *running, training=False),
             (x, logits))
 
 

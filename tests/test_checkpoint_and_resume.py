@@ -13,9 +13,14 @@ import torch
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner, load_checkpoint
 
-from mmnorm.utils import CheckpointFileError, UnsafeCheckpointError, find_resume_checkpoint
+from mmnorm.utils import (CheckpointFileError, UnsafeCheckpointError, find_resume_checkpoint,
+                          register_checkpoint_loader)
 from mmnorm.utils.checkpoint import _history_buffer_getattr
 from tests.helpers.toy import ToyModel, loader
+
+
+# mmengine's load_checkpoint with mmnorm's loader and its errors (opt-in, as mmnorm's tools do).
+register_checkpoint_loader()
 
 
 def make_runner(work_dir, max_epochs, resume=False, load_from=None):

@@ -271,8 +271,9 @@ def measure_demo_model(rounds: int, num_batches: int = 4) -> Dict[str, Dict[str,
     from mmengine.registry import init_default_scope
 
     from mmnorm.demo import generate_demo_data
+    from mmnorm.utils.model import build_model
     init_default_scope('mmdet')
-    from mmdet.registry import DATASETS, MODELS
+    from mmdet.registry import DATASETS
     root = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))))
     data_root = tempfile.mkdtemp(prefix='mmnorm_bench_')
     generate_demo_data(data_root, num_train=2 * num_batches, num_val=1, seed=0)
@@ -285,7 +286,7 @@ def measure_demo_model(rounds: int, num_batches: int = 4) -> Dict[str, Dict[str,
         dataset = DATASETS.build(dataset_cfg)
         batches = [pseudo_collate([dataset[2 * i], dataset[2 * i + 1]])
                    for i in range(num_batches)]
-        model = MODELS.build(cfg.model).train()
+        model = build_model(cfg).train()
         for m in model.modules():  # BCN's micro-batch form: the rate EstimateRateHook would set
             if getattr(m, 'estimate', False):
                 m.set_estimate_rate(0.01)

@@ -65,11 +65,11 @@ def load_source(path: str) -> dict:
 
 
 def build_target(spec):
-    from mmengine.registry import DefaultScope
-    from mmpretrain.registry import MODELS
-    import mmpretrain.models  # noqa: F401
-    with DefaultScope.overwrite_default_scope('mmpretrain'):
-        return MODELS.build(classifier_config(spec))
+    """The mmpretrain classifier the converted state dict belongs to."""
+    from mmengine.config import Config
+
+    from mmnorm.utils.model import build_model
+    return build_model(Config(dict(model=classifier_config(spec), default_scope='mmpretrain')))
 
 
 def verify(source: dict, spec, model, batch: int, size: int, seed: int = 0) -> float:

@@ -11,8 +11,8 @@ from . import mmcv_fusion
 from .norm_eval import respect_norm_eval, respect_norm_eval_in_registry
 from .post_import import when_imported
 
-__all__ = ['mmcv_fusion', 'respect_norm_eval', 'respect_norm_eval_in_registry', 'when_imported',
-           'install_integrations']
+__all__ = ['integrations_installed', 'mmcv_fusion', 'respect_norm_eval',
+           'respect_norm_eval_in_registry', 'when_imported', 'install_integrations']
 
 
 def _norm_eval_only(scope: str):
@@ -28,8 +28,22 @@ def _setup_mmseg(module) -> None:
     setup()
 
 
+_installed = False
+
+
+def integrations_installed() -> bool:
+    """Whether :func:`install_integrations` has run (its callbacks run when their modules are
+    imported; :func:`mmnorm.integration.post_import.pending` lists those still waiting)."""
+    return _installed
+
+
 def install_integrations() -> None:
-    """Arrange the per-codebase setup for every installed codebase (idempotent per import)."""
+    """Arrange the per-codebase setup for every installed codebase (idempotent: a second call
+    changes nothing)."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
     setups = {'mmdet': _norm_eval_only('mmdet'), 'mmseg': _setup_mmseg,
               'mmpretrain': _norm_eval_only('mmpretrain')}
     for scope, setup in setups.items():

@@ -12,7 +12,7 @@ import sys
 import threading
 from typing import Callable, Dict, List
 
-__all__ = ['when_imported']
+__all__ = ['when_imported', 'pending']
 
 _callbacks: Dict[str, List[Callable]] = {}
 _lock = threading.RLock()
@@ -61,8 +61,16 @@ _finder = _PostImportFinder()
 def _run_callbacks(name: str, module) -> None:
     with _lock:
         callbacks = _callbacks.pop(name, [])
+        if not _callbacks and _finder in sys.meta_path:
+            sys.meta_path.remove(_finder)  # nothing waits any more
     for callback in callbacks:
         callback(module)
+
+
+def pending() -> List[str]:
+    """The modules whose callbacks still wait for their import."""
+    with _lock:
+        return sorted(_callbacks)
 
 
 def when_imported(name: str, callback: Callable) -> None:

@@ -29,7 +29,8 @@ import torch
 
 __all__ = [
     'allow_mmengine_checkpoint_globals', 'safe_globals', 'UnsafeCheckpointError',
-    'CheckpointFileError', 'load_checkpoint_file', 'load_from_local', 'register_checkpoint_loader'
+    'CheckpointFileError', 'load_checkpoint_file', 'load_from_local', 'register_checkpoint_loader',
+    'checkpoint_loader_registered'
 ]
 
 
@@ -166,7 +167,21 @@ def load_from_local(filename: str, map_location: Any = None) -> Any:
     return load_checkpoint_file(filename, map_location)
 
 
+_loader_registered = False
+
+
 def register_checkpoint_loader() -> None:
-    """Make :func:`load_from_local` mmengine's loader for local paths (idempotent)."""
+    """Make :func:`load_from_local` mmengine's loader for local paths (idempotent).
+
+    Opt-in (``mmnorm.side_effects``): mmnorm's tools call it; ``import mmnorm`` does not, since
+    it replaces mmengine's own loader (``force=True``).
+    """
+    global _loader_registered
     from mmengine.runner.checkpoint import CheckpointLoader
     CheckpointLoader.register_scheme(prefixes='', loader=load_from_local, force=True)
+    _loader_registered = True
+
+
+def checkpoint_loader_registered() -> bool:
+    """Whether :func:`register_checkpoint_loader` has run in this process."""
+    return _loader_registered

@@ -11,7 +11,8 @@ from mmengine.config import Config, DictAction
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .checkpoint import CheckpointFileError, UnsafeCheckpointError, load_checkpoint_file
+from .checkpoint import (CheckpointFileError, UnsafeCheckpointError, load_checkpoint_file,
+                         register_checkpoint_loader)
 from .config import sync_norm_config
 
 __all__ = [
@@ -51,7 +52,10 @@ def apply_common_options(cfg: Config, args) -> None:
 
 
 def build_runner(cfg: Config) -> Runner:
-    """Build the config's runner (``runner_type`` if set); applies ``cfg.sync_norm``."""
+    """Build the config's runner (``runner_type`` if set); applies ``cfg.sync_norm``. mmnorm's
+    tools load checkpoints with :func:`~mmnorm.utils.checkpoint.load_from_local`'s errors (the
+    opt-in ``checkpoint_loader`` of :mod:`mmnorm.side_effects`)."""
+    register_checkpoint_loader()
     if cfg.get('sync_norm', False):
         sync_norm_config(cfg)
     if 'runner_type' in cfg:

@@ -35,7 +35,7 @@ from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
 from mmnorm.utils import (OutputExistsError, build_runner, check_output,  # noqa: E402
                           load_checkpoint_file, save_checkpoint)
-from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
+from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
 
 
 def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
@@ -76,15 +76,8 @@ def main(argv=None) -> dict:
             raise OutputExistsError('DST and --deploy-out name the same file')
     except OutputExistsError as error:
         raise SystemExit(f'error: {error}')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-
-    model = build_model(cfg)
-    try:
-        checkpoint = load_weights(model, args.checkpoint)
-    except MODEL_LOAD_ERRORS as error:
-        raise SystemExit(f'error: {error}')
+    cfg = load_config(args.config, args.cfg_options)
+    model, checkpoint = build_model_for_tool(cfg, args.checkpoint)
     soft = hard_choices(model)
     if not soft:
         raise SystemExit(f'{args.checkpoint} has no SN / SN_tied layer')

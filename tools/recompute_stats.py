@@ -20,7 +20,6 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (registers layers; safe checkpoint loading)
 import torch  # noqa: E402
-from mmengine.config import Config  # noqa: E402
 from mmengine.dist import get_dist_info, init_dist  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E402
@@ -29,7 +28,7 @@ from mmengine.utils import ProgressBar  # noqa: E402
 from mmnorm.engine import ESTIMATORS, recompute_batch_stats  # noqa: E402
 from mmnorm.utils import (OutputExistsError, add_common_arguments, check_output,  # noqa: E402
                           parse_with_common_arguments, prepare_distributed, save_checkpoint)
-from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
+from mmnorm.utils.model import build_model_for_tool, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -56,19 +55,13 @@ def main(argv=None) -> dict:
         check_output(args.out, [args.checkpoint, args.config], args.overwrite)
     except OutputExistsError as error:
         raise SystemExit(f'error: {error}')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     if 'train_dataloader' not in cfg or cfg.train_dataloader is None:
         raise SystemExit('the config has no train_dataloader to compute statistics from')
     if args.launcher != 'none' and not prepare_distributed(cfg, args.launcher):
         init_dist(args.launcher, **cfg.get('env_cfg', {}).get('dist_cfg', {}))
     rank, world_size = get_dist_info()
-    model = build_model(cfg)
-    try:
-        checkpoint = load_weights(model, args.checkpoint)
-    except MODEL_LOAD_ERRORS as error:
-        raise SystemExit(f'error: {error}')
+    model, checkpoint = build_model_for_tool(cfg, args.checkpoint)
     model.to('cuda' if torch.cuda.is_available() else 'cpu')
     seed = cfg.get('randomness', {}).get('seed', 0)
     loader = Runner.build_dataloader(cfg.train_dataloader, seed=seed)

@@ -13,6 +13,7 @@ config's own):
 The layers export through ``torch.onnx.export(dynamo=True)``: under tracing they run their plain
 form (:mod:`mmnorm.functional.moments`), public ops only.
 """
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -55,8 +56,10 @@ class TensorForward(nn.Module):
                     f"the segmentor's test_cfg.mode is {mode!r}; only whole-image inference is "
                     f"exported (pass --cfg-options model.test_cfg.mode=whole)")
 
-    @property
+    @functools.cached_property
     def output_names(self) -> List[str]:
+        """Names of the outputs (a detector's levels are counted with one small forward,
+        once)."""
         if self.kind == 'classifier':
             return ['logits']
         if self.kind == 'segmentor':

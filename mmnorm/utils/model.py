@@ -2,7 +2,7 @@
 """Build a config's model, and load a checkpoint into it: what the tools that do not go through a
 Runner need."""
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import re
 
@@ -12,8 +12,8 @@ from torch import nn
 
 from .checkpoint import CheckpointFileError, UnsafeCheckpointError, load_checkpoint_file
 
-__all__ = ['config_scope', 'build_model', 'load_weights', 'CheckpointMismatchError',
-           'MODEL_LOAD_ERRORS']
+__all__ = ['config_scope', 'load_config', 'build_model', 'build_model_for_tool', 'load_weights',
+           'CheckpointMismatchError', 'MODEL_LOAD_ERRORS']
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -81,3 +81,22 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, strict: bool = Tr
     if checkpoint is not None:
         load_weights(model, checkpoint, strict)
     return model.to(device)
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """``Config.fromfile(path)`` with the tool's ``--cfg-options`` merged in."""
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def build_model_for_tool(cfg: Config, checkpoint: str) -> Tuple[nn.Module, dict]:
+    """:func:`build_model` and :func:`load_weights` for command-line tools: returns the model
+    and the whole checkpoint; a checkpoint it cannot use ends the tool with one ``error:``
+    line (``SystemExit``) instead of a traceback."""
+    model = build_model(cfg)
+    try:
+        return model, load_weights(model, checkpoint)
+    except MODEL_LOAD_ERRORS as error:
+        raise SystemExit(f'error: {error}')

@@ -32,13 +32,13 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
 
 import mmnorm  # noqa: E402,F401  (registers the layers; safe checkpoint loading)
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
 from mmnorm.deploy import (TensorForward, compare, export_onnx, ort_session,  # noqa: E402
                            real_inputs, run_session)
 from mmnorm.utils import OutputExistsError, check_output  # noqa: E402
-from mmnorm.utils.model import MODEL_LOAD_ERRORS, build_model, load_weights  # noqa: E402
+from mmnorm.utils.model import build_model_for_tool, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -108,14 +108,9 @@ def main(argv=None) -> dict:
         check_output(args.out, [args.checkpoint, args.config], args.overwrite)
     except OutputExistsError as error:
         raise SystemExit(f'error: {error}')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
-    model = build_model(cfg)
-    try:
-        meta = load_weights(model, args.checkpoint).get('meta', {})
-    except MODEL_LOAD_ERRORS as error:
-        raise SystemExit(f'error: {error}')
+    cfg = load_config(args.config, args.cfg_options)
+    model, checkpoint = build_model_for_tool(cfg, args.checkpoint)
+    meta = checkpoint.get('meta', {})
     info = prepare(model.eval(), args.hard_ratios or args.fold, args.fold, meta)
     try:
         module = TensorForward(model)

@@ -21,13 +21,13 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
 
 import mmnorm  # noqa: E402,F401  (registers the layers)
 import torch  # noqa: E402
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.evaluator import Evaluator  # noqa: E402
 from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmnorm.deploy import (model_kind, ort_session, preprocessed_batches,  # noqa: E402
                            run_session, test_dataloader)
-from mmnorm.utils.model import build_model  # noqa: E402
+from mmnorm.utils.model import build_model, load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -70,9 +70,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if not osp.isfile(args.model):
         raise SystemExit(f'error: {args.model} not found')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = load_config(args.config, args.cfg_options)
     model = build_model(cfg).eval()  # preprocessing and postprocessing only
     kind = model_kind(model)
     if kind == 'detector':

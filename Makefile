@@ -7,6 +7,7 @@
 #   make demo QUICK=1         ... a smoke run of about a minute
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime
+#   make study                what SN and BCN learn, on the digits: ratio and StatDiff studies
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -15,7 +16,7 @@ NORM ?= SN
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test test-fast lint demo demo-seg deploy-seg benchmark clean-env
+.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -44,6 +45,10 @@ deploy-seg: env
 		$(SEG_DIR)/model.onnx --dynamic-batch --verify --overwrite
 	$(PY) tools/deploy/test_onnx.py $(SEG_CONFIG) $(SEG_DIR)/model.onnx \
 		--metrics-out $(SEG_DIR)/metrics_onnx.json
+
+study: env
+	$(PY) tools/analysis/ratio_study.py --out work_dirs/ratio_study --overwrite
+	$(PY) tools/analysis/statdiff_study.py --out work_dirs/statdiff_study --overwrite
 
 benchmark: env
 	$(PY) tools/benchmark_norms.py

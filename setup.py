@@ -3,7 +3,8 @@
 
 ``pip install -e .`` installs the plugin with its runtime requirements (torch, mmengine). Extras:
 ``[mm]`` the OpenMMLab codebases (mmcv with ops must be built first, see README), ``[tests]``,
-``[deploy]`` (ONNX export and ONNX Runtime), ``[all]``.
+``[deploy]`` (ONNX export and ONNX Runtime), ``[analysis]`` (scikit-learn, for the digits dataset
+of ``tools/analysis/``), ``[all]``.
 """
 import os.path as osp
 import re
@@ -43,10 +44,11 @@ setup(
     extras_require={
         'mm': read_requirements('mminstall'),
         'deploy': read_requirements('deploy'),
+        'analysis': read_requirements('analysis'),
         # The tests export models to ONNX.
         'tests': read_requirements('tests') + read_requirements('deploy'),
         'all': read_requirements('mminstall') + read_requirements('tests') +
-        read_requirements('deploy'),
+        read_requirements('deploy') + read_requirements('analysis'),
     },
     classifiers=[
         'Programming Language :: Python :: 3',

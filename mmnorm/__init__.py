@@ -2,11 +2,11 @@
 """mmnorm: Switchable Normalization and Batch-Channel Normalization for OpenMMLab.
 
 ``import mmnorm`` (or ``custom_imports=dict(imports=['mmnorm'], allow_failed_imports=False)`` in
-a config) registers the layers, hooks and optimizer-wrapper constructor, and makes the changes
-outside mmnorm that such a config needs: all of them are listed, with why, in
+a config) registers the layers, hooks, optimizer-wrapper constructor and the digits dataset, and
+makes the changes outside mmnorm that such a config needs: all of them are listed, with why, in
 :mod:`mmnorm.side_effects` (and in the README, "What import mmnorm changes").
 """
-from . import engine, functional, integration, layers, side_effects, utils
+from . import analysis, datasets, engine, functional, integration, layers, side_effects, utils
 from .layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, SyncBatchChannelNorm,
                      SyncSwitchableNorm, SyncSwitchableNormTied, WSConv2d, convert_sync_norm,
                      revert_sync_norm)
@@ -16,7 +16,7 @@ side_effects.install(*side_effects.ON_IMPORT)
 
 __all__ = [
     '__version__', 'version_info', 'functional', 'layers', 'engine', 'integration', 'utils',
-    'side_effects',
+    'side_effects', 'analysis', 'datasets',
     'SwitchableNorm', 'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d',
     'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'convert_sync_norm',
     'revert_sync_norm'

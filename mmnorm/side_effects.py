@@ -6,7 +6,8 @@ idempotent and can be installed on its own with :func:`install`; :func:`installe
 are in effect.
 
 1. ``registries``: the layers (``SN``, ``SN_tied``, ``BCN``, ``WSConv`` and the Sync versions),
-   the hooks and the optimizer-wrapper constructor are registered in mmengine's *root* registries,
+   the hooks, the optimizer-wrapper constructor and ``DigitsDataset`` (:mod:`mmnorm.datasets`;
+   scikit-learn is imported only when it loads) are registered in mmengine's *root* registries,
    where mmcv's builders and every codebase find them. A name somebody else owns is never
    overwritten (:mod:`mmnorm.registry`). Done by importing mmnorm's modules.
 2. ``checkpoint_globals``: ``torch.serialization.add_safe_globals`` allow-lists exactly the

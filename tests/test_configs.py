@@ -86,6 +86,10 @@ def test_config_builds_with_the_claimed_norm_everywhere(entry):
 
 
 def test_missing_pretrained_backbone_gives_a_clear_error():
+    # The hint comes from mmnorm's checkpoint loader, which its tools install (opt-in): install it
+    # here too, so the test does not depend on an earlier test having done it.
+    from mmnorm.side_effects import install
+    install('checkpoint_loader')
     cfg = Config.fromfile(osp.join(CONFIG_ROOT, 'resnet', 'resnet50_sn_8xb32_in1k.py'))
     cfg.model.backbone.init_cfg = dict(type='Pretrained', prefix='backbone.',
                                        checkpoint='checkpoints/does_not_exist.pth')

@@ -91,9 +91,9 @@ else
     fi
 fi
 
-say "step 4/5: mmdet, mmsegmentation, mmpretrain and test tools"
+say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint and analysis tools"
 pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt \
-    -r requirements/lint.txt
+    -r requirements/lint.txt -r requirements/analysis.txt
 
 say "step 5/5: mmnorm itself (editable)"
 pip_install --no-build-isolation --no-deps -e .

@@ -1,13 +1,14 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Training integration: batch-average statistics, LR-tied estimates, ratio logging, optimizer
-rules. Registered in mmengine's root ``HOOKS`` / ``OPTIM_WRAPPER_CONSTRUCTORS`` registries."""
+"""Training integration: batch-average statistics, LR-tied estimates, ratio logging, StatDiff
+recording, optimizer rules. Registered in mmengine's root ``HOOKS`` /
+``OPTIM_WRAPPER_CONSTRUCTORS`` registries."""
 from .batch_stats import ESTIMATORS, find_batch_stats_layers, recompute_batch_stats
 from .hooks import (BatchAverageStatsHook, DeployHook, EstimateRateHook, HardRatiosHook,
-                    SNRatioLoggerHook)
+                    SNRatioLoggerHook, StatDiffHook)
 from .optimizers import RATIO_PARAMS, CPUAmpOptimWrapper, NormAwareOptimWrapperConstructor
 
 __all__ = [
     'recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS', 'BatchAverageStatsHook',
     'EstimateRateHook', 'SNRatioLoggerHook', 'NormAwareOptimWrapperConstructor', 'RATIO_PARAMS',
-    'CPUAmpOptimWrapper', 'HardRatiosHook', 'DeployHook'
+    'CPUAmpOptimWrapper', 'HardRatiosHook', 'DeployHook', 'StatDiffHook'
 ]

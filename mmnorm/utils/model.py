@@ -2,9 +2,9 @@
 """Build a config's model, and load a checkpoint into it: what the tools that do not go through a
 Runner need."""
 import copy
-from typing import Optional, Tuple
-
+import os.path as osp
 import re
+from typing import Optional, Tuple
 
 from mmengine.config import Config
 from mmengine.registry import MODELS, init_default_scope
@@ -84,7 +84,10 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, strict: bool = Tr
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
-    """``Config.fromfile(path)`` with the tool's ``--cfg-options`` merged in."""
+    """``Config.fromfile(path)`` with the tool's ``--cfg-options`` merged in; a missing file ends
+    the tool with one line (``SystemExit``) instead of a traceback."""
+    if not osp.isfile(path):
+        raise SystemExit(f'error: config {path} does not exist')
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)

@@ -1,0 +1,229 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""How SN's learned ratios depend on the batch size and the depth, and whether hard ratios
+perform like soft ones (SN study Sec. 4.1.1, Fig. 4; Table 2 right).
+
+    python tools/analysis/ratio_study.py                       # the digits config, batches 2 8 32
+    python tools/analysis/ratio_study.py CONFIG --batch-sizes 2 8 32 [--epochs E | --iters N]
+        [--finetune-epochs F] [--out DIR] [--overwrite] [--cfg-options k=v ...]
+
+For every batch size B the config (an SN or SN_tied model) trains for the same number of epochs
+with the learning rate scaled linearly (``lr * B / config batch size``) and is tested (with the
+config's test-time hooks, e.g. the SN batch average). Its soft ratios (softmax of the logits, per
+layer, for μ and σ) and hard choices (argmax) are read. Then, from that checkpoint, for F epochs at
+``--finetune-lr-mult`` times the learning rate:
+
+- ``hard``: the ratios made one-hot and frozen (``HardRatiosHook``) and finetuned;
+- ``soft``: finetuned as they are, so soft and hard have trained equally long;
+
+and ``hard, no finetune`` (one-hot ratios, statistics recomputed, tested) shows what the
+finetuning recovers.
+
+Writes to ``--out`` (default ``work_dirs/ratio_study``): ``ratio_study.png`` (a row per batch size:
+the μ and σ ratios of IN / LN / BN stacked per layer against depth, Fig. 4 style),
+``ratio_study.csv`` (per batch size and layer), ``ratio_study.md`` (the tables printed at the
+end), ``results.json`` (updated after every run) and ``runs/`` (the runs' work dirs).
+Depth is the layer's position in the model's module order; "shallow / middle / deep" are its
+thirds.
+"""
+import argparse
+import copy
+import os.path as osp
+import sys
+
+import numpy as np
+
+sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
+
+from mmnorm.analysis.study import (RATIO_COLORS, StudyOutput,  # noqa: E402
+                                   add_study_arguments, markdown_table, primary_metric, run_test,
+                                   run_training, save_figure, say, scale_batch_size, set_length,
+                                   write_csv, write_text)
+from mmnorm.convert import hard_choices, harden_ratios  # noqa: E402
+from mmnorm.utils import model_ratios  # noqa: E402
+from mmnorm.utils.model import load_config  # noqa: E402
+
+SN_TYPES = ('SN', 'SN_tied', 'SyncSN', 'SyncSN_tied')
+DEPTHS = ('shallow', 'middle', 'deep')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_arguments(parser, 'work_dirs/ratio_study')
+    parser.add_argument('--batch-sizes', type=int, nargs='+', default=[2, 8, 32],
+                        help='training batch sizes per process (default: 2 8 32)')
+    parser.add_argument('--finetune-epochs', type=int, default=2,
+                        help='epochs of the soft and hard finetuning (default: 2)')
+    parser.add_argument('--finetune-lr-mult', type=float, default=0.1,
+                        help='finetuning learning rate / training learning rate (default: 0.1)')
+    args = parser.parse_args(argv)
+    if any(b < 1 for b in args.batch_sizes):
+        parser.error(f'batch sizes must be >= 1, got {args.batch_sizes}')
+    if args.finetune_epochs < 1 or args.finetune_lr_mult <= 0:
+        parser.error('--finetune-epochs must be >= 1 and --finetune-lr-mult > 0')
+    return args
+
+
+def _has_sn(node) -> bool:
+    if isinstance(node, dict):
+        norm = node.get('norm_cfg')
+        if isinstance(norm, dict) and norm.get('type') in SN_TYPES:
+            return True
+        return any(_has_sn(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_sn(v) for v in node)
+    return False
+
+
+def finetune_config(cfg, checkpoint: str, args, hard: bool):
+    cfg = copy.deepcopy(cfg)
+    set_length(cfg, epochs=None if args.iters else args.finetune_epochs, iters=args.iters)
+    cfg.optim_wrapper.optimizer.lr *= args.finetune_lr_mult
+    cfg.load_from = checkpoint
+    if hard:
+        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [dict(type='HardRatiosHook')]
+    return cfg
+
+
+def study_batch_size(cfg, batch_size: int, args, out: StudyOutput) -> dict:
+    cfg = copy.deepcopy(cfg)
+    lr = scale_batch_size(cfg, batch_size)
+    length = set_length(cfg, args.epochs, args.iters)
+    name = f'bs{batch_size}'
+    say(f'[ratio_study] batch size {batch_size}: training {length} at lr {lr:g}')
+    trained = run_training(cfg, out.run_dir(name), name, args.verbose)
+    layers = model_ratios(trained['model'])
+    choices = hard_choices(trained['model'])
+    metric, soft = primary_metric(trained['metrics'])
+    say(f'[ratio_study] batch size {batch_size}: {metric} {soft:.2f}; hard ratios without '
+        f'finetuning')
+    hard_now = run_test(cfg, out.run_dir(name + '_hard_no_ft'), name + '_hard_no_ft',
+                        trained['checkpoint'], harden_ratios, args.verbose)
+    accuracy = {'soft': soft, 'hard, no finetune': primary_metric(hard_now)[1]}
+    for kind in ('soft', 'hard'):
+        say(f'[ratio_study] batch size {batch_size}: finetuning with {kind} ratios')
+        tuned = run_training(finetune_config(cfg, trained['checkpoint'], args, kind == 'hard'),
+                             out.run_dir(f'{name}_{kind}_ft'), f'{name}_{kind}_ft', args.verbose)
+        accuracy[f'{kind}, finetuned'] = primary_metric(tuned['metrics'])[1]
+    return {'batch_size': batch_size, 'lr': lr, 'iters': trained['iters'], 'metric': metric,
+            'accuracy': accuracy, 'layers': layers, 'choices': choices}
+
+
+def bn_ratio_by_depth(layers: dict, kind: str) -> list:
+    """Mean BN ratio over all layers, then over the shallow / middle / deep thirds."""
+    values = [r[kind][r['normalizers'].index('BN')] for r in layers.values()
+              if 'BN' in r['normalizers']]
+    if not values:
+        return [float('nan')] * 4
+    parts = np.array_split(np.array(values), min(3, len(values)))
+    return [float(np.mean(values))] + [float(p.mean()) for p in parts] + \
+        [float('nan')] * (3 - len(parts))
+
+
+def tables(results: list) -> str:
+    metric = results[0]['metric']
+    summary = []
+    depth = []
+    for r in results:
+        chosen = list(r['choices'].values())
+        bn_mu = sum(c[0] == 'BN' for c in chosen)
+        bn_sigma = sum(c[1] == 'BN' for c in chosen)
+        mu = bn_ratio_by_depth(r['layers'], 'mean')
+        sigma = bn_ratio_by_depth(r['layers'], 'var')
+        summary.append([r['batch_size'], f"{r['lr']:g}", r['iters'], f'{mu[0]:.3f}',
+                        f'{sigma[0]:.3f}', f'{bn_mu}/{len(chosen)}', f'{bn_sigma}/{len(chosen)}']
+                       + [f'{v:.2f}' for v in r['accuracy'].values()])
+        depth.append([r['batch_size']] + [f'{m:.3f} / {s:.3f}' for m, s in zip(mu[1:], sigma[1:])])
+    acc_names = list(results[0]['accuracy'])
+    text = '### BN ratio and accuracy per batch size\n\n'
+    text += markdown_table(['batch', 'lr', 'iters', 'BN ratio μ (mean over layers)',
+                            'BN ratio σ', 'hard: BN for μ', 'hard: BN for σ']
+                           + [f'{metric}: {a}' for a in acc_names], summary)
+    text += '\n### BN ratio (μ / σ) by depth\n\n'
+    text += markdown_table(['batch'] + list(DEPTHS), depth)
+    text += '\n### Soft ratios and hard choices per layer (μ: IN/LN/BN, σ: IN/LN/BN)\n\n'
+    rows = []
+    names = list(results[0]['layers'])
+    for index, name in enumerate(names):
+        row = [index, name]
+        for r in results:
+            record = r['layers'][name]
+            row.append(f"{'/'.join(f'{v:.2f}' for v in record['mean'])} | "
+                       f"{'/'.join(f'{v:.2f}' for v in record['var'])} | "
+                       f"{'/'.join(r['choices'][name])}")
+        rows.append(row)
+    # three columns per batch size: μ ratios, σ ratios, hard choices
+    headers = ['depth', 'layer'] + [h for r in results for h in (
+        f"batch {r['batch_size']} μ", 'σ', 'hard (μ/σ)')]
+    text += markdown_table(headers, rows)
+    return text
+
+
+def csv_rows(results: list) -> list:
+    rows = []
+    for r in results:
+        for index, (name, record) in enumerate(r['layers'].items()):
+            rows.append([r['batch_size'], f"{r['lr']:g}", index, name] +
+                        [f'{v:.6f}' for v in record['mean']] +
+                        [f'{v:.6f}' for v in record['var']] + list(r['choices'][name]))
+    return rows
+
+
+def plot(results: list, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = len(results)
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 2.4 * rows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for row, r in enumerate(results):
+        layers = list(r['layers'].values())
+        depth = np.arange(len(layers))
+        for col, (kind, symbol) in enumerate((('mean', 'μ'), ('var', 'σ'))):
+            ax = axes[row][col]
+            bottom = np.zeros(len(layers))
+            for index, normalizer in enumerate(layers[0]['normalizers']):
+                values = np.array([layer[kind][index] for layer in layers])
+                ax.bar(depth, values, bottom=bottom, color=RATIO_COLORS[normalizer],
+                       width=0.85, label=normalizer)
+                bottom += values
+            ax.set_ylim(0, 1)
+            ax.set_title(f"λ{symbol}, batch {r['batch_size']}", fontsize=10)
+            if row == rows - 1:
+                ax.set_xlabel('depth (SN layers in module order)')
+    axes[0][1].legend(loc='upper right', fontsize=8, ncol=3)
+    fig.suptitle('SN ratios against depth per batch size (SN study Fig. 4 style)')
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.cfg_options)
+    if not _has_sn(cfg.model):
+        raise SystemExit(f'{args.config} has no SN / SN_tied layer (norm_cfg type in '
+                         f'{SN_TYPES}): the ratio study needs one')
+    try:
+        out = StudyOutput(args.out, 'ratio_study.md', args.overwrite)
+    except FileExistsError as error:
+        raise SystemExit(str(error))
+    results = []
+    for batch_size in args.batch_sizes:
+        result = study_batch_size(cfg, batch_size, args, out)
+        results.append(result)
+        out.save(f'bs{batch_size}', result)
+    normalizers = next(iter(results[0]['layers'].values()))['normalizers']
+    layer_headers = [f'{kind}_{n}' for kind in ('mean', 'var') for n in normalizers]
+    write_csv(out.path('ratio_study.csv'), ['batch_size', 'lr', 'depth', 'layer'] +
+              layer_headers + ['hard_mean', 'hard_var'], csv_rows(results))
+    text = tables(results)
+    write_text(out.path('ratio_study.md'), f'# Ratio study: {osp.basename(args.config)}\n\n' + text)
+    plot(results, out.path('ratio_study.png'))
+    say('\n' + text.split('\n### Soft ratios')[0])
+    say('written: ' + ', '.join(out.written()))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -17,9 +17,9 @@ the end.
 sets 8: its stages have 32, 64 and 128 channels), else 32 (GN's default, and the paper's).
 
 Writes to ``--out`` (default ``work_dirs/statdiff_study``): ``statdiff_study.png`` (mean and
-standard deviation over all groups of all layers per epoch, one line per normalizer, Fig. 3
-style), ``statdiff_study.csv`` (per normalizer and epoch), ``statdiff_study.md`` (the table
-printed at the end), ``results.json`` and ``runs/``.
+standard deviation over all groups of all layers per epoch, one line per normalizer with its
+final accuracy in the legend, Fig. 3 style), ``statdiff_study.csv`` (per normalizer and epoch),
+``statdiff_study.md`` (the table printed at the end), ``results.json`` and ``runs/``.
 """
 import argparse
 import copy
@@ -102,7 +102,7 @@ def plot(results: list, path: str) -> None:
         x = [e['epoch'] if e['epoch'] else e['iter'] for e in r['epochs']]
         style = '--' if r['ws'] else '-'
         line, = ax_mean.plot(x, [e['mean'] for e in r['epochs']], style, marker='o', ms=3,
-                             label=r['norm'])
+                             label=f"{r['norm']} ({r['metric']} {r['accuracy']:.2f})")
         ax_std.plot(x, [e['std'] for e in r['epochs']], style, marker='o', ms=3,
                     color=line.get_color(), label=r['norm'])
     for ax, title in ((ax_mean, 'mean of StatDiff'), (ax_std, 'std of StatDiff')):

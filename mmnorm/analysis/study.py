@@ -30,9 +30,8 @@ __all__ = [
     'markdown_table', 'write_csv', 'write_text', 'StudyOutput', 'say'
 ]
 
-#: The studies' default config (in a source checkout, where ``tools/analysis/`` lives too).
-DIGITS_CONFIG = osp.join(osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))), 'configs',
-                         'analysis', 'resnet18-s3-w32_sn_1xb32_digits.py')
+#: The studies' default config, relative to the repository that holds ``tools/analysis/``.
+DIGITS_CONFIG = osp.join('configs', 'analysis', 'resnet18-s3-w32_sn_1xb32_digits.py')
 
 #: Normalizer colours of the SN study's figures (Fig. 4: BN orange, IN green, LN red).
 RATIO_COLORS = {'IN': '#3fa34d', 'LN': '#d43b3b', 'BN': '#f28e2b'}
@@ -42,10 +41,12 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def add_study_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    """CONFIG (default: the digits config), ``--epochs`` | ``--iters``, ``--out``,
-    ``--overwrite``, ``--verbose`` and ``--cfg-options``, as both studies take them."""
-    parser.add_argument('config', nargs='?', default=DIGITS_CONFIG,
+def add_study_arguments(parser: argparse.ArgumentParser, default_out: str, tool: str) -> None:
+    """CONFIG (default: the digits config of the repository holding ``tool``, the script's
+    ``__file__``), ``--epochs`` | ``--iters``, ``--out``, ``--overwrite``, ``--verbose`` and
+    ``--cfg-options``, as both studies take them."""
+    root = osp.dirname(osp.dirname(osp.dirname(osp.abspath(tool))))
+    parser.add_argument('config', nargs='?', default=osp.join(root, DIGITS_CONFIG),
                         help='the config (default: the digits config in configs/analysis/)')
     length = parser.add_mutually_exclusive_group()
     length.add_argument('--epochs', type=int, help="epochs per run (default: the config's)")

@@ -49,7 +49,7 @@ DEPTHS = ('shallow', 'middle', 'deep')
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_arguments(parser, 'work_dirs/ratio_study')
+    add_study_arguments(parser, 'work_dirs/ratio_study', __file__)
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[2, 8, 32],
                         help='training batch sizes per process (default: 2 8 32)')
     parser.add_argument('--finetune-epochs', type=int, default=2,

@@ -41,7 +41,7 @@ STATDIFF_FILE = 'statdiff.jsonl'
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_study_arguments(parser, 'work_dirs/statdiff_study')
+    add_study_arguments(parser, 'work_dirs/statdiff_study', __file__)
     parser.add_argument('--norms', nargs='+', default=['GN', 'GN+WS', 'LN', 'LN+WS', 'BCN+WS'],
                         help='normalizers to compare (default: GN GN+WS LN LN+WS BCN+WS)')
     parser.add_argument('--groups', type=int,

@@ -201,6 +201,22 @@ class TestStatDiffHook:
         with pytest.raises(ValueError, match="no module named 'head2'"):
             runner.train()
 
+    def test_epoch_loop_records_every_epoch(self, tmp_path):
+        from mmengine.runner import Runner
+        from tests.helpers.toy import loader
+        hook = StatDiffHook(interval=4)  # 6 iterations per epoch: records at 4, 6 | 8, 12
+        runner = Runner(
+            model=ToyModel(norm1=nn.GroupNorm(2, 8)), work_dir=str(tmp_path),
+            train_dataloader=loader(), train_cfg=dict(by_epoch=True, max_epochs=2),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)), custom_hooks=[hook],
+            default_hooks=dict(checkpoint=None), experiment_name='statdiff_epochs')
+        runner.train()
+        records = [json.loads(line) for line in open(tmp_path / 'statdiff.jsonl')]
+        marks = [(r['iter'], r['epoch'], r['end_of_epoch']) for r in records]
+        assert marks == [(4, 0, False), (6, 1, True), (8, 1, False), (12, 1, False),
+                         (12, 2, True)]
+        assert records[-1]['mean'] == records[-2]['mean']  # no step between them
+
     def test_registered(self):
         from mmengine.registry import HOOKS
         assert isinstance(HOOKS.build(dict(type='StatDiffHook', interval=5)), StatDiffHook)
@@ -336,3 +352,6 @@ def test_statdiff_study_smoke(tmp_path):
     assert _is_png(out / 'statdiff_study.png')
     bad = _tool('statdiff_study.py', '--norms', 'XN', '--out', str(tmp_path / 'x'))
     assert bad.returncode == 2 and 'unknown normalizer' in bad.stderr
+    missing = _tool('statdiff_study.py', str(tmp_path / 'no.py'), '--out', str(tmp_path / 'y'))
+    assert missing.returncode == 1 and 'does not exist' in missing.stderr
+    assert 'Traceback' not in missing.stderr

@@ -59,6 +59,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if any(b < 1 for b in args.batch_sizes):
         parser.error(f'batch sizes must be >= 1, got {args.batch_sizes}')
+    if len(set(args.batch_sizes)) != len(args.batch_sizes):
+        parser.error(f'--batch-sizes lists a batch size twice: {args.batch_sizes}')
     if args.finetune_epochs < 1 or args.finetune_lr_mult <= 0:
         parser.error('--finetune-epochs must be >= 1 and --finetune-lr-mult > 0')
     return args

@@ -109,10 +109,11 @@ def channel_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Ten
     """Per-channel mean and biased variance (float64) of what ``module`` normalizes in groups.
 
     ``x`` is the layer's input ``(N, C, *)`` (or, with ``module=None``, any module's output). For
-    every layer but BCN that is ``x`` itself; for
-    BCN it is its batch normalization's output, whose moments follow exactly from ``x``'s and the
-    statistics the layer normalized with (called after the layer's forward, so Algorithm 1's
-    estimates are the moved ones it used).
+    every layer but BCN that is ``x`` itself; for BCN it is its batch normalization's output,
+    whose moments follow exactly from ``x``'s and the statistics the layer normalized with
+    (called after the layer's forward, so Algorithm 1's estimates are the moved ones it used).
+    A ``SyncBCN`` in a distributed run normalized with the synchronized batch statistics; this
+    process's own stand in for them.
 
     Returns:
         ``(mean, var, count)``: ``(C,)`` each, and the values per channel ``N * prod(*)``.

@@ -189,16 +189,13 @@ def _prepare(cfg: Config, work_dir: str, label: str, verbose: bool) -> Config:
     return cfg
 
 
-def run_training(cfg: Config, work_dir: str, label: str, verbose: bool = False,
-                 before_train: Optional[Callable] = None) -> dict:
+def run_training(cfg: Config, work_dir: str, label: str, verbose: bool = False) -> dict:
     """Train ``cfg`` in ``work_dir``, then test it. Returns ``{'metrics', 'checkpoint',
     'model', 'iters', 'seconds'}``."""
     cfg = _prepare(cfg, work_dir, label, verbose)
     start = time.time()
     runner = build_runner(cfg)
     runner.register_hook(_Progress(label))
-    if before_train is not None:
-        before_train(runner)
     runner.train()
     metrics = runner.test()
     with open(osp.join(work_dir, 'last_checkpoint')) as f:

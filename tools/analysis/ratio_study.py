@@ -206,6 +206,11 @@ def main(argv=None) -> int:
     if not _has_sn(cfg.model):
         raise SystemExit(f'{args.config} has no SN / SN_tied layer (norm_cfg type in '
                          f'{SN_TYPES}): the ratio study needs one')
+    try:  # the config edits of every run, checked before any training
+        set_length(copy.deepcopy(cfg), args.epochs, args.iters)
+        scale_batch_size(copy.deepcopy(cfg), args.batch_sizes[0])
+    except (ValueError, KeyError, AttributeError) as error:
+        raise SystemExit(f'error: {args.config}: {error}')
     try:
         out = StudyOutput(args.out, 'ratio_study.md', args.overwrite)
     except FileExistsError as error:

@@ -119,6 +119,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
     groups = args.groups or cfg.get('statdiff_groups', 32)
+    try:  # the config edits of every run, checked before any training
+        set_length(copy.deepcopy(cfg), args.epochs, args.iters)
+        replace_norms(copy.deepcopy(cfg), *norm_spec(args.norms[0], groups))
+    except (ValueError, KeyError, AttributeError) as error:
+        raise SystemExit(f'error: {args.config}: {error}')
     try:
         out = StudyOutput(args.out, 'statdiff_study.md', args.overwrite)
     except FileExistsError as error:

@@ -189,12 +189,22 @@ def _prepare(cfg: Config, work_dir: str, label: str, verbose: bool) -> Config:
     return cfg
 
 
+def _build(cfg: Config, label: str):
+    """The run's Runner; a model the edited config cannot build (e.g. GN groups that do not
+    divide a layer's channels) ends the study with one line."""
+    try:
+        return build_runner(cfg)
+    except (ValueError, TypeError, KeyError) as error:
+        raise SystemExit(f'error: run {label!r} cannot build its model: '
+                         f'{type(error).__name__}: {error}') from error
+
+
 def run_training(cfg: Config, work_dir: str, label: str, verbose: bool = False) -> dict:
     """Train ``cfg`` in ``work_dir``, then test it. Returns ``{'metrics', 'checkpoint',
     'model', 'iters', 'seconds'}``."""
     cfg = _prepare(cfg, work_dir, label, verbose)
     start = time.time()
-    runner = build_runner(cfg)
+    runner = _build(cfg, label)
     runner.register_hook(_Progress(label))
     runner.train()
     metrics = runner.test()
@@ -210,7 +220,7 @@ def run_test(cfg: Config, work_dir: str, label: str, checkpoint: str,
     hooks, e.g. the batch average). Returns the metrics."""
     cfg = _prepare(cfg, work_dir, label, verbose)
     cfg.load_from = None
-    runner = build_runner(cfg)
+    runner = _build(cfg, label)
     runner.load_checkpoint(checkpoint, map_location='cpu')
     change_model(runner.model)
     return dict(runner.test())

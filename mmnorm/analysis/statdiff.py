@@ -106,7 +106,8 @@ def norm_groups(module: nn.Module, channels: int, num_groups: int = 32) -> int:
 
 @torch.no_grad()
 def channel_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Tensor, int]:
-    """Per-channel mean and biased variance (float64) of what ``module`` normalizes in groups.
+    """Per-channel mean and biased variance of what ``module`` normalizes in groups (computed in
+    float32, or float64 for float64 input; returned as float64).
 
     ``x`` is the layer's input ``(N, C, *)`` (or, with ``module=None``, any module's output). For
     every layer but BCN that is ``x`` itself; for BCN it is its batch normalization's output,
@@ -118,10 +119,15 @@ def channel_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Ten
     Returns:
         ``(mean, var, count)``: ``(C,)`` each, and the values per channel ``N * prod(*)``.
     """
-    values = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
-    count = values.shape[1]
-    mean = values.mean(1)
-    var = (values - mean[:, None]).square().mean(1)
+    count = x.numel() // max(x.shape[1], 1)
+    if count == 0:  # an empty batch: nothing to measure (the running statistics ignore it)
+        zeros = x.new_zeros(x.shape[1], dtype=torch.float64)
+        return zeros, zeros.clone(), 0
+    # One fused pass in float32 (float64 inputs stay float64): a float64 copy of every activation
+    # at every step would cost real time and memory on large feature maps.
+    values = x.detach() if x.dtype == torch.float64 else x.detach().float()
+    var, mean = torch.var_mean(values, dim=[0] + list(range(2, x.dim())), correction=0)
+    mean, var = mean.double(), var.double()
     if isinstance(module, BatchChannelNorm):
         mean, var = _after_batch_norm(module, mean, var)
     return mean, var, count

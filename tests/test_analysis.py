@@ -87,16 +87,16 @@ class TestStatDiff:
         with pytest.raises(TypeError, match="num_groups=1"):
             norm_groups(nn.LayerNorm(8), 8)
 
-    def test_channel_moments_precision_and_empty_batches(self):
-        from mmnorm.analysis import channel_moments
+    def test_statdiff_moments_precision_and_empty_batches(self):
+        from mmnorm.analysis import statdiff_moments
         x = torch.randn(3, 4, 5, 2, dtype=torch.float64) * 3 + 1
-        mean, var, count = channel_moments(None, x)
+        mean, var, count = statdiff_moments(None, x)
         rows = x.transpose(0, 1).reshape(4, -1)
         assert count == 30 and mean.dtype == torch.float64
         torch.testing.assert_close(mean, rows.mean(1), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(var, rows.var(1, unbiased=False), rtol=1e-12, atol=1e-12)
         # half precision: statistics in float32, not in bfloat16
-        half_mean, half_var, _ = channel_moments(None, x.bfloat16())
+        half_mean, half_var, _ = statdiff_moments(None, x.bfloat16())
         exact = x.bfloat16().double().transpose(0, 1).reshape(4, -1)
         torch.testing.assert_close(half_mean, exact.mean(1), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(half_var, exact.var(1, unbiased=False), rtol=1e-5, atol=1e-5)
@@ -104,7 +104,7 @@ class TestStatDiff:
         stats = RunningChannelStats()
         stats.update(mean, var, count)
         before = stats.mean.clone(), stats.var.clone()
-        stats.update(*channel_moments(None, torch.zeros(0, 4, 5, 2)))
+        stats.update(*statdiff_moments(None, torch.zeros(0, 4, 5, 2)))
         assert torch.equal(stats.mean, before[0]) and torch.equal(stats.var, before[1])
 
     def test_running_statistics_follow_bn_convention(self):

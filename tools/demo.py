@@ -207,8 +207,8 @@ def main(argv=None) -> dict:
     run('step 2/6: training (tools/train.py)',
         ['tools/train.py', config, '--work-dir', work_dir, '--cfg-options', *train_options],
         osp.join(work_dir, 'train_output.log'))
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        checkpoint = f.read().strip()
+    from mmnorm.utils.runner import last_checkpoint
+    checkpoint = last_checkpoint(work_dir)
 
     final = osp.join(work_dir, 'model_batch_average.pth')
     run('step 3/6: batch-average statistics (tools/recompute_stats.py)',

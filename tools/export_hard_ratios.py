@@ -20,7 +20,6 @@ and σ -> the fused SN layer (``fused``). The tool prints every layer's choice a
 layers folded away.
 """
 import argparse
-import copy
 import os.path as osp
 import sys
 import tempfile
@@ -34,22 +33,18 @@ from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E
 
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
 from mmnorm.utils import (OutputExistsError, build_runner, check_output,  # noqa: E402
-                          load_checkpoint_file, save_checkpoint)
+                          finetune_config, last_checkpoint, load_checkpoint_file,
+                          save_checkpoint)
 from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
 
 
 def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
     """Train from ``hard_checkpoint`` with the ratios frozen; returns the last checkpoint."""
-    cfg = copy.deepcopy(cfg)
+    cfg = finetune_config(cfg, hard_checkpoint, hard_ratios=True)
     cfg.work_dir = work_dir
-    cfg.load_from = hard_checkpoint
-    cfg.resume = False
-    cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='HardRatiosHook')]
     cfg.launcher = 'none'
-    runner = build_runner(cfg)
-    runner.train()
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        return f.read().strip()
+    build_runner(cfg).train()
+    return last_checkpoint(work_dir)
 
 
 def main(argv=None) -> dict:

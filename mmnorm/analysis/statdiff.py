@@ -22,7 +22,7 @@ channel-normalization groups; for layers that normalize each channel on its own 
 (BN, SN, SN_tied) the groups are the user's choice (contiguous, ``num_groups`` of them).
 
 For BCN the channels its group normalization normalizes together are those of its *batch
-normalization's output*, not the conv output: :func:`channel_moments` maps the conv output's
+normalization's output*, not the conv output: :func:`statdiff_moments` maps the conv output's
 moments through that batch normalization (with the statistics the layer used), so BCN's StatDiff
 measures what the paper argues BCN keeps small.
 """
@@ -36,10 +36,12 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from ..functional import batch_statistics
+from ..functional.moments import eager_channel_moments
 from ..layers import BatchChannelNorm, SwitchableNorm
 
 __all__ = [
-    'statdiff', 'norm_groups', 'channel_moments', 'RunningChannelStats', 'is_statdiff_norm',
+    'statdiff', 'norm_groups', 'statdiff_moments', 'RunningChannelStats', 'is_statdiff_norm',
     'select_layers', 'summarize', 'NORM_TYPES'
 ]
 
@@ -105,9 +107,9 @@ def norm_groups(module: nn.Module, channels: int, num_groups: int = 32) -> int:
 
 
 @torch.no_grad()
-def channel_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Tensor, int]:
-    """Per-channel mean and biased variance of what ``module`` normalizes in groups (computed in
-    float32, or float64 for float64 input; returned as float64).
+def statdiff_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Tensor, int]:
+    """Per-channel batch mean and biased variance (float64) of what ``module`` normalizes in
+    groups, and the values per channel ``N * prod(*)``.
 
     ``x`` is the layer's input ``(N, C, *)`` (or, with ``module=None``, any module's output). For
     every layer but BCN that is ``x`` itself; for BCN it is its batch normalization's output,
@@ -116,17 +118,12 @@ def channel_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Ten
     A ``SyncBCN`` in a distributed run normalized with the synchronized batch statistics; this
     process's own stand in for them.
 
-    Returns:
-        ``(mean, var, count)``: ``(C,)`` each, and the values per channel ``N * prod(*)``.
+    The moments are the layers' own (:func:`mmnorm.functional.batch_statistics`: one fused pass,
+    float32 for half-precision input, compiled where the layers are); an empty batch gives
+    zeros and count 0.
     """
-    count = x.numel() // max(x.shape[1], 1)
-    if count == 0:  # an empty batch: nothing to measure (the running statistics ignore it)
-        zeros = x.new_zeros(x.shape[1], dtype=torch.float64)
-        return zeros, zeros.clone(), 0
-    # One fused pass in float32 (float64 inputs stay float64): a float64 copy of every activation
-    # at every step would cost real time and memory on large feature maps.
-    values = x.detach() if x.dtype == torch.float64 else x.detach().float()
-    var, mean = torch.var_mean(values, dim=[0] + list(range(2, x.dim())), correction=0)
+    mean, var, count = batch_statistics(*eager_channel_moments(x.detach()),
+                                        math.prod(x.shape[2:]))
     mean, var = mean.double(), var.double()
     if isinstance(module, BatchChannelNorm):
         mean, var = _after_batch_norm(module, mean, var)

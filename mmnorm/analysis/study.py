@@ -22,7 +22,8 @@ from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
 
 from ..utils.files import atomic_write
-from ..utils.runner import build_runner
+from ..utils.config import norm_configs
+from ..utils.runner import build_runner, last_checkpoint
 
 __all__ = [
     'DIGITS_CONFIG', 'add_study_arguments', 'save_figure', 'RATIO_COLORS', 'scale_batch_size',
@@ -133,27 +134,16 @@ def norm_spec(name: str, groups: int) -> tuple:
 
 
 def replace_norms(cfg: Config, norm_cfg: dict, ws: bool) -> int:
-    """Give every module of ``cfg.model`` that takes a ``norm_cfg`` this one (and, with ``ws``,
-    ``conv_cfg=dict(type='WSConv')``; else plain convs). Returns how many were replaced."""
-    count = 0
-
-    def visit(node):
-        nonlocal count
-        if isinstance(node, dict):
-            if isinstance(node.get('norm_cfg'), dict):
-                node['norm_cfg'] = dict(copy.deepcopy(norm_cfg), requires_grad=True)
-                node['conv_cfg'] = dict(type='WSConv') if ws else None
-                count += 1
-            for value in node.values():
-                visit(value)
-        elif isinstance(node, (list, tuple)):
-            for value in node:
-                visit(value)
-
-    visit(cfg.model)
-    if not count:
-        raise ValueError('the config\'s model has no norm_cfg to replace')
-    return count
+    """Give every norm config of ``cfg.model`` (:func:`~mmnorm.utils.config.norm_configs`) this
+    one, and the module holding it ``conv_cfg=dict(type='WSConv')`` with ``ws``, else plain
+    convs. Returns how many were replaced."""
+    found = norm_configs(cfg.model)
+    if not found:
+        raise ValueError("the config's model has no norm_cfg to replace")
+    for parent, key in found:
+        parent[key] = dict(copy.deepcopy(norm_cfg), requires_grad=True)
+        parent['conv_cfg'] = dict(type='WSConv') if ws else None
+    return len(found)
 
 
 class _Progress(Hook):
@@ -208,10 +198,8 @@ def run_training(cfg: Config, work_dir: str, label: str, verbose: bool = False) 
     runner.register_hook(_Progress(label))
     runner.train()
     metrics = runner.test()
-    with open(osp.join(work_dir, 'last_checkpoint')) as f:
-        checkpoint = f.read().strip()
-    return {'metrics': dict(metrics), 'checkpoint': checkpoint, 'model': runner.model,
-            'iters': runner.iter, 'seconds': time.time() - start}
+    return {'metrics': dict(metrics), 'checkpoint': last_checkpoint(work_dir),
+            'model': runner.model, 'iters': runner.iter, 'seconds': time.time() - start}
 
 
 def run_test(cfg: Config, work_dir: str, label: str, checkpoint: str,

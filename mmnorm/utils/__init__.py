@@ -5,17 +5,19 @@ from .checkpoint import (CheckpointFileError, UnsafeCheckpointError,
                          allow_mmengine_checkpoint_globals, load_checkpoint_file,
                          register_checkpoint_loader, safe_globals)
 from .files import OutputExistsError, atomic_write, check_output, save_checkpoint
-from .config import SYNC_NORM_TYPES, replace_norm_types, sync_norm_config
+from .config import (SYNC_NORM_TYPES, finetune_config, norm_configs, replace_norm_types,
+                     sync_norm_config)
 from .launch import cpu_distributed_env, prepare_distributed
 from .ratios import model_ratios, state_dict_ratios, symmetric_kl
 from .runner import (add_common_arguments, apply_common_options, build_runner,
-                     find_resume_checkpoint, parse_with_common_arguments)
+                     find_resume_checkpoint, last_checkpoint, parse_with_common_arguments)
 
 __all__ = [
     'CheckpointFileError', 'load_checkpoint_file', 'OutputExistsError', 'atomic_write',
     'check_output', 'save_checkpoint', 'UnsafeCheckpointError',
     'allow_mmengine_checkpoint_globals', 'register_checkpoint_loader', 'safe_globals',
-    'SYNC_NORM_TYPES', 'replace_norm_types', 'sync_norm_config', 'cpu_distributed_env',
+    'SYNC_NORM_TYPES', 'replace_norm_types', 'sync_norm_config', 'norm_configs', 'finetune_config',
+    'last_checkpoint', 'cpu_distributed_env',
     'prepare_distributed', 'add_common_arguments', 'parse_with_common_arguments',
     'apply_common_options', 'build_runner', 'find_resume_checkpoint', 'model_ratios',
     'state_dict_ratios', 'symmetric_kl'

@@ -1,34 +1,57 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Config-level helpers: swap normalizers in every component of a model config."""
-from typing import Any, Dict, Optional
+"""Config-level helpers: find and swap normalizers in every component of a model config, and
+finetune from a checkpoint."""
+import copy
+from typing import Any, Dict, List, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 
-__all__ = ['SYNC_NORM_TYPES', 'sync_norm_config', 'replace_norm_types']
+__all__ = ['SYNC_NORM_TYPES', 'sync_norm_config', 'replace_norm_types', 'norm_configs',
+           'finetune_config']
 
 #: mmnorm layer type -> its synchronized version, as used by ``--sync-norm``. (Plain BN is left
 #: to mmengine's own ``sync_bn`` config key; torch's SyncBatchNorm has no CPU implementation.)
 SYNC_NORM_TYPES = {'SN': 'SyncSN', 'SN_tied': 'SyncSN_tied', 'BCN': 'SyncBCN'}
 
 
-def replace_norm_types(node: Any, mapping: Dict[str, str]) -> int:
-    """Rewrite ``type`` of every ``norm_cfg``-like dict under ``node`` per ``mapping``.
-
-    A dict counts as a norm config when it is the value of a key containing ``norm_cfg`` (e.g.
-    ``norm_cfg``, ``conv_norm_cfg``). Returns the number of rewritten dicts.
-    """
-    count = 0
+def norm_configs(node: Any) -> List[Tuple[dict, str]]:
+    """``(parent, key)`` of every norm config under ``node``: a dict that is the value of a key
+    containing ``norm_cfg`` (``norm_cfg``, ``conv_norm_cfg``, ...), in config order. A list, so
+    callers may replace ``parent[key]`` while going through it."""
+    found = []
     if isinstance(node, dict):
         for key, value in node.items():
-            if 'norm_cfg' in str(key) and isinstance(value, dict) and \
-                    value.get('type') in mapping:
-                value['type'] = mapping[value['type']]
-                count += 1
-            count += replace_norm_types(value, mapping)
+            if 'norm_cfg' in str(key) and isinstance(value, dict):
+                found.append((node, key))
+            found += norm_configs(value)
     elif isinstance(node, (list, tuple)):
         for item in node:
-            count += replace_norm_types(item, mapping)
+            found += norm_configs(item)
+    return found
+
+
+def replace_norm_types(node: Any, mapping: Dict[str, str]) -> int:
+    """Rewrite ``type`` of every norm config under ``node`` (:func:`norm_configs`) per
+    ``mapping``. Returns the number of rewritten dicts."""
+    count = 0
+    for parent, key in norm_configs(node):
+        norm = parent[key]
+        if norm.get('type') in mapping:
+            norm['type'] = mapping[norm['type']]
+            count += 1
     return count
+
+
+def finetune_config(cfg: Config, checkpoint: str, hard_ratios: bool = False) -> Config:
+    """A copy of ``cfg`` that starts from ``checkpoint`` (``load_from``, not a resume), with
+    ``HardRatiosHook`` added when ``hard_ratios``: the SN ratios become one-hot and frozen
+    before the first step (SN study Table 2, right)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.load_from = checkpoint
+    cfg.resume = False
+    if hard_ratios:
+        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [dict(type='HardRatiosHook')]
+    return cfg
 
 
 def sync_norm_config(cfg: Config, model_key: Optional[str] = 'model') -> int:

@@ -17,7 +17,7 @@ from .config import sync_norm_config
 
 __all__ = [
     'add_common_arguments', 'parse_with_common_arguments', 'apply_common_options',
-    'build_runner', 'find_resume_checkpoint'
+    'build_runner', 'find_resume_checkpoint', 'last_checkpoint'
 ]
 
 
@@ -63,6 +63,13 @@ def build_runner(cfg: Config) -> Runner:
     return Runner.from_cfg(cfg)
 
 
+def last_checkpoint(work_dir: str) -> str:
+    """The checkpoint mmengine's ``CheckpointHook`` saved last in ``work_dir`` (the path in its
+    ``last_checkpoint`` file; empty when the run stopped while writing it)."""
+    with open(osp.join(work_dir, 'last_checkpoint')) as f:
+        return f.read().strip()
+
+
 def _numbered_checkpoints(work_dir: str) -> List[str]:
     """``iter_*.pth`` / ``epoch_*.pth`` in ``work_dir``, newest (highest number) first."""
     found = []
@@ -86,8 +93,7 @@ def find_resume_checkpoint(work_dir: str, log=print) -> Optional[str]:
     named = ''
     pointer = osp.join(work_dir, 'last_checkpoint')
     if osp.isfile(pointer):
-        with open(pointer) as f:
-            named = f.read().strip()
+        named = last_checkpoint(work_dir)
         if not named:
             log(f'{pointer} is empty (the run stopped while writing it)')
     candidates = [named] if named else []

@@ -39,7 +39,7 @@ from mmnorm.analysis.study import (RATIO_COLORS, StudyOutput,  # noqa: E402
                                    run_training, save_figure, say, scale_batch_size, set_length,
                                    write_csv, write_text)
 from mmnorm.convert import hard_choices, harden_ratios  # noqa: E402
-from mmnorm.utils import model_ratios  # noqa: E402
+from mmnorm.utils import finetune_config, model_ratios, norm_configs  # noqa: E402
 from mmnorm.utils.model import load_config  # noqa: E402
 
 SN_TYPES = ('SN', 'SN_tied', 'SyncSN', 'SyncSN_tied')
@@ -66,24 +66,12 @@ def parse_args(argv=None):
     return args
 
 
-def _has_sn(node) -> bool:
-    if isinstance(node, dict):
-        norm = node.get('norm_cfg')
-        if isinstance(norm, dict) and norm.get('type') in SN_TYPES:
-            return True
-        return any(_has_sn(v) for v in node.values())
-    if isinstance(node, (list, tuple)):
-        return any(_has_sn(v) for v in node)
-    return False
-
-
-def finetune_config(cfg, checkpoint: str, args, hard: bool):
-    cfg = copy.deepcopy(cfg)
+def finetune(cfg, checkpoint: str, args, hard: bool):
+    """From ``checkpoint``, the finetuning run: ``--finetune-epochs`` at ``--finetune-lr-mult``
+    times the learning rate, with hard (one-hot, frozen) ratios or the soft ones."""
+    cfg = finetune_config(cfg, checkpoint, hard_ratios=hard)
     set_length(cfg, epochs=None if args.iters else args.finetune_epochs, iters=args.iters)
     cfg.optim_wrapper.optimizer.lr *= args.finetune_lr_mult
-    cfg.load_from = checkpoint
-    if hard:
-        cfg.custom_hooks = list(cfg.get('custom_hooks') or []) + [dict(type='HardRatiosHook')]
     return cfg
 
 
@@ -104,7 +92,7 @@ def study_batch_size(cfg, batch_size: int, args, out: StudyOutput) -> dict:
     accuracy = {'soft': soft, 'hard, no finetune': primary_metric(hard_now)[1]}
     for kind in ('soft', 'hard'):
         say(f'[ratio_study] batch size {batch_size}: finetuning with {kind} ratios')
-        tuned = run_training(finetune_config(cfg, trained['checkpoint'], args, kind == 'hard'),
+        tuned = run_training(finetune(cfg, trained['checkpoint'], args, kind == 'hard'),
                              out.run_dir(f'{name}_{kind}_ft'), f'{name}_{kind}_ft', args.verbose)
         accuracy[f'{kind}, finetuned'] = primary_metric(tuned['metrics'])[1]
     return {'batch_size': batch_size, 'lr': lr, 'iters': trained['iters'], 'metric': metric,
@@ -203,7 +191,7 @@ def plot(results: list, path: str) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
-    if not _has_sn(cfg.model):
+    if not any(parent[key].get('type') in SN_TYPES for parent, key in norm_configs(cfg.model)):
         raise SystemExit(f'{args.config} has no SN / SN_tied layer (norm_cfg type in '
                          f'{SN_TYPES}): the ratio study needs one')
     try:  # the config edits of every run, checked before any training

@@ -10,8 +10,8 @@ from mmengine.registry import HOOKS
 from mmengine.runner import IterBasedTrainLoop, Runner
 from torch import Tensor, nn
 
-from ...analysis.statdiff import (RunningChannelStats, channel_moments, is_statdiff_norm,
-                                  norm_groups, select_layers, statdiff, summarize)
+from ...analysis.statdiff import (RunningChannelStats, is_statdiff_norm, norm_groups,
+                                  select_layers, statdiff, statdiff_moments, summarize)
 from ...functional import in_recomputation
 from .runner_model import runner_model
 
@@ -116,7 +116,7 @@ class StatDiffHook(Hook):
                 return
             if name not in self.groups:
                 self.groups[name] = norm_groups(module, x.shape[1], self.num_groups)
-            mean, var, count = channel_moments(module if not use_output else None, x)
+            mean, var, count = statdiff_moments(module if not use_output else None, x)
             self.stats[name].update(mean, var, count)
 
         return observe

@@ -203,6 +203,11 @@ def main(argv=None) -> dict:
                           'default_hooks.logger.interval=10' if args.quick else
                           'default_hooks.logger.interval=50',
                           f'param_scheduler.1.end={iters}']
+        # The configs warm up for 100 iterations, then decay until max_iters: a shorter run
+        # (--quick: 40) must also warm up for less, or the decay would end before it begins.
+        from mmengine.config import Config
+        warmup = min(Config.fromfile(osp.join(ROOT, config)).param_scheduler[0]['end'], iters // 2)
+        train_options += [f'param_scheduler.0.end={warmup}', f'param_scheduler.1.begin={warmup}']
     stats_iters = QUICK['stats_iters'] if args.quick else args.stats_iters
     run('step 2/6: training (tools/train.py)',
         ['tools/train.py', config, '--work-dir', work_dir, '--cfg-options', *train_options],

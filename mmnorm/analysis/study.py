@@ -191,15 +191,14 @@ def _build(cfg: Config, label: str):
 
 def run_training(cfg: Config, work_dir: str, label: str, verbose: bool = False) -> dict:
     """Train ``cfg`` in ``work_dir``, then test it. Returns ``{'metrics', 'checkpoint',
-    'model', 'iters', 'seconds'}``."""
+    'model', 'iters'}``."""
     cfg = _prepare(cfg, work_dir, label, verbose)
-    start = time.time()
     runner = _build(cfg, label)
     runner.register_hook(_Progress(label))
     runner.train()
     metrics = runner.test()
     return {'metrics': dict(metrics), 'checkpoint': last_checkpoint(work_dir),
-            'model': runner.model, 'iters': runner.iter, 'seconds': time.time() - start}
+            'model': runner.model, 'iters': runner.iter}
 
 
 def run_test(cfg: Config, work_dir: str, label: str, checkpoint: str,

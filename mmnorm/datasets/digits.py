@@ -4,7 +4,7 @@
 ``sklearn.datasets.load_digits`` holds 1797 real 8x8 grey images of the digits 0-9 (43 writers,
 values 0-16), installed with scikit-learn: no download. mmnorm's analysis tools
 (``tools/analysis/``) train on them by default. scikit-learn is optional
-(``pip install 'mmnorm[analysis]'``); it is imported only when the data is loaded.
+(``pip install -e '.[analysis]'``); it is imported only when the data is loaded.
 
 Split (fixed, no randomness): sample ``i`` of ``load_digits()`` is in ``'test'`` when
 ``i % 5 == 0`` (360 images) and in ``'train'`` otherwise (1437 images).
@@ -37,8 +37,8 @@ def load_digits_split(split: str) -> Tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("the digits dataset needs scikit-learn: pip install 'mmnorm[analysis]' "
-                          '(or pip install scikit-learn)') from error
+        raise ImportError("the digits dataset needs scikit-learn: pip install scikit-learn "
+                          "(in mmnorm's checkout: pip install -e '.[analysis]')") from error
     digits = load_digits()
     in_test = np.arange(len(digits.target)) % DIGITS_TEST_EVERY == 0
     keep = in_test if split == 'test' else ~in_test

@@ -17,14 +17,16 @@ apart, towards the elimination singularities the paper describes (Fig. 3: GN and
 keeps StatDiff near 0).
 
 Which channels are "normalized together" depends on the layer (:func:`norm_groups`): a GN's
-groups, one group for a GN with one group (LN in a ConvNet), every channel alone for IN, BCN's
-channel-normalization groups; for layers that normalize each channel on its own over the batch
-(BN, SN, SN_tied) the groups are the user's choice (contiguous, ``num_groups`` of them).
+groups, one group for a GN with one group (LN in a ConvNet), every channel alone for IN, an mmnorm
+normalizer's ``channel_groups`` (BCN's channel-normalization groups); for layers that normalize
+each channel on its own over the batch (BN, SN, SN_tied) the groups are the user's choice
+(contiguous, ``num_groups`` of them).
 
-For BCN the channels its group normalization normalizes together are those of its *batch
-normalization's output*, not the conv output: :func:`statdiff_moments` maps the conv output's
-moments through that batch normalization (with the statistics the layer used), so BCN's StatDiff
-measures what the paper argues BCN keeps small.
+An mmnorm normalizer says what its groups see (``grouped_moments``): for BCN the channels its
+group normalization normalizes together are those of its *batch normalization's output*, not the
+conv output, so :func:`statdiff_moments` maps the conv output's moments through that batch
+normalization (with the statistics the layer used), and BCN's StatDiff measures what the paper
+argues BCN keeps small.
 """
 import difflib
 import math
@@ -36,17 +38,18 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..functional import batch_statistics
+from ..functional import BatchStats, batch_statistics, update_running_stats
 from ..functional.moments import eager_channel_moments
-from ..layers import BatchChannelNorm, SwitchableNorm
+from ..layers import BatchStatsNorm
 
 __all__ = [
     'statdiff', 'norm_groups', 'statdiff_moments', 'RunningChannelStats', 'is_statdiff_norm',
     'select_layers', 'summarize', 'NORM_TYPES'
 ]
 
-#: Layers whose *input* StatDiff measures by default (a conv output feeding a norm).
-NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, SwitchableNorm, BatchChannelNorm)
+#: Layers whose *input* StatDiff measures by default (a conv output feeding a norm): torch's
+#: norms, and every mmnorm normalizer.
+NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, BatchStatsNorm)
 
 
 def is_statdiff_norm(module: nn.Module) -> bool:
@@ -86,9 +89,10 @@ def statdiff(running_mean: Tensor, running_var: Tensor, num_groups: int,
 def norm_groups(module: nn.Module, channels: int, num_groups: int = 32) -> int:
     """How many groups of channels ``module`` normalizes together, for :func:`statdiff`.
 
-    GN and BCN: the layer's own groups; IN: one group per channel; BN, SN, SN_tied and any other
-    module (a conv named by the user): ``num_groups``, or the largest number of groups of equal
-    size that divides ``channels`` (``gcd``) when it does not.
+    GN and mmnorm normalizers with ``channel_groups`` (BCN): the layer's own groups; IN: one
+    group per channel; BN, SN, SN_tied and any other module (a conv named by the user):
+    ``num_groups``, or the largest number of groups of equal size that divides ``channels``
+    (``gcd``) when it does not.
 
     Raises:
         TypeError: ``nn.LayerNorm`` (it normalizes the trailing dims, not groups of channels;
@@ -97,8 +101,10 @@ def norm_groups(module: nn.Module, channels: int, num_groups: int = 32) -> int:
     if isinstance(module, nn.LayerNorm):
         raise TypeError('StatDiff: nn.LayerNorm normalizes the trailing dimensions, not groups '
                         "of channels; in a ConvNet use dict(type='GN', num_groups=1) for LN")
-    if isinstance(module, (nn.GroupNorm, BatchChannelNorm)):
+    if isinstance(module, nn.GroupNorm):
         return module.num_groups
+    if isinstance(module, BatchStatsNorm) and module.channel_groups is not None:
+        return module.channel_groups
     if isinstance(module, _InstanceNorm):
         return channels
     if num_groups < 1:
@@ -112,39 +118,26 @@ def statdiff_moments(module: Optional[nn.Module], x: Tensor) -> Tuple[Tensor, Te
     groups, and the values per channel ``N * prod(*)``.
 
     ``x`` is the layer's input ``(N, C, *)`` (or, with ``module=None``, any module's output). For
-    every layer but BCN that is ``x`` itself; for BCN it is its batch normalization's output,
-    whose moments follow exactly from ``x``'s and the statistics the layer normalized with
-    (called after the layer's forward, so Algorithm 1's estimates are the moved ones it used).
-    A ``SyncBCN`` in a distributed run normalized with the synchronized batch statistics; this
-    process's own stand in for them.
+    torch's norms that is ``x`` itself; an mmnorm normalizer maps ``x``'s moments to those of
+    what its groups see (``grouped_moments``: for BCN, its batch normalization's output, from the
+    statistics the layer normalized with; called after the layer's forward, so Algorithm 1's
+    estimates are the moved ones it used). A ``SyncBCN`` in a distributed run normalized with
+    the synchronized batch statistics; this process's own stand in for them.
 
     The moments are the layers' own (:func:`mmnorm.functional.batch_statistics`: one fused pass,
     float32 for half-precision input, compiled where the layers are); an empty batch gives
     zeros and count 0.
     """
-    mean, var, count = batch_statistics(*eager_channel_moments(x.detach()),
-                                        math.prod(x.shape[2:]))
-    mean, var = mean.double(), var.double()
-    if isinstance(module, BatchChannelNorm):
-        mean, var = _after_batch_norm(module, mean, var)
-    return mean, var, count
-
-
-def _after_batch_norm(module: BatchChannelNorm, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
-    if module.training and not module.estimate:
-        used_mean, used_var = mean, var  # normalized with the batch's own (biased) statistics
-    else:
-        used_mean, used_var = module.running_mean.double(), module.running_var.double()
-    scale = (used_var + module.eps).rsqrt()
-    if module.affine:
-        weight, bias = module.bn_weight.detach().double(), module.bn_bias.detach().double()
-    else:
-        weight, bias = torch.ones_like(mean), torch.zeros_like(mean)
-    return weight * scale * (mean - used_mean) + bias, (weight * scale).square() * var
+    stats = batch_statistics(*eager_channel_moments(x.detach()), math.prod(x.shape[2:]))
+    mean, var = stats.mean.double(), stats.var.double()
+    if isinstance(module, BatchStatsNorm):
+        mean, var = module.grouped_moments(mean, var)
+    return mean.double(), var.double(), int(stats.count)
 
 
 class RunningChannelStats:
-    """Running per-channel mean and variance, as BN keeps them (PyTorch convention).
+    """Running per-channel mean and variance, as BN keeps them (PyTorch convention, the layers'
+    own update: :func:`mmnorm.functional.update_running_stats`).
 
     The first batch sets them; later batches move them by ``momentum`` with the batch's unbiased
     variance. A batch with one value per channel has no variance and leaves the variance alone.
@@ -160,14 +153,12 @@ class RunningChannelStats:
     def update(self, mean: Tensor, var: Tensor, count: int) -> None:
         if count < 1:
             return  # an empty batch says nothing
-        unbiased = var * count / (count - 1) if count > 1 else None
-        if self.mean is None:
-            self.mean = mean.clone()
-            self.var = unbiased.clone() if unbiased is not None else torch.zeros_like(var)
+        batch = BatchStats(mean, var, torch.tensor(float(count), dtype=mean.dtype))
+        if self.mean is None:  # the first batch sets them: a running average from zeros,
+            self.mean, self.var = torch.zeros_like(mean), torch.zeros_like(var)
+            update_running_stats(self.mean, self.var, batch, 1.0)  # at momentum 1
             return
-        self.mean.lerp_(mean, self.momentum)
-        if unbiased is not None:
-            self.var.lerp_(unbiased, self.momentum)
+        update_running_stats(self.mean, self.var, batch, self.momentum)
 
     @property
     def ready(self) -> bool:

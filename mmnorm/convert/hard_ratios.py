@@ -5,9 +5,8 @@ SN study Sec. 4.1.1 ("Performance of hard ratios", Table 2 right): replacing the
 one-hot ones (argmax) and finetuning keeps the accuracy; Appendix B, Table 4 items 7-8: layers
 whose μ and σ both select BN "can be turned into linear transformation".
 
-- :func:`harden_ratios` sets every SN / SN_tied layer's ratios to one-hot: the argmax logit is set
-  to 0 and the others far below, so the softmax is exactly one-hot; the logits are frozen
-  (``requires_grad=False``) for finetuning.
+- :func:`harden_ratios` makes every SN-like layer's ratios one-hot at their argmax and frozen, each
+  in its own way (``harden_ratios_()`` of the layer, :mod:`mmnorm.layers.base`);
 - :func:`to_deploy` (eval mode) replaces each hardened layer by its cheapest equivalent:
   μ and σ both BN -> a per-channel affine map ``a x + b``, folded into the preceding convolution
   where there is one (a WS convolution becomes a plain one with the standardized, scaled
@@ -23,57 +22,46 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..layers import SwitchableNorm, SwitchableNormTied
+from ..layers import BatchStatsNorm, has_ratios
 from .folding import bn_affine, fold_affine_into_conv
 
 __all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS']
 
 #: What :func:`to_deploy` can do with a layer.
 DEPLOY_ACTIONS = ('folded', 'affine', 'instance_norm', 'group_norm', 'fused')
-_HARD_GAP = 1e4  # exp(-1e4) underflows to 0 in float32 and float64
+
+
+def _choices(module: BatchStatsNorm) -> Tuple[str, str]:
+    mean, var = module.ratios()
+    names = module.normalizers
+    return names[int(mean.argmax())], names[int(var.argmax())]
 
 
 def hard_choices(model: nn.Module) -> Dict[str, Tuple[str, str]]:
     """``{layer: (normalizer chosen for μ, for σ)}`` by argmax of the current ratios."""
-    choices = OrderedDict()
-    for name, module in model.named_modules():
-        if isinstance(module, SwitchableNorm):
-            mean, var = module.ratios()
-            names = module.normalizers
-            choices[name] = (names[int(mean.argmax())], names[int(var.argmax())])
-    return choices
-
-
-@torch.no_grad()
-def _one_hot_(logits: nn.Parameter) -> None:
-    winner = int(logits.argmax())
-    logits.fill_(-_HARD_GAP)
-    logits[winner] = 0.0
-    logits.requires_grad_(False)
+    return OrderedDict((name, _choices(module)) for name, module in model.named_modules()
+                       if has_ratios(module))
 
 
 def harden_ratios(model: nn.Module) -> Dict[str, Tuple[str, str]]:
-    """Make every SN / SN_tied layer's ratios one-hot (argmax) and freeze them.
+    """Make every SN-like layer's ratios one-hot (argmax) and freeze them.
 
     Returns:
         the choices, as :func:`hard_choices`.
     """
     choices = hard_choices(model)
     for module in model.modules():
-        if isinstance(module, SwitchableNormTied):
-            _one_hot_(module.logits)
-        elif isinstance(module, SwitchableNorm):
-            _one_hot_(module.mean_logits)
-            _one_hot_(module.var_logits)
+        if has_ratios(module):
+            module.harden_ratios_()
     return choices
 
 
-def _is_hard(module: SwitchableNorm) -> bool:
+def _is_hard(module: BatchStatsNorm) -> bool:
     mean, var = module.ratios()
     return bool(((mean == 0) | (mean == 1)).all() and ((var == 0) | (var == 1)).all())
 
 
-def _native(module: SwitchableNorm, action: str) -> nn.Module:
+def _native(module: BatchStatsNorm, action: str) -> nn.Module:
     channels = module.num_features
     if action == 'affine':
         replacement = nn.BatchNorm2d(channels, eps=module.eps, affine=module.affine)
@@ -90,17 +78,15 @@ def _native(module: SwitchableNorm, action: str) -> nn.Module:
     return replacement.to(module.running_mean.device).eval()
 
 
-def _action(module: SwitchableNorm, can_fold: bool) -> str:
+def _action(module: BatchStatsNorm, can_fold: bool) -> str:
     if not _is_hard(module):
         return 'fused'
-    mean, var = module.ratios()
-    names = module.normalizers
-    mean_choice, var_choice = names[int(mean.argmax())], names[int(var.argmax())]
+    mean_choice, var_choice = _choices(module)
     if mean_choice != var_choice:
         return 'fused'
     if mean_choice == 'BN':
         return 'folded' if can_fold else 'affine'
-    if module.in_unbiased:
+    if getattr(module, 'in_unbiased', False):
         return 'fused'  # native IN / LN kernels use the biased variance
     return 'instance_norm' if mean_choice == 'IN' else 'group_norm'
 
@@ -127,7 +113,8 @@ def _preceding_conv(parent: nn.Module, names: List[str], index: int) -> Optional
 
 
 def to_deploy(model: nn.Module, prefix: str = '') -> Dict[str, str]:
-    """Replace hardened SN layers by their cheapest equivalent, in place (call in eval mode).
+    """Replace hardened SN-like layers by their cheapest equivalent, in place (call in eval
+    mode).
 
     Returns:
         ``{layer: action}`` with actions from :data:`DEPLOY_ACTIONS` for every SN layer.
@@ -139,7 +126,7 @@ def to_deploy(model: nn.Module, prefix: str = '') -> Dict[str, str]:
     for index, name in enumerate(names):
         child = getattr(model, name)
         full = f'{prefix}.{name}' if prefix else name
-        if not isinstance(child, SwitchableNorm):
+        if not has_ratios(child):
             plan.update(to_deploy(child, full))
             continue
         conv_name = _preceding_conv(model, names, index)

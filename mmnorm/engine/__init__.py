@@ -5,10 +5,10 @@ recording, optimizer rules. Registered in mmengine's root ``HOOKS`` /
 from .batch_stats import ESTIMATORS, find_batch_stats_layers, recompute_batch_stats
 from .hooks import (BatchAverageStatsHook, DeployHook, EstimateRateHook, HardRatiosHook,
                     SNRatioLoggerHook, StatDiffHook)
-from .optimizers import RATIO_PARAMS, CPUAmpOptimWrapper, NormAwareOptimWrapperConstructor
+from .optimizers import CPUAmpOptimWrapper, NormAwareOptimWrapperConstructor
 
 __all__ = [
     'recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS', 'BatchAverageStatsHook',
-    'EstimateRateHook', 'SNRatioLoggerHook', 'NormAwareOptimWrapperConstructor', 'RATIO_PARAMS',
+    'EstimateRateHook', 'SNRatioLoggerHook', 'NormAwareOptimWrapperConstructor',
     'CPUAmpOptimWrapper', 'HardRatiosHook', 'DeployHook', 'StatDiffHook'
 ]

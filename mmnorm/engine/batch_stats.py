@@ -3,10 +3,19 @@ r"""Batch-average statistics: recompute BN running buffers from K batches after 
 
 SN study, Sec. 3: "BN in SN is evaluated by using batch average ... rather than moving average".
 :func:`recompute_batch_stats` does this for every layer of a model that keeps batch statistics:
-the BN branch of SN / SN_tied (and the Sync versions), BCN's batch normalization when it is not
-estimated, and plain ``nn.BatchNorm*`` (``_BatchNorm``). Weights are not touched: the model runs
-``K`` training-mode forward passes without gradients while each layer reports the statistics of
-every batch it sees.
+every mmnorm normalizer whose ``keeps_batch_stats`` says so (the BN branch of SN and its variants,
+BCN's batch normalization when it is not estimated, and their Sync versions) and plain
+``nn.BatchNorm*`` (``_BatchNorm``). Weights are not touched: the model runs ``K`` training-mode
+forward passes without gradients while each layer reports the statistics of every batch it sees.
+
+It is built from three small pieces, as fvcore's precise BN is:
+
+- the layers run with ``momentum = 1``, so that after each forward their running buffers hold
+  exactly that batch's mean and unbiased variance (:class:`_BatchRecorder` reads them);
+- an **estimator** per layer combines the batches (:class:`BatchAverageEstimator`,
+  :class:`PopulationEstimator`);
+- one collective per estimator kind combines the processes, so every rank ends with identical
+  buffers.
 
 Estimators (``estimator=``), for batches :math:`b` with :math:`N_b` samples and :math:`n_b`
 values per channel (:math:`N_b \times` spatial size):
@@ -18,8 +27,8 @@ values per channel (:math:`N_b \times` spatial size):
   how the data is split into equal-size batches; the variance depends on the batch size (not on
   the order of batches or on how they are spread over processes).
 - ``'population'``: the mean and unbiased variance of all values seen, pooled exactly across
-  batches (:math:`\sigma^2 = \sum_b n_b(v_b + (\mu_b - \mu)^2) / (\sum_b n_b - 1)`, :math:`v_b`
-  biased), independent of the batching.
+  batches and processes (law of total variance, :func:`mmnorm.functional.pool_weighted`),
+  independent of the batching.
 
 With one value per channel in a batch (:math:`n_b = 1`: e.g. ASPP's image pooling branch at one
 image per process) a batch has no variance (the layers leave their running variance unchanged for
@@ -28,94 +37,33 @@ such batches, in training too), so ``'batch_average'`` cannot be formed: those l
 value seen in all (:math:`\sum_b n_b = 1`) no variance can be estimated at all: the layer keeps
 its statistics, is *not* marked ready, and a warning names it.
 
-In distributed runs the sums are all-reduced (one collective per pass over all layers), so every
-rank ends with identical buffers. Layers configured with ``eval_stats='batch_average'`` are marked
-ready (``stats_ready``), which silences the guard that warns when they are evaluated with
-training-time moving averages.
+Layers configured with ``eval_stats='batch_average'`` are marked ready (``stats_ready``), which
+silences the guard that warns when they are evaluated with training-time moving averages.
 """
+import contextlib
 import itertools
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-from mmengine.dist import all_reduce, get_world_size
+from mmengine.dist import all_reduce, get_rank, get_world_size
 from mmengine.logging import print_log
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..layers import BatchChannelNorm, BatchStatsNorm, SwitchableNorm
+from ..functional import pool_weighted
+from ..layers import BatchStatsNorm
 
-__all__ = ['recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS']
+__all__ = ['recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS',
+           'BatchAverageEstimator', 'PopulationEstimator']
 
 ESTIMATORS = ('batch_average', 'population')
 
 
 def find_batch_stats_layers(model: nn.Module) -> Dict[str, nn.Module]:
     """Layers whose running buffers hold batch statistics that a batch average can replace."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, _BatchNorm) and module.track_running_stats:
-            found[name] = module
-        elif isinstance(module, BatchStatsNorm) and module.track_running_stats:
-            if isinstance(module, SwitchableNorm) and not module.using_bn:
-                continue
-            if isinstance(module, BatchChannelNorm) and module.estimate:
-                continue  # Algorithm 1 estimates are the statistics; nothing to average
-            found[name] = module
-    return found
-
-
-class _Accumulator:
-    """Per-layer sums of batch statistics, fed by a forward hook."""
-
-    def __init__(self, layer: nn.Module):
-        self.layer = layer
-        self.batches: List[tuple] = []  # (num_samples, num_values, mean, unbiased var)
-        self.calls = 0
-
-    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
-        x = inputs[0]
-        if x.numel() == 0 or not module.training:
-            return  # frozen layers (e.g. norm_eval=True) keep their statistics
-        num_samples = x.shape[0]
-        num_values = x.numel() // x.shape[1]
-        # momentum is 1 during the pass: the buffers now hold exactly this call's batch stats.
-        self.batches.append((num_samples, num_values, module.running_mean.detach().double().clone(),
-                             module.running_var.detach().double().clone()))
-        self.calls += 1
-
-
-def _combine(accumulators: List[_Accumulator], estimator: str) -> List[tuple]:
-    """All-reduced (mean, var, count) per layer; one or two collectives for all layers together.
-    ``count``: values per channel seen (all processes), for the population estimate."""
-    device = accumulators[0].layer.running_mean.device
-    if estimator == 'batch_average':
-        sums = []
-        for acc in accumulators:
-            weight = sum(b[0] for b in acc.batches)
-            mean = sum(b[0] * b[2] for b in acc.batches)
-            var = sum(b[0] * b[3] for b in acc.batches)
-            sums.append(torch.cat([torch.tensor([float(weight)], dtype=torch.float64,
-                                                device=device), mean.to(device), var.to(device)]))
-        flat = _all_reduce_sum(torch.cat(sums))
-        return [(s[1:1 + (len(s) - 1) // 2] / s[0], s[1 + (len(s) - 1) // 2:] / s[0], None)
-                for s in _split(flat, sums)]
-    # population: exact pooled mean first, then the pooled variance around it.
-    firsts = []
-    for acc in accumulators:
-        count = sum(b[1] for b in acc.batches)
-        total = sum(b[1] * b[2] for b in acc.batches)
-        firsts.append(torch.cat([torch.tensor([float(count)], dtype=torch.float64,
-                                              device=device), total.to(device)]))
-    flat = _all_reduce_sum(torch.cat(firsts))
-    means = [(s[1:] / s[0], s[0]) for s in _split(flat, firsts)]
-    seconds = []
-    for acc, (mean, _) in zip(accumulators, means):
-        spread = sum(b[1] * ((b[3] * (b[1] - 1) / b[1]) + (b[2].to(device) - mean) ** 2)
-                     for b in acc.batches)
-        seconds.append(spread)
-    flat = _all_reduce_sum(torch.cat(seconds))
-    return [(mean, spread / max(count.item() - 1, 1.0), count.item())
-            for (mean, count), spread in zip(means, _split(flat, seconds))]
+    return {name: module for name, module in model.named_modules()
+            if (isinstance(module, _BatchNorm) and module.track_running_stats)
+            or (isinstance(module, BatchStatsNorm) and module.keeps_batch_stats)}
 
 
 def _all_reduce_sum(tensor: Tensor) -> Tensor:
@@ -124,8 +72,141 @@ def _all_reduce_sum(tensor: Tensor) -> Tensor:
     return tensor
 
 
-def _split(flat: Tensor, parts: List[Tensor]) -> List[Tensor]:
-    return list(torch.split(flat, [p.numel() for p in parts]))
+class BatchAverageEstimator:
+    """The batch average of one layer: sample-weighted means of the batches' means and
+    unbiased variances. Its sums add across processes."""
+
+    def __init__(self, channels: int, device):
+        self.sums = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=device)
+
+    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int) -> None:
+        self.sums += torch.cat([mean.new_tensor([1.0]), mean, unbiased_var]) * samples
+
+    def local_state(self) -> Tensor:
+        return self.sums
+
+    @staticmethod
+    def finish(state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(mean, unbiased variance, values count or None)`` from the all-reduced state."""
+        weight, mean, var = state.split([1, (state.numel() - 1) // 2, (state.numel() - 1) // 2])
+        return mean / weight, var / weight, None
+
+
+class PopulationEstimator:
+    """The population statistics of one layer: every value seen, pooled exactly. Batches merge
+    into a running (count, mean, biased variance) (law of total variance); processes meet in one
+    slot each, pooled the same way."""
+
+    def __init__(self, channels: int, device):
+        self.count = 0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.var = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int) -> None:
+        biased = unbiased_var * ((values - 1) / values)
+        counts = torch.tensor([[float(self.count)], [float(values)]], dtype=torch.float64,
+                              device=mean.device)
+        self.mean, self.var, _ = pool_weighted(counts, torch.stack([self.mean, mean]),
+                                               torch.stack([self.var, biased]))
+        self.count += values
+
+    def local_state(self) -> Tensor:
+        """This process's slot among ``world`` (the others zero): a sum all-reduce gathers."""
+        own = torch.cat([self.mean.new_tensor([float(self.count)]), self.mean, self.var])
+        slots = own.new_zeros(get_world_size(), own.numel())
+        slots[get_rank()] = own
+        return slots.flatten()
+
+    @staticmethod
+    def finish(state: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        slots = state.view(get_world_size(), -1)
+        channels = (slots.shape[1] - 1) // 2
+        counts, means, variances = slots.split([1, channels, channels], dim=1)
+        mean, var, total = pool_weighted(counts, means, variances)
+        total = float(total)
+        return mean, var * (total / max(total - 1.0, 1.0)), total
+
+
+_ESTIMATOR_CLASSES = {'batch_average': BatchAverageEstimator, 'population': PopulationEstimator}
+
+
+class _BatchRecorder:
+    """Forward hook of one layer: after each training-mode forward (momentum 1), its running
+    buffers are that batch's mean and unbiased variance; both estimators take them."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        device = layer.running_mean.device
+        channels = layer.running_mean.numel()
+        self.estimators = {name: cls(channels, device)
+                           for name, cls in _ESTIMATOR_CLASSES.items()}
+        self.calls = self.samples = 0
+        self.one_value_batch = False  # a batch with one value per channel: no batch variance
+
+    def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
+        x = inputs[0]
+        if x.numel() == 0 or not module.training:
+            return  # frozen layers (e.g. norm_eval=True) keep their statistics
+        samples, values = x.shape[0], x.numel() // x.shape[1]
+        mean = module.running_mean.detach().double()
+        var = module.running_var.detach().double()
+        for estimator in self.estimators.values():
+            estimator.update(mean, var, samples, values)
+        self.calls += 1
+        self.samples += samples
+        self.one_value_batch |= values <= 1
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
+    """Run ``model`` in training mode with the layers recording (momentum 1), then restore
+    everything: momenta, train/eval modes, step counters (the pass is not training) and the
+    estimates of estimated layers (kept in eval, where they normalize as a rate-0 step would)."""
+    recorders = {name: _BatchRecorder(m) for name, m in layers.items()}
+    handles = [m.register_forward_hook(recorders[name]) for name, m in layers.items()]
+    saved = {m: (m.momentum, m.training) for m in layers.values()}
+    counters = {m: m.num_batches_tracked.clone() for m in model.modules()
+                if isinstance(m, (_BatchNorm, BatchStatsNorm))
+                and getattr(m, 'num_batches_tracked', None) is not None}
+    estimated = {m: m.training for m in model.modules()
+                 if isinstance(m, BatchStatsNorm) and m.estimated}
+    was_training = model.training
+    try:
+        for m in layers.values():
+            m.momentum = 1.0
+        model.train()
+        for m in estimated:
+            m.eval()
+        yield recorders
+    finally:
+        for h in handles:
+            h.remove()
+        for m, (momentum, training) in saved.items():
+            m.momentum = momentum
+            m.train(training)
+        for m, count in counters.items():
+            m.num_batches_tracked.copy_(count)
+        model.train(was_training)
+        for m, training in estimated.items():
+            m.train(training)
+
+
+def _combine(recorders: List[_BatchRecorder], estimator: str) -> List[tuple]:
+    """``(mean, unbiased var, count)`` per recorder from its ``estimator``, all processes
+    together: one collective for all of them."""
+    if not recorders:
+        return []
+    states = [r.estimators[estimator].local_state() for r in recorders]
+    flat = _all_reduce_sum(torch.cat(states))
+    finish = _ESTIMATOR_CLASSES[estimator].finish
+    return [finish(part) for part in torch.split(flat, [s.numel() for s in states])]
+
+
+def _count_processes(flags: List[bool], device) -> List[int]:
+    """How many processes set each flag (one collective): every rank decides alike."""
+    summed = _all_reduce_sum(torch.tensor([float(f) for f in flags], dtype=torch.float64,
+                                          device=device))
+    return [int(v) for v in summed.tolist()]
 
 
 @torch.no_grad()
@@ -163,90 +244,53 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
                   logger=logger, level=30)
         return {}
     forward = forward or _mmengine_forward
-    saved = {name: (m.momentum, m.training) for name, m in layers.items()}
-    # The pass is not training: no layer's step counter may move.
-    counters = {m: m.num_batches_tracked.clone() for m in model.modules()
-                if isinstance(m, (_BatchNorm, BatchStatsNorm))
-                and getattr(m, 'num_batches_tracked', None) is not None}
-    accumulators = {name: _Accumulator(m) for name, m in layers.items()}
-    handles = [m.register_forward_hook(accumulators[name]) for name, m in layers.items()]
-    was_training = model.training
-    # Algorithm-1 estimates move in training mode; they must not change here (eval mode
-    # normalizes with them exactly as a training step with rate 0 would).
-    estimated = {m: m.training for m in model.modules()
-                 if isinstance(m, BatchChannelNorm) and m.estimate}
-    try:
-        for m in layers.values():
-            m.momentum = 1.0  # running buffers = the last batch's statistics
-        model.train()
-        for m in estimated:
-            m.eval()
+    with _recording(model, layers) as recorders:
         for index, batch in enumerate(_cycle(batches, num_iters)):
             forward(model, batch)
             if progress is not None:
                 progress(index + 1)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, m in layers.items():
-            m.momentum, training = saved[name]
-            m.train(training)
-        for m, count in counters.items():
-            m.num_batches_tracked.copy_(count)
-        model.train(was_training)
-        for m, training in estimated.items():
-            m.train(training)
 
-    used = [acc for acc in accumulators.values() if acc.batches]
-    unused = [name for name, acc in accumulators.items() if not acc.batches]
-    # Every rank must join the same collectives: agree on which layers saw data.
-    seen = torch.tensor([float(bool(acc.batches)) for acc in accumulators.values()],
-                        dtype=torch.float64)
-    seen = _all_reduce_sum(seen.to(next(iter(layers.values())).running_mean.device))
-    if get_world_size() > 1 and bool(((seen > 0) & (seen < get_world_size())).any()):
+    names = {id(r): name for name, r in recorders.items()}
+    device = next(iter(layers.values())).running_mean.device
+    # Every rank must join the same collectives: agree on which layers saw data, and on which
+    # saw a batch with one value per channel (no batch variance: the population estimate).
+    seen = _count_processes([r.calls > 0 for r in recorders.values()], device)
+    if any(0 < count < get_world_size() for count in seen):
         raise RuntimeError('recompute_batch_stats: some layers saw data on some processes only; '
                            'the processes must run the same layers')
-    names = {acc: name for name, acc in accumulators.items()}
-    # A batch with one value per channel has no variance: batch-average those layers'
-    # variances is impossible, pool over all their batches instead (every rank decides alike:
-    # the flag is all-reduced).
-    single = torch.tensor([float(any(b[1] <= 1 for b in acc.batches)) for acc in used],
-                          dtype=torch.float64)
-    if used:
-        single = _all_reduce_sum(single.to(used[0].layer.running_mean.device)) > 0
-    fallback = [a for a, s in zip(used, single.tolist()) if s] \
-        if estimator == 'batch_average' else []
-    groups = [(estimator, [a for a in used if a not in fallback]), ('population', fallback)]
+    used = [r for r, count in zip(recorders.values(), seen) if count]
+    single = _count_processes([r.one_value_batch for r in used], device)
+    fallback = [r for r, count in zip(used, single) if count and estimator == 'batch_average']
     if fallback:
         print_log(f'recompute_batch_stats: {len(fallback)} layer(s) saw one value per channel '
                   f'in a batch (no batch variance): population estimate instead: '
-                  f'{[names[a] for a in fallback][:5]}', logger=logger, level=30)
+                  f'{[names[id(r)] for r in fallback][:5]}', logger=logger, level=30)
     stale = []
-    for group_estimator, group in groups:
-        if not group:
-            continue
-        for acc, (mean, var, count) in zip(group, _combine(group, group_estimator)):
-            acc.layer.running_mean.copy_(mean.to(acc.layer.running_mean.dtype))
+    for group_estimator, group in ((estimator, [r for r in used if r not in fallback]),
+                                   ('population', fallback)):
+        for recorder, (mean, var, count) in zip(group, _combine(group, group_estimator)):
+            layer = recorder.layer
+            layer.running_mean.copy_(mean.to(layer.running_mean.dtype))
             if count is not None and count <= 1:
-                stale.append(names[acc])  # one value in all: no variance to estimate
+                stale.append(names[id(recorder)])  # one value in all: no variance to estimate
                 continue
-            acc.layer.running_var.copy_(var.to(acc.layer.running_var.dtype))
-            if isinstance(acc.layer, BatchStatsNorm):
-                acc.layer.stats_ready.fill_(True)
-                acc.layer._stale_warned = False
+            layer.running_var.copy_(var.to(layer.running_var.dtype))
+            if isinstance(layer, BatchStatsNorm):
+                layer.stats_ready.fill_(True)
+                layer._stale_warned = False
     if stale:
         print_log(f'recompute_batch_stats: {len(stale)} layer(s) saw a single value per channel '
                   f'in all; their running variance cannot be estimated, is kept, and they are '
                   f'not marked recomputed (use more batches): {stale[:5]}', logger=logger,
                   level=30)
+    unused = [name for name, r in recorders.items() if not r.calls]
     if unused:
         print_log(f'recompute_batch_stats: {len(unused)} layer(s) received no input and keep '
                   f'their statistics: {unused[:5]}{"..." if len(unused) > 5 else ""}',
                   logger=logger, level=30)
     print_log(f'recomputed batch statistics ({estimator}) of {len(used)} layer(s) from '
               f'{num_iters} batch(es)', logger=logger)
-    return {name: dict(calls=acc.calls, samples=sum(b[0] for b in acc.batches))
-            for name, acc in accumulators.items()}
+    return {name: dict(calls=r.calls, samples=r.samples) for name, r in recorders.items()}
 
 
 def _cycle(batches: Iterable, num_iters: int):

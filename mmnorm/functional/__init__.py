@@ -2,24 +2,27 @@
 """Pure functions implementing the normalizers; the modules in :mod:`mmnorm.layers` wrap them.
 
 :mod:`.moments` is the shared core (per-row moments, a coefficient function on ``(N, C)``
-tensors, one centered affine map); :mod:`.switchable` and :mod:`.batch_channel` are SN's and
-BCN's coefficient functions and functional forms.
+tensors, one centered affine map; :class:`~.moments.CoefficientFn` is its written contract);
+:mod:`.running_stats` forms batch statistics (:class:`~.running_stats.BatchStats`) and updates
+running buffers; :mod:`.switchable` and :mod:`.batch_channel` are SN's and BCN's coefficient
+functions and functional forms.
 """
-from .batch_channel import batch_channel_norm, check_num_groups, check_rate, update_estimates
-from .moments import (COMPILED_DEVICES, LOW_PRECISION, CoefficientFn, as_rows, channel_moments,
-                      compiled_enabled, in_recomputation, is_tracing, normalize_rows, pool,
-                      stat_dtype, use_compiled)
-from .running_stats import (batch_statistics, unbiased_factor, update_from_batch,
-                            update_running_stats)
-from .switchable import MIX_MODES, check_norm_input, check_param_sizes, switchable_norm
+from .batch_channel import (batch_channel_norm, batch_norm_step, check_num_groups, check_rate,
+                            update_estimates)
+from .moments import (COMPILED_DEVICES, LOW_PRECISION, CoefficientFn, Coefficients, as_rows,
+                      channel_moments, compiled_enabled, in_recomputation, is_tracing,
+                      normalize_rows, pool, stat_dtype, use_compiled)
+from .running_stats import BatchStats, batch_statistics, pool_weighted, update_running_stats
+from .switchable import (MIX_MODES, NORMALIZERS, check_norm_input, check_param_sizes,
+                         mix_normalizers, softmax_ratios, switchable_norm)
 from .weight_std import conv2d_ws, standardize_weight
 
 __all__ = [
-    'switchable_norm', 'batch_channel_norm', 'standardize_weight', 'conv2d_ws',
-    'normalize_rows', 'CoefficientFn', 'channel_moments', 'as_rows', 'pool', 'stat_dtype',
-    'LOW_PRECISION', 'batch_statistics', 'update_running_stats', 'update_from_batch',
-    'unbiased_factor',
+    'switchable_norm', 'mix_normalizers', 'softmax_ratios', 'batch_channel_norm',
+    'batch_norm_step', 'standardize_weight', 'conv2d_ws', 'normalize_rows', 'CoefficientFn',
+    'Coefficients', 'channel_moments', 'as_rows', 'pool', 'stat_dtype', 'LOW_PRECISION',
+    'BatchStats', 'batch_statistics', 'pool_weighted', 'update_running_stats',
     'update_estimates', 'check_norm_input', 'check_param_sizes', 'check_num_groups',
-    'check_rate', 'MIX_MODES', 'is_tracing',
-    'in_recomputation', 'use_compiled', 'compiled_enabled', 'COMPILED_DEVICES'
+    'check_rate', 'MIX_MODES', 'NORMALIZERS', 'is_tracing', 'in_recomputation', 'use_compiled',
+    'compiled_enabled', 'COMPILED_DEVICES'
 ]

@@ -31,18 +31,17 @@ centered input (:mod:`.moments`): with :math:`\alpha_c = \gamma^b_c / \hat\sigma
 :math:`a = k_{ng}\alpha_c` and :math:`b = k_{ng}(d_{nc} - \mu_{ng}) + \beta^c_g`, where
 :math:`k_{ng} = \gamma^c_g / \sigma_{ng}`.
 """
-import functools
-import math
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .moments import eager_channel_moments, normalize_rows, pool
-from .running_stats import batch_statistics, update_from_batch
-from .switchable import check_norm_input, check_param_sizes
+from .moments import Coefficients, eager_channel_moments, normalize_rows, pool
+from .running_stats import BatchStats, batch_statistics, update_running_stats
+from .switchable import check_norm_input, check_param_sizes, check_unit_interval
 
-__all__ = ['batch_channel_norm', 'check_num_groups', 'check_rate', 'update_estimates']
+__all__ = ['batch_channel_norm', 'batch_norm_step', 'check_num_groups', 'check_rate',
+           'update_estimates']
 
 
 def check_num_groups(num_channels: int, num_groups: int) -> None:
@@ -54,35 +53,48 @@ def check_num_groups(num_channels: int, num_groups: int) -> None:
                          f'{num_channels}; choose a divisor of {num_channels}')
 
 
-def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                  bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *, num_groups: int,
-                  eps: float, batch: bool, process_group, length: int
-                  ) -> Tuple[Tensor, Tensor, tuple]:
-    """BCN's coefficient function (see :data:`~mmnorm.functional.moments.CoefficientFn`).
-
-    ``bn_mean``/``bn_var``: constant BN statistics (eval, or the estimates of Algorithm 1), or
-    ``None`` with ``batch=True`` to pool them from the moments; ``aux`` then returns them, with
-    their count, for the running buffers.
-    """
-    n, c = mean.shape
-    g = num_groups
-    d = c // g  # explicit sizes: N may be 0
+def batch_norm_step(mean: Tensor, var: Tensor, bn_mean: Tensor, bn_var: Tensor,
+                    bn_weight: Optional[Tensor], bn_bias: Optional[Tensor], eps: float
+                    ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Eq. (13) as the per-channel affine map ``x_dot = alpha * (x - bn_mean) + bn_bias``,
+    applied to moments: returns ``(alpha (C,), mean of x_dot, variance of x_dot)`` for moments
+    ``mean``, ``var`` of ``x`` (any shape ending in ``C``), in their dtype. The statistics the
+    group normalization of Eq. (15) sees."""
     dtype = mean.dtype
-    aux: tuple = ()
-    if batch:
-        bn_mean, bn_var, count = batch_statistics(mean, var, length, process_group)
-        aux = (bn_mean, bn_var) + ((count, ) if isinstance(count, Tensor) else ())
-    # Eq. (13) as a per-channel affine map: x_dot = alpha * (x - bn_mean) + bn_bias.
     alpha = torch.rsqrt(bn_var.to(dtype) + eps)
     if bn_weight is not None:
         alpha = alpha * bn_weight.to(dtype)
     dot_mean = alpha * (mean - bn_mean.to(dtype))
     if bn_bias is not None:
         dot_mean = dot_mean + bn_bias.to(dtype)
+    return alpha, dot_mean, alpha.square() * var
+
+
+def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                  bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *, num_groups: int,
+                  eps: float, batch: bool, process_group, length: int
+                  ) -> Tuple[Tensor, Tensor, dict]:
+    """BCN's coefficient function (see :class:`~mmnorm.functional.moments.CoefficientFn`).
+
+    ``bn_mean``/``bn_var``: constant BN statistics (eval, or the estimates of Algorithm 1), or
+    ``None`` with ``batch=True`` to pool them from the moments; ``aux`` then returns them
+    (:class:`~mmnorm.functional.running_stats.BatchStats`) for the running buffers.
+    """
+    n, c = mean.shape
+    g = num_groups
+    d = c // g  # explicit sizes: N may be 0
+    dtype = mean.dtype
+    aux: dict = {}
+    if batch:
+        batch_stats = batch_statistics(mean, var, length, process_group)
+        bn_mean, bn_var = batch_stats.mean, batch_stats.var
+        aux = batch_stats.as_aux()
+    alpha, dot_mean, dot_var = batch_norm_step(mean, var, bn_mean, bn_var, bn_weight, bn_bias,
+                                               eps)
     dot_mean = dot_mean.view(n, g, d)
     # Eq. (15): group statistics of x_dot from its per-(n, c) moments.
-    group_mean, group_var = pool(dot_mean, alpha.square().view(1, g, d) * var.view(n, g, d), 2)
+    group_mean, group_var = pool(dot_mean, dot_var.view(n, g, d), 2)
     k = torch.rsqrt(group_var + eps)                                       # (N, G, 1)
     if weight is not None:
         k = k * weight.to(dtype).view(1, g, 1)
@@ -136,13 +148,7 @@ def check_rate(rate: Union[float, Tensor], name: str = 'rate') -> None:
     Python numbers are always checked; a tensor rate when it lives on the CPU (reading an
     accelerator's value would synchronize every step: layers and hooks check where they set it).
     """
-    if isinstance(rate, Tensor):
-        if rate.device.type != 'cpu' or rate.numel() != 1:
-            return
-        rate = float(rate)
-    if not 0.0 <= rate <= 1.0:
-        raise ValueError(f'{name} must be in [0, 1] (BCN Algorithm 1 sets it to the learning '
-                         f'rate), got {rate!r}')
+    check_unit_interval(rate, name, 'BCN Algorithm 1 sets it to the learning rate')
 
 
 def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] = None,
@@ -192,17 +198,16 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
                       running_var=(running_var, channels, per_channel))
     if estimate and (running_mean is None or running_var is None):
         raise ValueError('estimate=True needs the running_mean/running_var estimate buffers')
-    length = math.prod(input.shape[2:])
     batch = not estimate and (training or running_mean is None)
     bn_mean, bn_var = (None, None) if batch else (running_mean, running_var)
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.
         bn_mean, bn_var = _move_estimates(running_mean, running_var, input, rate)
-    coefficients = functools.partial(_coefficients, num_groups=num_groups, eps=eps,
-                                     batch=batch, process_group=process_group if batch else None)
+    coefficients = Coefficients(_coefficients, dict(num_groups=num_groups, eps=eps, batch=batch),
+                                process_group if batch else None)
     out, aux = normalize_rows(input, coefficients,
                               (weight, bias, bn_weight, bn_bias, bn_mean, bn_var))
     if batch and training and running_mean is not None:
-        update_from_batch(running_mean, running_var, aux, input.shape[0] * length, momentum)
+        update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out

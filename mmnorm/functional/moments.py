@@ -43,12 +43,12 @@ Statistics, coefficients and the affine map are computed in float32 for float16/
 (float64 stays float64) and rounded to the input dtype once, at the end.
 """
 import contextlib
-import functools
+import dataclasses
 import math
 import os
 import time
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -56,13 +56,76 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = ['LOW_PRECISION', 'stat_dtype', 'as_rows', 'channel_moments', 'pool',
-           'normalize_rows', 'CoefficientFn', 'is_tracing', 'in_recomputation',
+           'normalize_rows', 'CoefficientFn', 'Coefficients', 'is_tracing', 'in_recomputation',
            'use_compiled', 'compiled_enabled', 'COMPILED_DEVICES', 'eager_channel_moments']
 
-#: ``f(mean, var, *tensors) -> (scale, shift, aux)``: ``scale``/``shift`` broadcast to
-#: ``(N, C)``; ``aux`` is a tuple of tensors computed on the way (e.g. the batch statistics, for
-#: the running buffers) returned to the caller without gradient.
-CoefficientFn = Callable[..., Tuple[Tensor, Tensor, Tuple[Tensor, ...]]]
+
+class CoefficientFn(Protocol):
+    """What a normalizer contributes to :func:`normalize_rows`: forward-only code on ``(N, C)``
+    tensors that turns the per-(n, c) moments into the coefficients of the affine map.
+
+    Called as ``fn(mean, var, *tensors, length=L, process_group=group, **options)``:
+
+    - ``mean``, ``var``: the per-(n, c) moments ``(N, C)`` (biased variance) in
+      :func:`stat_dtype` of the input;
+    - ``tensors``: the caller's parameters and buffers, in the caller's order (``None`` allowed);
+      gradients reach those that require grad;
+    - ``length``: the values per row ``L`` (a Python int; symbolic under ``torch.compile``);
+    - ``process_group``: the group whose batch forms batch statistics, or ``None`` for this
+      process's batch (:func:`~mmnorm.functional.running_stats.batch_statistics`);
+    - ``options``: the caller's constants (eps, modes, ratio functions).
+
+    Returns ``(scale, shift, aux)``: ``scale`` and ``shift`` broadcastable to ``(N, C)``, the
+    output being ``scale * (x - mean) + shift``; ``aux`` a dict of tensors computed on the way,
+    returned to the caller detached (e.g. ``'batch_mean'``, ``'batch_var'``, ``'batch_count'`` for
+    the running buffers, see :meth:`BatchStats.as_aux`; ratios).
+
+    The rules, and why:
+
+    - plain differentiable tensor ops and no data-dependent Python control flow (shapes and
+      ``options`` may steer it): it is traced by ``torch.export``, compiled by Inductor, and
+      differentiated by autograd on its small graph;
+    - a module-level function: ``torch.compile`` keys its cache on the function object, so a
+      lambda or closure made per call would compile on every call (:func:`normalize_rows` runs
+      such a function in eager ops and warns once);
+    - a collective only through ``process_group``: a graph compiled once cannot hold one, so a
+      call with a group runs in public eager ops.
+    """
+
+    def __call__(self, mean: Tensor, var: Tensor, *tensors: Optional[Tensor], length: int,
+                 process_group: Any, **options: Any) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+        ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Coefficients:
+    """A coefficient function bound to its constants: what :func:`normalize_rows` runs.
+
+    Attributes:
+        fn (CoefficientFn): the module-level coefficient function.
+        options (Mapping): its constant keyword arguments (what ``torch.compile`` specialises
+            on; shapes stay dynamic).
+        process_group: passed to ``fn``; ``None`` for this process's batch.
+    """
+    fn: CoefficientFn
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    process_group: Any = None
+
+    def __call__(self, mean: Tensor, var: Tensor, *tensors: Optional[Tensor], length: int
+                 ) -> Tuple[Tensor, Tensor, Dict[str, Tensor]]:
+        return self.fn(mean, var, *tensors, length=length, process_group=self.process_group,
+                       **self.options)
+
+    @property
+    def name(self) -> str:
+        """``module.function``, for messages."""
+        return f'{self.fn.__module__}.{self.fn.__qualname__}'
+
+    @property
+    def module_level(self) -> bool:
+        """Whether ``fn`` is a module-level function (compiled once, cached on its identity)."""
+        return '<' not in getattr(self.fn, '__qualname__', '<')
+
 
 #: dtypes whose statistics and affine map are computed in float32.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -173,7 +236,7 @@ def _row_affine(rows: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return out.view(n, c, length)
 
 
-def _forward(input: Tensor, coefficients: CoefficientFn, tensors: Sequence[Optional[Tensor]],
+def _forward(input: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]],
              track: bool = False):
     """The plain form: ``y = a (x - m) + b`` with ``x - m = centered - delta``.
     Returns ``(out, aux, state)``.
@@ -194,8 +257,8 @@ def _forward(input: Tensor, coefficients: CoefficientFn, tensors: Sequence[Optio
     a, b = (scale.detach(), shift.detach()) if track else (scale, shift)
     # A new tensor shaped like the input, never a view: callers may modify it in place.
     out = torch.addcmul(_per_row(b - a * delta, input), centered, _per_row(a, input))
-    return out.to(input.dtype), tuple(t.detach() for t in aux), (leaves, scale, shift,
-                                                                 centered, delta)
+    aux = {key: value.detach() for key, value in aux.items()}
+    return out.to(input.dtype), aux, (leaves, scale, shift, centered, delta)
 
 
 class _RowNormFunction(torch.autograd.Function):
@@ -208,7 +271,8 @@ class _RowNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, coefficients: CoefficientFn, *tensors: Optional[Tensor]):
+    def forward(ctx, x: Tensor, coefficients: Coefficients, aux_keys: list,
+                *tensors: Optional[Tensor]):
         out, aux, (leaves, scale, shift, centered, delta) = _forward(x, coefficients, tensors,
                                                                      track=True)
         ctx.graph = (leaves, scale, shift)
@@ -217,8 +281,9 @@ class _RowNormFunction(torch.autograd.Function):
         ctx.recenter = centered.dtype != x.dtype
         ctx.save_for_backward(x if ctx.recenter else centered, leaves[0].detach() - delta,
                               delta)
-        ctx.mark_non_differentiable(*aux)
-        return (out, *aux)
+        aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
+        ctx.mark_non_differentiable(*aux.values())
+        return (out, *aux.values())
 
     @staticmethod
     @once_differentiable
@@ -246,7 +311,7 @@ class _RowNormFunction(torch.autograd.Function):
             grad_x = _input_grad(dy, rows, delta, scale.detach(), grad_shift,
                                  grad_of(leaves[0]), grad_of(leaves[1]))
             grad_x = grad_x.to(grad_out.dtype).view(grad_out.shape)
-        return (grad_x, None, *[grad_of(t) for t in leaves[2:]])
+        return (grad_x, None, None, *[grad_of(t) for t in leaves[2:]])
 
 
 def _input_grad(dy: Tensor, centered: Tensor, delta: Tensor, scale: Tensor, grad_shift: Tensor,
@@ -287,11 +352,11 @@ def compiled_enabled() -> bool:
     return _compiled['enabled'] and _compiled['failed'] is None
 
 
-def _plain_form(x: Tensor, *tensors: Optional[Tensor], coefficient_fn: Callable,
-                **config) -> Tuple[Tensor, Tuple[Tensor, ...]]:
-    """The plain form, with the coefficient function as a module-level function plus its
-    constant options: what ``torch.compile`` guards on (shapes stay dynamic)."""
-    out, aux, _ = _forward(x, functools.partial(coefficient_fn, **config), tensors)
+def _plain_form(x: Tensor, *tensors: Optional[Tensor], coefficient_fn: CoefficientFn,
+                **options) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """The plain form, with the coefficient function and its constant options as arguments:
+    what ``torch.compile`` guards on (shapes stay dynamic)."""
+    out, aux, _ = _forward(x, Coefficients(coefficient_fn, options), tensors)
     return out, aux
 
 
@@ -302,7 +367,11 @@ def _run_compiled(name: str, fn: Callable, x: Tensor, *args, **kwargs):
     Returns ``None`` when it failed."""
     if _compiled[name] is None:
         _compiled[name] = torch.compile(fn, dynamic=True)
-    what = kwargs['coefficient_fn'].__module__ if 'coefficient_fn' in kwargs else fn.__name__
+    what = fn.__name__
+    if 'coefficient_fn' in kwargs:  # the normalizer's module, and its ratio function if any
+        what = '/'.join([kwargs['coefficient_fn'].__module__.split('.')[-1]] + [
+            value.__name__ for value in kwargs.values()
+            if callable(value) and value is not kwargs['coefficient_fn']])
     key = (what, x.dtype, x.dim(), x.device.type, torch.is_grad_enabled())
     start = time.perf_counter()
     try:
@@ -322,7 +391,7 @@ def _run_compiled(name: str, fn: Callable, x: Tensor, *args, **kwargs):
         return None
     if key not in _compiled['seen']:  # the first call of this kind traced and compiled
         _compiled['seen'].add(key)
-        print(f'mmnorm: compiled {what.split(".")[-1]} for {x.dim()}-d {x.dtype} inputs on '
+        print(f'mmnorm: compiled {what} for {x.dim()}-d {x.dtype} inputs on '
               f'{x.device.type} ({"training" if torch.is_grad_enabled() else "inference"}) in '
               f'{time.perf_counter() - start:.1f} s; cached on disk for later runs', flush=True)
     return result
@@ -338,18 +407,28 @@ def eager_channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     return channel_moments(input)
 
 
-def _compiles(x: Tensor, coefficients: CoefficientFn) -> bool:
+def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
     """Whether this eager call runs the compiled plain form: compiled form on, a device it
-    serves, more than one value per row (``L = 1`` has its own exact gradient rule), and no
-    collective inside the coefficients (a process group forces the eager form)."""
-    return (compiled_enabled() and x.device.type in COMPILED_DEVICES and x.dim() > 2
-            and x.numel() > 0 and math.prod(x.shape[2:]) > 1
-            and (coefficients is None or isinstance(coefficients, functools.partial)
-                 and coefficients.keywords.get('process_group') is None))
+    serves, more than one value per row (``L = 1`` has its own exact gradient rule), and, for a
+    coefficient function, no process group (a collective forces the eager form) and a
+    module-level function (see :class:`CoefficientFn`)."""
+    if not (compiled_enabled() and x.device.type in COMPILED_DEVICES and x.dim() > 2
+            and x.numel() > 0 and math.prod(x.shape[2:]) > 1):
+        return False
+    if coefficients is None:
+        return True
+    if not coefficients.module_level:
+        if coefficients.name not in _compiled['seen']:
+            _compiled['seen'].add(coefficients.name)
+            warnings.warn(f'mmnorm: the coefficient function {coefficients.name} is not a '
+                          'module-level function; it runs in eager ops (compiling it would '
+                          'recompile on every call)', stacklevel=4)
+        return False
+    return coefficients.process_group is None
 
 
-def normalize_rows(x: Tensor, coefficients: CoefficientFn, tensors: Sequence[Optional[Tensor]]
-                   ) -> Tuple[Tensor, Tuple[Tensor, ...]]:
+def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]]
+                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``y = a * (x - m) + b`` per (n, c), with ``(a, b, aux) = coefficients(m, v, *tensors,
     length=L)``.
 
@@ -360,26 +439,26 @@ def normalize_rows(x: Tensor, coefficients: CoefficientFn, tensors: Sequence[Opt
 
     Args:
         x (Tensor): ``(N, C, *)``, any number of spatial dims.
-        coefficients (callable): the layer's coefficient function (:data:`CoefficientFn`):
-            plain differentiable tensor code on ``(N, C)``-sized tensors; a
-            ``functools.partial`` of a module-level function to be compiled.
+        coefficients (Coefficients): the layer's coefficient function with its constants
+            (:class:`CoefficientFn` says what it may do).
         tensors (sequence): its parameters and buffers (``None`` allowed); gradients reach those
             that require grad.
 
     Returns:
-        tuple: ``y`` (a new tensor shaped and typed like ``x``, not a view) and ``aux``
-        (detached).
+        tuple: ``y`` (a new tensor shaped and typed like ``x``, not a view) and the ``aux`` dict
+        of the coefficient function (detached).
     """
     if not is_tracing() and _compiles(x, coefficients):
-        result = _run_compiled('fn', _plain_form, x, *tensors,
-                               coefficient_fn=coefficients.func, **coefficients.keywords)
+        result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
+                               **coefficients.options)
         if result is not None:
             out, aux = result
-            return out, tuple(t.detach() for t in aux)
+            return out, {key: value.detach() for key, value in aux.items()}
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
     if not needs_grad or is_tracing():
         out, aux, _ = _forward(x, coefficients, tensors)
         return out, aux
-    out, *aux = _RowNormFunction.apply(x, coefficients, *tensors)
-    return out, tuple(aux)
+    aux_keys: list = []
+    out, *aux = _RowNormFunction.apply(x, coefficients, aux_keys, *tensors)
+    return out, dict(zip(aux_keys, aux))

@@ -25,19 +25,26 @@ The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
 :math:`a = \gamma / \sigma_{mix}` and :math:`b = a\,\sum_{z \ne IN} \lambda^\mu_z (\mu_{IN} -
 \mu_z) + \beta`, the output at the row mean (the IN term of the mixed mean cancels).
 """
-import functools
-import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .moments import normalize_rows, pool
-from .running_stats import batch_statistics, update_from_batch
+from .moments import Coefficients, normalize_rows, pool
+from .running_stats import BatchStats, batch_statistics, update_running_stats
 
-__all__ = ['switchable_norm', 'check_norm_input', 'check_param_sizes', 'MIX_MODES']
+__all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
+           'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS']
 
 MIX_MODES = ('var', 'std')
+
+#: Omega, in the order of the ratios: the first two always, BN when there are three ratios.
+NORMALIZERS = ('IN', 'LN', 'BN')
+
+#: ``ratio_fn(*ratio_inputs) -> (mean_ratios, var_ratios)``, each ``(|Omega|,)``: plain
+#: differentiable tensor code, a module-level function (it runs inside the compiled
+#: coefficient function, see :class:`~mmnorm.functional.moments.CoefficientFn`).
+RatioFn = Callable[..., Tuple[Tensor, Tensor]]
 
 
 def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
@@ -67,28 +74,52 @@ def check_param_sizes(function: str, **sizes) -> None:
                              f'{tuple(tensor.shape)}')
 
 
-def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Tensor,
-                  weight: Optional[Tensor], bias: Optional[Tensor], bn_mean: Optional[Tensor],
-                  bn_var: Optional[Tensor], *, eps: float, mix: str, in_unbiased: bool,
-                  batch: bool, process_group, length: int) -> Tuple[Tensor, Tensor, tuple]:
-    """SN's coefficient function (see :data:`~mmnorm.functional.moments.CoefficientFn`).
+def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) -> None:
+    """Refuse ``value`` outside [0, 1], naming it and what it means.
+
+    Python numbers are always checked; a tensor when it lives on the CPU (reading an
+    accelerator's value would synchronize every step: layers and hooks check where they set it).
+    """
+    if isinstance(value, Tensor):
+        if value.device.type != 'cpu' or value.numel() != 1:
+            return
+        value = float(value)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f'{name} must be in [0, 1] ({meaning}), got {value!r}')
+
+
+def softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = None
+                   ) -> Tuple[Tensor, Tensor]:
+    """SN's ratio function: ``(softmax(mean_logits), softmax(var_logits))``; one logits vector
+    (SN_tied) gives the same ratios for means and variances."""
+    mean_ratios = torch.softmax(mean_logits, 0)
+    return mean_ratios, mean_ratios if var_logits is None else torch.softmax(var_logits, 0)
+
+
+def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *ratio_inputs: Tensor,
+                  ratio_fn: RatioFn, eps: float, mix: str, in_unbiased: bool, batch: bool,
+                  process_group, length: int) -> Tuple[Tensor, Tensor, dict]:
+    """SN's coefficient function (see :class:`~mmnorm.functional.moments.CoefficientFn`).
 
     ``mean``/``var``: IN moments ``(N, C)``. ``bn_mean``/``bn_var``: constant BN statistics
     (eval), or ``None`` with ``batch=True`` to pool them from the moments (training); ``aux``
-    then returns them, with their count, for the running buffers.
+    then returns them (:class:`~mmnorm.functional.running_stats.BatchStats`) for the running
+    buffers. The ratios ``ratio_fn(*ratio_inputs)`` are returned in ``aux`` too.
     """
     dtype = mean.dtype
     if in_unbiased and length > 1:  # the SN authors' IN variance, with Bessel's correction
         var = var * (length / (length - 1))
     stats = [(mean, var), pool(mean, var, 1)]                     # IN (N, C), LN (N, 1)
-    aux: tuple = ()
-    if mean_logits.shape[0] == 3:
+    mean_ratios, var_ratios = ratio_fn(*(r.to(dtype) if r.is_floating_point() else r
+                                         for r in ratio_inputs))
+    aux = {'mean_ratios': mean_ratios, 'var_ratios': var_ratios}
+    if mean_ratios.shape[0] == 3:
         if batch:
-            bn_mean, bn_var, count = batch_statistics(mean, var, length, process_group)
-            aux = (bn_mean, bn_var) + ((count, ) if isinstance(count, Tensor) else ())
+            batch_stats = batch_statistics(mean, var, length, process_group)
+            bn_mean, bn_var = batch_stats.mean, batch_stats.var
+            aux.update(batch_stats.as_aux())
         stats.append((bn_mean.to(dtype), bn_var.to(dtype)))        # BN (C,)
-    mean_ratios = torch.softmax(mean_logits.to(dtype), 0)
-    var_ratios = torch.softmax(var_logits.to(dtype), 0)
     # Row mean minus the mixed mean: the IN term cancels, the others are small differences.
     deviation = sum(r * (mean - mu) for r, (mu, _) in zip(mean_ratios[1:], stats[1:]))
     if mix == 'var':
@@ -100,6 +131,53 @@ def _coefficients(mean: Tensor, var: Tensor, mean_logits: Tensor, var_logits: Te
     if bias is not None:
         shift = shift + bias.to(dtype)
     return scale, shift, aux
+
+
+def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor],
+                    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                    training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
+                    mix: str = 'var', in_unbiased: bool = False, process_group=None
+                    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    r"""Normalize with IN, LN (and BN) statistics mixed by ``ratio_fn(*ratio_inputs)``.
+
+    The computation shared by SN (softmax ratios, :func:`switchable_norm`) and its variants
+    (e.g. SparsestMax ratios); the arguments after ``ratio_inputs`` are those of
+    :func:`switchable_norm`.
+
+    Args:
+        ratio_fn (callable): ``(*ratio_inputs) -> (mean_ratios, var_ratios)``, each
+            ``(|Omega|,)`` in the order (IN, LN[, BN]); a module-level function of plain
+            differentiable tensor ops (it runs inside the compiled coefficient function).
+        ratio_inputs (sequence): its tensors; the first holds one entry per normalizer, so its
+            size says whether BN is in Omega (3) or not (2).
+
+    Returns:
+        tuple: the output, and the ``(mean_ratios, var_ratios)`` it used (detached).
+    """
+    check_norm_input(input)
+    channels = input.shape[1]
+    check_param_sizes('switchable_norm', weight=(weight, channels, 'one per channel C'),
+                      bias=(bias, channels, 'one per channel C'),
+                      running_mean=(running_mean, channels, 'one per channel C'),
+                      running_var=(running_var, channels, 'one per channel C'))
+    if mix not in MIX_MODES:
+        raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
+    num_ratios = ratio_inputs[0].shape[0] if ratio_inputs[0].dim() == 1 else None
+    if num_ratios not in (2, 3):
+        raise ValueError('the ratio parameters must have 3 entries (IN, LN, BN) or 2 (IN, LN); '
+                         f'got shape {tuple(ratio_inputs[0].shape)}')
+    using_bn = num_ratios == 3
+    batch = using_bn and (training or running_mean is None)
+    bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
+    coefficients = Coefficients(_coefficients, dict(
+        ratio_fn=ratio_fn, eps=eps, mix=mix, batch=batch, in_unbiased=bool(in_unbiased)),
+        process_group if batch else None)
+    out, aux = normalize_rows(input, coefficients,
+                              (weight, bias, bn_mean, bn_var, *ratio_inputs))
+    if batch and training and running_mean is not None:
+        update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
+    return out, (aux['mean_ratios'], aux['var_ratios'])
 
 
 def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
@@ -140,28 +218,13 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         Tensor: normalized input, same shape and dtype. Statistics and the affine map are
         computed in float32 for float16/bfloat16 inputs.
     """
-    check_norm_input(input)
-    channels = input.shape[1]
-    check_param_sizes('switchable_norm', weight=(weight, channels, 'one per channel C'),
-                      bias=(bias, channels, 'one per channel C'),
-                      running_mean=(running_mean, channels, 'one per channel C'),
-                      running_var=(running_var, channels, 'one per channel C'))
-    if mix not in MIX_MODES:
-        raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
-    if mean_logits.dim() != 1 or mean_logits.shape[0] not in (2, 3) \
+    if not (isinstance(mean_logits, Tensor) and isinstance(var_logits, Tensor)) \
+            or mean_logits.dim() != 1 or mean_logits.shape[0] not in (2, 3) \
             or var_logits.shape != mean_logits.shape:
         raise ValueError('mean_logits and var_logits must both have 3 entries (IN, LN, BN) or '
-                         f'both 2 (IN, LN); got shapes {tuple(mean_logits.shape)} and '
-                         f'{tuple(var_logits.shape)}')
-    length = math.prod(input.shape[2:])
-    using_bn = mean_logits.shape[0] == 3
-    batch = using_bn and (training or running_mean is None)
-    bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
-    coefficients = functools.partial(_coefficients, eps=eps, mix=mix, batch=batch,
-                                     in_unbiased=bool(in_unbiased),
-                                     process_group=process_group if batch else None)
-    out, aux = normalize_rows(input, coefficients,
-                              (mean_logits, var_logits, weight, bias, bn_mean, bn_var))
-    if batch and training and running_mean is not None:
-        update_from_batch(running_mean, running_var, aux, input.shape[0] * length, momentum)
-    return out
+                         f'both 2 (IN, LN); got shapes {tuple(getattr(mean_logits, "shape", ()))}'
+                         f' and {tuple(getattr(var_logits, "shape", ()))}')
+    logits = (mean_logits, ) if var_logits is mean_logits else (mean_logits, var_logits)
+    return mix_normalizers(input, softmax_ratios, logits, weight, bias, running_mean,
+                           running_var, training, momentum, eps, mix, in_unbiased,
+                           process_group)[0]

@@ -1,16 +1,43 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""State that every mmnorm normalizer shares with ``nn.BatchNorm``: the BN-shaped constructor,
-running buffers with PyTorch's momentum convention, and the batch-average evaluation guard."""
+"""What every mmnorm normalizer shares: the BN-shaped constructor, running buffers with
+PyTorch's momentum convention, the batch-average evaluation guard, and the **normalizer
+contract**, the facts about a normalizer that tools read from the layer itself.
+
+The contract (members of :class:`BatchStatsNorm`; a new normalizer overrides what differs from
+the defaults), and who reads each:
+
+- ``_abbr_``: mmcv's name prefix (``sn1``, ``bcn1``), hence the checkpoint keys (mmcv);
+- ``config()``: the constructor arguments (``repr``, the Sync conversion);
+- ``sync_class()`` / ``local_class``: the synchronized twin, recorded by defining
+  ``class SyncX(SyncNorm, X)`` (:func:`~mmnorm.layers.convert_sync_norm`, ``--sync-norm``);
+- ``keeps_batch_stats``: the running buffers hold BN statistics of batches, which a batch
+  average may replace (:func:`~mmnorm.engine.recompute_batch_stats`);
+- ``estimated``: the statistics are estimates moved at a rate, BCN's Algorithm 1
+  (``EstimateRateHook``);
+- ``channel_groups`` / ``grouped_moments()``: the channels normalized together and the moments
+  they see (StatDiff);
+- ``ratio_fn``, ``ratio_state``, ``ratio_params``, ``tied_ratios``, ``normalizers``: a mixture
+  of normalizers: the module-level function of its ratios, the names of its inputs (parameters
+  and buffers, in order), the trainable ones among them, whether means and variances share one
+  vector, the names of the mixed normalizers (ratio logging and plots, the optimizer's ratio
+  rules, reading ratios from a state dict);
+- ``ratios()``, ``harden_ratios_()``, ``ratio_details()``: the current ratios, making them
+  exactly one-hot and frozen (hard-ratio finetuning, the deploy form), and other state worth
+  logging with them;
+- ``follows_progress`` / ``set_progress()``: the computation depends on how far training has gone
+  (a hook sets the progress, from 0 to 1, every iteration).
+"""
 import contextlib
 import warnings
-from typing import Optional, Tuple, Union
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
 
-__all__ = ['BatchStatsNorm', 'EVAL_STATS_MODES', 'full_precision']
+__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'full_precision', 'has_ratios']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -92,6 +119,84 @@ class BatchStatsNorm(nn.Module):
             self.register_buffer('num_batches_tracked', None)
             self.register_buffer('stats_ready', None)
 
+    #: The ratio function of a normalizer that mixes others (None: it does not), as a
+    #: ``staticmethod`` of a module-level function.
+    ratio_fn: ClassVar[Optional[Callable[..., Tuple[Tensor, Tensor]]]] = None
+    #: Names of the parameters and buffers ``ratio_fn`` takes, in order.
+    ratio_state: ClassVar[Tuple[str, ...]] = ()
+    #: The trainable ones among them (the optimizer's ratio rules apply to these).
+    ratio_params: ClassVar[Tuple[str, ...]] = ()
+    #: Whether means and variances share one ratio vector.
+    tied_ratios: ClassVar[bool] = False
+    #: Whether the computation follows the training progress (see :meth:`set_progress`).
+    follows_progress: ClassVar[bool] = False
+    #: Set on a synchronized twin: the local class it synchronizes.
+    local_class: ClassVar[Optional[Type['BatchStatsNorm']]] = None
+
+    def config(self) -> Dict[str, Any]:
+        """The constructor arguments that rebuild this layer (``type(self)(**config())``)."""
+        return dict(num_features=self.num_features, eps=self.eps, momentum=self.momentum,
+                    track_running_stats=self.track_running_stats, eval_stats=self.eval_stats)
+
+    def extra_repr(self) -> str:
+        config = self.config()
+        return ', '.join([str(config.pop('num_features'))] +
+                         [f'{key}={value!r}' for key, value in config.items()])
+
+    @classmethod
+    def sync_class(cls) -> Optional[Type['BatchStatsNorm']]:
+        """The synchronized twin of this very class (not inherited from a parent), or None."""
+        return cls.__dict__.get('_sync_twin')
+
+    @property
+    def keeps_batch_stats(self) -> bool:
+        """The running buffers hold BN statistics of training batches (a batch average computed
+        after training may replace them, :func:`mmnorm.engine.recompute_batch_stats`)."""
+        return self.track_running_stats and not self.estimated
+
+    @property
+    def estimated(self) -> bool:
+        """The BN statistics are estimates moved at a rate (BCN Algorithm 1), not averages."""
+        return False
+
+    @property
+    def channel_groups(self) -> Optional[int]:
+        """Groups of channels normalized together, or None (each channel over the batch)."""
+        return None
+
+    def grouped_moments(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-channel batch moments of what :attr:`channel_groups` normalize, given those of
+        the layer's input (the same, unless the layer transforms its input first)."""
+        return mean, var
+
+    @property
+    def normalizers(self) -> Tuple[str, ...]:
+        """Names of the mixed normalizers, in the order of :meth:`ratios` (empty: no mixture)."""
+        return ()
+
+    def ratio_inputs(self) -> Tuple[Tensor, ...]:
+        """The tensors :attr:`ratio_fn` takes (:attr:`ratio_state`, in order)."""
+        return tuple(getattr(self, name) for name in self.ratio_state)
+
+    @torch.no_grad()
+    def ratios(self) -> Optional[Tuple[Tensor, Tensor]]:
+        """``(mean_ratios, var_ratios)`` over :attr:`normalizers` now, or None."""
+        if self.ratio_fn is None:
+            return None
+        return self.ratio_fn(*self.ratio_inputs())
+
+    def harden_ratios_(self) -> None:
+        """Make :meth:`ratios` exactly one-hot at their argmax, and frozen."""
+        raise TypeError(f'{type(self).__name__} has no ratios to harden')
+
+    def ratio_details(self) -> Dict[str, Any]:
+        """State besides the ratios worth logging with them (JSON-serializable)."""
+        return {}
+
+    def set_progress(self, progress: float) -> None:
+        """Tell a layer that :attr:`follows_progress` how far training has gone, from 0 (the
+        first iteration) to 1 (the end). Does nothing by default."""
+
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, counters cleared."""
         if self.track_running_stats:
@@ -153,7 +258,46 @@ class BatchStatsNorm(nn.Module):
         if self.track_running_stats:
             self._stale_warned = False
 
-    def _base_repr(self) -> str:
-        return (f'{self.num_features}, eps={self.eps}, momentum={self.momentum}, '
-                f'track_running_stats={self.track_running_stats}, '
-                f'eval_stats={self.eval_stats!r}')
+
+
+def has_ratios(module: nn.Module) -> bool:
+    """Whether ``module`` is a normalizer that mixes others by ratios (SN and its variants)."""
+    return isinstance(module, BatchStatsNorm) and module.ratio_fn is not None
+
+
+def _sync_active(group) -> bool:
+    return (dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(group) > 1)
+
+
+class SyncNorm:
+    """Mixin of the synchronized normalizers: ``class SyncX(SyncNorm, X)`` is ``X`` whose batch
+    statistics in a training step are those of the whole process group's batch
+    (:func:`mmnorm.functional.batch_statistics` with a ``process_group``), and records itself as
+    ``X``'s twin (``X.sync_class()``; ``SyncX.local_class`` is ``X``).
+
+    Takes ``X``'s arguments plus ``process_group`` (default: the whole world). Outside a
+    distributed run, with one process, or in eval mode it computes what ``X`` computes.
+    """
+
+    process_group = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        local = next((base for base in cls.__mro__[1:]
+                      if issubclass(base, BatchStatsNorm) and not issubclass(base, SyncNorm)),
+                     None)
+        if local is None:
+            raise TypeError(f'{cls.__name__}: a SyncNorm must also derive from the normalizer it '
+                            'synchronizes, as in class SyncX(SyncNorm, X)')
+        cls.local_class = local
+        local._sync_twin = cls
+
+    def __init__(self, *args, process_group=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _sync_group(self):
+        if self.training and _sync_active(self.process_group):
+            return self.process_group if self.process_group is not None else dist.group.WORLD
+        return None

@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-r"""Batch-Channel Normalization module: ``BCN``.
+r"""Batch-Channel Normalization module: ``BCN``, and its synchronized twin ``SyncBCN``.
 
 Reference::
 
@@ -12,18 +12,18 @@ Reference::
 Implemented from the paper (Eq. (13)-(16), Algorithm 1).
 """
 import warnings
-from typing import Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..functional import (batch_channel_norm, check_norm_input, check_num_groups, check_rate,
-                          in_recomputation, is_tracing)
+from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
+                          check_num_groups, check_rate, in_recomputation, is_tracing)
 from ..registry import register
-from .base import BatchStatsNorm, full_precision
+from .base import BatchStatsNorm, SyncNorm, full_precision
 
-__all__ = ['BatchChannelNorm']
+__all__ = ['BatchChannelNorm', 'SyncBatchChannelNorm']
 
 _ZERO_RATE_MSG = (
     'mmnorm: an estimated BCN layer (estimate=True) is training with estimate_rate == 0, so its '
@@ -166,6 +166,35 @@ class BatchChannelNorm(BatchStatsNorm):
                 self.estimate_rate if self.estimate else 0.0,
                 self._sync_group() if use_batch_stats and not self.estimate else None)
 
-    def extra_repr(self) -> str:
-        return (f'{self._base_repr()}, num_groups={self.num_groups}, affine={self.affine}, '
-                f'estimate={self.estimate}')
+    def config(self) -> Dict[str, Any]:
+        return dict(super().config(), num_groups=self.num_groups, affine=self.affine,
+                    estimate=self.estimate)
+
+    @property
+    def estimated(self) -> bool:
+        return self.estimate
+
+    @property
+    def channel_groups(self) -> int:
+        return self.num_groups
+
+    @torch.no_grad()
+    def grouped_moments(self, mean: Tensor, var: Tensor) -> Tuple[Tensor, Tensor]:
+        """The moments of the batch normalization's output (Eq. 13), which the group
+        normalization groups, from the input's batch moments (biased variance): normalized with
+        those very moments in a large-batch training step, else with the running buffers
+        (estimates), as the layer's forward does."""
+        if self.training and not self.estimate:
+            used_mean, used_var = mean, var
+        else:
+            used_mean, used_var = self.running_mean, self.running_var
+        return batch_norm_step(mean, var, used_mean, used_var, self.bn_weight, self.bn_bias,
+                               self.eps)[1:]
+
+
+@register(MODELS, 'SyncBCN')
+class SyncBatchChannelNorm(SyncNorm, BatchChannelNorm):
+    """:class:`BatchChannelNorm` whose batch normalization uses the global batch's statistics
+    (registered as ``SyncBCN``; :class:`~mmnorm.layers.SyncNorm`). The group normalization is
+    per sample; estimated layers (``estimate=True``) stay local, their statistics being
+    estimates. Takes the same arguments plus ``process_group``."""

@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-r"""Switchable Normalization modules: ``SN`` and ``SN_tied``.
+r"""Switchable Normalization modules: ``SN`` and ``SN_tied``, and their synchronized twins.
 
 Reference::
 
@@ -12,20 +12,23 @@ Reference::
 Implemented from the paper (Eq. (1), Sec. 2-3, Appendix B/C); the authors' repository is
 CC-BY-NC-4.0 and none of its code is used.
 """
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 
-from ..functional import MIX_MODES, check_norm_input, switchable_norm
+from ..functional import MIX_MODES, NORMALIZERS, check_norm_input, mix_normalizers, softmax_ratios
 from ..registry import register
-from .base import BatchStatsNorm, full_precision
+from .base import BatchStatsNorm, SyncNorm, full_precision
 
-__all__ = ['SwitchableNorm', 'SwitchableNormTied', 'NORMALIZERS']
+__all__ = ['SwitchableNorm', 'SwitchableNormTied', 'SyncSwitchableNorm', 'SyncSwitchableNormTied',
+           'NORMALIZERS']
 
-#: Ω, in the order of the ratio logits.
-NORMALIZERS = ('IN', 'LN', 'BN')
+#: The gap between the winning logit and the others that :meth:`SwitchableNorm.harden_ratios_`
+#: sets: ``exp(-1e4)`` is exactly 0 in float32 and float64 (and the layers compute their ratios
+#: in float32 or wider), so the softmax is exactly one-hot.
+_HARD_GAP = 1e4
 
 
 @register(MODELS, 'SN')
@@ -77,6 +80,8 @@ class SwitchableNorm(BatchStatsNorm):
     """
 
     _abbr_ = 'sn'
+    ratio_fn = staticmethod(softmax_ratios)
+    ratio_state = ratio_params = ('mean_logits', 'var_logits')
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
@@ -126,21 +131,32 @@ class SwitchableNorm(BatchStatsNorm):
         """Names of Ω in the order of the ratios."""
         return NORMALIZERS[:len(self._logits()[0])]
 
+    @property
+    def keeps_batch_stats(self) -> bool:
+        return super().keeps_batch_stats and self.using_bn
+
     @torch.no_grad()
-    def ratios(self) -> Tuple[Tensor, Tensor]:
-        """Softmaxed ``(mean_ratios, var_ratios)``, each ``(|Ω|,)`` in the order (IN, LN, BN)."""
-        mean_logits, var_logits = self._logits()[0], self._logits()[-1]
-        return mean_logits.softmax(0), var_logits.softmax(0)
+    def harden_ratios_(self) -> None:
+        """One-hot softmax ratios at the argmax: the winning logit 0, the others ``-1e4``
+        (their softmax is exactly 0); the logits stop training (``requires_grad=False``)."""
+        for logits in self._logits():
+            winner = int(logits.argmax())
+            logits.fill_(-_HARD_GAP)
+            logits[winner] = 0.0
+            logits.requires_grad_(False)
 
     def forward(self, input: Tensor) -> Tensor:
+        return self._mix(input)[0]
+
+    def _mix(self, input: Tensor) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+        """The output and the ratios it used: the computation every SN variant shares, with the
+        variant's :attr:`ratio_fn` of :meth:`ratio_inputs`."""
         check_norm_input(input, self.num_features)  # before any bookkeeping
         running_mean, running_var, use_batch_stats, momentum = self._batch_stats_state(input)
-        # SN_tied has one logits vector, used for means and variances alike.
-        mean_logits, var_logits = self._logits()[0], self._logits()[-1]
         with full_precision(input):
-            return switchable_norm(input, mean_logits, var_logits, self.weight, self.bias,
-                                   running_mean, running_var, use_batch_stats, momentum,
-                                   self.eps, self.mix, self.in_unbiased,
+            return mix_normalizers(input, self.ratio_fn, self.ratio_inputs(), self.weight,
+                                   self.bias, running_mean, running_var, use_batch_stats,
+                                   momentum, self.eps, self.mix, self.in_unbiased,
                                    self._sync_group() if use_batch_stats else None)
 
     @property
@@ -162,9 +178,9 @@ class SwitchableNorm(BatchStatsNorm):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._in_unbiased = bool(self.in_var_unbiased)  # read once here, never in forward
 
-    def extra_repr(self) -> str:
-        return (f'{self._base_repr()}, affine={self.affine}, using_bn={self.using_bn}, '
-                f'mix={self.mix!r}, in_unbiased={self.in_unbiased}')
+    def config(self) -> Dict[str, Any]:
+        return dict(super().config(), affine=self.affine, using_bn=self.using_bn, mix=self.mix,
+                    in_unbiased=self.in_unbiased)
 
 
 @register(MODELS, 'SN_tied')
@@ -185,9 +201,24 @@ class SwitchableNormTied(SwitchableNorm):
     """
 
     _abbr_ = 'sn'
+    ratio_state = ratio_params = ('logits', )
+    tied_ratios = True
 
     def _create_logits(self, num_ratios: int, factory: dict) -> None:
         self.logits = nn.Parameter(torch.empty(num_ratios, **factory))
 
     def _logits(self) -> Tuple[nn.Parameter, ...]:
         return (self.logits, )
+
+
+@register(MODELS, 'SyncSN')
+class SyncSwitchableNorm(SyncNorm, SwitchableNorm):
+    """:class:`SwitchableNorm` whose BN branch uses the global batch's statistics (registered
+    as ``SyncSN``; :class:`~mmnorm.layers.SyncNorm`). Only the BN statistics are synchronized:
+    IN and LN are per sample. Takes the same arguments plus ``process_group``."""
+
+
+@register(MODELS, 'SyncSN_tied')
+class SyncSwitchableNormTied(SyncNorm, SwitchableNormTied):
+    """:class:`SwitchableNormTied` with synchronized BN statistics (registered as
+    ``SyncSN_tied``)."""

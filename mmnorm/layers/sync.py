@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Synchronized SN, SN_tied and BCN: the BN statistics are those of the global batch.
+"""Synchronized normalizers: convert a model's layers to their synchronized twins and back.
 
 Note:
     Only the batch-normalization statistics are synchronized: SN's IN and LN statistics and BCN's
@@ -14,111 +14,73 @@ Note:
     a distributed run, with one process, or in eval mode, the layers compute exactly what their
     local versions compute. As with SyncBN, every process must call the layer the same number of
     times per iteration.
-"""
-from typing import Optional
 
-import torch.distributed as dist
-from mmengine.registry import MODELS
+Each twin is defined beside its normalizer (``class SyncX(SyncNorm, X)``,
+:class:`~mmnorm.layers.SyncNorm`), which records it as ``X.sync_class()``; this module only walks
+module trees.
+"""
+from typing import Optional, Type
+
 from torch import nn
 
-from ..registry import register
-from .batch_channel_norm import BatchChannelNorm
-from .switchable_norm import SwitchableNorm, SwitchableNormTied
+from .base import BatchStatsNorm, SyncNorm
+from .batch_channel_norm import SyncBatchChannelNorm
+from .switchable_norm import SyncSwitchableNorm, SyncSwitchableNormTied
 
 __all__ = ['SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncBatchChannelNorm',
            'convert_sync_norm', 'revert_sync_norm']
 
 
-def _sync_active(group) -> bool:
-    return (dist.is_available() and dist.is_initialized()
-            and dist.get_world_size(group) > 1)
+def _rebuild(layer: BatchStatsNorm, cls: Type[BatchStatsNorm], **extra) -> BatchStatsNorm:
+    """A new ``cls`` layer built from ``layer``'s constructor arguments that takes over its
+    parameters and buffers (the same tensors, as ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    moves them) and its train / eval mode."""
+    new = cls(**layer.config(), **extra)
+    for name, param in layer.named_parameters(recurse=False):
+        new._parameters[name] = param
+    for name, buffer in layer.named_buffers(recurse=False):
+        new._buffers[name] = buffer
+    return new.train(layer.training)
 
 
-class _SyncMixin:
-    """Forms the BN statistics of a training step from the whole group's batch when running
-    distributed (:func:`mmnorm.functional.batch_statistics` with a ``process_group``)."""
-
-    process_group = None
-
-    def _sync_group(self):
-        if self.training and _sync_active(self.process_group):
-            return self.process_group if self.process_group is not None else dist.group.WORLD
-        return None
-
-
-@register(MODELS, 'SyncSN')
-class SyncSwitchableNorm(_SyncMixin, SwitchableNorm):
-    """:class:`~mmnorm.layers.SwitchableNorm` whose BN branch uses the global batch's statistics
-    (registered as ``SyncSN``); see the module note. Takes the same arguments plus
-    ``process_group`` (default: the whole world)."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-
-@register(MODELS, 'SyncSN_tied')
-class SyncSwitchableNormTied(_SyncMixin, SwitchableNormTied):
-    """:class:`~mmnorm.layers.SwitchableNormTied` with synchronized BN statistics
-    (registered as ``SyncSN_tied``)."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-
-@register(MODELS, 'SyncBCN')
-class SyncBatchChannelNorm(_SyncMixin, BatchChannelNorm):
-    """:class:`~mmnorm.layers.BatchChannelNorm` whose batch normalization uses the global batch's
-    statistics (registered as ``SyncBCN``); estimated layers (``estimate=True``) stay local."""
-
-    def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-
-_TO_SYNC = {
-    SwitchableNorm: SyncSwitchableNorm,
-    SwitchableNormTied: SyncSwitchableNormTied,
-    BatchChannelNorm: SyncBatchChannelNorm,
-}
-_TO_LOCAL = {sync: local for local, sync in _TO_SYNC.items()}
-
-
-def _swap_classes(module: nn.Module, mapping: dict, **attrs: Optional[object]) -> nn.Module:
-    """Rebuild ``module``'s tree with the layer classes in ``mapping`` swapped; the new layers
-    share the old ones' parameters and buffers. ``attrs`` are set on the new layers (``None``:
-    removed)."""
-    new_cls = mapping.get(type(module))
-    if new_cls is not None:
-        swapped = new_cls.__new__(new_cls)
-        swapped.__dict__.update(module.__dict__)
-        for key, value in attrs.items():
-            if value is None:
-                swapped.__dict__.pop(key, None)
-            else:
-                setattr(swapped, key, value)
-        module = swapped
+def _convert(module: nn.Module, target) -> nn.Module:
+    """``module`` with every layer for which ``target(layer)`` gives a new one replaced."""
+    replacement = target(module)
+    if replacement is not None:
+        return replacement
     for name, child in list(module.named_children()):
-        new_child = _swap_classes(child, mapping, **attrs)
+        new_child = _convert(child, target)
         if new_child is not child:
             setattr(module, name, new_child)
     return module
 
 
 def convert_sync_norm(module: nn.Module, process_group=None) -> nn.Module:
-    """Return ``module`` with SN / SN_tied / BCN layers replaced by their Sync versions.
+    """Return ``module`` with every mmnorm normalizer that has a synchronized twin replaced by
+    it (SN -> SyncSN, SN_tied -> SyncSN_tied, BCN -> SyncBCN, ...).
 
-    Parameters and buffers are shared, not copied; build the optimizer afterwards, as with
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``. Other layers (including plain BN) are untouched.
+    New layers are built and take over the old ones' parameters and buffers (the same tensors);
+    build the optimizer afterwards, as with ``nn.SyncBatchNorm.convert_sync_batchnorm``. Layers
+    that already synchronize get ``process_group``; other layers (plain BN included) are
+    untouched.
     """
-    converted = _swap_classes(module, _TO_SYNC)
-    for m in converted.modules():
-        if isinstance(m, _SyncMixin):
-            m.process_group = process_group
-    return converted
+
+    def target(layer: nn.Module) -> Optional[nn.Module]:
+        if isinstance(layer, SyncNorm):
+            layer.process_group = process_group
+            return None
+        twin = type(layer).sync_class() if isinstance(layer, BatchStatsNorm) else None
+        return None if twin is None else _rebuild(layer, twin, process_group=process_group)
+
+    return _convert(module, target)
 
 
 def revert_sync_norm(module: nn.Module) -> nn.Module:
     """Inverse of :func:`convert_sync_norm` (e.g. to run a Sync model on one CPU process)."""
-    return _swap_classes(module, _TO_LOCAL, process_group=None)
+
+    def target(layer: nn.Module) -> Optional[nn.Module]:
+        if isinstance(layer, SyncNorm):
+            return _rebuild(layer, layer.local_class)
+        return None
+
+    return _convert(module, target)

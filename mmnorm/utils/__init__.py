@@ -5,8 +5,8 @@ from .checkpoint import (CheckpointFileError, UnsafeCheckpointError,
                          allow_mmengine_checkpoint_globals, load_checkpoint_file,
                          register_checkpoint_loader, safe_globals)
 from .files import OutputExistsError, atomic_write, check_output, save_checkpoint
-from .config import (SYNC_NORM_TYPES, finetune_config, norm_configs, replace_norm_types,
-                     sync_norm_config)
+from .config import (finetune_config, norm_configs, replace_norm_types, sync_norm_config,
+                     sync_norm_types)
 from .launch import cpu_distributed_env, prepare_distributed
 from .ratios import model_ratios, state_dict_ratios, symmetric_kl
 from .runner import (add_common_arguments, apply_common_options, build_runner,
@@ -16,7 +16,7 @@ __all__ = [
     'CheckpointFileError', 'load_checkpoint_file', 'OutputExistsError', 'atomic_write',
     'check_output', 'save_checkpoint', 'UnsafeCheckpointError',
     'allow_mmengine_checkpoint_globals', 'register_checkpoint_loader', 'safe_globals',
-    'SYNC_NORM_TYPES', 'replace_norm_types', 'sync_norm_config', 'norm_configs', 'finetune_config',
+    'sync_norm_types', 'replace_norm_types', 'sync_norm_config', 'norm_configs', 'finetune_config',
     'last_checkpoint', 'cpu_distributed_env',
     'prepare_distributed', 'add_common_arguments', 'parse_with_common_arguments',
     'apply_common_options', 'build_runner', 'find_resume_checkpoint', 'model_ratios',

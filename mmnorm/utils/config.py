@@ -6,12 +6,22 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 
-__all__ = ['SYNC_NORM_TYPES', 'sync_norm_config', 'replace_norm_types', 'norm_configs',
+__all__ = ['sync_norm_types', 'sync_norm_config', 'replace_norm_types', 'norm_configs',
            'finetune_config']
 
-#: mmnorm layer type -> its synchronized version, as used by ``--sync-norm``. (Plain BN is left
-#: to mmengine's own ``sync_bn`` config key; torch's SyncBatchNorm has no CPU implementation.)
-SYNC_NORM_TYPES = {'SN': 'SyncSN', 'SN_tied': 'SyncSN_tied', 'BCN': 'SyncBCN'}
+
+def sync_norm_types() -> Dict[str, str]:
+    """Registered name of every mmnorm normalizer -> the registered name of its synchronized
+    twin (``{'SN': 'SyncSN', 'SN_tied': 'SyncSN_tied', 'BCN': 'SyncBCN', ...}``), read from
+    mmengine's ``MODELS`` registry and the layers' ``sync_class()``. (Plain BN is left to
+    mmengine's own ``sync_bn`` config key; torch's SyncBatchNorm has no CPU implementation.)"""
+    from mmengine.registry import MODELS
+
+    from ..layers import BatchStatsNorm
+    registered = {cls: name for name, cls in MODELS.module_dict.items()}
+    return {name: registered[cls.sync_class()] for name, cls in MODELS.module_dict.items()
+            if isinstance(cls, type) and issubclass(cls, BatchStatsNorm)
+            and cls.sync_class() in registered}
 
 
 def norm_configs(node: Any) -> List[Tuple[dict, str]]:
@@ -61,4 +71,4 @@ def sync_norm_config(cfg: Config, model_key: Optional[str] = 'model') -> int:
     config still runs in one process. Returns the number of norm configs changed.
     """
     target = cfg if model_key is None else cfg.get(model_key, ConfigDict())
-    return replace_norm_types(target, SYNC_NORM_TYPES)
+    return replace_norm_types(target, sync_norm_types())

@@ -1,19 +1,22 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""SN importance ratios: read them from a model or a state dict, compare means and variances.
+"""Importance ratios of SN and its variants: read them from a model or a state dict, compare
+means and variances.
 
-The stored parameters are *logits*; the ratios are their softmax (users often misread the raw
-values). For every SN / SN_tied layer this gives ``{'normalizers': ['IN', 'LN', 'BN'],
-'mean': [...], 'var': [...], 'tied': bool}`` in the order of the normalizers.
+The stored parameters are not the ratios (SN stores logits; users often misread the raw values):
+each layer's own ratio function (``ratio_fn``, :mod:`mmnorm.layers.base`) gives them. For every
+such layer this gives ``{'normalizers': ['IN', 'LN', 'BN'], 'mean': [...], 'var': [...],
+'tied': bool, ...}`` in the order of the normalizers, plus what the layer's ``ratio_details()``
+adds (e.g. SSN's radius and frozen ratios).
 """
 from collections import OrderedDict
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from ..layers import NORMALIZERS, SwitchableNorm, SwitchableNormTied
+from ..layers import NORMALIZERS, BatchStatsNorm, has_ratios
 
-__all__ = ['model_ratios', 'state_dict_ratios', 'symmetric_kl']
+__all__ = ['model_ratios', 'state_dict_ratios', 'symmetric_kl', 'ratio_classes']
 
 
 def _record(mean: Tensor, var: Tensor, tied: bool) -> dict:
@@ -23,30 +26,54 @@ def _record(mean: Tensor, var: Tensor, tied: bool) -> dict:
 
 
 def model_ratios(model: nn.Module) -> Dict[str, dict]:
-    """Ratios of every SN / SN_tied layer of ``model``, in module order."""
+    """Ratios of every layer of ``model`` that mixes normalizers, in module order."""
     found = OrderedDict()
     for name, module in model.named_modules():
-        if isinstance(module, SwitchableNorm):
-            mean, var = module.ratios()
-            found[name] = _record(mean, var, isinstance(module, SwitchableNormTied))
+        if has_ratios(module):
+            found[name] = dict(_record(*module.ratios(), module.tied_ratios),
+                               **module.ratio_details())
     return found
 
 
+def ratio_classes() -> List[Type[BatchStatsNorm]]:
+    """The registered normalizer classes that mix normalizers (from mmengine's ``MODELS``)."""
+    from mmengine.registry import MODELS
+    return [cls for cls in dict.fromkeys(MODELS.module_dict.values())
+            if isinstance(cls, type) and issubclass(cls, BatchStatsNorm)
+            and cls.ratio_fn is not None]
+
+
+def _matching_class(state: Mapping[str, Tensor], prefix: str
+                    ) -> Optional[Type[BatchStatsNorm]]:
+    """The ratio class whose ``ratio_state`` is all in ``state`` under ``prefix`` (the one naming
+    the most entries, so that a layer is not mistaken for one reading fewer of its keys)."""
+    fitting = [cls for cls in ratio_classes()
+               if all(f'{prefix}{key}' in state for key in cls.ratio_state)]
+    return max(fitting, key=lambda cls: len(cls.ratio_state), default=None)
+
+
 def state_dict_ratios(state_dict: Mapping[str, Tensor]) -> Dict[str, dict]:
-    """Ratios of the SN / SN_tied layers in a state dict (mmnorm's parameter names)."""
-    found = OrderedDict()
+    """Ratios of the layers in a state dict that mix normalizers, found by the names of their
+    ratio inputs (each registered class's ``ratio_state``) and computed by its ``ratio_fn``."""
+    prefixes: Dict[str, None] = OrderedDict()
+    names = {key for cls in ratio_classes() for key in cls.ratio_state}
     for key, value in state_dict.items():
-        if not isinstance(value, Tensor) or value.dim() != 1 or value.numel() not in (2, 3):
+        head, _, last = key.rpartition('.')
+        if last in names and isinstance(value, Tensor):
+            prefixes[f'{head}.' if head else ''] = None
+    found = OrderedDict()
+    for prefix in prefixes:
+        cls = _matching_class(state_dict, prefix)
+        if cls is None or not any(f'{prefix}{key}' in state_dict
+                                  for key in ('weight', 'running_mean')):
+            continue  # not a normalizer's state (e.g. some other module's 'logits')
+        inputs: Tuple[Tensor, ...] = tuple(state_dict[prefix + key] for key in cls.ratio_state)
+        if inputs[0].dim() != 1 or inputs[0].numel() not in (2, 3):
             continue
-        if key.endswith('.mean_logits'):
-            prefix = key[:-len('.mean_logits')]
-            var_logits = state_dict.get(prefix + '.var_logits')
-            if var_logits is not None:
-                found[prefix] = _record(value.softmax(0), var_logits.float().softmax(0), False)
-        elif key.endswith('.logits') and (key[:-len('logits')] + 'running_mean' in state_dict
-                                          or key[:-len('logits')] + 'weight' in state_dict):
-            ratios = value.float().softmax(0)
-            found[key[:-len('.logits')]] = _record(ratios, ratios, True)
+        with torch.no_grad():
+            mean, var = cls.ratio_fn(*(t.float() if t.is_floating_point() else t
+                                       for t in inputs))
+        found[prefix[:-1]] = _record(mean, var, cls.tied_ratios)
     return found
 
 

@@ -8,7 +8,7 @@ from mmengine.optim import OptimWrapper, OptimWrapperDict
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from ...layers import BatchChannelNorm
+from ...layers import BatchStatsNorm
 from .runner_model import runner_model
 
 __all__ = ['EstimateRateHook']
@@ -46,15 +46,15 @@ class EstimateRateHook(Hook):
         if not scale > 0:
             raise ValueError(f'scale must be > 0, got {scale!r}')
         self.scale = scale
-        self._groups: Optional[Dict[BatchChannelNorm, dict]] = None
-        self._group_names: Dict[BatchChannelNorm, str] = {}
+        self._groups: Optional[Dict[BatchStatsNorm, dict]] = None
+        self._group_names: Dict[BatchStatsNorm, str] = {}
 
     def before_train(self, runner: Runner) -> None:
         self._groups = None  # the optimizer may be rebuilt (resume)
 
-    def _layer_groups(self, runner: Runner) -> Dict[BatchChannelNorm, dict]:
+    def _layer_groups(self, runner: Runner) -> Dict[BatchStatsNorm, dict]:
         model = runner_model(runner)
-        layers = [m for m in model.modules() if isinstance(m, BatchChannelNorm) and m.estimate]
+        layers = [m for m in model.modules() if isinstance(m, BatchStatsNorm) and m.estimated]
         groups_of = {}
         optimizers = _optimizers(runner.optim_wrapper)
         for optimizer in optimizers:

@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 from .cpu_amp_optim_wrapper import CPUAmpOptimWrapper
-from .norm_aware_constructor import RATIO_PARAMS, NormAwareOptimWrapperConstructor
+from .norm_aware_constructor import NormAwareOptimWrapperConstructor
 
-__all__ = ['NormAwareOptimWrapperConstructor', 'RATIO_PARAMS', 'CPUAmpOptimWrapper']
+__all__ = ['NormAwareOptimWrapperConstructor', 'CPUAmpOptimWrapper']

@@ -1,5 +1,6 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""An optimizer-wrapper constructor that treats mmnorm layers as norms and SN ratios separately."""
+"""An optimizer-wrapper constructor that treats mmnorm layers as norms and their ratio parameters
+separately."""
 import logging
 from typing import List, Optional, Union
 
@@ -10,11 +11,7 @@ from torch import nn
 
 from ...layers import BatchStatsNorm
 
-__all__ = ['NormAwareOptimWrapperConstructor', 'RATIO_PARAMS']
-
-#: Parameter names of SN's ratio logits (``SN``: mean/var; ``SN_tied``: one vector).
-RATIO_PARAMS = ('mean_logits', 'var_logits', 'logits')
-_BIAS_PARAMS = ('bias', 'bn_bias')
+__all__ = ['NormAwareOptimWrapperConstructor']
 
 
 @OPTIM_WRAPPER_CONSTRUCTORS.register_module()
@@ -27,8 +24,9 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     - ``norm_decay_mult`` applies to the affine parameters of SN/SN_tied/BCN (``weight``,
       ``bias``, ``bn_weight``, ``bn_bias``), exactly as to BN/GN ones;
-    - ``ratio_decay_mult`` / ``ratio_lr_mult`` apply to SN's ratio logits (``mean_logits``,
-      ``var_logits``, ``logits``); when unset, the logits follow the generic rules
+    - ``ratio_decay_mult`` / ``ratio_lr_mult`` apply to the ratio parameters of SN and its
+      variants (each layer names them: ``ratio_params``, e.g. SN's ``mean_logits``,
+      ``var_logits``, SN_tied's ``logits``); when unset, they follow the generic rules
       (``flat_decay_mult``, else the base weight decay and learning rate);
     - ``custom_keys`` still take precedence over everything; every other module is handled by
       :class:`~mmengine.optim.DefaultOptimWrapperConstructor` unchanged.
@@ -70,7 +68,7 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
                 if self.base_wd is not None:
                     group['weight_decay'] = self.base_wd * options.get('decay_mult', 1.)
                 group.update(options)
-            elif name in RATIO_PARAMS:
+            elif name in module.ratio_params:
                 self._ratio_rules(group, param)
             else:
                 self._affine_rules(group, name, param)
@@ -98,7 +96,7 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         # The default's order for norm layers: norm_decay_mult, else bias, else flat.
         if self._decay(group, 'norm_decay_mult'):
             return
-        if name in _BIAS_PARAMS and self._decay(group, 'bias_decay_mult'):
+        if name.endswith('bias') and self._decay(group, 'bias_decay_mult'):
             return
         if param.ndim == 1:
             self._decay(group, 'flat_decay_mult')

@@ -7,9 +7,9 @@ makes the changes outside mmnorm that such a config needs: all of them are liste
 :mod:`mmnorm.side_effects` (and in the README, "What import mmnorm changes").
 """
 from . import analysis, datasets, engine, functional, integration, layers, side_effects, utils
-from .layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, SyncBatchChannelNorm,
-                     SyncSwitchableNorm, SyncSwitchableNormTied, WSConv2d, convert_sync_norm,
-                     revert_sync_norm)
+from .layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
+                     SyncBatchChannelNorm, SyncSparseSwitchableNorm, SyncSwitchableNorm,
+                     SyncSwitchableNormTied, WSConv2d, convert_sync_norm, revert_sync_norm)
 from .version import __version__, version_info
 
 side_effects.install(*side_effects.ON_IMPORT)
@@ -17,7 +17,7 @@ side_effects.install(*side_effects.ON_IMPORT)
 __all__ = [
     '__version__', 'version_info', 'functional', 'layers', 'engine', 'integration', 'utils',
     'side_effects', 'analysis', 'datasets',
-    'SwitchableNorm', 'SwitchableNormTied', 'BatchChannelNorm', 'WSConv2d',
-    'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'convert_sync_norm',
-    'revert_sync_norm'
+    'SwitchableNorm', 'SwitchableNormTied', 'SparseSwitchableNorm', 'BatchChannelNorm',
+    'WSConv2d', 'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncSparseSwitchableNorm',
+    'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm'
 ]

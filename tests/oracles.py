@@ -28,6 +28,14 @@ def sn(x: Tensor, mean_logits: Tensor, var_logits: Tensor, weight=None, bias=Non
     ``in_unbiased``: the SN authors' released code: unbiased IN variance, LN/BN variances as
     ``E[var_in + mean_in^2] - E[mean_in]^2``.
     """
+    return mixture(x, torch.softmax(mean_logits, 0), torch.softmax(var_logits, 0), weight, bias,
+                   bn_stats, eps, mix, in_unbiased)
+
+
+def mixture(x: Tensor, lam_mu: Tensor, lam_var: Tensor, weight=None, bias=None,
+            bn_stats: Optional[Tuple[Tensor, Tensor]] = None, eps: float = 1e-5,
+            mix: str = 'var', in_unbiased: bool = False) -> Tensor:
+    """SN Eq. (1) with the given ratios (IN, LN[, BN])."""
     h = _flat(x)
     n, c, length = h.shape
     mu_in = h.mean(2, keepdim=True)
@@ -47,8 +55,6 @@ def sn(x: Tensor, mean_logits: Tensor, var_logits: Tensor, weight=None, bias=Non
     if bn_stats is not None:
         mu_bn, var_bn = bn_stats[0].view(1, c, 1), bn_stats[1].view(1, c, 1)
     means, variances = [mu_in, mu_ln, mu_bn], [var_in, var_ln, var_bn]
-    lam_mu = torch.softmax(mean_logits, 0)
-    lam_var = torch.softmax(var_logits, 0)
     k = len(lam_mu)
     mu = sum(lam_mu[i] * means[i] for i in range(k))
     if mix == 'var':
@@ -116,3 +122,39 @@ def one_hot_logits(index: int, size: int = 3, dtype=torch.float64) -> Tensor:
     logits = torch.full((size, ), -1e4, dtype=dtype)
     logits[index] = 0.0
     return logits
+
+
+def simplex_projection(v: Tensor, iterations: int = 200) -> Tensor:
+    """Euclidean projection onto the probability simplex by bisection on the threshold ``tau``
+    of ``max(v - tau, 0)`` (sums to 1), then tiny entries set to exactly 0 (float64)."""
+    low, high = float(v.min()) - 1.0, float(v.max())
+    for _ in range(iterations):
+        tau = (low + high) / 2
+        if float(torch.clamp(v - tau, min=0).sum()) > 1:
+            low = tau
+        else:
+            high = tau
+    p = torch.clamp(v - (low + high) / 2, min=0)
+    return torch.where(p > 1e-12, p, torch.zeros_like(p))
+
+
+def sparsestmax(v: Tensor, radius: float, previous_centre: Optional[Tensor] = None) -> Tensor:
+    """SSN's SparsestMax as the paper describes it, with Python control flow (float64): project
+    onto the simplex; stop when one-hot or outside the sphere of ``radius`` around the centre of
+    the current face; else push out to the sphere, and when that leaves the simplex, project
+    again onto the smaller face, where the sphere has radius ``sqrt(r^2 - |u' - u|^2)``."""
+    import math
+    p = simplex_projection(v)
+    support = p > 0
+    if int(support.sum()) == 1:
+        return support.to(v.dtype)
+    centre = support.to(v.dtype) / support.sum()
+    if previous_centre is not None:
+        radius = math.sqrt(max(radius ** 2 - float(((centre - previous_centre) ** 2).sum()), 0))
+    distance = float((p - centre).norm())
+    if distance >= radius or distance < 1e-12:
+        return p
+    pushed = centre + radius * (p - centre) / distance
+    if float(pushed.min()) < 0:
+        return sparsestmax(pushed, radius, centre)
+    return pushed.clamp(0, 1)

@@ -57,7 +57,7 @@ def _resnet50(conv_cfg=None, norm='SN'):
 
 @pytest.mark.parametrize('conv_cfg, norm, in_unbiased', [
     (None, 'SN', False), (dict(type='WSConv'), 'SN', False), (None, 'SN_tied', False),
-    (None, 'SN', True),
+    (None, 'SN', True), (None, 'SSN', False), (dict(type='WSConv'), 'SSN', True),
 ])
 def test_deploy_form_equals_hard_ratio_model(conv_cfg, norm, in_unbiased):
     model = _resnet50(conv_cfg, norm)

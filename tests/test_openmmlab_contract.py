@@ -10,11 +10,12 @@ from mmcv.cnn import ConvModule, build_conv_layer, build_norm_layer
 from mmengine.registry import MODELS
 
 import mmnorm  # noqa: F401  (registers the layers)
-from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied, WSConv2d
+from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
+                    WSConv2d)
 
 NORMS = {'SN': (SwitchableNorm, 'sn'), 'SN_tied': (SwitchableNormTied, 'sn'),
-         'BCN': (BatchChannelNorm, 'bcn')}
-OUR_NAMES = ['SN', 'SN_tied', 'BCN', 'WSConv']
+         'BCN': (BatchChannelNorm, 'bcn'), 'SSN': (SparseSwitchableNorm, 'ssn')}
+OUR_NAMES = ['SN', 'SN_tied', 'BCN', 'SSN', 'WSConv']
 
 
 @pytest.mark.parametrize('type_name', list(NORMS))
@@ -51,7 +52,8 @@ def test_build_conv_layer_ws():
 
 @pytest.mark.parametrize('norm_cfg', [dict(type='SN'), dict(type='SN_tied'),
                                       dict(type='BCN', num_groups=4),
-                                      dict(type='BCN', num_groups=4, estimate=True)])
+                                      dict(type='BCN', num_groups=4, estimate=True),
+                                      dict(type='SSN')])
 def test_conv_module_with_ws_conv_and_each_norm(norm_cfg):
     module = ConvModule(3, 8, 3, padding=1, conv_cfg=dict(type='WSConv'), norm_cfg=norm_cfg)
     assert isinstance(module.conv, WSConv2d)
@@ -75,7 +77,7 @@ def test_names_resolve_in_every_codebase_scope_and_are_owned_by_mmnorm():
         utils.register_all_modules(init_default_scope=False)
         registries[scope] = importlib.import_module(f'{scope}.registry').MODELS
     expected = {'SN': SwitchableNorm, 'SN_tied': SwitchableNormTied, 'BCN': BatchChannelNorm,
-                'WSConv': WSConv2d}
+                'SSN': SparseSwitchableNorm, 'WSConv': WSConv2d}
     for name, cls in expected.items():
         assert MODELS.module_dict[name] is cls
         for scope, registry in registries.items():

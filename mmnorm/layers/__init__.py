@@ -9,6 +9,7 @@ conversions.
 from .base import EVAL_STATS_MODES, BatchStatsNorm, SyncNorm, has_ratios
 from .batch_channel_norm import BatchChannelNorm, SyncBatchChannelNorm
 from .conv_ws import WSConv2d
+from .sparse_switchable_norm import SparseSwitchableNorm, SyncSparseSwitchableNorm
 from .switchable_norm import (NORMALIZERS, SwitchableNorm, SwitchableNormTied,
                               SyncSwitchableNorm, SyncSwitchableNormTied)
 from .sync import convert_sync_norm, revert_sync_norm
@@ -16,5 +17,6 @@ from .sync import convert_sync_norm, revert_sync_norm
 __all__ = [
     'BatchStatsNorm', 'SyncNorm', 'has_ratios', 'SwitchableNorm', 'SwitchableNormTied',
     'BatchChannelNorm', 'WSConv2d', 'NORMALIZERS', 'EVAL_STATS_MODES', 'SyncSwitchableNorm',
-    'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm'
+    'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'SparseSwitchableNorm',
+    'SyncSparseSwitchableNorm', 'convert_sync_norm', 'revert_sync_norm'
 ]

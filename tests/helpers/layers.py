@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
 
 CHANNELS = 8
 
@@ -15,11 +15,17 @@ LAYERS = {
     'SN_noBN': lambda: SwitchableNorm(CHANNELS, using_bn=False),
     'BCN': lambda: BatchChannelNorm(CHANNELS, num_groups=4, momentum=0.3),
     'BCN_est': lambda: _estimated(BatchChannelNorm(CHANNELS, num_groups=4, estimate=True)),
+    'SSN': lambda: _at_radius(SparseSwitchableNorm(CHANNELS, momentum=0.3)),
 }
 
 
 def _estimated(layer: BatchChannelNorm) -> BatchChannelNorm:
     layer.set_estimate_rate(0.2)
+    return layer
+
+
+def _at_radius(layer: SparseSwitchableNorm) -> SparseSwitchableNorm:
+    layer.set_progress(0.3)  # SparsestMax between sparsemax and one-hot
     return layer
 
 

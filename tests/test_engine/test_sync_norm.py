@@ -4,9 +4,10 @@ the concatenated batch: outputs, input gradients, summed parameter gradients, ru
 import torch
 import torch.distributed as dist
 
-from mmnorm.layers import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied,
-                           SyncBatchChannelNorm, SyncSwitchableNorm, SyncSwitchableNormTied,
-                           convert_sync_norm, revert_sync_norm)
+from mmnorm.layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm,
+                           SwitchableNormTied, SyncBatchChannelNorm, SyncSparseSwitchableNorm,
+                           SyncSwitchableNorm, SyncSwitchableNormTied, convert_sync_norm,
+                           revert_sync_norm)
 from tests.helpers.distributed import run_on_gloo
 
 PAIRS = {
@@ -14,6 +15,7 @@ PAIRS = {
     'SN_std': (SwitchableNorm, SyncSwitchableNorm, dict(mix='std')),
     'SN_tied': (SwitchableNormTied, SyncSwitchableNormTied, {}),
     'BCN': (BatchChannelNorm, SyncBatchChannelNorm, dict(num_groups=4)),
+    'SSN': (SparseSwitchableNorm, SyncSparseSwitchableNorm, {}),
 }
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -24,6 +26,8 @@ def _layer(cls, kwargs, dtype):
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_()
+    if layer.follows_progress:
+        layer.set_progress(0.3)
     return layer
 
 

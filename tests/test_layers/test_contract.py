@@ -135,7 +135,8 @@ def test_sync_twins_and_names_come_from_the_classes():
     assert BatchChannelNorm.sync_class() is SyncBatchChannelNorm
     assert SyncSwitchableNorm.local_class is SwitchableNorm
     assert SyncSwitchableNorm.sync_class() is None
-    assert sync_norm_types() == {'SN': 'SyncSN', 'SN_tied': 'SyncSN_tied', 'BCN': 'SyncBCN'}
+    assert sync_norm_types() == {'SN': 'SyncSN', 'SN_tied': 'SyncSN_tied', 'BCN': 'SyncBCN',
+                                 'SSN': 'SyncSSN'}
     with pytest.raises(TypeError, match='SyncX'):
         type('Lonely', (SyncNorm, nn.Module), {})
 

@@ -23,13 +23,18 @@ def _oracle(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, BatchChannelNorm):
         return oracles.bcn(x, layer.num_groups, p['weight'], p['bias'], p['bn_weight'],
                            p['bn_bias'], eps=layer.eps)
+    if 'mean_scores' in p:  # SSN: SparsestMax ratios at the layer's radius
+        ratios = [oracles.sparsestmax(p[k].cpu(), float(layer.radius))
+                  for k in ('mean_scores', 'var_scores')]
+        return oracles.mixture(x, *ratios, p['weight'].cpu(), p['bias'].cpu(), eps=layer.eps,
+                               mix=layer.mix)
     ml = p.get('logits', p.get('mean_logits'))
     vl = p.get('logits', p.get('var_logits'))
     return oracles.sn(x, ml, vl, p['weight'], p['bias'], eps=layer.eps, mix=layer.mix)
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SN_std', 'BCN'])
+@pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SN_std', 'BCN', 'SSN'])
 def test_half_precision_error_within_twice_torch_norms(name, dtype):
     # Values offset from their mean: an affine map rounded before it is applied loses them.
     gen = torch.Generator().manual_seed(0)

@@ -1,0 +1,177 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+r"""Sparse Switchable Normalization (SSN), functional form: SN whose ratios come from SparsestMax.
+
+Shao, Meng, Li, Zhang, Li, Wang, Luo. *SSN: Learning Sparse Switchable Normalization via
+SparsestMax* (CVPR 2019). Written from the paper and from reading the authors' released
+``sparsestmax`` (switchablenorms/Sparse_SwitchNorm, ``utils/ssn_utils.py`` at HEAD; an older
+``regulated_sparsemax`` in its history differs, and is not followed); none of their code is used.
+
+SSN is SN (:func:`~mmnorm.functional.mix_normalizers`) with ratios
+:math:`\lambda = \mathrm{SparsestMax}(z; r)` of ratio parameters :math:`z \in \mathbb{R}^{|\Omega|}`
+(not logits) and a radius :math:`r \in [0, 1]` that grows from 0 to 1 over training:
+
+1. :math:`p = \mathrm{sparsemax}(z)`, the Euclidean projection of :math:`z` onto the probability
+   simplex :math:`\Delta` (Martins & Astudillo, 2016). If :math:`p` is one-hot, it is the result.
+2. Let :math:`u` be the centre of the face of :math:`\Delta` that :math:`p` lies on (uniform over
+   the support of :math:`p`). If :math:`\|p - u\| \ge r`, :math:`p` is the result.
+3. Otherwise :math:`p` is pushed out to the sphere of radius :math:`r` around :math:`u`,
+   :math:`p' = u + r\,(p - u)/\|p - u\|`. If :math:`p' \ge 0`, :math:`p'` is the result.
+4. Otherwise :math:`p'` left the simplex: project it again (step 1 with :math:`z = p'`), onto a
+   face of smaller support with centre :math:`u'`, on which the sphere leaves one of radius
+   :math:`\sqrt{r^2 - \|u' - u\|^2}` around :math:`u'` (:math:`u'` is the projection of
+   :math:`u` onto that face), and repeat.
+
+At :math:`r = 0` SparsestMax is sparsemax; for :math:`r` beyond the distance from the simplex's
+centre to a vertex (:math:`\sqrt{2/3}` for three normalizers, :math:`\sqrt{1/2}` for two) every
+result is one-hot, so :math:`r = 1` makes each layer one plain normalizer. The authors' layer
+hard-codes :math:`|\Omega| = 3`; the algorithm above is the paper's for any :math:`|\Omega|`, and
+mmnorm uses it for :math:`\Omega = \{IN, LN\}` too (SSN without BN).
+
+Each step strictly shrinks the support, so :math:`|\Omega|` rounds always suffice: they are
+unrolled with ``torch.where`` (no data-dependent Python control flow, so the ratios trace, export
+and compile), and a round that is not taken gets no gradient. Two cases the authors' code leaves
+undefined are defined here: a support of one entry is exactly one-hot (their floating-point test
+``max - min == 1`` can miss it and push a rounding error out to the sphere), and a point at the
+centre up to rounding (:math:`p = u`, no direction to push; their code divides by zero, or pushes
+along the rounding error) stays where it is.
+
+**Frozen ratios.** As in the authors' layer, a ratio vector that becomes one-hot in training is
+"fixed": from that step on it is the one-hot vector, without gradient. The choice is kept in the
+buffers ``mean_choice`` / ``var_choice`` (the index of the chosen normalizer, ``-1`` while free)
+and is saved with the weights.
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .switchable import check_norm_input, check_unit_interval, mix_normalizers
+
+__all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
+           'update_choices', 'check_radius']
+
+
+def sparsemax(scores: Tensor) -> Tensor:
+    """Euclidean projection of ``scores`` onto the probability simplex, along the last dim
+    (Martins & Astudillo, 2016): ``max(scores - tau, 0)`` with ``tau`` such that the result sums
+    to 1. A support of one entry is returned exactly one-hot. Differentiable."""
+    size = scores.shape[-1]
+    ordered = torch.sort(scores, dim=-1, descending=True).values
+    cumulative = ordered.cumsum(-1) - 1
+    ranks = torch.arange(1, size + 1, dtype=scores.dtype, device=scores.device)
+    # The support is a prefix of the sorted scores: where the entry exceeds the threshold that
+    # a support of that size would need.
+    support = (ordered - cumulative / ranks > 0).sum(-1, keepdim=True)
+    tau = cumulative.gather(-1, support - 1) / support.to(scores.dtype)
+    projected = torch.clamp(scores - tau, min=0)
+    winner = (scores == scores.amax(-1, keepdim=True)).to(scores.dtype)
+    return torch.where(support == 1, winner, projected)
+
+
+def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
+    """SparsestMax (see the module docstring) of ``scores`` ``(..., K)`` at ``radius`` (a
+    tensor broadcastable to ``(..., 1)``, in [0, 1]). Differentiable in ``scores``; the radius
+    is a constant of the step."""
+    radius = torch.as_tensor(radius, dtype=scores.dtype, device=scores.device)
+    point, centre, result, done = scores, None, None, None
+    for _ in range(scores.shape[-1]):  # each round shrinks the support: K rounds suffice
+        projected = sparsemax(point)
+        in_support = projected > 0
+        size = in_support.sum(-1, keepdim=True)
+        face_centre = in_support.to(scores.dtype) / size
+        if centre is not None:  # the sphere restricted to the smaller face
+            radius = torch.clamp(radius.square() - (face_centre - centre).square().sum(
+                -1, keepdim=True), min=0).sqrt()
+        # Within the face the offset sums to 0; rounding leaves a part along the face's normal
+        # (1 on the support), which is removed so that the push stays on the face.
+        offset = projected - face_centre
+        offset = offset - in_support * (offset.sum(-1, keepdim=True) / size)
+        distance = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
+        # At the centre (up to rounding) there is no direction to push: the point stays.
+        centred = distance <= 8 * torch.finfo(scores.dtype).eps
+        stays = (size == 1) | (distance >= radius) | centred
+        pushed = face_centre + radius * offset / torch.where(centred, 1.0, distance)
+        inside = pushed.amin(-1, keepdim=True) >= 0
+        here = torch.where(stays, projected, pushed.clamp(0, 1))
+        finished = stays | inside
+        result = here if result is None else torch.where(done, result, here)
+        done = finished if done is None else done | finished
+        point, centre = pushed, face_centre
+    return result
+
+
+def _frozen(ratios: Tensor, choice: Tensor) -> Tensor:
+    """``ratios``, or the one-hot vector of a fixed ``choice`` (>= 0); a vector one-hot now is
+    used without gradient, as the authors' layer fixes it in the same step."""
+    hot = (torch.arange(ratios.shape[-1], device=ratios.device) == choice).to(ratios.dtype)
+    one_hot_now = (ratios > 0).sum(-1, keepdim=True) == 1
+    return torch.where(choice >= 0, hot, torch.where(one_hot_now, ratios.detach(), ratios))
+
+
+def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
+                    mean_choice: Tensor, var_choice: Tensor) -> Tuple[Tensor, Tensor]:
+    """SSN's ratio function: SparsestMax of each score vector at ``radius``, or the one-hot
+    vector of a fixed choice (``mean_choice`` / ``var_choice`` >= 0)."""
+    return (_frozen(sparsestmax(mean_scores, radius), mean_choice),
+            _frozen(sparsestmax(var_scores, radius), var_choice))
+
+
+@torch.no_grad()
+def update_choices(ratios: Tensor, choice: Tensor) -> None:
+    """Fix ``choice`` (in place) at the argmax of ``ratios`` when they are one-hot and it is
+    still free; a fixed choice never changes. Tensor ops only (no host sync)."""
+    one_hot = (ratios > 0).sum() == 1
+    choice.copy_(torch.where(choice >= 0, choice,
+                             torch.where(one_hot, ratios.argmax(), torch.full_like(choice, -1))))
+
+
+def check_radius(radius) -> None:
+    """Refuse a radius outside [0, 1] (Python numbers; a tensor when it lives on the CPU)."""
+    check_unit_interval(radius, 'the SparsestMax radius', 'the training progress')
+
+
+def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tensor,
+                           radius: Tensor, mean_choice: Optional[Tensor] = None,
+                           var_choice: Optional[Tensor] = None,
+                           weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                           running_mean: Optional[Tensor] = None,
+                           running_var: Optional[Tensor] = None, training: bool = True,
+                           momentum: float = 0.1, eps: float = 1e-5, mix: str = 'var',
+                           in_unbiased: bool = False, process_group=None,
+                           fix_choices: bool = False) -> Tensor:
+    r"""Sparse Switchable Normalization: SN with SparsestMax ratios (see the module docstring).
+
+    Args:
+        input (Tensor): ``(N, C, *)``, any number of spatial dims.
+        mean_scores (Tensor): ratio parameters of the means (SparsestMax's input), ``(3,)`` for
+            (IN, LN, BN) or ``(2,)`` for (IN, LN).
+        var_scores (Tensor): ratio parameters of the variances, same size.
+        radius (Tensor | float): SparsestMax radius in [0, 1] (0-dim tensor: no host sync).
+        mean_choice (Tensor, optional): 0-dim long, the index of the fixed normalizer of the
+            means or -1 while free. Defaults to None (free).
+        var_choice (Tensor, optional): the same for the variances.
+        fix_choices (bool): update the choices in place when the ratios are one-hot (a training
+            step, as the authors' layer does). Defaults to False.
+
+    The other arguments are :func:`~mmnorm.functional.switchable_norm`'s.
+
+    Returns:
+        Tensor: normalized input, same shape and dtype.
+    """
+    check_norm_input(input)
+    if mean_scores.shape != var_scores.shape:
+        raise ValueError(f'mean_scores and var_scores must have the same shape, got '
+                         f'{tuple(mean_scores.shape)} and {tuple(var_scores.shape)}')
+    check_radius(radius)
+    free = torch.full((), -1, dtype=torch.long, device=mean_scores.device)
+    mean_choice = free if mean_choice is None else mean_choice
+    var_choice = free.clone() if var_choice is None else var_choice
+    radius = torch.as_tensor(radius, dtype=torch.float32, device=mean_scores.device)
+    out, (mean_ratios, var_ratios) = mix_normalizers(
+        input, sparsest_ratios, (mean_scores, var_scores, radius, mean_choice, var_choice),
+        weight, bias, running_mean, running_var, training, momentum, eps, mix, in_unbiased,
+        process_group)
+    if fix_choices:
+        update_choices(mean_ratios, mean_choice)
+        update_choices(var_ratios, var_choice)
+    return out

@@ -1,0 +1,141 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+r"""Sparse Switchable Normalization modules: ``SSN`` and ``SyncSSN``.
+
+Reference::
+
+    @inproceedings{shao2019ssn,
+      title     = {SSN: Learning Sparse Switchable Normalization via SparsestMax},
+      author    = {Shao, Wenqi and Meng, Tianjian and Li, Jingyu and Zhang, Ruimao and
+                   Li, Yudian and Wang, Xiaogang and Luo, Ping},
+      booktitle = {CVPR},
+      year      = {2019}}
+
+Implemented from the paper and the description of the authors' released layer
+(switchablenorms/Sparse_SwitchNorm); none of their code is used.
+"""
+import warnings
+from typing import Any, Dict, Tuple
+
+import torch
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+
+from ..functional import in_recomputation, is_tracing
+from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choices
+from ..registry import register
+from .base import SyncNorm
+from .switchable_norm import SwitchableNorm
+
+__all__ = ['SparseSwitchableNorm', 'SyncSparseSwitchableNorm']
+
+_NO_RADIUS_MSG = (
+    "mmnorm: an SSN layer is training but nothing sets its SparsestMax radius, which stays at "
+    "{radius}; the paper grows it from 0 to 1 over training so that the ratios end one-hot. Add "
+    "dict(type='SSNRadiusHook') to custom_hooks, or call set_progress() every iteration.")
+
+
+@register(MODELS, 'SSN')
+class SparseSwitchableNorm(SwitchableNorm):
+    r"""Sparse Switchable Normalization (registered as ``SSN``): SN whose ratios are
+    :math:`\mathrm{SparsestMax}` of the ratio parameters
+    (:mod:`mmnorm.functional.sparse_switchable`).
+
+    .. math::
+        y = \gamma\,\frac{x - \sum_{z\in\Omega}\lambda^\mu_z\mu_z}
+                        {\sqrt{\sum_{z\in\Omega}\lambda^\sigma_z\sigma^2_z + \epsilon}} + \beta,
+        \quad \lambda^\mu = \mathrm{SparsestMax}(z^\mu; r),\;
+        \lambda^\sigma = \mathrm{SparsestMax}(z^\sigma; r).
+
+    The radius :math:`r` (buffer ``radius``) is the training progress, from 0 to 1
+    (:class:`mmnorm.engine.SSNRadiusHook` sets it every iteration, as the authors' training
+    script does): the ratios start as sparsemax and end one-hot, so that a trained layer is one
+    plain normalizer (BN folds into the convolution at inference, ``tools/export_hard_ratios.py``).
+    A ratio vector that becomes one-hot in training is fixed (``mean_choice`` / ``var_choice``
+    hold the chosen index, -1 while free; saved with the weights) and gets no gradient from then
+    on, as in the authors' layer. In eval the ratios are those of the saved radius and choices.
+
+    Parameters ``mean_scores`` / ``var_scores`` (not logits; initialised to ones, equal ratios)
+    replace SN's ``mean_logits`` / ``var_logits``; every other argument is SN's
+    (:class:`~mmnorm.layers.SwitchableNorm`), ``using_bn=False`` giving Ω = {IN, LN} (the paper's
+    algorithm on two entries; the authors' layer has three). ``in_unbiased=True`` reproduces the
+    authors' IN variance (converted checkpoints turn it on).
+
+    Examples:
+        >>> from mmcv.cnn import build_norm_layer
+        >>> name, ssn = build_norm_layer(dict(type='SSN'), 16, postfix=1)
+        >>> name
+        'ssn1'
+        >>> ssn.set_progress(1.0)  # the end of training: every ratio vector is one-hot
+        >>> with torch.no_grad():
+        ...     ssn.mean_scores.copy_(torch.tensor([0.2, 0.1, 0.6]))
+        >>> ssn.ratios()[0].tolist()
+        [0.0, 0.0, 1.0]
+    """
+
+    _abbr_ = 'ssn'
+    ratio_fn = staticmethod(sparsest_ratios)
+    ratio_state = ('mean_scores', 'var_scores', 'radius', 'mean_choice', 'var_choice')
+    ratio_params = ('mean_scores', 'var_scores')
+    follows_progress = True
+
+    def _create_logits(self, num_ratios: int, factory: dict) -> None:
+        self.mean_scores = nn.Parameter(torch.empty(num_ratios, **factory))
+        self.var_scores = nn.Parameter(torch.empty(num_ratios, **factory))
+        device = factory['device']
+        self.register_buffer('radius', torch.zeros((), device=device))
+        self.register_buffer('mean_choice', torch.full((), -1, dtype=torch.long, device=device))
+        self.register_buffer('var_choice', torch.full((), -1, dtype=torch.long, device=device))
+        self._progress_set = False
+
+    def _logits(self) -> Tuple[nn.Parameter, ...]:
+        return self.mean_scores, self.var_scores
+
+    def reset_parameters(self) -> None:
+        """SN's reset, with ratio parameters 1 (equal ratios, as the authors initialise them),
+        radius 0 and both choices free."""
+        super().reset_parameters()
+        with torch.no_grad():
+            for scores in self._logits():
+                scores.fill_(1.0)
+            self.radius.zero_()
+            self.mean_choice.fill_(-1)
+            self.var_choice.fill_(-1)
+
+    @torch.no_grad()
+    def set_progress(self, progress: float) -> None:
+        """Set the SparsestMax radius to the training progress ``progress`` in [0, 1]."""
+        check_radius(progress)
+        self.radius.fill_(progress)
+        self._progress_set = True
+
+    @torch.no_grad()
+    def harden_ratios_(self) -> None:
+        """Fix both choices at the argmax of the current ratios (one-hot from now on, without
+        gradient); the ratio parameters stop training (``requires_grad=False``)."""
+        mean_ratios, var_ratios = self.ratios()
+        self.mean_choice.fill_(int(mean_ratios.argmax()))
+        self.var_choice.fill_(int(var_ratios.argmax()))
+        for scores in self._logits():
+            scores.requires_grad_(False)
+
+    def ratio_details(self) -> Dict[str, Any]:
+        return {'radius': float(self.radius),
+                'fixed': [int(self.mean_choice) >= 0, int(self.var_choice) >= 0]}
+
+    def forward(self, input: Tensor) -> Tensor:
+        out, (mean_ratios, var_ratios) = self._mix(input)
+        if self.training and not in_recomputation():
+            if not self._progress_set and not is_tracing():
+                self._progress_set = True  # warn once (reading the radius syncs: once)
+                if float(self.radius) == 0.0:
+                    warnings.warn(_NO_RADIUS_MSG.format(radius=0.0), stacklevel=2)
+            update_choices(mean_ratios, self.mean_choice)
+            update_choices(var_ratios, self.var_choice)
+        return out
+
+
+@register(MODELS, 'SyncSSN')
+class SyncSparseSwitchableNorm(SyncNorm, SparseSwitchableNorm):
+    """:class:`SparseSwitchableNorm` whose BN branch uses the global batch's statistics
+    (registered as ``SyncSSN``; :class:`~mmnorm.layers.SyncNorm`). Takes the same arguments
+    plus ``process_group``."""

@@ -1,0 +1,230 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Sparse SN: SparsestMax against an independent float64 oracle, the layer against SN's oracle
+with SparsestMax ratios, frozen ratios and their checkpoint round trip, the radius, exceptions."""
+import warnings
+
+import pytest
+import torch
+from mmcv.cnn import build_norm_layer
+
+import mmnorm  # noqa: F401  (registers the layers)
+from mmnorm.functional import sparse_switchable_norm
+from mmnorm.functional.sparse_switchable import sparsemax, sparsestmax
+from mmnorm.layers import SparseSwitchableNorm, SyncSparseSwitchableNorm
+from tests import oracles
+from tests.conftest import make_input
+
+
+def _random_cases(count=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    for index in range(count):
+        size = (2, 3, 3, 4)[index % 4]
+        scores = torch.randn(size, generator=gen, dtype=torch.float64) * (0.2 + index % 5)
+        yield scores, float(torch.rand((), generator=gen, dtype=torch.float64))
+
+
+class TestSparsestMax:
+
+    def test_against_oracle_on_random_scores_and_radii(self):
+        recursions = 0
+        for scores, radius in _random_cases():
+            expected = oracles.sparsestmax(scores, radius)
+            actual = sparsestmax(scores, torch.tensor(radius, dtype=torch.float64))
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f'{scores.tolist()} r={radius}: {m}')
+            torch.testing.assert_close(actual.sum(), torch.tensor(1.0, dtype=torch.float64))
+            assert bool((actual >= 0).all())
+            projected = oracles.simplex_projection(scores)
+            support = projected > 0
+            centre = support.double() / support.sum()
+            pushed = centre + radius * (projected - centre) / (projected - centre).norm()
+            recursions += int(support.sum() > 1 and float(pushed.min()) < 0
+                              and float((projected - centre).norm()) < radius)
+        assert recursions > 20  # the smaller-face case really ran
+
+    def test_radius_zero_is_sparsemax(self):
+        for scores, _ in _random_cases(100, seed=1):
+            expected = oracles.simplex_projection(scores)
+            torch.testing.assert_close(sparsestmax(scores, torch.tensor(0.0)), expected,
+                                       rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(sparsemax(scores), expected, rtol=1e-9, atol=1e-9)
+
+    def test_radius_one_is_one_hot_at_the_argmax(self):
+        for scores, _ in _random_cases(100, seed=2):
+            result = sparsestmax(scores, torch.tensor(1.0))
+            expected = torch.zeros_like(scores)
+            expected[scores.argmax()] = 1.0
+            assert torch.equal(result, expected), scores.tolist()
+
+    def test_on_the_sphere_stays_inside_is_pushed_out(self):
+        scores = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)  # its own projection
+        centre = torch.full((3, ), 1 / 3, dtype=torch.float64)
+        distance = float((scores - centre).norm())
+        on = sparsestmax(scores, torch.tensor(distance, dtype=torch.float64))
+        torch.testing.assert_close(on, scores, rtol=0, atol=1e-15)  # the boundary case: kept
+        outside = sparsestmax(scores, torch.tensor(distance * 0.9, dtype=torch.float64))
+        torch.testing.assert_close(outside, scores, rtol=0, atol=1e-15)
+        radius = distance + 0.05
+        inside = sparsestmax(scores, torch.tensor(radius, dtype=torch.float64))
+        torch.testing.assert_close((inside - centre).norm(),
+                                   torch.tensor(radius, dtype=torch.float64))
+        torch.testing.assert_close(inside, oracles.sparsestmax(scores, radius))
+
+    def test_one_hot_and_centre_are_defined(self):
+        # a support of one entry is exactly one-hot, even where rounding would say otherwise
+        assert sparsestmax(torch.tensor([1000.3, 0.0, -1.0]), torch.tensor(0.5)).tolist() == [
+            1.0, 0.0, 0.0]
+        # equal scores: the centre, with no direction to push, stays (float32 rounding included)
+        for dtype in (torch.float32, torch.float64):
+            result = sparsestmax(torch.ones(3, dtype=dtype), torch.tensor(0.5, dtype=dtype))
+            torch.testing.assert_close(result, torch.full((3, ), 1 / 3, dtype=dtype))
+
+    def test_gradcheck(self):
+        for scores, radius in list(_random_cases(40, seed=3)):
+            scores = scores.clone().requires_grad_()
+            torch.autograd.gradcheck(
+                lambda s: sparsestmax(s, torch.tensor(radius, dtype=torch.float64)), (scores, ))
+
+    def test_one_graph_for_every_branch(self):
+        """No data-dependent Python control flow: one exported graph, with the radius as an
+        input, computes every case (sparsemax, pushed, smaller face, one-hot)."""
+        program = torch.export.export(_SparsestMax(), (torch.randn(3, dtype=torch.float64),
+                                                       torch.tensor(0.3, dtype=torch.float64)))
+        for scores, radius in _random_cases(60, seed=4):
+            if scores.numel() != 3:
+                continue
+            radius_t = torch.tensor(radius, dtype=torch.float64)
+            torch.testing.assert_close(program.module()(scores, radius_t),
+                                       oracles.sparsestmax(scores, radius), rtol=1e-9, atol=1e-9)
+
+
+class _SparsestMax(torch.nn.Module):
+
+    def forward(self, scores, radius):
+        return sparsestmax(scores, radius)
+
+
+def _layer(using_bn=True, radius=0.3, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    layer = SparseSwitchableNorm(6, using_bn=using_bn, momentum=0.3, **kwargs).double()
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.normal_()
+        layer.mean_scores.normal_(0, 0.4)
+        layer.var_scores.normal_(0, 0.4)
+    layer.set_progress(radius)
+    return layer
+
+
+class TestLayer:
+
+    def test_builds_through_mmcv_with_its_state(self):
+        name, layer = build_norm_layer(dict(type='SSN', using_bn=False), 8, postfix=2)
+        assert name == 'ssn2' and type(layer) is SparseSwitchableNorm
+        assert [n for n, _ in layer.named_parameters()] == [
+            'weight', 'bias', 'mean_scores', 'var_scores']
+        assert {'radius', 'mean_choice', 'var_choice'} <= set(dict(layer.named_buffers()))
+        assert layer.normalizers == ('IN', 'LN') and float(layer.radius) == 0.0
+        assert int(layer.mean_choice) == int(layer.var_choice) == -1
+        torch.testing.assert_close(layer.ratios()[0], torch.full((2, ), 0.5))
+        assert repr(layer).startswith('SparseSwitchableNorm(8, eps=1e-05')
+        assert type(build_norm_layer(dict(type='SyncSSN'), 8)[1]) is SyncSparseSwitchableNorm
+
+    @pytest.mark.parametrize('using_bn', [True, False])
+    @pytest.mark.parametrize('shape', [(4, 6, 5), (3, 6, 4, 5), (2, 6, 3, 2, 3)])
+    @pytest.mark.parametrize('in_unbiased', [False, True])
+    def test_against_oracle_train_and_eval(self, using_bn, shape, in_unbiased):
+        layer = _layer(using_bn, in_unbiased=in_unbiased)
+        x = make_input(shape)
+        ratios = [oracles.sparsestmax(s.detach(), 0.3) for s in (layer.mean_scores,
+                                                                  layer.var_scores)]
+        expected = oracles.mixture(x, *ratios, layer.weight.detach(), layer.bias.detach(),
+                                   in_unbiased=in_unbiased)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
+        if using_bn and not in_unbiased:  # (with in_unbiased the BN variance is the authors')
+            _, _, unbiased = oracles.batch_stats(x)
+            torch.testing.assert_close(layer.running_var, 0.7 + 0.3 * unbiased)
+        layer.eval()
+        bn = (layer.running_mean, layer.running_var) if using_bn else None
+        expected = oracles.mixture(x, *ratios, layer.weight.detach(), layer.bias.detach(),
+                                   bn_stats=bn, in_unbiased=in_unbiased)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-9, atol=1e-9)
+
+    def test_gradcheck(self):
+        layer = _layer(radius=0.25)
+        x = make_input((3, 6, 3, 3)).requires_grad_()
+
+        def run(x, weight, mean_scores, var_scores):
+            return sparse_switchable_norm(x, mean_scores, var_scores, layer.radius,
+                                          weight=weight, bias=layer.bias.detach())
+
+        torch.autograd.gradcheck(run, (x, layer.weight.detach().clone().requires_grad_(),
+                                       layer.mean_scores.detach().clone().requires_grad_(),
+                                       layer.var_scores.detach().clone().requires_grad_()))
+
+    def test_one_hot_ratios_are_frozen_and_saved(self):
+        layer = _layer(radius=1.0)
+        x = make_input((4, 6, 3, 3))
+        winners = (int(layer.mean_scores.argmax()), int(layer.var_scores.argmax()))
+        layer(x).square().sum().backward()
+        assert (int(layer.mean_choice), int(layer.var_choice)) == winners
+        assert torch.equal(layer.mean_scores.grad, torch.zeros(3, dtype=torch.float64))
+        assert torch.equal(layer.var_scores.grad, torch.zeros(3, dtype=torch.float64))
+        # Frozen: smaller radius and other scores no longer move the ratios.
+        with torch.no_grad():
+            layer.mean_scores.copy_(torch.tensor([5.0, 0.0, 0.0]) if winners[0] else
+                                    torch.tensor([0.0, 5.0, 0.0]))
+        layer.set_progress(0.0)
+        mean_ratios, _ = layer.ratios()
+        assert mean_ratios.tolist() == [float(i == winners[0]) for i in range(3)]
+        # The frozen state travels with the weights.
+        restored = SparseSwitchableNorm(6, momentum=0.3).double()
+        restored.load_state_dict(layer.state_dict())
+        assert (int(restored.mean_choice), int(restored.var_choice)) == winners
+        layer.eval(), restored.eval()
+        torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)
+
+    def test_free_ratios_get_gradients_and_stay_free(self):
+        layer = _layer(radius=0.1)
+        layer(make_input((4, 6, 3, 3))).square().mean().backward()
+        assert int(layer.mean_choice) == -1 and layer.mean_scores.grad.abs().sum() > 0
+
+    def test_eval_does_not_fix(self):
+        layer = _layer(radius=1.0).eval()
+        layer(make_input((2, 6, 3, 3)))
+        assert int(layer.mean_choice) == -1  # state changes in training steps only
+        assert set(layer.ratios()[0].tolist()) == {0.0, 1.0}  # still one-hot at radius 1
+
+    def test_harden(self):
+        layer = _layer(radius=0.0)
+        soft = layer.ratios()
+        layer.harden_ratios_()
+        assert int(layer.mean_choice) == int(soft[0].argmax())
+        assert not layer.mean_scores.requires_grad and not layer.var_scores.requires_grad
+        for ratios in layer.ratios():
+            assert sorted(ratios.tolist()) == [0.0, 0.0, 1.0]
+
+    def test_warns_when_the_radius_is_never_set(self):
+        layer = SparseSwitchableNorm(4)
+        with pytest.warns(UserWarning, match='SSNRadiusHook'):
+            layer(torch.randn(2, 4, 3, 3))
+        with warnings.catch_warnings():
+            warnings.simplefilter('error')
+            layer(torch.randn(2, 4, 3, 3))  # once
+            scheduled = SparseSwitchableNorm(4)
+            scheduled.set_progress(0.0)
+            scheduled(torch.randn(2, 4, 3, 3))
+
+    def test_exceptions(self):
+        layer = SparseSwitchableNorm(4)
+        for bad in (-0.1, 1.5):
+            with pytest.raises(ValueError, match='radius'):
+                layer.set_progress(bad)
+        with pytest.raises(ValueError, match='channels'):
+            layer(torch.randn(2, 3, 4, 4))
+        with pytest.raises(ValueError, match='same shape'):
+            sparse_switchable_norm(torch.randn(2, 4, 3), torch.ones(3), torch.ones(2), 0.0)
+        with pytest.raises(ValueError, match='3 entries'):
+            sparse_switchable_norm(torch.randn(2, 4, 3), torch.ones(4), torch.ones(4), 0.0)
+        with pytest.raises(ValueError, match='radius'):
+            sparse_switchable_norm(torch.randn(2, 4, 3), torch.ones(3), torch.ones(3), 2.0)

@@ -3,9 +3,10 @@ from .batch_average_stats_hook import BatchAverageStatsHook
 from .estimate_rate_hook import EstimateRateHook
 from .hard_ratio_hooks import DeployHook, HardRatiosHook
 from .ratio_logger_hook import SNRatioLoggerHook
+from .ssn_radius_hook import SSNRadiusHook
 from .statdiff_hook import StatDiffHook
 
 __all__ = [
     'BatchAverageStatsHook', 'EstimateRateHook', 'SNRatioLoggerHook', 'HardRatiosHook',
-    'DeployHook', 'StatDiffHook'
+    'DeployHook', 'StatDiffHook', 'SSNRadiusHook'
 ]

@@ -5,9 +5,10 @@ import logging
 from typing import List, Optional, Union
 
 from mmengine.logging import print_log
-from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS
 from torch import nn
+from torch.nn.utils import clip_grad_norm_
 
 from ...layers import BatchStatsNorm
 
@@ -28,8 +29,16 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
       variants (each layer names them: ``ratio_params``, e.g. SN's ``mean_logits``,
       ``var_logits``, SN_tied's ``logits``); when unset, they follow the generic rules
       (``flat_decay_mult``, else the base weight decay and learning rate);
+    - ``ratio_clip_grad`` (e.g. ``dict(max_norm=1.0)``, the arguments of
+      ``torch.nn.utils.clip_grad_norm_``) clips the gradient norm of all ratio parameters
+      together before every optimizer step (after AMP's unscaling), the others untouched;
     - ``custom_keys`` still take precedence over everything; every other module is handled by
       :class:`~mmengine.optim.DefaultOptimWrapperConstructor` unchanged.
+
+    Sparse SN's authors train the ratio parameters at a tenth of the learning rate, without
+    weight decay, with their gradient norm clipped to 1:
+    ``paramwise_cfg=dict(ratio_lr_mult=0.1, ratio_decay_mult=0., ratio_clip_grad=dict(
+    max_norm=1.0))``, as mmnorm's SSN configs do.
 
     Defaults come from the papers: without ``paramwise_cfg`` every parameter (conv weights, γ, β
     and the ratios) gets the base weight decay, the SN study's ImageNet protocol ("weight decay of
@@ -42,6 +51,30 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
         if 'ratio_decay_mult' in self.paramwise_cfg and self.base_wd is None:
             raise ValueError('ratio_decay_mult needs weight_decay in the optimizer config')
+        clip = self.paramwise_cfg.get('ratio_clip_grad')
+        if clip is not None and not (isinstance(clip, dict) and 'max_norm' in clip):
+            raise ValueError(f'ratio_clip_grad must be a dict of clip_grad_norm_ arguments with '
+                             f'max_norm, e.g. dict(max_norm=1.0); got {clip!r}')
+
+    def __call__(self, model: nn.Module) -> OptimWrapper:
+        optim_wrapper = super().__call__(model)
+        clip = self.paramwise_cfg.get('ratio_clip_grad')
+        if clip is not None:
+            model = getattr(model, 'module', model)
+            ratio_params = [param for module in model.modules()
+                            if isinstance(module, BatchStatsNorm)
+                            for name, param in module.named_parameters(recurse=False)
+                            if name in module.ratio_params and param.requires_grad]
+
+            def clip_ratio_gradients(optimizer, args, kwargs) -> None:
+                clip_grad_norm_(ratio_params, **clip)
+
+            # A step pre-hook of the optimizer itself: it runs inside every wrapper's step
+            # (AmpOptimWrapper has unscaled the gradients by then, and skips the step on inf).
+            optim_wrapper.optimizer.register_step_pre_hook(clip_ratio_gradients)
+            print_log(f'NormAwareOptimWrapperConstructor: gradient norm of {len(ratio_params)} '
+                      f'ratio parameter(s) clipped with {clip}', logger='current')
+        return optim_wrapper
 
     def add_params(self, params: List[dict], module: nn.Module, prefix: str = '',
                    is_dcn_module: Optional[Union[int, float]] = None) -> None:

@@ -23,6 +23,8 @@ are in effect.
      mmnorm layers, as it freezes ``_BatchNorm`` (:mod:`mmnorm.integration.norm_eval`; without
      it their statistics would keep updating);
    - ``mmseg.models``: registers ``DeepLabV2Head`` (the DeepLabv2 configs use it);
+   - ``mmpretrain.models``: registers ``ResNetV1SSN`` (mmpretrain's ResNet with the Sparse SN
+     authors' stem pooling: their converted models and the SSN ImageNet configs use it);
    - ``mmcv.cnn.utils.fuse_conv_bn`` / ``mmcv.cnn.bricks.conv_module``: ``fuse_conv_bn`` and
      ``efficient_conv_bn_eval`` fold a BN into a ``WSConv`` from its standardized weight (other
      convolutions go to mmcv's code unchanged; :mod:`mmnorm.integration.mmcv_fusion`).

@@ -2,15 +2,17 @@
 """Convert the papers' released ImageNet ResNets into mmpretrain ImageClassifier checkpoints.
 
     python tools/convert_checkpoint.py SRC.pth DST.pth --format sn  [--verify]
+    python tools/convert_checkpoint.py SRC.pth DST.pth --format ssn [--verify]
     python tools/convert_checkpoint.py SRC.pth DST.pth --format bcn [--verify]
 
-``--format sn``: the SN authors' ResNets (SN / SN without BN); ``--format bcn``: the BCN authors'
-BCN+WS ResNets. See mmnorm/convert/resnet.py for both layouts. The output's ``backbone.`` keys
-load into the mmdet / mmseg / mmpretrain ResNets of mmnorm's configs
-(``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=DST)``), with the same
-norm_cfg: ``dict(type='SN')`` (converted SN layers carry ``in_unbiased=True``, the authors' IN
-variance, in their saved state) or ``dict(type='BCN', num_groups=G)`` with
-``conv_cfg=dict(type='WSConv')``.
+``--format sn``: the SN authors' ResNets (SN / SN without BN); ``--format ssn``: the Sparse SN
+authors' ResNets (the target backbone is ``ResNetV1SSN``, with their stem pooling);
+``--format bcn``: the BCN authors' BCN+WS ResNets. See mmnorm/convert/resnet.py for the
+layouts. The output's ``backbone.`` keys load into the mmdet / mmseg / mmpretrain ResNets of
+mmnorm's configs (``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=DST)``), with
+the same norm_cfg: ``dict(type='SN')`` / ``dict(type='SSN')`` (converted layers carry
+``in_unbiased=True``, the authors' IN variance, in their saved state; SSN layers their radius and
+fixed ratios) or ``dict(type='BCN', num_groups=G)`` with ``conv_cfg=dict(type='WSConv')``.
 
 The source is loaded with ``weights_only=True`` and only read; an existing DST (the source
 included) is replaced only with ``--overwrite``, atomically. Every key and shape is checked
@@ -30,7 +32,7 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 import mmnorm  # noqa: E402,F401
 import torch  # noqa: E402
 
-from mmnorm.convert import (FORMATS, SN_SOURCE_MOMENTUM, ConversionError,  # noqa: E402
+from mmnorm.convert import (FORMATS, SOURCE_MOMENTUM, ConversionError,  # noqa: E402
                             check_against, classifier_config, convert_state_dict, source_forward)
 from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
                           UnsafeCheckpointError, check_output, load_checkpoint_file,
@@ -92,10 +94,10 @@ def main(argv=None) -> dict:
     parser.add_argument('src', help='released checkpoint (.pth / .pth.tar)')
     parser.add_argument('dst', help='output mmpretrain checkpoint')
     parser.add_argument('--format', choices=FORMATS, required=True)
-    parser.add_argument('--source-momentum', type=float, default=SN_SOURCE_MOMENTUM,
-                        help='--format sn: the momentum the source was trained with, in the SN '
-                        "authors' convention (share of the old running value kept; their "
-                        'SwitchNorm2d default 0.9). The converted norm_cfg gets 1 - this')
+    parser.add_argument('--source-momentum', type=float, default=None,
+                        help='--format sn / ssn: the momentum the source was trained with, in '
+                        "the authors' convention (share of the old running value kept; "
+                        f'defaults: {SOURCE_MOMENTUM}). The converted norm_cfg gets 1 - this')
     parser.add_argument('--style', choices=['pytorch', 'caffe'], default='pytorch',
                         help="where the stride sits in a bottleneck: the 3x3 conv ('pytorch', "
                         "torchvision, default) or the first 1x1 ('caffe')")
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
             converted.pop(entry.split(':')[0], None)
 
     meta = dict(converted_from=osp.abspath(args.src), source_sha256=_sha256(args.src),
-                format=args.format, style=args.style, source_momentum=args.source_momentum,
+                format=args.format, style=args.style, source_momentum=spec.source_momentum,
                 architecture=spec.as_dict(), partial=bool(report),
                 time=time.strftime('%Y-%m-%d %H:%M:%S'), mmnorm_version=mmnorm.__version__)
     relative = None

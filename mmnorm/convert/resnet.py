@@ -20,6 +20,16 @@ used with ``using_bn=False``) so that the result loads strictly into mmnorm's ``
 configs. Their IN variance is unbiased: the converted layers get ``in_unbiased=True`` (saved as
 each layer's ``in_var_unbiased`` buffer).
 
+``ssn`` (Sparse SN authors, switchablenorms/Sparse_SwitchNorm, ResNet v1): the ``sn`` layout, each
+norm holding ratio parameters ``mean_weight`` / ``var_weight`` (3 entries; SparsestMax is applied
+to them, they are not logits; a fixed vector holds its one-hot ratios), ``running_mean`` /
+``running_var`` ``(1, C, 1)`` kept with momentum 0.997 in their convention, the SparsestMax
+``radius`` ``(1,)`` and ``mean_fixed`` / ``var_fixed`` ``(1,)`` (1 once the ratios are one-hot and
+frozen). Converted to ``SSN`` layers with the same radius, ``mean_choice`` / ``var_choice`` set to
+the fixed vector's one-hot index (-1 while free), ``in_unbiased=True`` and ``momentum = 1 -
+0.997``; their stem max pooling has no padding and rounds up, so the target backbone is
+``ResNetV1SSN`` (:mod:`mmnorm.integration.mmpretrain.resnet_v1_ssn`).
+
 ``bcn`` (BCN authors, torchvision naming, WS convs): ``conv1``, ``bn1``, ``layer{i}.{j}.conv{k}``,
 ``layer{i}.{j}.bn{k}``, ``downsample.0`` / ``.1``, ``fc``. Each norm holds a batch norm
 submodule (``pbn.`` or ``bn.``: ``weight``, ``bias``, ``running_mean``, ``running_var``,
@@ -27,7 +37,8 @@ submodule (``pbn.`` or ``bn.``: ``weight``, ``bias``, ``running_mean``, ``runnin
 
 Target: mmpretrain's ``ResNet`` (``style='pytorch'``) with ``norm_cfg=dict(type='SN')`` (norm
 names ``sn{k}``) or ``dict(type='BCN', num_groups=G)`` and ``conv_cfg=dict(type='WSConv')``
-(names ``bcn{k}``), a ``GlobalAveragePooling`` neck and a ``LinearClsHead``; keys prefixed
+(names ``bcn{k}``), or ``ResNetV1SSN`` with ``dict(type='SSN')`` (names ``ssn{k}``), a
+``GlobalAveragePooling`` neck and a ``LinearClsHead``; keys prefixed
 ``backbone.`` / ``head.``, so the backbone also loads into mmdet / mmseg ResNets through
 ``init_cfg=dict(type='Pretrained', prefix='backbone.', checkpoint=...)``.
 """
@@ -38,13 +49,17 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['FORMATS', 'SN_SOURCE_MOMENTUM', 'ResNetSpec', 'ConversionError', 'strip_prefix',
-           'resnet_spec', 'convert_state_dict', 'classifier_config', 'check_against']
+__all__ = ['FORMATS', 'SN_SOURCE_MOMENTUM', 'SOURCE_MOMENTUM', 'ResNetSpec', 'ConversionError',
+           'strip_prefix', 'resnet_spec', 'convert_state_dict', 'classifier_config',
+           'check_against']
 
-FORMATS = ('sn', 'bcn')
+FORMATS = ('sn', 'ssn', 'bcn')
 #: The SN authors' ``SwitchNorm2d`` default momentum (their convention: the share of the old
 #: running value kept).
 SN_SOURCE_MOMENTUM = 0.9
+#: The default source momentum of each format with running statistics in that convention (the
+#: Sparse SN authors' ``SSN2d`` keeps 0.997).
+SOURCE_MOMENTUM = {'sn': SN_SOURCE_MOMENTUM, 'ssn': 0.997}
 _DEPTHS = {
     ('bottleneck', (3, 4, 6, 3)): 50,
     ('bottleneck', (3, 4, 23, 3)): 101,
@@ -71,12 +86,17 @@ class ResNetSpec:
 
     @property
     def norm_cfg(self) -> dict:
-        if self.fmt == 'sn':
-            cfg = dict(type='SN', using_bn=self.num_ratios == 3, in_unbiased=True)
+        if self.fmt in ('sn', 'ssn'):
+            cfg = dict(type=self.fmt.upper(), using_bn=self.num_ratios == 3, in_unbiased=True)
             if cfg['using_bn']:  # the authors keep m of the old value; PyTorch's is 1 - m
                 cfg['momentum'] = round(1.0 - self.source_momentum, 12)
             return cfg
         return dict(type='BCN', num_groups=self.num_groups)
+
+    @property
+    def backbone_type(self) -> str:
+        """mmpretrain's ``ResNet``, or ``ResNetV1SSN`` with the SSN authors' stem pooling."""
+        return 'ResNetV1SSN' if self.fmt == 'ssn' else 'ResNet'
 
     @property
     def conv_cfg(self) -> Optional[dict]:
@@ -87,8 +107,8 @@ class ResNetSpec:
         return 2048 if self.block == 'bottleneck' else 512
 
     def as_dict(self) -> dict:
-        return dict(depth=self.depth, style=self.style, norm_cfg=self.norm_cfg,
-                    conv_cfg=self.conv_cfg, num_classes=self.num_classes)
+        return dict(type=self.backbone_type, depth=self.depth, style=self.style,
+                    norm_cfg=self.norm_cfg, conv_cfg=self.conv_cfg, num_classes=self.num_classes)
 
 
 def strip_prefix(state_dict: Mapping[str, Tensor], prefix: str = 'module.') -> Dict[str, Tensor]:
@@ -126,9 +146,15 @@ def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorc
     num_classes = state_dict['fc.weight'].shape[0]
     spec = ResNetSpec(depth, block, tuple(blocks), num_classes, fmt, style=style,
                       source_momentum=source_momentum)
-    if fmt == 'sn':
+    if fmt in ('sn', 'ssn'):
         if 'sn1.mean_weight' not in state_dict:
-            raise ConversionError('no sn1.mean_weight: not an SN ResNet (try --format bcn)')
+            raise ConversionError(f'no sn1.mean_weight: not an {fmt.upper()} ResNet (try '
+                                  f'--format bcn)')
+        sparse = 'sn1.radius' in state_dict
+        if sparse != (fmt == 'ssn'):
+            raise ConversionError(
+                'sn1.radius found: a Sparse SN ResNet, use --format ssn' if sparse else
+                'no sn1.radius: not a Sparse SN ResNet (an SN one? use --format sn)')
         spec.num_ratios = state_dict['sn1.mean_weight'].numel()
         if spec.num_ratios not in (2, 3):
             raise ConversionError(f'sn1.mean_weight has {spec.num_ratios} entries; expected 3 '
@@ -149,7 +175,7 @@ def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorc
 
 def _norm_names(spec: ResNetSpec) -> List[Tuple[str, str]]:
     """(source norm prefix, target norm prefix) for every norm layer of the network."""
-    src, dst = ('sn', 'sn') if spec.fmt == 'sn' else ('bn', 'bcn')
+    src, dst = {'sn': ('sn', 'sn'), 'ssn': ('sn', 'ssn'), 'bcn': ('bn', 'bcn')}[spec.fmt]
     names = [(f'{src}1', f'backbone.{dst}1')]
     convs = 3 if spec.block == 'bottleneck' else 2
     for stage, count in enumerate(spec.blocks, start=1):
@@ -191,8 +217,38 @@ def _put(out: Dict[str, object], key: str, value: Optional[object]) -> None:
         out[key] = value
 
 
+def _choice(reader: _Reader, src: str, ratios: Optional[Tensor], kind: str) -> Optional[Tensor]:
+    """``mean_choice`` / ``var_choice`` of a converted SSN layer: the index of a fixed vector's
+    one-hot ratios (which the authors store in the parameter), or -1 while free."""
+    fixed = reader.flat(f'{src}.{kind}_fixed', 1)
+    if fixed is None or ratios is None:
+        return None
+    if not int(fixed):
+        return torch.tensor(-1)
+    if sorted(ratios.tolist()) != [0.0] * (ratios.numel() - 1) + [1.0]:
+        reader.problems.append(f'{src}.{kind}_weight is fixed but not one-hot '
+                               f'({ratios.tolist()}): the source uses it as its ratios')
+        return None
+    return ratios.argmax()
+
+
 def _convert_norm(reader: _Reader, src: str, dst: str, spec: ResNetSpec) -> Dict[str, object]:
     out: Dict[str, object] = OrderedDict()
+    if spec.fmt == 'ssn':
+        weight = reader.flat(f'{src}.weight')
+        channels = weight.numel() if weight is not None else None
+        _put(out, f'{dst}.weight', weight)
+        _put(out, f'{dst}.bias', reader.flat(f'{src}.bias', channels))
+        for kind in ('mean', 'var'):
+            scores = reader.flat(f'{src}.{kind}_weight', spec.num_ratios)
+            _put(out, f'{dst}.{kind}_scores', scores)
+            _put(out, f'{dst}.{kind}_choice', _choice(reader, src, scores, kind))
+        for name in ('running_mean', 'running_var'):
+            _put(out, f'{dst}.{name}', reader.flat(f'{src}.{name}', channels))
+        radius = reader.flat(f'{src}.radius', 1)
+        _put(out, f'{dst}.radius', None if radius is None else radius.reshape(()))
+        out[f'{dst}.in_var_unbiased'] = torch.tensor(True)  # the authors' unbiased IN variance
+        return out
     if spec.fmt == 'sn':
         weight = reader.flat(f'{src}.weight')
         channels = weight.numel() if weight is not None else None
@@ -223,7 +279,7 @@ def _convert_norm(reader: _Reader, src: str, dst: str, spec: ResNetSpec) -> Dict
 
 
 def convert_state_dict(source: Mapping[str, Tensor], fmt: str, style: str = 'pytorch',
-                       source_momentum: float = SN_SOURCE_MOMENTUM
+                       source_momentum: Optional[float] = None
                        ) -> Tuple[Dict[str, object], ResNetSpec, List[str], List[str]]:
     """Map a source state dict to mmpretrain keys.
 
@@ -234,6 +290,8 @@ def convert_state_dict(source: Mapping[str, Tensor], fmt: str, style: str = 'pyt
         of the format at all.
     """
     source = strip_prefix(source)
+    if source_momentum is None:
+        source_momentum = SOURCE_MOMENTUM.get(fmt, SN_SOURCE_MOMENTUM)
     spec = resnet_spec(source, fmt, style, source_momentum)
     reader = _Reader(source)
     out: Dict[str, object] = OrderedDict()
@@ -267,7 +325,7 @@ def classifier_config(spec: ResNetSpec) -> dict:
     """The mmpretrain model config the converted state dict belongs to."""
     return dict(
         type='ImageClassifier',
-        backbone=dict(type='ResNet', depth=spec.depth, num_stages=4, out_indices=(3, ),
+        backbone=dict(type=spec.backbone_type, depth=spec.depth, num_stages=4, out_indices=(3, ),
                       style=spec.style, norm_cfg=spec.norm_cfg, conv_cfg=spec.conv_cfg),
         neck=dict(type='GlobalAveragePooling'),
         head=dict(type='LinearClsHead', num_classes=spec.num_classes,

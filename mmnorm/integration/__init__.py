@@ -1,7 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Integration with mmcv, mmdet, mmseg and mmpretrain, applied when the module concerned is
 imported (see :mod:`.post_import`): backbones' ``norm_eval`` freezes SN/BCN statistics
-(:mod:`.norm_eval`), mmseg gets ``DeepLabV2Head``, and mmcv's conv + BN folding
+(:mod:`.norm_eval`), mmseg gets ``DeepLabV2Head``, mmpretrain ``ResNetV1SSN`` (the SSN authors'
+stem), and mmcv's conv + BN folding
 (``fuse_conv_bn``, ``efficient_conv_bn_eval``) folds ``WSConv`` from its standardized weight
 (:mod:`.mmcv_fusion`)."""
 import importlib
@@ -28,6 +29,11 @@ def _setup_mmseg(module) -> None:
     setup()
 
 
+def _setup_mmpretrain(module) -> None:
+    from .mmpretrain import setup
+    setup()
+
+
 _installed = False
 
 
@@ -45,7 +51,7 @@ def install_integrations() -> None:
         return
     _installed = True
     setups = {'mmdet': _norm_eval_only('mmdet'), 'mmseg': _setup_mmseg,
-              'mmpretrain': _norm_eval_only('mmpretrain')}
+              'mmpretrain': _setup_mmpretrain}
     for scope, setup in setups.items():
         if importlib.util.find_spec(scope) is not None:
             when_imported(f'{scope}.models', setup)

@@ -41,31 +41,37 @@ class AuthorsSwitchNorm(nn.Module):
             self.register_buffer('running_var', torch.zeros(1, channels, 1))
 
     def forward(self, x):
-        n, c, h, w = x.shape
-        rows = x.reshape(n, c, h * w)
-        mean_in = rows.mean(-1, keepdim=True)
-        var_in = rows.var(-1, keepdim=True)
-        second = var_in + mean_in.square()
-        mean_ln = mean_in.mean(1, keepdim=True)
-        var_ln = second.mean(1, keepdim=True) - mean_ln.square()
-        means, variances = [mean_in, mean_ln], [var_in, var_ln]
-        if self.using_bn:
-            if self.training:
-                mean_bn = mean_in.mean(0, keepdim=True)
-                var_bn = second.mean(0, keepdim=True) - mean_bn.square()
-                with torch.no_grad():
-                    self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * mean_bn)
-                    self.running_var.mul_(self.momentum).add_((1 - self.momentum) * var_bn)
-            else:
-                mean_bn, var_bn = self.running_mean, self.running_var
-            means.append(mean_bn)
-            variances.append(var_bn)
-        mean_ratios = self.mean_weight.softmax(0)
-        var_ratios = self.var_weight.softmax(0)
-        mean = sum(r * m for r, m in zip(mean_ratios, means))
-        var = sum(r * v for r, v in zip(var_ratios, variances))
-        out = ((rows - mean) / (var + EPS).sqrt()).reshape(n, c, h, w)
-        return out * self.weight + self.bias
+        return authors_mixture(self, x, self.mean_weight.softmax(0), self.var_weight.softmax(0),
+                               self.using_bn)
+
+
+def authors_mixture(layer: nn.Module, x, mean_ratios, var_ratios, using_bn: bool = True):
+    """The SN and SSN authors' normalization with the given ratios: unbiased IN variance, LN and
+    BN variances ``E[var_IN + mean_IN^2] - mean^2``, BN's running buffers moved in training as
+    ``m * running + (1 - m) * batch`` (``m = layer.momentum``) and used in eval."""
+    n, c, h, w = x.shape
+    rows = x.reshape(n, c, h * w)
+    mean_in = rows.mean(-1, keepdim=True)
+    var_in = rows.var(-1, keepdim=True)
+    second = var_in + mean_in.square()
+    mean_ln = mean_in.mean(1, keepdim=True)
+    var_ln = second.mean(1, keepdim=True) - mean_ln.square()
+    means, variances = [mean_in, mean_ln], [var_in, var_ln]
+    if using_bn:
+        if layer.training:
+            mean_bn = mean_in.mean(0, keepdim=True)
+            var_bn = second.mean(0, keepdim=True) - mean_bn.square()
+            with torch.no_grad():
+                layer.running_mean.mul_(layer.momentum).add_((1 - layer.momentum) * mean_bn)
+                layer.running_var.mul_(layer.momentum).add_((1 - layer.momentum) * var_bn)
+        else:
+            mean_bn, var_bn = layer.running_mean, layer.running_var
+        means.append(mean_bn)
+        variances.append(var_bn)
+    mean = sum(r * m for r, m in zip(mean_ratios, means))
+    var = sum(r * v for r, v in zip(var_ratios, variances))
+    out = ((rows - mean) / (var + EPS).sqrt()).reshape(n, c, h, w)
+    return out * layer.weight + layer.bias
 
 
 class AuthorsBCN(nn.Module):
@@ -126,17 +132,21 @@ class _Block(nn.Module):
 
 
 class AuthorsResNet(nn.Module):
-    """ResNet-18 / 50 with the authors' names for ``fmt`` ``'sn'`` or ``'bcn'``."""
+    """ResNet-18 / 50 with the authors' names for ``fmt`` ``'sn'``, ``'ssn'`` or ``'bcn'``."""
 
     def __init__(self, fmt: str, depth: int = 18, num_classes: int = 10, using_bn: bool = True,
                  groups: int = 8):
         super().__init__()
         bottleneck, blocks = {18: (False, (2, 2, 2, 2)), 50: (True, (3, 4, 6, 3))}[depth]
+        self.fmt = fmt
         if fmt == 'sn':
             tag, conv = 'sn', nn.Conv2d
 
             def norm(c):
                 return AuthorsSwitchNorm(c, using_bn)
+        elif fmt == 'ssn':
+            from .authors_ssn import AuthorsSSN
+            tag, conv, norm = 'sn', nn.Conv2d, AuthorsSSN
         else:
             tag, conv = 'bn', AuthorsWSConv
 
@@ -158,7 +168,10 @@ class AuthorsResNet(nn.Module):
 
     def forward(self, x):
         x = F.relu(getattr(self, f'{self.tag}1')(self.conv1(x)))
-        x = F.max_pool2d(x, 3, 2, 1)
+        if self.fmt == 'ssn':  # the Sparse SN authors' stem pooling: no padding, rounded up
+            x = F.max_pool2d(x, 3, 2, 0, ceil_mode=True)
+        else:
+            x = F.max_pool2d(x, 3, 2, 1)
         for stage in range(1, 5):
             x = getattr(self, f'layer{stage}')(x)
         return self.fc(x.mean((2, 3)))

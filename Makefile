@@ -3,7 +3,7 @@
 #   make test-fast            the fast tier: layers, functional forms, contract (under 90 s)
 #   make lint                 ruff (pinned in requirements/lint.txt, configured in ruff.toml)
 #   make demo                 set up .venv (if needed) and run the embedded demo (Mask R-CNN + SN)
-#   make demo NORM=BN         ... with another normalizer: SN, SN_tied, BCN-WS, GN, BN
+#   make demo NORM=BN         ... with another normalizer: SN, SN_tied, SSN, BCN-WS, GN, BN
 #   make demo QUICK=1         ... a smoke run of about a minute
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime

@@ -356,8 +356,26 @@ def test_ratio_study_smoke(tmp_path):
     # a model without SN is refused before any training
     no_sn = _tool('ratio_study.py', '--iters', '1', '--out', str(tmp_path / 'bn'),
                   '--cfg-options', 'model.backbone.norm_cfg.type=BN')
-    assert no_sn.returncode != 0 and 'has no SN / SN_tied layer' in no_sn.stderr
+    assert no_sn.returncode != 0 and 'has no layer with ratios' in no_sn.stderr
     assert not (tmp_path / 'bn').exists()
+
+
+def test_ratio_study_shows_sparsity_and_radius_of_sparse_sn(tmp_path, repo_root):
+    out = tmp_path / 'ssn'
+    config = os.path.join(repo_root, 'configs', 'analysis', 'resnet18-s3-w32_ssn_1xb32_digits.py')
+    stdout = _check(_tool('ratio_study.py', config, '--batch-sizes', '2', '--iters', '4',
+                          '--finetune-epochs', '1', '--out', str(out),
+                          '--cfg-options', 'custom_hooks.1.interval=1'))
+    assert '| one-hot ratios | radius |' in stdout
+    history = list(csv.DictReader(open(out / 'ratio_study_training.csv')))
+    # the ratio logger's records: before training (iteration 0) and after each of the 4 steps,
+    # whose radius was the progress before them (0, 1/4, 2/4, 3/4)
+    assert [int(r['iter']) for r in history] == [0, 1, 2, 3, 4]
+    assert [float(r['radius']) for r in history] == pytest.approx([0, 0, 0.25, 0.5, 0.75])
+    assert all(0 <= float(r['one_hot_share']) <= 1 for r in history)
+    assert _is_png(out / 'ratio_study_training.png')
+    results = json.load(open(out / 'results.json'))['bs2']
+    assert results['radius'] == pytest.approx(0.75)
 
 
 def test_statdiff_study_smoke(tmp_path):

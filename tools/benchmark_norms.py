@@ -30,7 +30,9 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied, WSConv2d
+from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
+                    WSConv2d)
+from mmnorm.layers import has_ratios
 
 DEFAULT_SHAPES = ['8,64,56,56', '8,256,28,28', '2,256,100,152', '512,256,7,7']
 
@@ -43,9 +45,16 @@ def norm_layers(channels: int) -> Dict[str, nn.Module]:
         'IN': nn.InstanceNorm2d(channels, affine=True),
         'SN': SwitchableNorm(channels),
         'SN_tied': SwitchableNormTied(channels),
+        'SSN': _ssn(channels),
         'BCN': BatchChannelNorm(channels, num_groups=groups),
         'BCN_est': _estimated_bcn(channels, groups),
     }
+
+
+def _ssn(channels: int) -> SparseSwitchableNorm:
+    layer = SparseSwitchableNorm(channels)
+    layer.set_progress(0.5)  # mid-training: SparsestMax pushes to the sphere
+    return layer
 
 
 def _estimated_bcn(channels: int, groups: int) -> BatchChannelNorm:
@@ -169,40 +178,55 @@ def _resnet50(norm: str, conv_cfg=None):
 
 
 def _choose(model: nn.Module, pattern) -> None:
-    """Set every SN layer's running statistics and one-hot ratios, cycling through pattern."""
+    """Set every SN-like layer's running statistics and one-hot ratios (its ratio parameters'
+    argmax, then hardened: SN's logits, SSN's fixed choices), cycling through pattern."""
     from mmnorm.convert import harden_ratios
     index = {'IN': 0, 'LN': 1, 'BN': 2}
-    layers = [m for m in model.modules() if isinstance(m, SwitchableNorm)]
+    layers = [m for m in model.modules() if has_ratios(m)]
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mean_choice, var_choice = pattern[i % len(pattern)]
             layer.running_var.uniform_(0.5, 2.0)
-            layer.mean_logits.zero_()[index[mean_choice]] = 1.0
-            layer.var_logits.zero_()[index[var_choice]] = 1.0
+            mean_params = getattr(layer, layer.ratio_params[0])
+            var_params = getattr(layer, layer.ratio_params[-1])
+            mean_params.zero_()[index[mean_choice]] = 1.0
+            var_params.zero_()[index[var_choice]] = 1.0
     harden_ratios(model)
 
 
+#: (PyTorch / ONNX row, norm type, pattern of (mu, sigma) choices) of the hardened models:
+#: every layer on BN (everything folds), and a mix with half of the layers on BN for both, as
+#: the SN study (Table 4, item 8) reports for Sparse SN.
+DEPLOY_CASES = [
+    ('SN', 'all BN', [('BN', 'BN')]),
+    ('SN', 'mix', [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'),
+                   ('IN', 'BN')]),
+    ('SSN', 'mix', [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'),
+                    ('IN', 'BN')]),
+]
+
+
 def deploy_models() -> Tuple[Dict[str, nn.Module], Dict[str, Dict[str, str]]]:
-    """ResNet-50s: BN with BN folded into the convs, soft SN, and hard SN with its deploy form,
-    for all layers choosing BN (everything folds) and for a realistic mix; and the deploy plans."""
+    """ResNet-50s: BN with BN folded into the convs, soft SN, and hard SN / trained (one-hot)
+    SSN with their deploy forms, for all layers choosing BN and for a realistic mix; and the
+    deploy plans."""
     from mmcv.cnn import fuse_conv_bn
 
     from mmnorm.convert import to_deploy
     torch.manual_seed(0)
     models = {'BN (folded)': fuse_conv_bn(_resnet50('BN')), 'SN soft': _resnet50('SN')}
-    mix = [('BN', 'BN'), ('IN', 'IN'), ('BN', 'BN'), ('LN', 'LN'), ('BN', 'BN'), ('IN', 'BN')]
     plans = {}
-    for name, pattern in (('all BN', [('BN', 'BN')]), ('mix', mix)):
-        hard = _resnet50('SN')
+    for norm, name, pattern in DEPLOY_CASES:
+        hard = _resnet50(norm)
         _choose(hard, pattern)
-        models[f'SN hard ({name})'] = hard
-        deployed = _resnet50('SN')
+        models[f'{norm} hard ({name})'] = hard
+        deployed = _resnet50(norm)
         deployed.load_state_dict(hard.state_dict())
-        plans[name] = to_deploy(deployed)
-        models[f'SN deploy ({name})'] = deployed
+        plans[f'{norm} {name}'] = to_deploy(deployed)
+        models[f'{norm} deploy ({name})'] = deployed
     for name, plan in plans.items():
         counts = {a: sum(1 for v in plan.values() if v == a) for a in set(plan.values())}
-        print(f'deploy plan ({name}): {counts} of {len(plan)} SN layers')
+        print(f'deploy plan ({name}): {counts} of {len(plan)} layers')
     return models, plans
 
 

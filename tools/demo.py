@@ -3,7 +3,7 @@
 dataset mmnorm generates, evaluate it with the standard metrics and look at what SN learned.
 
     python tools/demo.py                      # Mask R-CNN with SN, ~15 min of training on 2 cores
-    python tools/demo.py --norm BN            # the same with BN (also: SN_tied, BCN-WS, GN)
+    python tools/demo.py --norm BN            # the same with BN (also: SN_tied, SSN, BCN-WS, GN)
     python tools/demo.py --quick              # a smoke run of about a minute
     python tools/demo.py --task seg           # DeepLabv2 with SN, mIoU
 
@@ -30,6 +30,7 @@ CONFIGS = {
     'det': {
         'SN': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn_demo.py',
         'SN_tied': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn-tied_demo.py',
+        'SSN': 'configs/demo/mask-rcnn_r18-tiny_fpn_ssn_demo.py',
         'BCN-WS': 'configs/demo/mask-rcnn_r18-tiny_fpn_bcn-ws_demo.py',
         'GN': 'configs/demo/mask-rcnn_r18-tiny_fpn_gn_demo.py',
         'BN': 'configs/demo/mask-rcnn_r18-tiny_fpn_bn_demo.py',
@@ -38,6 +39,8 @@ CONFIGS = {
         'SN': 'configs/demo/deeplabv2_r18-tiny-d8_sn_demo.py',
     },
 }
+#: The normalizers that mix others by learned ratios (their ratios are plotted).
+RATIO_NORMS = ('SN', 'SN_tied', 'SSN')
 #: --quick: a smoke run (not a result).
 QUICK = dict(num_train=60, num_val=20, iters=40, stats_iters=5)
 
@@ -165,7 +168,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--task', choices=['det', 'seg'], default='det')
     parser.add_argument('--norm', default='SN',
-                        help='det: SN, SN_tied, BCN-WS, GN or BN; seg: SN (default SN)')
+                        help='det: SN, SN_tied, SSN, BCN-WS, GN or BN; seg: SN (default SN)')
     parser.add_argument('--quick', action='store_true', help='smoke run on a tiny dataset')
     parser.add_argument('--iters', type=int, default=None, help='training iterations')
     parser.add_argument('--stats-iters', type=int, default=50,
@@ -229,10 +232,11 @@ def main(argv=None) -> dict:
         metrics = json.load(f)
 
     ratio_png = osp.join(work_dir, 'sn_ratios.png')
-    if args.norm in ('SN', 'SN_tied'):
+    history = osp.join(work_dir, 'sn_ratios.jsonl')  # written by SNRatioLoggerHook
+    if args.norm in RATIO_NORMS:
         run('step 5/6: learned SN ratios (tools/plot_ratios.py)',
             ['tools/plot_ratios.py', final, '--out', ratio_png, '--title',
-             f'{name}: {args.norm}'])
+             f'{name}: {args.norm}'] + (['--history', history] if osp.exists(history) else []))
     else:
         say(f'step 5/6: no SN ratios to plot for {args.norm}')
         ratio_png = None

@@ -3,40 +3,54 @@
 
     python tools/plot_ratios.py work_dirs/exp/iter_1000.pth --out ratios.png
     python tools/plot_ratios.py work_dirs/exp/sn_ratios.jsonl --out ratios.png [--iter 500]
+    python tools/plot_ratios.py CHECKPOINT --out ratios.png --history work_dirs/exp/sn_ratios.jsonl
 
 Input: a checkpoint (ratios from the ``mean_logits`` / ``var_logits`` / ``logits`` parameters) or
 the JSON lines written by ``SNRatioLoggerHook`` (the last record, or ``--iter``). Output: one PNG
 with five rows over the SN layers in network order: soft ratios of μ and σ as stacked bars of IN
 (blue), LN (red) and BN (green); hard ratios (argmax, Fig. 2); and the divergence
 D(λμ‖λσ) = KL(λμ‖λσ) + KL(λσ‖λμ) (Fig. 3c). Layers are grouped by their top-level module
-(backbone, neck, heads). A summary is printed as well.
+(backbone, neck, heads). A summary is printed as well. Works for every layer that mixes
+normalizers by ratios (SN, SN_tied, SSN: each layer's own ratio function gives them).
+
+``--history`` (the JSON lines of ``SNRatioLoggerHook``) also draws how the ratios became sparse over
+training, in ``<out>_training.png``: the share of one-hot ratio vectors and, for SSN, the
+SparsestMax radius, per logged iteration.
 """
 import argparse
 import json
 import os.path as osp
 import sys
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
-from mmnorm.utils import state_dict_ratios, symmetric_kl  # noqa: E402
+from mmnorm.analysis.study import save_figure  # noqa: E402
+from mmnorm.utils import (mean_radius, one_hot_share, state_dict_ratios,  # noqa: E402
+                          symmetric_kl)
 
 COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
+
+
+def read_log(path: str) -> List[dict]:
+    """The records of a ratio log (JSON lines), in order."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    if not records:
+        raise SystemExit(f'{path} holds no ratio record')
+    return records
 
 
 def load_ratios(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, dict], str]:
     """``({layer: record}, description)`` from a checkpoint or a ratio log."""
     if path.endswith(('.jsonl', '.json')):
-        records = []
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line:
-                    records.append(json.loads(line))
-        if not records:
-            raise SystemExit(f'{path} holds no ratio record')
+        records = read_log(path)
         if iteration is None:
             record = records[-1]
         else:
@@ -114,11 +128,36 @@ def plot(layers: Dict[str, dict], out: str, title: str) -> None:
     axes[4].set_xlim(-0.6, count - 0.4)
     fig.legend(handles=[Patch(color=COLORS[z], label=z) for z in normalizers],
                loc='upper right', ncol=len(normalizers), fontsize=9)
-    fig.suptitle(f'{title}: SN importance ratios of {count} layers', fontsize=11, x=0.02,
-                 ha='left')
+    radius = mean_radius(layers)
+    fig.suptitle(f'{title}: SN importance ratios of {count} layers'
+                 + (f' (SparsestMax radius {radius:.3f})' if radius is not None else ''),
+                 fontsize=11, x=0.02, ha='left')
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
+    save_figure(fig, out)
+
+
+def plot_training(records: List[dict], out: str, title: str) -> None:
+    """The share of one-hot ratio vectors, and the mean SparsestMax radius where layers have
+    one, per logged iteration."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    iters = [r['iter'] for r in records]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    ax.plot(iters, [one_hot_share(r['layers']) for r in records], 'o-', color='#3b6fd4',
+            label='one-hot ratio vectors (share)')
+    radii = [mean_radius(r['layers']) for r in records]
+    if any(r is not None for r in radii):
+        ax.plot(iters, [float('nan') if r is None else r for r in radii], 's--',
+                color='#d43b3b', label='SparsestMax radius')
+        ax.axhline((2 / 3) ** 0.5, color='#999999', linewidth=0.8, linestyle=':',
+                   label='radius beyond which 3 ratios are one-hot')
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel('iteration')
+    ax.legend(fontsize=8, loc='lower right')
+    ax.set_title(f'{title}: sparsity over training', fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, out)
 
 
 def summarize(layers: Dict[str, dict]) -> str:
@@ -138,6 +177,9 @@ def summarize(layers: Dict[str, dict]) -> str:
     divergence = [symmetric_kl(r['mean'], r['var']) for r in layers.values()]
     lines.append(f'mean divergence D: {sum(divergence) / len(divergence):.4f}, max '
                  f'{max(divergence):.4f}')
+    radius = mean_radius(layers)
+    lines.append(f'one-hot ratio vectors: {one_hot_share(layers):.0%}'
+                 + (f'; SparsestMax radius {radius:.3f}' if radius is not None else ''))
     return '\n'.join(lines)
 
 
@@ -147,14 +189,22 @@ def main(argv=None) -> str:
     parser.add_argument('--out', default=None, help='PNG path (default: next to the input)')
     parser.add_argument('--iter', type=int, default=None, help='record of a ratio log to draw')
     parser.add_argument('--title', default=None, help='figure title')
+    parser.add_argument('--history', default=None,
+                        help='ratio log (.jsonl) to draw the sparsity over training from, in '
+                        '<out>_training.png')
     args = parser.parse_args(argv)
     layers, where = load_ratios(args.input, args.iter)
     if not layers:
-        raise SystemExit(f'no SN / SN_tied layer found in {args.input}')
+        raise SystemExit(f'no layer with ratios (SN, SN_tied, SSN) found in {args.input}')
     out = args.out or osp.splitext(args.input)[0] + '_ratios.png'
-    plot(layers, out, args.title or f'{osp.basename(args.input)} ({where})')
+    title = args.title or f'{osp.basename(args.input)} ({where})'
+    plot(layers, out, title)
     print(summarize(layers))
     print(f'wrote {out}')
+    if args.history:
+        training = osp.splitext(out)[0] + '_training.png'
+        plot_training(read_log(args.history), training, title)
+        print(f'wrote {training}')
     return out
 
 

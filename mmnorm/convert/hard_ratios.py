@@ -11,9 +11,10 @@ whose μ and σ both select BN "can be turned into linear transformation".
   μ and σ both BN -> a per-channel affine map ``a x + b``, folded into the preceding convolution
   where there is one (a WS convolution becomes a plain one with the standardized, scaled
   weight), else a native ``BatchNorm`` in eval mode; both IN -> ``nn.InstanceNorm`` (affine); both
-  LN -> ``nn.GroupNorm(1, C)``; different choices for μ and σ stay one fused SN layer. Layers
-  with ``in_unbiased=True`` (converted from the SN authors) keep the fused layer for IN / LN,
-  whose native kernels use the biased variance.
+  LN -> ``nn.GroupNorm(1, C)``; different choices for μ and σ stay one fused SN layer (a plain
+  SN layer with the one-hot ratios, whose ratio function is a softmax, whatever computed them).
+  Layers with ``in_unbiased=True`` (converted from the SN authors) keep the fused layer for IN /
+  LN, whose native kernels use the biased variance.
 """
 import re
 from collections import OrderedDict
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..layers import BatchStatsNorm, has_ratios
+from ..layers import BatchStatsNorm, SwitchableNorm, has_ratios
 from .folding import bn_affine, fold_affine_into_conv
 
 __all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS']
@@ -140,7 +141,27 @@ def to_deploy(model: nn.Module, prefix: str = '') -> Dict[str, str]:
             setattr(model, name, nn.Identity())
         elif action != 'fused':
             setattr(model, name, _native(child, action))
+        elif _is_hard(child):
+            setattr(model, name, _fused_switchable(child))
     return plan
+
+
+def _fused_switchable(module: BatchStatsNorm) -> nn.Module:
+    """A hardened layer whose μ and σ chose differently, as a plain SN layer with the same
+    one-hot ratios (hardened logits, exactly one-hot) and state: the same output, with SN's
+    cheap ratio function (a softmax) instead of, e.g., Sparse SN's SparsestMax."""
+    mean_choice, var_choice = _choices(module)
+    names = module.normalizers
+    replacement = SwitchableNorm(**module.config())
+    state = {k: v for k, v in module.state_dict().items() if k in replacement.state_dict()}
+    replacement.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        for logits, choice in ((replacement.mean_logits, mean_choice),
+                               (replacement.var_logits, var_choice)):
+            logits.fill_(-1.0)
+            logits[names.index(choice)] = 1.0
+    replacement.harden_ratios_()
+    return replacement.to(module.running_mean.device).eval()
 
 
 def summarize(plan: Dict[str, str], choices: Dict[str, Tuple[str, str]]) -> str:

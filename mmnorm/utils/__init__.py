@@ -8,7 +8,7 @@ from .files import OutputExistsError, atomic_write, check_output, save_checkpoin
 from .config import (finetune_config, norm_configs, replace_norm_types, sync_norm_config,
                      sync_norm_types)
 from .launch import cpu_distributed_env, prepare_distributed
-from .ratios import model_ratios, state_dict_ratios, symmetric_kl
+from .ratios import mean_radius, model_ratios, one_hot_share, state_dict_ratios, symmetric_kl
 from .runner import (add_common_arguments, apply_common_options, build_runner,
                      find_resume_checkpoint, last_checkpoint, parse_with_common_arguments)
 
@@ -20,5 +20,5 @@ __all__ = [
     'last_checkpoint', 'cpu_distributed_env',
     'prepare_distributed', 'add_common_arguments', 'parse_with_common_arguments',
     'apply_common_options', 'build_runner', 'find_resume_checkpoint', 'model_ratios',
-    'state_dict_ratios', 'symmetric_kl'
+    'state_dict_ratios', 'symmetric_kl', 'one_hot_share', 'mean_radius'
 ]

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from ..layers import NORMALIZERS, BatchStatsNorm, has_ratios
 
-__all__ = ['model_ratios', 'state_dict_ratios', 'symmetric_kl', 'ratio_classes']
+__all__ = ['model_ratios', 'state_dict_ratios', 'symmetric_kl', 'ratio_classes', 'one_hot_share',
+           'mean_radius']
 
 
 def _record(mean: Tensor, var: Tensor, tied: bool) -> dict:
@@ -82,3 +83,18 @@ def symmetric_kl(p: Sequence[float], q: Sequence[float], eps: float = 1e-12) -> 
     p_t = torch.tensor(p, dtype=torch.float64).clamp(min=eps)
     q_t = torch.tensor(q, dtype=torch.float64).clamp(min=eps)
     return float(((p_t - q_t) * (p_t.log() - q_t.log())).sum())
+
+
+def one_hot_share(layers: Mapping[str, dict]) -> float:
+    """The share of ratio vectors (μ and σ of every layer of a :func:`model_ratios` record) that
+    are one-hot: 1 when every layer is one plain normalizer (a trained SSN), 0 for soft ratios."""
+    vectors = [r[kind] for r in layers.values() for kind in ('mean', 'var')]
+    if not vectors:
+        return float('nan')
+    return sum(sum(v > 0 for v in vector) == 1 for vector in vectors) / len(vectors)
+
+
+def mean_radius(layers: Mapping[str, dict]) -> Optional[float]:
+    """The mean SparsestMax radius of the layers that have one (SSN), or None."""
+    radii = [r['radius'] for r in layers.values() if 'radius' in r]
+    return sum(radii) / len(radii) if radii else None

@@ -98,3 +98,34 @@ def test_the_authors_optimizer_practice():
     torch.testing.assert_close(step, 0.01 * ssn.mean_scores.grad)  # lr/10, no decay
     with pytest.raises(ValueError, match='ratio_clip_grad'):
         build_optim_wrapper(model, dict(SSN_OPTIM, paramwise_cfg=dict(ratio_clip_grad=1.0)))
+
+
+def test_ratio_log_and_plots_show_radius_and_sparsity(tmp_path):
+    import json
+    import os.path as osp
+    import sys
+    model = _ssn_model()
+    runner = _runner(tmp_path, model, max_iters=8, optim=SSN_OPTIM, custom_hooks=[
+        dict(type='SSNRadiusHook'), dict(type='SNRatioLoggerHook', interval=4)])
+    runner.train()
+    records = [json.loads(line) for line in open(tmp_path / 'sn_ratios.jsonl')]
+    assert [r['iter'] for r in records] == [0, 4, 8]
+    # each record carries the radius the last step used and which vectors are fixed
+    assert [r['layers']['norm1']['radius'] for r in records] == pytest.approx([0, 3 / 8, 7 / 8])
+    assert records[-1]['layers']['norm1']['fixed'] == [True, True]
+    assert records[0]['layers']['norm1']['fixed'] == [False, False]
+    hub = runner.message_hub
+    assert hub.get_scalar('train/sn/radius').current() == pytest.approx(7 / 8)
+    assert hub.get_scalar('train/sn/one_hot').current() == 1.0
+    sys.path.insert(0, osp.join(osp.dirname(__file__), '..', '..', 'tools'))
+    import plot_ratios
+    png = plot_ratios.main([str(tmp_path / 'iter_6.pth'), '--out', str(tmp_path / 'r.png'),
+                            '--history', str(tmp_path / 'sn_ratios.jsonl')])
+    assert osp.getsize(png) > 10_000 and osp.getsize(tmp_path / 'r_training.png') > 10_000
+    # the checkpoint's ratios are read with SSN's own ratio function (SparsestMax, choices)
+    layers, _ = plot_ratios.load_ratios(str(tmp_path / 'iter_6.pth'))
+    saved = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
+    reference = mmnorm.SparseSwitchableNorm(8)
+    reference.load_state_dict({k[len('norm1.'):]: v for k, v in saved.items()
+                               if k.startswith('norm1.')})
+    assert layers['norm1']['mean'] == pytest.approx(reference.ratios()[0].tolist())

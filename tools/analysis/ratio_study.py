@@ -6,11 +6,14 @@ perform like soft ones (SN study Sec. 4.1.1, Fig. 4; Table 2 right).
     python tools/analysis/ratio_study.py CONFIG --batch-sizes 2 8 32 [--epochs E | --iters N]
         [--finetune-epochs F] [--out DIR] [--overwrite] [--cfg-options k=v ...]
 
-For every batch size B the config (an SN or SN_tied model) trains for the same number of epochs
-with the learning rate scaled linearly (``lr * B / config batch size``) and is tested (with the
-config's test-time hooks, e.g. the SN batch average). Its soft ratios (softmax of the logits, per
-layer, for μ and σ) and hard choices (argmax) are read. Then, from that checkpoint, for F epochs at
-``--finetune-lr-mult`` times the learning rate:
+For every batch size B the config (a model with SN, SN_tied or Sparse SN layers) trains for the
+same number of epochs with the learning rate scaled linearly (``lr * B / config batch size``) and
+is tested (with the config's test-time hooks, e.g. the SN batch average). Its soft ratios (each
+layer's own ratio function: softmax of SN's logits, SparsestMax of SSN's parameters; per layer,
+for μ and σ) and hard choices (argmax) are read, with the share of one-hot ratio vectors and, for
+SSN, the SparsestMax radius; when the config logs ratios (``SNRatioLoggerHook``) also how they
+became sparse over training (``ratio_study_training.csv`` / ``.png``). Then, from that
+checkpoint, for F epochs at ``--finetune-lr-mult`` times the learning rate:
 
 - ``hard``: the ratios made one-hot and frozen (``HardRatiosHook``) and finetuned;
 - ``soft``: finetuned as they are, so soft and hard have trained equally long;
@@ -39,11 +42,20 @@ from mmnorm.analysis.study import (RATIO_COLORS, StudyOutput,  # noqa: E402
                                    run_training, save_figure, say, scale_batch_size, set_length,
                                    write_csv, write_text)
 from mmnorm.convert import hard_choices, harden_ratios  # noqa: E402
-from mmnorm.utils import finetune_config, model_ratios, norm_configs  # noqa: E402
+from mmnorm.utils import (finetune_config, mean_radius, model_ratios, norm_configs,  # noqa: E402
+                          one_hot_share)
 from mmnorm.utils.model import load_config  # noqa: E402
+from mmnorm.utils.ratios import ratio_classes  # noqa: E402
 
-SN_TYPES = ('SN', 'SN_tied', 'SyncSN', 'SyncSN_tied')
 DEPTHS = ('shallow', 'middle', 'deep')
+
+
+def ratio_types() -> tuple:
+    """The registered names of the normalizers that mix others by ratios (SN, SN_tied, SSN and
+    their Sync twins), from the registry."""
+    from mmengine.registry import MODELS
+    classes = set(ratio_classes())
+    return tuple(name for name, cls in MODELS.module_dict.items() if cls in classes)
 
 
 def parse_args(argv=None):
@@ -83,6 +95,7 @@ def study_batch_size(cfg, batch_size: int, args, out: StudyOutput) -> dict:
     say(f'[ratio_study] batch size {batch_size}: training {length} at lr {lr:g}')
     trained = run_training(cfg, out.run_dir(name), name, args.verbose)
     layers = model_ratios(trained['model'])
+    history = training_history(osp.join(out.run_dir(name), 'sn_ratios.jsonl'))
     choices = hard_choices(trained['model'])
     metric, soft = primary_metric(trained['metrics'])
     say(f'[ratio_study] batch size {batch_size}: {metric} {soft:.2f}; hard ratios without '
@@ -96,7 +109,18 @@ def study_batch_size(cfg, batch_size: int, args, out: StudyOutput) -> dict:
                              out.run_dir(f'{name}_{kind}_ft'), f'{name}_{kind}_ft', args.verbose)
         accuracy[f'{kind}, finetuned'] = primary_metric(tuned['metrics'])[1]
     return {'batch_size': batch_size, 'lr': lr, 'iters': trained['iters'], 'metric': metric,
-            'accuracy': accuracy, 'layers': layers, 'choices': choices}
+            'accuracy': accuracy, 'layers': layers, 'choices': choices,
+            'one_hot': one_hot_share(layers), 'radius': mean_radius(layers), 'history': history}
+
+
+def training_history(path: str) -> list:
+    """``[(iteration, radius or None, one-hot share)]`` from a run's ratio log, if it kept one."""
+    if not osp.exists(path):
+        return []
+    import json
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r['iter'], mean_radius(r['layers']), one_hot_share(r['layers'])) for r in records]
 
 
 def bn_ratio_by_depth(layers: dict, kind: str) -> list:
@@ -121,14 +145,15 @@ def tables(results: list) -> str:
         mu = bn_ratio_by_depth(r['layers'], 'mean')
         sigma = bn_ratio_by_depth(r['layers'], 'var')
         summary.append([r['batch_size'], f"{r['lr']:g}", r['iters'], f'{mu[0]:.3f}',
-                        f'{sigma[0]:.3f}', f'{bn_mu}/{len(chosen)}', f'{bn_sigma}/{len(chosen)}']
-                       + [f'{v:.2f}' for v in r['accuracy'].values()])
+                        f'{sigma[0]:.3f}', f'{bn_mu}/{len(chosen)}', f'{bn_sigma}/{len(chosen)}',
+                        f"{r['one_hot']:.0%}", '-' if r['radius'] is None else
+                        f"{r['radius']:.3f}"] + [f'{v:.2f}' for v in r['accuracy'].values()])
         depth.append([r['batch_size']] + [f'{m:.3f} / {s:.3f}' for m, s in zip(mu[1:], sigma[1:])])
     acc_names = list(results[0]['accuracy'])
     text = '### BN ratio and accuracy per batch size\n\n'
     text += markdown_table(['batch', 'lr', 'iters', 'BN ratio μ (mean over layers)',
-                            'BN ratio σ', 'hard: BN for μ', 'hard: BN for σ']
-                           + [f'{metric}: {a}' for a in acc_names], summary)
+                            'BN ratio σ', 'hard: BN for μ', 'hard: BN for σ', 'one-hot ratios',
+                            'radius'] + [f'{metric}: {a}' for a in acc_names], summary)
     text += '\n### BN ratio (μ / σ) by depth\n\n'
     text += markdown_table(['batch'] + list(DEPTHS), depth)
     text += '\n### Soft ratios and hard choices per layer (μ: IN/LN/BN, σ: IN/LN/BN)\n\n'
@@ -188,12 +213,34 @@ def plot(results: list, path: str) -> None:
     save_figure(fig, path)
 
 
+def plot_training(results: list, path: str) -> None:
+    """One-hot share (and SSN's radius) against the iteration, per batch size."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for r in results:
+        iters = [h[0] for h in r['history']]
+        line, = ax.plot(iters, [h[2] for h in r['history']], 'o-', markersize=3,
+                        label=f"batch {r['batch_size']}: one-hot share")
+        if any(h[1] is not None for h in r['history']):
+            ax.plot(iters, [h[1] for h in r['history']], '--', color=line.get_color(),
+                    label=f"batch {r['batch_size']}: radius")
+    ax.set_xlabel('iteration')
+    ax.set_ylim(-0.02, 1.05)
+    ax.legend(fontsize=7)
+    ax.set_title('Sparsity of the ratios over training')
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.cfg_options)
-    if not any(parent[key].get('type') in SN_TYPES for parent, key in norm_configs(cfg.model)):
-        raise SystemExit(f'{args.config} has no SN / SN_tied layer (norm_cfg type in '
-                         f'{SN_TYPES}): the ratio study needs one')
+    types = ratio_types()
+    if not any(parent[key].get('type') in types for parent, key in norm_configs(cfg.model)):
+        raise SystemExit(f'{args.config} has no layer with ratios (norm_cfg type in '
+                         f'{types}): the ratio study needs one')
     try:  # the config edits of every run, checked before any training
         set_length(copy.deepcopy(cfg), args.epochs, args.iters)
         scale_batch_size(copy.deepcopy(cfg), args.batch_sizes[0])
@@ -215,6 +262,12 @@ def main(argv=None) -> int:
     text = tables(results)
     write_text(out.path('ratio_study.md'), f'# Ratio study: {osp.basename(args.config)}\n\n' + text)
     plot(results, out.path('ratio_study.png'))
+    if any(r['history'] for r in results):
+        write_csv(out.path('ratio_study_training.csv'),
+                  ['batch_size', 'iter', 'radius', 'one_hot_share'],
+                  [[r['batch_size'], it, '' if radius is None else f'{radius:.6f}',
+                    f'{share:.6f}'] for r in results for it, radius, share in r['history']])
+        plot_training(results, out.path('ratio_study_training.png'))
     say('\n' + text.split('\n### Soft ratios')[0])
     say('written: ' + ', '.join(out.written()))
     return 0

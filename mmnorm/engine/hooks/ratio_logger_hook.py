@@ -9,7 +9,7 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from ...utils.ratios import model_ratios, symmetric_kl
+from ...utils.ratios import mean_radius, model_ratios, one_hot_share, symmetric_kl
 from .runner_model import runner_model
 
 __all__ = ['SNRatioLoggerHook']
@@ -17,13 +17,16 @@ __all__ = ['SNRatioLoggerHook']
 
 @HOOKS.register_module()
 class SNRatioLoggerHook(Hook):
-    """Record every SN / SN_tied layer's softmaxed mean/var ratios every ``interval`` iterations.
+    """Record the mean/var ratios of every SN-like layer (SN, SN_tied, SSN) every ``interval``
+    iterations.
 
     - appends one JSON line ``{"iter", "epoch", "layers": {name: {"normalizers", "mean", "var",
       "tied"}}}`` to ``<work_dir>/<out_file>`` (``tools/plot_ratios.py`` draws it);
-    - puts the ratios averaged over layers (``sn/mean_IN`` ... ``sn/var_BN``) and the mean
-      divergence ``sn/divergence`` (D(λμ‖λσ), SN study Fig. 3) into the message hub, so the
-      logger prints them and visualizer backends (TensorBoard, ...) plot them.
+    - puts the ratios averaged over layers (``sn/mean_IN`` ... ``sn/var_BN``), the mean
+      divergence ``sn/divergence`` (D(λμ‖λσ), SN study Fig. 3), the share of one-hot ratio
+      vectors ``sn/one_hot`` and, for SSN, the mean SparsestMax radius ``sn/radius`` into the
+      message hub, so the logger prints them and visualizer backends (TensorBoard, ...) plot
+      them. Records carry each layer's ``ratio_details()`` too (SSN: ``radius``, ``fixed``).
 
     Args:
         interval (int): iterations between records. Defaults to 50.
@@ -66,6 +69,10 @@ class SNRatioLoggerHook(Hook):
                 hub.update_scalar(f'train/sn/{kind}_{normalizer}', total / count)
         divergence = sum(symmetric_kl(r['mean'], r['var']) for r in layers.values()) / count
         hub.update_scalar('train/sn/divergence', divergence)
+        hub.update_scalar('train/sn/one_hot', one_hot_share(layers))
+        radius = mean_radius(layers)
+        if radius is not None:
+            hub.update_scalar('train/sn/radius', radius)
         self._append(dict(iter=iteration, epoch=runner.epoch, layers=layers))
 
     @master_only

@@ -8,6 +8,7 @@
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime
 #   make study                what SN and BCN learn, on the digits: ratio and StatDiff studies
+#   make dist                 the sdist and wheel (configs and tools inside, for mim) in dist/
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ NORM ?= SN
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark clean-env
+.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -52,6 +53,11 @@ study: env
 
 benchmark: env
 	$(PY) tools/benchmark_norms.py
+
+# The standard build frontend; the environment's setuptools (< 81) builds both, the wheel from the
+# sdist, so a file missing from MANIFEST.in fails here.
+dist: env
+	$(PY) -m build --no-isolation --outdir dist .
 
 clean-env:
 	rm -rf $(VENV)

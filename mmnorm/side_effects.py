@@ -28,6 +28,10 @@ are in effect.
    - ``mmcv.cnn.utils.fuse_conv_bn`` / ``mmcv.cnn.bricks.conv_module``: ``fuse_conv_bn`` and
      ``efficient_conv_bn_eval`` fold a BN into a ``WSConv`` from its standardized weight (other
      convolutions go to mmcv's code unchanged; :mod:`mmnorm.integration.mmcv_fusion`).
+   - ``mmengine.analysis.complexity_analysis``: ``FlopAnalyzer.__init__`` is wrapped so that an
+     analyzer of a model with mmnorm layers also counts the arithmetic ops traced inside those
+     layers (an analyzer of any other model is built exactly as mmengine builds it;
+     :mod:`mmnorm.integration.mmengine_flops`).
 
 **Opt-in** (not needed by configs; mmnorm's tools install it, ``install('checkpoint_loader')``
 does it elsewhere):

@@ -197,3 +197,45 @@ def test_detectors_and_slide_inference_are_refused_clearly(data, tmp_path):
     config, options = _case('mask-rcnn-sn', data)
     with pytest.raises(SystemExit, match='detector is exported up to its neck'):
         test_onnx.main([config, str(tmp_path / 'd.onnx'), '--cfg-options', *options])
+
+
+@pytest.mark.parametrize('name', ['deeplabv2-sn', 'mask-rcnn-bcn-ws'])
+def test_dynamic_shape_export_verifies_two_image_sizes(name, data, tmp_path, capsys):
+    """--dynamic-shape: symbolic batch, height and width in the file; --verify at the export
+    size and at a second size of another aspect ratio (odd sides), batches 1 and 2."""
+    from mmnorm.deploy import ort_session
+    config, options = _case(name, data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    out = str(tmp_path / 'model.onnx')
+    result = export_onnx.main([config, str(tmp_path / 'model.pth'), out, '--dynamic-shape',
+                               '--shape', '96', '80', '--verify', '--cfg-options', *options])
+    printed = capsys.readouterr().out
+    for count in (1, 2):
+        for size in ((96, 80), (145, 103)):
+            assert f'verify: batch {count} of real test images ({count}, 3, {size[0]}, ' \
+                   f'{size[1]})' in printed, printed
+    assert result['relative_difference'] <= 1e-4
+    assert ort_session(out).get_inputs()[0].shape == ['batch', 3, 'height', 'width']
+
+
+def test_onnx_runtime_evaluates_other_image_sizes_through_a_dynamic_shape_export(data,
+                                                                                  tmp_path):
+    """The seg demo exported at 96x80 with --dynamic-shape, evaluated on its 128x128 test images
+    (no resizing to the export size): tools/test.py's mIoU. A static export at 96x80 is refused
+    with advice."""
+    import test as test_tool
+    config, options = _case('deeplabv2-sn', data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'dynamic.onnx'),
+                      '--dynamic-shape', '--shape', '96', '80', '--cfg-options', *options])
+    onnx_metrics = test_onnx.main([config, str(tmp_path / 'dynamic.onnx'), '--cfg-options',
+                                   *options])
+    torch_metrics = test_tool.main([config, str(tmp_path / 'model.pth'), '--work-dir',
+                                    str(tmp_path / 'w'), '--cfg-options', *options])
+    assert abs(onnx_metrics['mIoU'] - torch_metrics['mIoU']) <= 0.1, (onnx_metrics,
+                                                                       torch_metrics)
+    export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'static.onnx'),
+                      '--shape', '96', '80', '--cfg-options', *options])
+    with pytest.raises(SystemExit, match='exported for 96x80 images and the test data gives '
+                       '128x128; export it with --dynamic-shape'):
+        test_onnx.main([config, str(tmp_path / 'static.onnx'), '--cfg-options', *options])

@@ -36,9 +36,11 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
-def _run(args, timeout=600, **kwargs):
+def _run(args, timeout=600, check=True, **kwargs):
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
                             env=kwargs.pop('env', _env()), cwd=ROOT, **kwargs)
+    if not check:
+        return result
     assert result.returncode == 0, (' '.join(args) + '\n' + result.stdout[-4000:]
                                     + result.stderr[-4000:])
     return result.stdout + result.stderr
@@ -100,6 +102,35 @@ def test_train_resume_recompute_test(codebase, shapes, tmp_path):
           '--metrics-out', metrics_file, '--cfg-options', *options)
     with open(metrics_file) as f:
         assert metric in json.load(f)
+    _check_out_and_tta(codebase, config, recomputed, options, tmp_path)
+
+
+def _check_out_and_tta(codebase, config, checkpoint, options, tmp_path):
+    """--out and --tta as the codebase's own test tool takes them."""
+    if codebase == 'mmdet':  # a .pkl of predictions; flip TTA without tta_model in the config
+        dump = str(tmp_path / 'tta.pkl')
+        # (mmdet's DetTTAModel merges boxes only: the detector without its mask head)
+        boxes_only = ['model.roi_head.mask_roi_extractor=None', 'model.roi_head.mask_head=None',
+                      'test_evaluator.metric=bbox']
+        out = _tool('test.py', config, checkpoint, '--work-dir', str(tmp_path / 'tta'), '--tta',
+                    '--out', dump, '--cfg-options', *options, *boxes_only)
+        assert 'flip test-time augmentation' in out
+        import pickle
+        with open(dump, 'rb') as f:
+            predictions = pickle.load(f)
+        assert len(predictions) == 4 and 'pred_instances' in predictions[0]
+        bad = _run([sys.executable, osp.join(TOOLS, 'test.py'), config, checkpoint, '--out',
+                    str(tmp_path / 'preds'), '--cfg-options', *options], check=False)
+        assert bad.returncode != 0 and 'must be a .pkl' in bad.stderr
+    else:  # mmseg: a directory of prediction images; no TTA fallback, as in mmseg's tool
+        out_dir = tmp_path / 'seg_out'
+        _tool('test.py', config, checkpoint, '--work-dir', str(tmp_path / 'o'), '--out',
+              str(out_dir), '--cfg-options', *options)
+        assert len(list(out_dir.glob('**/*.png'))) == 4
+        bad = _run([sys.executable, osp.join(TOOLS, 'test.py'), config, checkpoint, '--tta',
+                    '--cfg-options', *options], check=False)
+        assert bad.returncode != 0 and 'has no fallback' in bad.stderr
+        assert 'Traceback' not in bad.stderr
 
 
 def test_dist_train_detector_two_cpu_processes(shapes, tmp_path):
@@ -131,6 +162,14 @@ def test_mmpretrain_path_train_resume_recompute_test(tmp_path):
           '--metrics-out', metrics_file, '--cfg-options', *options)
     with open(metrics_file) as f:
         assert 'accuracy/top1' in json.load(f)
+    # mmpretrain's --out-item metrics, and its flip TTA when the config has no tta_model
+    dump = str(tmp_path / 'tta_metrics.pkl')
+    out = _tool('test.py', config, recomputed, '--work-dir', str(tmp_path / 'tta'), '--tta',
+                '--out', dump, '--out-item', 'metrics', '--cfg-options', *options)
+    assert 'flip test-time augmentation' in out
+    import pickle
+    with open(dump, 'rb') as f:
+        assert 'accuracy/top1' in pickle.load(f)
 
 
 ZOO = {

@@ -29,22 +29,25 @@ def test_import_installs_exactly_the_listed_effects():
         'from mmseg.registry import MODELS\n'
         'from mmdet.models.backbones import ResNet\n'
         'import mmcv.cnn.utils.fuse_conv_bn\n'
+        'from mmengine.analysis import FlopAnalyzer\n'
         'fuse = sys.modules["mmcv.cnn.utils.fuse_conv_bn"]._fuse_conv_bn\n'
         'print(json.dumps(dict(state=state, loader=loader, waiting=waiting, hooked=hooked,\n'
         '    after=post_import.pending(), hooked_after=post_import._finder in sys.meta_path,\n'
         '    head=MODELS.get("DeepLabV2Head") is not None,\n'
         '    train=getattr(ResNet.train, "_mmnorm_respects_norm_eval", False),\n'
-        '    fuse=hasattr(fuse, "__mmnorm_wraps__"))))\n')
+        '    fuse=hasattr(fuse, "__mmnorm_wraps__"),\n'
+        '    flops=hasattr(FlopAnalyzer.__init__, "__mmnorm_wraps__"))))\n')
     assert result['state'] == {'registries': True, 'checkpoint_globals': True,
                                'codebase_integrations': True, 'checkpoint_loader': False}
     assert result['loader'] == 'mmengine.runner.checkpoint'  # mmengine's own, not replaced
     assert set(result['waiting']) == {'mmdet.models', 'mmseg.models', 'mmpretrain.models',
                                       'mmcv.cnn.utils.fuse_conv_bn',
-                                      'mmcv.cnn.bricks.conv_module'}
+                                      'mmcv.cnn.bricks.conv_module',
+                                      'mmengine.analysis.complexity_analysis'}
     assert result['hooked']
     # Once each codebase is imported its integration has run and the finder is gone.
     assert result['after'] == [] and not result['hooked_after']
-    assert result['head'] and result['train'] and result['fuse']
+    assert result['head'] and result['train'] and result['fuse'] and result['flops']
 
 
 def test_every_effect_is_idempotent():
@@ -63,11 +66,16 @@ def test_every_effect_is_idempotent():
         'wrapped_twice = hasattr(getattr(train, "__wrapped__", None), '
         '"_mmnorm_respects_norm_eval")\n'
         'fuse = sys.modules["mmcv.cnn.utils.fuse_conv_bn"]._fuse_conv_bn\n'
+        'from mmengine.analysis import FlopAnalyzer\n'
+        'from mmnorm.integration import mmengine_flops\n'
+        'mmengine_flops.install(); mmengine_flops.install()\n'
         'print(json.dumps(dict(finders=finders, wrapped_twice=wrapped_twice,\n'
         '    fuse_twice=hasattr(fuse.__mmnorm_wraps__, "__mmnorm_wraps__"),\n'
+        '    flops_twice=hasattr(FlopAnalyzer.__init__.__mmnorm_wraps__, "__mmnorm_wraps__"),\n'
         '    state=side_effects.installed())))\n')
     assert result['finders'] <= 1
     assert not result['wrapped_twice'] and not result['fuse_twice']
+    assert not result['flops_twice']
     assert all(result['state'].values())
 
 

@@ -115,3 +115,31 @@ def test_a_checkpoint_of_another_model_is_one_clear_error(tmp_path):
     with pytest.raises(SystemExit, match=r'missing key\(s\) \(backbone.layer4'):
         export.main([CONFIG, str(tmp_path / 'missing.pth'), str(tmp_path / 'a.onnx')])
     assert not (tmp_path / 'a.onnx').exists()
+
+
+class _NotAllowListed:
+    """An object a checkpoint may not carry (its unpickling would run this module's code)."""
+
+
+def test_publish_model_keeps_weights_and_meta_and_names_the_hash(tmp_path):
+    source = tmp_path / 'iter_9.pth'
+    state = {'w': torch.arange(4.)}
+    torch.save({'state_dict': state, 'optimizer': {'lr': 0.1}, 'meta': {'iter': 9},
+                'message_hub': {'log': [1]}}, source)
+    before = _digest(source)
+    publish = _tool('publish_model')
+    final = publish.main([str(source), str(tmp_path / 'model.pth')])
+    assert final == str(tmp_path / f'model-{_digest(final)[:8]}.pth')
+    published = torch.load(final, weights_only=True)
+    assert set(published) == {'state_dict', 'meta'} and published['meta'] == {'iter': 9}
+    assert torch.equal(published['state_dict']['w'], state['w'])
+    assert _digest(source) == before
+    kept = publish.main([str(source), str(tmp_path / 'hub.pth'), '--keep', 'message_hub'])
+    assert set(torch.load(kept, weights_only=True)) == {'state_dict', 'meta', 'message_hub'}
+    with pytest.raises(SystemExit, match=r"--keep \['ema'\]: not in the checkpoint"):
+        publish.main([str(source), str(tmp_path / 'x.pth'), '--keep', 'ema'])
+    unsafe = tmp_path / 'unsafe.pth'
+    torch.save({'state_dict': state, 'hook': _NotAllowListed()}, unsafe)
+    with pytest.raises(SystemExit, match='_NotAllowListed'):
+        publish.main([str(unsafe), str(tmp_path / 'y.pth')])
+    assert sorted(p for p in os.listdir(tmp_path) if p.startswith('.')) == []  # no temporaries

@@ -22,10 +22,7 @@ mmnorm's layers run as they do by default (compiled; the warm-up rounds absorb t
 """
 import argparse
 import json
-import random
-import statistics
-import time
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +30,7 @@ from torch import nn
 from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
                     WSConv2d)
 from mmnorm.layers import has_ratios
+from mmnorm.utils.timing import time_rounds
 
 DEFAULT_SHAPES = ['8,64,56,56', '8,256,28,28', '2,256,100,152', '512,256,7,7']
 
@@ -87,35 +85,6 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     for p in layer.parameters():
         storages.pop(p.untyped_storage().data_ptr(), None)
     return sum(storages.values())
-
-
-def time_rounds(fns: Dict[str, Callable[[], None]], rounds: int, inner: int,
-                reference: str) -> Dict[str, Tuple[float, float]]:
-    """Per layer: (median time in ms, median of the per-round time ratio to ``reference``).
-
-    Layers run back to back within a round, in a shuffled order, so a ratio compares them under
-    the same machine state; the median over rounds discards rounds disturbed by other load. (On
-    shared machines the absolute speed can drift by several times over minutes; the ratios stay
-    meaningful.)
-    """
-    for fn in fns.values():  # warm-up
-        fn()
-    samples: Dict[str, List[float]] = {k: [] for k in fns}
-    order = list(fns)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)  # no layer always runs right after the same neighbour
-        for name in order:
-            fn = fns[name]
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples[name].append((time.perf_counter() - start) * 1e3 / inner)
-    ref = samples[reference]
-    return {
-        k: (statistics.median(v), statistics.median(t / r for t, r in zip(v, ref)))
-        for k, v in samples.items()
-    }
 
 
 def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:

@@ -22,7 +22,6 @@ against the target model; the tool names what does not match and writes nothing 
 on the same random batch and prints the largest difference.
 """
 import argparse
-import hashlib
 import os.path as osp
 import sys
 import time
@@ -36,15 +35,7 @@ from mmnorm.convert import (FORMATS, SOURCE_MOMENTUM, ConversionError,  # noqa: 
                             check_against, classifier_config, convert_state_dict, source_forward)
 from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
                           UnsafeCheckpointError, check_output, load_checkpoint_file,
-                          save_checkpoint)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
+                          save_checkpoint, sha256_file)
 
 
 def load_source(path: str) -> dict:
@@ -142,7 +133,7 @@ def main(argv=None) -> dict:
         for entry in mismatched:
             converted.pop(entry.split(':')[0], None)
 
-    meta = dict(converted_from=osp.abspath(args.src), source_sha256=_sha256(args.src),
+    meta = dict(converted_from=osp.abspath(args.src), source_sha256=sha256_file(args.src),
                 format=args.format, style=args.style, source_momentum=spec.source_momentum,
                 architecture=spec.as_dict(), partial=bool(report),
                 time=time.strftime('%Y-%m-%d %H:%M:%S'), mmnorm_version=mmnorm.__version__)

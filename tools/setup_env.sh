@@ -42,6 +42,7 @@ nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 import mmcv
 from mmcv.ops import nms as mmcv_nms  # noqa: F401  (needs mmcv._ext)
 import mmdet, mmseg, mmpretrain, mmnorm  # noqa: F401,E401
+import mim  # noqa: F401  (openmim, for the mim route)
 EOF
 }
 
@@ -91,9 +92,12 @@ else
     fi
 fi
 
-say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint and analysis tools"
+say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint, analysis and packaging tools"
 pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt \
-    -r requirements/lint.txt -r requirements/analysis.txt
+    -r requirements/lint.txt -r requirements/analysis.txt -r requirements/dist.txt
+# openmim without its requirement opendatalab (-> openxlab, which pins setuptools 60 and old
+# requests / tqdm / filelock): mim never imports it; requirements/dist.txt lists what it does.
+pip_install --no-deps openmim
 
 say "step 5/5: mmnorm itself (editable)"
 pip_install --no-build-isolation --no-deps -e .

@@ -2,15 +2,24 @@
 """Evaluate a checkpoint with an mmdet, mmseg or mmpretrain config (``default_scope`` picks the
 codebase), with mmnorm's layers and hooks available.
 
-    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out FILE] [--show-dir DIR]
-        [--metrics-out metrics.json] [--cfg-options k=v]
+    python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out OUT] [--show-dir DIR]
+        [--metrics-out metrics.json] [--tta] [--deploy] [--cfg-options k=v]
     bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCS [args]     # torchrun, also on CPU (gloo)
+
+``--out`` and ``--tta`` behave as in each codebase's own ``tools/test.py``: ``--out`` is a
+``.pkl`` of the predictions for mmdet, a directory of prediction images for mmseg, and a file of
+the predictions (or, with ``--out-item metrics``, of the metrics) for mmpretrain; ``--tta`` uses
+the config's ``tta_model`` / ``tta_pipeline``, and without them falls back, as mmdet and
+mmpretrain do, to flip test-time augmentation (``DetTTAModel`` merging boxes with NMS,
+``AverageClsScoreTTA``); mmseg's tool has no such fallback, and neither has this one.
 """
 import argparse
+import copy
 import json
 import numbers
 import os.path as osp
 import sys
+import warnings
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
@@ -27,11 +36,14 @@ def parse_args(argv=None):
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--work-dir', help='the dir to save logs and metrics')
-    parser.add_argument('--out', help='dump raw predictions to this file (.pkl)')
+    parser.add_argument('--out', help='dump the predictions: mmdet a .pkl file, mmseg a '
+                        'directory of prediction images, mmpretrain a file (see --out-item)')
+    parser.add_argument('--out-item', choices=['pred', 'metrics'], default=None,
+                        help='mmpretrain: what --out holds (default: the predictions)')
     parser.add_argument('--show-dir', help='draw predictions into this dir (under work dir)')
     parser.add_argument('--metrics-out', help='write the metrics as JSON to this file')
-    parser.add_argument('--tta', action='store_true', help='test-time augmentation (tta_model '
-                        'and tta_pipeline from the config)')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation: tta_model '
+                        'and tta_pipeline from the config, else flip TTA (mmdet, mmpretrain)')
     parser.add_argument('--deploy', action='store_true',
                         help='evaluate the deploy form of a hard-ratio SN checkpoint '
                         '(tools/export_hard_ratios.py): hardened layers folded / native')
@@ -61,21 +73,74 @@ def setup_show_dir(cfg: Config, show_dir: str) -> None:
         cfg.default_hooks.visualization.interval = 1
 
 
-def setup_dump(cfg: Config, out: str) -> None:
-    """Add the codebase's result dumper to the test evaluator."""
-    if not out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must be a .pkl file, got {out!r}')
+def setup_dump(cfg: Config, out: str, out_item: str = None) -> None:
+    """Make the test run save its results to ``out`` as the codebase's own test tool does."""
     scope = _scope(cfg)
+    if out_item is not None and scope != 'mmpretrain':
+        raise SystemExit(f'--out-item is mmpretrain\'s option; this config is {scope}\'s')
+    if scope == 'mmseg':  # a directory of prediction images, mmseg's --out
+        cfg.test_evaluator['output_dir'] = out
+        cfg.test_evaluator['keep_results'] = True
+        return
+    if scope == 'mmdet' and not out.endswith(('.pkl', '.pickle')):
+        raise SystemExit(f'--out must be a .pkl / .pickle file for mmdet, got {out!r}')
     dumper = {'mmdet': 'DumpDetResults', 'mmpretrain': 'DumpResults'}.get(scope)
     if dumper is None:
-        if scope == 'mmseg':
-            cfg.test_evaluator['output_dir'] = osp.splitext(out)[0]
-            cfg.test_evaluator['keep_results'] = True
-            return
-        raise ValueError(f'--out is not supported for default_scope={scope!r}')
+        raise SystemExit(f'--out is not supported for default_scope={scope!r}')
+    if out_item == 'metrics':
+        return  # written after the test run (main)
     evaluator = cfg.test_evaluator
     evaluators = list(evaluator) if isinstance(evaluator, (list, tuple)) else [evaluator]
     cfg.test_evaluator = evaluators + [dict(type=dumper, out_file_path=out)]
+
+
+def _innermost_dataset(cfg: Config) -> dict:
+    dataset = cfg.test_dataloader.dataset
+    while 'dataset' in dataset:  # wrappers (e.g. ConcatDataset, RepeatDataset)
+        dataset = dataset['dataset']
+    return dataset
+
+
+def _flip_pipeline(cfg: Config, extra_meta_keys=()) -> list:
+    """The test pipeline with its last (packing) step run on the image and on its horizontal
+    flip (``TestTimeAug``), its ``meta_keys`` extended with what the merger needs."""
+    pipeline = copy.deepcopy(_innermost_dataset(cfg).pipeline)
+    pack = copy.deepcopy(pipeline[-1])
+    if extra_meta_keys and 'meta_keys' in pack:
+        pack['meta_keys'] = tuple(pack['meta_keys']) + tuple(
+            k for k in extra_meta_keys if k not in pack['meta_keys'])
+    pipeline[-1] = dict(type='TestTimeAug',
+                        transforms=[[dict(type='RandomFlip', prob=1.0),
+                                     dict(type='RandomFlip', prob=0.0)], [pack]])
+    return pipeline
+
+
+#: The fallback of each codebase's own test tool when the config has no tta_model.
+_DEFAULT_TTA = {
+    'mmdet': (dict(type='DetTTAModel', tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5),
+                                                    max_per_img=100)), ('flip', 'flip_direction')),
+    'mmpretrain': (dict(type='mmpretrain.AverageClsScoreTTA'), ()),
+}
+
+
+def setup_tta(cfg: Config) -> None:
+    """Test-time augmentation from the config's ``tta_model`` / ``tta_pipeline``, or, where the
+    codebase's own tool falls back (mmdet, mmpretrain), flip TTA."""
+    scope = _scope(cfg)
+    missing = [key for key in ('tta_model', 'tta_pipeline') if key not in cfg]
+    if missing and scope not in _DEFAULT_TTA:
+        raise SystemExit(f'--tta needs {" and ".join(missing)} in the config ({scope}\'s own '
+                         f'test tool has no fallback either)')
+    if missing:
+        model, meta_keys = _DEFAULT_TTA[scope]
+        warnings.warn(f'--tta: the config has no {" / ".join(missing)}; flip test-time '
+                      f'augmentation, as {scope}\'s own test tool does')
+        if 'tta_model' not in cfg:
+            cfg.tta_model = copy.deepcopy(model)
+        if 'tta_pipeline' not in cfg:
+            cfg.tta_pipeline = _flip_pipeline(cfg, meta_keys)
+    cfg.model = dict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
 
 
 def main(argv=None) -> dict:
@@ -86,22 +151,25 @@ def main(argv=None) -> dict:
     if args.show_dir:
         setup_show_dir(cfg, args.show_dir)
     if args.out:
-        setup_dump(cfg, args.out)
+        setup_dump(cfg, args.out, args.out_item)
+    elif args.out_item:
+        raise SystemExit('--out-item needs --out')
     if args.tta:
-        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            raise RuntimeError('--tta needs tta_model and tta_pipeline in the config')
-        cfg.model = dict(**cfg.tta_model, module=cfg.model)
-        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        setup_tta(cfg)
     if args.deploy:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployHook')]
     prepare_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
     metrics = runner.test()
+    plain = {k: float(v) if isinstance(v, numbers.Real) else v for k, v in metrics.items()}
     if args.metrics_out and get_rank() == 0:
         with open(args.metrics_out, 'w') as f:
-            json.dump({k: float(v) if isinstance(v, numbers.Real) else v
-                       for k, v in metrics.items()}, f, indent=2)
+            json.dump(plain, f, indent=2)
         print(f'metrics written to {args.metrics_out}')
+    if args.out and args.out_item == 'metrics' and get_rank() == 0:
+        import mmengine
+        mmengine.dump(plain, args.out)
+        print(f'metrics written to {args.out}')
     return metrics
 
 

@@ -2,10 +2,12 @@
 """Deployment: ONNX export of classifiers, segmentors and detector backbones with mmnorm layers
 (:mod:`.onnx`), real test inputs for them (:mod:`.data`). The hard-ratio deploy form of SN
 layers is :func:`mmnorm.convert.to_deploy`."""
-from .data import fit_to, preprocessed_batches, real_inputs, test_dataloader
-from .onnx import KINDS, TensorForward, compare, export_onnx, model_kind, ort_session, run_session
+from .data import fit_to, preprocessed_batches, real_inputs, synthetic_batch, test_dataloader
+from .onnx import (KINDS, TensorForward, compare, export_dynamic_shapes, export_onnx, model_kind,
+                   ort_session, run_session)
 
 __all__ = [
-    'KINDS', 'TensorForward', 'compare', 'export_onnx', 'model_kind', 'ort_session',
-    'run_session', 'fit_to', 'preprocessed_batches', 'real_inputs', 'test_dataloader'
+    'KINDS', 'TensorForward', 'compare', 'export_dynamic_shapes', 'export_onnx', 'model_kind',
+    'ort_session', 'run_session', 'fit_to', 'preprocessed_batches', 'real_inputs',
+    'synthetic_batch', 'test_dataloader'
 ]

@@ -10,7 +10,7 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import Tensor, nn
 
-__all__ = ['test_dataloader', 'preprocessed_batches', 'fit_to', 'real_inputs']
+__all__ = ['test_dataloader', 'preprocessed_batches', 'fit_to', 'real_inputs', 'synthetic_batch']
 
 
 def test_dataloader(cfg: Config, batch_size: Optional[int] = None):
@@ -59,3 +59,23 @@ def real_inputs(cfg: Config, model: nn.Module, count: int,
     if len(images) < count:
         raise RuntimeError(f'the test set has {len(images)} image(s); {count} needed')
     return torch.cat(images)
+
+
+def synthetic_batch(model: nn.Module, size: Tuple[int, int], count: int = 1,
+                    seed: int = 0) -> dict:
+    """A batch as ``model.data_preprocessor`` returns it, of ``count`` random ``size`` images:
+    ``inputs`` ``(count, 3, H, W)`` and the data samples the codebase's ``mode='tensor'`` /
+    ``predict`` forwards read (image, pad and batch shapes; scale factor 1), ``None`` for a
+    classifier."""
+    from .onnx import model_kind
+    kind = model_kind(model)
+    inputs = torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(seed))
+    if kind == 'classifier':
+        return {'inputs': inputs, 'data_samples': None}
+    if kind == 'detector':
+        from mmdet.structures import DetDataSample as Sample
+    else:
+        from mmseg.structures import SegDataSample as Sample
+    meta = dict(img_shape=tuple(size), ori_shape=tuple(size), pad_shape=tuple(size),
+                batch_input_shape=tuple(size), scale_factor=(1.0, 1.0))
+    return {'inputs': inputs, 'data_samples': [Sample(metainfo=meta) for _ in range(count)]}

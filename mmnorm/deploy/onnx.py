@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from ..utils.files import atomic_write
 
-__all__ = ['KINDS', 'model_kind', 'TensorForward', 'export_onnx', 'ort_session', 'run_session',
-           'compare']
+__all__ = ['KINDS', 'model_kind', 'TensorForward', 'export_dynamic_shapes', 'export_onnx',
+           'ort_session', 'run_session', 'compare']
 
 #: What :func:`model_kind` can return.
 KINDS = ('classifier', 'segmentor', 'detector')
@@ -81,16 +81,36 @@ class TensorForward(nn.Module):
                              align_corners=self.model.align_corners)
 
 
+#: The largest size a symbolic dimension of an export may take (torch.export needs a bound).
+MAX_DIM = 8192
+
+
+def export_dynamic_shapes(dynamic_batch: bool = False, dynamic_size: bool = False):
+    """torch.export's ``dynamic_shapes`` for the image batch ``(N, 3, H, W)``: named symbolic
+    ``batch`` and/or ``height`` / ``width`` dimensions (their names appear in the ONNX file)."""
+    dims = {}
+    if dynamic_batch:
+        dims[0] = torch.export.Dim('batch', min=1, max=MAX_DIM)
+    if dynamic_size:
+        dims[2] = torch.export.Dim('height', min=1, max=MAX_DIM)
+        dims[3] = torch.export.Dim('width', min=1, max=MAX_DIM)
+    return (dims, ) if dims else None
+
+
 def export_onnx(module: nn.Module, example: Tensor, path: str, dynamic_batch: bool = False,
-                output_names: Optional[Sequence[str]] = None, opset: int = 18) -> None:
+                output_names: Optional[Sequence[str]] = None, opset: int = 18,
+                dynamic_size: bool = False) -> None:
     """Export ``module(example)`` to ``path`` (one self-contained file, written atomically).
 
-    ``dynamic_batch``: the batch dimension is symbolic (the example needs a batch of 2 or more:
-    torch.export specializes size-1 dimensions); the rest of the shape is the example's.
+    ``dynamic_batch``: the batch dimension is symbolic; ``dynamic_size``: height and width are.
+    A symbolic dimension needs an example size of 2 or more (torch.export specializes size-1
+    dimensions); the rest of the shape is the example's.
     """
-    if dynamic_batch and example.shape[0] < 2:
-        raise ValueError('export an example batch of >= 2 for a dynamic batch dimension')
-    dynamic_shapes = ({0: torch.export.Dim('batch', min=1, max=1024)}, ) if dynamic_batch else None
+    dynamic_shapes = export_dynamic_shapes(dynamic_batch, dynamic_size)
+    for axis in (dynamic_shapes or ({}, ))[0]:
+        if example.shape[axis] < 2:
+            raise ValueError(f'export an example of size >= 2 in dimension {axis} to make it '
+                             f'symbolic (got {tuple(example.shape)})')
     module.eval()
     with torch.no_grad():
         program = torch.onnx.export(module, (example, ), dynamo=True, input_names=['inputs'],

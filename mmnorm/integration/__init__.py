@@ -2,17 +2,18 @@
 """Integration with mmcv, mmdet, mmseg and mmpretrain, applied when the module concerned is
 imported (see :mod:`.post_import`): backbones' ``norm_eval`` freezes SN/BCN statistics
 (:mod:`.norm_eval`), mmseg gets ``DeepLabV2Head``, mmpretrain ``ResNetV1SSN`` (the SSN authors'
-stem), and mmcv's conv + BN folding
+stem), mmcv's conv + BN folding
 (``fuse_conv_bn``, ``efficient_conv_bn_eval``) folds ``WSConv`` from its standardized weight
-(:mod:`.mmcv_fusion`)."""
+(:mod:`.mmcv_fusion`), and mmengine's FLOP analysis counts mmnorm's layers
+(:mod:`.mmengine_flops`)."""
 import importlib
 import importlib.util
 
-from . import mmcv_fusion
+from . import mmcv_fusion, mmengine_flops
 from .norm_eval import respect_norm_eval, respect_norm_eval_in_registry
 from .post_import import when_imported
 
-__all__ = ['integrations_installed', 'mmcv_fusion', 'respect_norm_eval',
+__all__ = ['integrations_installed', 'mmcv_fusion', 'mmengine_flops', 'respect_norm_eval',
            'respect_norm_eval_in_registry', 'when_imported', 'install_integrations']
 
 
@@ -58,3 +59,4 @@ def install_integrations() -> None:
     if importlib.util.find_spec('mmcv') is not None:
         for module_name, _ in mmcv_fusion.TARGETS:
             when_imported(module_name, mmcv_fusion.install)
+    when_imported(mmengine_flops.TARGET[0], mmengine_flops.install)

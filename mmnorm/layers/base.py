@@ -132,6 +132,9 @@ class BatchStatsNorm(nn.Module):
     follows_progress: ClassVar[bool] = False
     #: Set on a synchronized twin: the local class it synchronizes.
     local_class: ClassVar[Optional[Type['BatchStatsNorm']]] = None
+    #: mmengine's FLOP analysis counts the arithmetic ops traced inside this layer
+    #: (:mod:`mmnorm.integration.mmengine_flops`; it has no handler for the layer itself).
+    flops_from_traced_ops: ClassVar[bool] = True
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments that rebuild this layer (``type(self)(**config())``)."""

@@ -37,6 +37,10 @@ class WSConv2d(nn.Conv2d):
         'WSConv2d'
     """
 
+    #: mmengine's FLOP analysis counts the standardization's traced ops on top of the convolution
+    #: (:mod:`mmnorm.integration.mmengine_flops`).
+    flops_from_traced_ops = True
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
                  eps: float = 1e-5, device=None, dtype=None):

@@ -4,7 +4,7 @@ and runner helpers."""
 from .checkpoint import (CheckpointFileError, UnsafeCheckpointError,
                          allow_mmengine_checkpoint_globals, load_checkpoint_file,
                          register_checkpoint_loader, safe_globals)
-from .files import OutputExistsError, atomic_write, check_output, save_checkpoint
+from .files import OutputExistsError, atomic_write, check_output, save_checkpoint, sha256_file
 from .config import (finetune_config, norm_configs, replace_norm_types, sync_norm_config,
                      sync_norm_types)
 from .launch import cpu_distributed_env, prepare_distributed
@@ -14,7 +14,7 @@ from .runner import (add_common_arguments, apply_common_options, build_runner,
 
 __all__ = [
     'CheckpointFileError', 'load_checkpoint_file', 'OutputExistsError', 'atomic_write',
-    'check_output', 'save_checkpoint', 'UnsafeCheckpointError',
+    'check_output', 'save_checkpoint', 'sha256_file', 'UnsafeCheckpointError',
     'allow_mmengine_checkpoint_globals', 'register_checkpoint_loader', 'safe_globals',
     'sync_norm_types', 'replace_norm_types', 'sync_norm_config', 'norm_configs', 'finetune_config',
     'last_checkpoint', 'cpu_distributed_env',

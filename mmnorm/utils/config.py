@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from mmengine.config import Config, ConfigDict
 
 __all__ = ['sync_norm_types', 'sync_norm_config', 'replace_norm_types', 'norm_configs',
-           'finetune_config']
+           'finetune_config', 'plain_layers_config']
 
 
 def sync_norm_types() -> Dict[str, str]:
@@ -24,20 +24,26 @@ def sync_norm_types() -> Dict[str, str]:
             and cls.sync_class() in registered}
 
 
+def _configs_at(node: Any, key_part: str) -> List[Tuple[dict, str]]:
+    """``(parent, key)`` of every dict under ``node`` that is the value of a key containing
+    ``key_part``, in config order."""
+    found = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key_part in str(key) and isinstance(value, dict):
+                found.append((node, key))
+            found += _configs_at(value, key_part)
+    elif isinstance(node, (list, tuple)):
+        for item in node:
+            found += _configs_at(item, key_part)
+    return found
+
+
 def norm_configs(node: Any) -> List[Tuple[dict, str]]:
     """``(parent, key)`` of every norm config under ``node``: a dict that is the value of a key
     containing ``norm_cfg`` (``norm_cfg``, ``conv_norm_cfg``, ...), in config order. A list, so
     callers may replace ``parent[key]`` while going through it."""
-    found = []
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if 'norm_cfg' in str(key) and isinstance(value, dict):
-                found.append((node, key))
-            found += norm_configs(value)
-    elif isinstance(node, (list, tuple)):
-        for item in node:
-            found += norm_configs(item)
-    return found
+    return _configs_at(node, 'norm_cfg')
 
 
 def replace_norm_types(node: Any, mapping: Dict[str, str]) -> int:
@@ -48,6 +54,23 @@ def replace_norm_types(node: Any, mapping: Dict[str, str]) -> int:
         norm = parent[key]
         if norm.get('type') in mapping:
             norm['type'] = mapping[norm['type']]
+            count += 1
+    return count
+
+
+def plain_layers_config(node: Any, norm_cfg: dict) -> int:
+    """Replace every mmnorm normalizer config under ``node`` by ``norm_cfg`` (e.g.
+    ``dict(type='BN')``) and every ``WSConv`` ``conv_cfg`` by ``None`` (a plain convolution):
+    the same model with native layers, as a baseline. Returns the number of replaced configs."""
+    mmnorm_norms = {name for pair in sync_norm_types().items() for name in pair}
+    count = 0
+    for parent, key in norm_configs(node):
+        if parent[key].get('type') in mmnorm_norms:
+            parent[key] = copy.deepcopy(norm_cfg)
+            count += 1
+    for parent, key in _configs_at(node, 'conv_cfg'):
+        if parent[key].get('type') == 'WSConv':
+            parent[key] = None
             count += 1
     return count
 

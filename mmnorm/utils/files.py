@@ -11,12 +11,13 @@ Two rules, so that no run loses a file:
   output only when the writer has finished, so an interrupted or failed run leaves the old file
   (or none) and never a partial one; the source files are only read.
 """
+import hashlib
 import os
 import os.path as osp
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ['OutputExistsError', 'check_output', 'atomic_write', 'save_checkpoint']
+__all__ = ['OutputExistsError', 'check_output', 'atomic_write', 'save_checkpoint', 'sha256_file']
 
 
 class OutputExistsError(FileExistsError):
@@ -59,11 +60,15 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str, write: Callable[[str], Any]) -> Any:
+def atomic_write(path: str, write: Callable[[str], Any],
+                 final_path: Optional[Callable[[Any], str]] = None) -> Any:
     """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it to ``path``.
 
     The parent directory is created if needed. On any failure the temporary file is removed and
-    ``path`` is left as it was. Returns what ``write`` returns.
+    ``path`` is left as it was. Returns what ``write`` returns. ``final_path``: for a name known
+    only once the file is written (e.g. one with its hash), ``final_path(write's result)`` gives
+    the path to rename to instead of ``path`` (and may raise to refuse it); that path is
+    returned.
     """
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -75,6 +80,8 @@ def atomic_write(path: str, write: Callable[[str], Any]) -> Any:
         result = write(tmp)
         with open(tmp, 'rb') as f:  # on disk before the rename makes it visible
             os.fsync(f.fileno())
+        if final_path is not None:
+            result = path = final_path(result)
         os.replace(tmp, path)
     finally:
         if osp.exists(tmp):
@@ -86,3 +93,12 @@ def save_checkpoint(checkpoint: Any, path: str) -> None:
     """``torch.save(checkpoint, path)`` through :func:`atomic_write`."""
     import torch
     atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()

@@ -2,7 +2,8 @@
 """Export a trained model with mmnorm layers to ONNX, and check it with ONNX Runtime.
 
     python tools/deploy/export_onnx.py CONFIG CHECKPOINT OUT.onnx [--hard-ratios] [--fold]
-        [--dynamic-batch] [--verify] [--shape H W] [--overwrite] [--cfg-options k=v]
+        [--dynamic-batch | --dynamic-shape] [--verify] [--shape H W] [--overwrite]
+        [--cfg-options k=v]
 
 Exports the tensor part of the config's model (mmnorm.deploy.onnx): an mmpretrain classifier's
 logits, an mmseg segmentor's segmentation logits at the input size, or an mmdet detector's
@@ -16,14 +17,19 @@ batch after the model's data preprocessor (normalized, padded).
   convolution (a WSConv becomes a plain conv with its standardized, scaled weight); IN / LN
   choices become native InstanceNorm / GroupNorm (mmnorm.convert.to_deploy).
 - ``--dynamic-batch``: a symbolic batch dimension (else batch 1).
+- ``--dynamic-shape``: symbolic batch, height and width (``batch``, ``height``, ``width`` in
+  the file), for detectors and segmentors that see images of many sizes.
 - ``--verify``: runs ONNX Runtime and the PyTorch model (after the same --hard-ratios / --fold)
-  on real images from the config's test pipeline, at batch 1 and, with --dynamic-batch, 2, and
-  prints the largest differences; exits with status 1 above ``--tolerance`` (relative).
+  on real images from the config's test pipeline, at batch 1 and, with a dynamic batch, 2; with
+  --dynamic-shape also at a second image size; prints the largest differences and exits with
+  status 1 above ``--tolerance`` (relative).
 
-The spatial size is ``--shape`` or the first test image's preprocessed size. OUT is written
-atomically and never replaces an existing file (or the checkpoint) without ``--overwrite``.
+The example size is ``--shape`` or the first test image's preprocessed size; without
+--dynamic-shape it is the only size the file accepts. OUT is written atomically and never
+replaces an existing file (or the checkpoint) without ``--overwrite``.
 """
 import argparse
+import itertools
 import os.path as osp
 import sys
 import time
@@ -50,14 +56,18 @@ def parse_args(argv=None):
                         help='one-hot (argmax) SN ratios')
     parser.add_argument('--fold', action='store_true',
                         help='hard ratios, BN choices folded into the convolutions')
-    parser.add_argument('--dynamic-batch', action='store_true',
-                        help='symbolic batch dimension (default: batch 1)')
+    dynamic = parser.add_mutually_exclusive_group()
+    dynamic.add_argument('--dynamic-batch', action='store_true',
+                         help='symbolic batch dimension (default: batch 1)')
+    dynamic.add_argument('--dynamic-shape', action='store_true',
+                         help='symbolic batch, height and width (default: static)')
     parser.add_argument('--verify', action='store_true',
                         help='compare ONNX Runtime with PyTorch on real test images')
     parser.add_argument('--tolerance', type=float, default=1e-4,
                         help='largest relative difference --verify accepts (default 1e-4)')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
-                        help='input height and width (default: the first test image)')
+                        help='input height and width of the example (default: the first test '
+                        'image)')
     parser.add_argument('--opset', type=int, default=18)
     parser.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
@@ -83,10 +93,17 @@ def prepare(model, hard: bool, fold: bool, checkpoint_meta: dict) -> dict:
     return info
 
 
-def verify(cfg, module, session, shape, dynamic_batch: bool, tolerance: float) -> float:
-    """Largest relative difference ONNX Runtime vs PyTorch on real test images."""
+def second_size(shape):
+    """Another image size for --verify of a --dynamic-shape export: another aspect ratio, odd
+    sides (no stride divides them)."""
+    return (shape[0] + shape[0] // 2 + 1, shape[1] + shape[1] // 4 + 3)
+
+
+def verify(cfg, module, session, shapes, dynamic_batch: bool, tolerance: float) -> float:
+    """Largest relative difference ONNX Runtime vs PyTorch on real test images (padded or
+    cropped to each of ``shapes``)."""
     worst = 0.0
-    for count in ((1, 2) if dynamic_batch else (1, )):
+    for count, shape in itertools.product((1, 2) if dynamic_batch else (1, ), shapes):
         images = real_inputs(cfg, module.model, count, shape)
         with torch.no_grad():
             expected = module(images)
@@ -118,18 +135,28 @@ def main(argv=None) -> dict:
             real_inputs(cfg, model, 1).shape[-2:])
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f'error: {error} (or give the input size with --shape H W)')
-    example = torch.randn(2 if args.dynamic_batch else 1, 3, *shape,
+    dynamic_batch = args.dynamic_batch or args.dynamic_shape
+    example = torch.randn(2 if dynamic_batch else 1, 3, *shape,
                           generator=torch.Generator().manual_seed(0))
     start = time.time()
-    export_onnx(module, example, args.out, args.dynamic_batch, module.output_names, args.opset)
+    try:
+        export_onnx(module, example, args.out, dynamic_batch, module.output_names, args.opset,
+                    dynamic_size=args.dynamic_shape)
+    except ValueError as error:
+        raise SystemExit(f'error: {error}')
     size_mb = osp.getsize(args.out) / 2**20
-    print(f'wrote {args.out}: {module.kind}, input (N, 3, {shape[0]}, {shape[1]}) with '
-          f'{"dynamic" if args.dynamic_batch else "static"} N, outputs '
+    if args.dynamic_shape:
+        described = f'(batch, 3, height, width), example {tuple(example.shape)}'
+    else:
+        described = (f'(N, 3, {shape[0]}, {shape[1]}) with '
+                     f'{"dynamic" if dynamic_batch else "static"} N')
+    print(f'wrote {args.out}: {module.kind}, input {described}, outputs '
           f'{module.output_names}, {size_mb:.1f} MiB, {time.time() - start:.1f} s')
     result = dict(kind=module.kind, shape=shape, size_mb=size_mb, **info)
     if args.verify:
         session = ort_session(args.out)
-        result['relative_difference'] = verify(cfg, module, session, shape, args.dynamic_batch,
+        shapes = [shape, second_size(shape)] if args.dynamic_shape else [shape]
+        result['relative_difference'] = verify(cfg, module, session, shapes, dynamic_batch,
                                                args.tolerance)
         if result['relative_difference'] > args.tolerance:
             raise SystemExit(1)

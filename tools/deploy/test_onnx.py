@@ -6,10 +6,12 @@ dataloader, preprocessing, postprocessing and evaluator.
 
 MODEL.onnx comes from tools/deploy/export_onnx.py with the same CONFIG. Each test batch goes
 through the model's data preprocessor (built from the config; no weights are loaded), then ONNX
-Runtime (image by image when the file has a static batch of 1), then the codebase's own
-postprocessing (mmseg: ``postprocess_result``, which removes padding and resizes to the original
-image; mmpretrain: softmax scores and labels) and the config's ``test_evaluator``. The metrics
-are the ones ``tools/test.py CONFIG CHECKPOINT`` prints for the PyTorch model.
+Runtime at the batch's own size (image by image when the file has a static batch of 1; a file
+exported with --dynamic-shape takes any image size, a static one only its own), then the
+codebase's own postprocessing (mmseg: ``postprocess_result``, which removes padding and resizes
+to the original image; mmpretrain: softmax scores and labels) and the config's
+``test_evaluator``. The metrics are the ones ``tools/test.py CONFIG CHECKPOINT`` prints for the
+PyTorch model.
 """
 import argparse
 import json
@@ -46,8 +48,20 @@ def _static_batch(session):
     return batch if isinstance(batch, int) else None
 
 
+def _check_size(session, inputs: torch.Tensor) -> None:
+    """A clear error where a file with a static height and width meets other image sizes."""
+    expected = session.get_inputs()[0].shape[2:]
+    if all(isinstance(side, int) for side in expected) and \
+            list(inputs.shape[2:]) != list(expected):
+        raise SystemExit(f'error: the model was exported for {expected[0]}x{expected[1]} images '
+                         f'and the test data gives {inputs.shape[2]}x{inputs.shape[3]}; export '
+                         f'it with --dynamic-shape (or --shape {inputs.shape[2]} '
+                         f'{inputs.shape[3]})')
+
+
 def _run(session, inputs: torch.Tensor) -> torch.Tensor:
     """The first output for ``inputs``, image by image if the file has a static batch of 1."""
+    _check_size(session, inputs)
     static = _static_batch(session)
     if static is None or static == inputs.shape[0]:
         return run_session(session, inputs)[0]

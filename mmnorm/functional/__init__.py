@@ -3,15 +3,17 @@
 
 :mod:`.moments` is the shared core (per-row moments, a coefficient function on ``(N, C)``
 tensors, one centered affine map; :class:`~.moments.CoefficientFn` is its written contract);
+:mod:`.compiled` chooses whether an eager call runs it compiled or in public eager ops;
 :mod:`.running_stats` forms batch statistics (:class:`~.running_stats.BatchStats`) and updates
 running buffers; :mod:`.switchable`, :mod:`.sparse_switchable` and :mod:`.batch_channel` are SN's,
 SSN's and BCN's coefficient (or ratio) functions and functional forms.
 """
 from .batch_channel import (batch_channel_norm, batch_norm_step, check_num_groups, check_rate,
                             update_estimates)
+from .compiled import compile_mode, compiled_enabled, use_compiled
 from .moments import (COMPILED_DEVICES, LOW_PRECISION, CoefficientFn, Coefficients, as_rows,
-                      channel_moments, compiled_enabled, in_recomputation, is_tracing,
-                      normalize_rows, pool, stat_dtype, use_compiled)
+                      channel_moments, in_recomputation, is_tracing, normalize_rows, pool,
+                      stat_dtype)
 from .running_stats import BatchStats, batch_statistics, pool_weighted, update_running_stats
 from .sparse_switchable import sparse_switchable_norm, sparsemax, sparsest_ratios, sparsestmax
 from .switchable import (MIX_MODES, NORMALIZERS, check_norm_input, check_param_sizes,
@@ -26,5 +28,5 @@ __all__ = [
     'BatchStats', 'batch_statistics', 'pool_weighted', 'update_running_stats',
     'update_estimates', 'check_norm_input', 'check_param_sizes', 'check_num_groups',
     'check_rate', 'MIX_MODES', 'NORMALIZERS', 'is_tracing', 'in_recomputation', 'use_compiled',
-    'compiled_enabled', 'COMPILED_DEVICES'
+    'compiled_enabled', 'compile_mode', 'COMPILED_DEVICES'
 ]

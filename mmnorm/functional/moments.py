@@ -24,8 +24,8 @@ data-dependent Python control flow) is the specification, and runs three ways:
 - **traced** as it is by ``torch.export`` / ONNX, an outer ``torch.compile`` and
   ``torch.jit.trace``;
 - **compiled** by mmnorm itself for eager calls on CPU and CUDA (``torch.compile``,
-  ``dynamic=True``; :func:`use_compiled`): Inductor fuses each full-size pass into one kernel and
-  AOTAutograd derives the backward;
+  ``dynamic=True``; when, and what happens when it fails, is decided in :mod:`.compiled`):
+  Inductor fuses each full-size pass into one kernel and AOTAutograd derives the backward;
 - in **public eager ops** where compiling is off, fails, or does not serve (the synchronized
   layers, whose :math:`f` holds a collective; one value per row): with a gradient, through
   :class:`_RowNormFunction`, whose backward touches the full-size tensors in four passes and gets
@@ -45,8 +45,6 @@ Statistics, coefficients and the affine map are computed in float32 for float16/
 import contextlib
 import dataclasses
 import math
-import os
-import time
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -55,9 +53,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .compiled import COMPILED, compiled_enabled
+
 __all__ = ['LOW_PRECISION', 'stat_dtype', 'as_rows', 'channel_moments', 'pool',
            'normalize_rows', 'CoefficientFn', 'Coefficients', 'is_tracing', 'in_recomputation',
-           'use_compiled', 'compiled_enabled', 'COMPILED_DEVICES', 'eager_channel_moments']
+           'COMPILED_DEVICES', 'eager_channel_moments']
 
 
 class CoefficientFn(Protocol):
@@ -311,7 +311,21 @@ class _RowNormFunction(torch.autograd.Function):
             grad_x = _input_grad(dy, rows, delta, scale.detach(), grad_shift,
                                  grad_of(leaves[0]), grad_of(leaves[1]))
             grad_x = grad_x.to(grad_out.dtype).view(grad_out.shape)
+            # The rows were contiguous; the gradient takes the input's layout (channels_last
+            # convolutions consume it as it is).
+            grad_x = grad_x.contiguous(memory_format=_memory_format(saved))
         return (grad_x, None, None, *[grad_of(t) for t in leaves[2:]])
+
+
+def _memory_format(t: Tensor) -> torch.memory_format:
+    """The memory format ``t`` is laid out in (channels-last when it is and is not also
+    contiguous, as for ``C = 1`` or ``H = W = 1``)."""
+    if t.is_contiguous():
+        return torch.contiguous_format
+    for fmt, dims in ((torch.channels_last, 4), (torch.channels_last_3d, 5)):
+        if t.dim() == dims and t.is_contiguous(memory_format=fmt):
+            return fmt
+    return torch.contiguous_format
 
 
 def _input_grad(dy: Tensor, centered: Tensor, delta: Tensor, scale: Tensor, grad_shift: Tensor,
@@ -334,22 +348,8 @@ def _input_grad(dy: Tensor, centered: Tensor, delta: Tensor, scale: Tensor, grad
 #: Devices whose eager calls run the compiled plain form (Inductor: C++ / OpenMP, Triton).
 COMPILED_DEVICES = ('cpu', 'cuda')
 
-#: Compiled variants of the plain form per process (layer kinds x train/eval x dtypes x ranks).
-_RECOMPILE_LIMIT = 64
 
-_compiled = {'enabled': os.environ.get('MMNORM_COMPILE', '1') not in ('0', 'false', 'False'),
-             'fn': None, 'moments': None, 'failed': None, 'seen': set()}
-
-
-def use_compiled(enabled: bool = True) -> None:
-    """Run eager calls through the compiled plain form (the default, unless the environment
-    sets ``MMNORM_COMPILE=0``), or with public eager ops only (``False``)."""
-    _compiled['enabled'] = bool(enabled)
-
-
-def compiled_enabled() -> bool:
-    """Whether eager calls use the compiled plain form (and it has not failed to compile)."""
-    return _compiled['enabled'] and _compiled['failed'] is None
+_warned_not_module_level: set = set()
 
 
 def _plain_form(x: Tensor, *tensors: Optional[Tensor], coefficient_fn: CoefficientFn,
@@ -361,46 +361,23 @@ def _plain_form(x: Tensor, *tensors: Optional[Tensor], coefficient_fn: Coefficie
 
 
 def _run_compiled(name: str, fn: Callable, x: Tensor, *args, **kwargs):
-    """``fn`` compiled once per process (``dynamic=True``), cached on disk by Inductor. The
-    first call of each kind of input reports its compile time; a failed compilation (no C++
-    compiler, an unsupported device) warns once and turns the compiled form off for the process.
-    Returns ``None`` when it failed."""
-    if _compiled[name] is None:
-        _compiled[name] = torch.compile(fn, dynamic=True)
-    what = fn.__name__
-    if 'coefficient_fn' in kwargs:  # the normalizer's module, and its ratio function if any
-        what = '/'.join([kwargs['coefficient_fn'].__module__.split('.')[-1]] + [
-            value.__name__ for value in kwargs.values()
-            if callable(value) and value is not kwargs['coefficient_fn']])
-    key = (what, x.dtype, x.dim(), x.device.type, torch.is_grad_enabled())
-    start = time.perf_counter()
-    try:
-        # One compiled function serves every layer kind, mode and dtype in the process: more
-        # variants than Dynamo's default 8 per function, past which it would silently run the
-        # rest uncompiled. The limit is raised for these calls only.
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-            result = _compiled[name](x, *args, **kwargs)
-    except torch._dynamo.exc.BackendCompilerFailed as error:
-        # Only a failed compilation falls back (other exceptions, e.g. checkpointing's early
-        # stop of a recomputation, pass through).
-        _compiled['failed'] = f'{type(error).__name__}: {(str(error).splitlines() or [""])[0]}'
-        warnings.warn(
-            f'mmnorm: compiling the normalization layers failed ({_compiled["failed"]}); they '
-            'run with public eager ops instead (same results, slower). Set MMNORM_COMPILE=0 to '
-            'skip the attempt.', stacklevel=4)
-        return None
-    if key not in _compiled['seen']:  # the first call of this kind traced and compiled
-        _compiled['seen'].add(key)
-        print(f'mmnorm: compiled {what} for {x.dim()}-d {x.dtype} inputs on '
-              f'{x.device.type} ({"training" if torch.is_grad_enabled() else "inference"}) in '
-              f'{time.perf_counter() - start:.1f} s; cached on disk for later runs', flush=True)
-    return result
+    """``fn`` run by :data:`~mmnorm.functional.compiled.COMPILED` (``None``: it failed now)."""
+    return COMPILED.run(name, fn, _kind(fn, kwargs), x, *args, **kwargs)
+
+
+def _kind(fn: Callable, kwargs) -> str:
+    """The computation's name: the normalizer's module and its ratio function, if any."""
+    if 'coefficient_fn' not in kwargs:
+        return fn.__name__
+    return '/'.join([kwargs['coefficient_fn'].__module__.split('.')[-1]] + [
+        value.__name__ for value in kwargs.values()
+        if callable(value) and value is not kwargs['coefficient_fn']])
 
 
 def eager_channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     """:func:`channel_moments` for an eager caller, compiled where the layers' forward is
     (BCN's Algorithm 1 update uses it: one fused pass instead of four)."""
-    if not is_tracing() and _compiles(input, None):
+    if not is_tracing() and _compiles(input, None) and COMPILED.wants('moments'):
         result = _run_compiled('moments', channel_moments, input)
         if result is not None:
             return result
@@ -418,8 +395,8 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
     if coefficients is None:
         return True
     if not coefficients.module_level:
-        if coefficients.name not in _compiled['seen']:
-            _compiled['seen'].add(coefficients.name)
+        if coefficients.name not in _warned_not_module_level:
+            _warned_not_module_level.add(coefficients.name)
             warnings.warn(f'mmnorm: the coefficient function {coefficients.name} is not a '
                           'module-level function; it runs in eager ops (compiling it would '
                           'recompile on every call)', stacklevel=4)
@@ -434,7 +411,7 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
 
     Under tracing (``torch.export``, an outer ``torch.compile``, ``torch.jit.trace``) this is
     the plain form. Eager calls run the plain form compiled by ``torch.compile`` (one fused
-    kernel per pass; see :func:`use_compiled`), or, where that does not serve, public eager ops
+    kernel per pass; see :mod:`.compiled`), or, where that does not serve, public eager ops
     (:class:`_RowNormFunction` when a gradient is needed). All compute the same function.
 
     Args:
@@ -448,7 +425,7 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
         tuple: ``y`` (a new tensor shaped and typed like ``x``, not a view) and the ``aux`` dict
         of the coefficient function (detached).
     """
-    if not is_tracing() and _compiles(x, coefficients):
+    if not is_tracing() and _compiles(x, coefficients) and COMPILED.wants(coefficients.name):
         result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
                                **coefficients.options)
         if result is not None:

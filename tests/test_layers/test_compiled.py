@@ -1,7 +1,9 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""The compiled plain form (the default for eager calls outside the test suite) computes what
-the public-op forms compute: outputs, gradients, buffers, in training and eval; it falls back,
-with one warning, when compilation fails."""
+"""The compiled plain form computes what the public-op forms compute: outputs, gradients,
+buffers, in training and eval. The choice of form (mmnorm.functional.compiled): 'auto' compiles a
+kind of call only after COMPILE_AFTER calls; every failure of the compiled form (forward compile,
+backward compile, first run, recompile limit; injected through custom torch.compile backends)
+falls back to public eager ops with one warning; each new graph is reported once."""
 import copy
 import warnings
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-import mmnorm.functional.moments as core
+import mmnorm.functional.compiled as core
 from tests.helpers.layers import LAYERS, batches, make_layer
 
 
@@ -17,6 +19,19 @@ from tests.helpers.layers import LAYERS, batches, make_layer
 def compiled():
     core.use_compiled(True)
     yield
+    core.use_compiled(False)
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """A fresh choice of form (no compiled functions, counts, graphs or failures), restored
+    afterwards; Dynamo's caches cleared on both sides."""
+    saved = copy.copy(core.COMPILED.__dict__)
+    torch._dynamo.reset()
+    core.COMPILED.reset(mode='always', backend='inductor')
+    yield core.COMPILED
+    torch._dynamo.reset()
+    core.COMPILED.__dict__.update(saved)
     core.use_compiled(False)
 
 
@@ -84,24 +99,125 @@ def test_compiled_form_under_activation_checkpointing(compiled):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compile_failure_falls_back_with_one_warning(compiled, monkeypatch):
-    """A machine without a working C++ compiler: one warning, then public eager ops."""
-    import torch._inductor.config as inductor_config
-    monkeypatch.setattr(core, '_compiled', dict(core._compiled, fn=None, failed=None))
-    torch._dynamo.reset()
+def _failing_compiler(gm, example_inputs):
+    raise RuntimeError('injected: the compiler failed')
+
+
+def _backward_fails():
+    """AOTAutograd with a working forward and a failing backward compiler: the backward
+    compiles lazily, at the first backward of the graph."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                        bw_compiler=_failing_compiler)
+
+
+def _first_run_fails(gm, example_inputs):
+    """Compiles, then fails when the graph first runs (as Triton out of resources does)."""
+
+    def run(*args):
+        raise RuntimeError('injected: the kernel failed to launch')
+
+    return run
+
+
+def _train_step(layer, x, g):
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize('backend, stage', [(_failing_compiler, 'forward compile'),
+                                            ('backward', 'backward compile'),
+                                            (_first_run_fails, 'first run')])
+def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage):
+    """The compiled form fails (injected through the torch.compile backend) at each stage: one
+    warning, the training step completes, including the caller's backward() (which would raise
+    without the probe for a backward that fails to compile), and equals the public-op form;
+    later calls are silent and eager."""
+    fresh.backend = _backward_fails() if backend == 'backward' else backend
+    reference = make_layer('SN')
+    layer = copy.deepcopy(reference)
+    x, g = batches(1)[0], batches(1, seed=5)[0]
+    with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
+        ours = _train_step(layer, x, g)
+    assert not core.compiled_enabled() and 'injected' in fresh.failed, fresh.failed
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        ours_again = _train_step(layer, x, g)  # warned once; eager now
+    core.use_compiled(False)
+    torch.testing.assert_close(ours, _train_step(reference, x, g))
+    torch.testing.assert_close(ours_again, _train_step(reference, x, g))
+
+
+def test_recompile_limit_falls_back_instead_of_running_silently_uncompiled(fresh, monkeypatch):
+    monkeypatch.setattr(core, 'RECOMPILE_LIMIT', 1)
     layer = make_layer('SN_tied')
     x = batches(1)[0]
-    # Inductor's own config.patch (monkeypatching its config module does not restore it).
-    with inductor_config.patch({'cpp.cxx': ('/nonexistent/c++', ), 'fx_graph_cache': False}):
-        with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
-            y = layer(x)
-        assert not core.compiled_enabled()
-        with warnings.catch_warnings():
-            warnings.simplefilter('error')
-            layer(x)  # warned once
-    torch._dynamo.reset()
+    with torch.no_grad():
+        layer(x)  # graph 1
+        assert core.compiled_enabled() and fresh.graphs == 1
+        with pytest.warns(UserWarning, match='more than 1 compiled graphs'):
+            y = layer(x.double().float()[:, :, :3])  # a new dtype/shape: a second graph
+    assert not core.compiled_enabled()
     core.use_compiled(False)
-    torch.testing.assert_close(y, make_layer('SN_tied')(x))
+    torch.testing.assert_close(y, make_layer('SN_tied')(x[:, :, :3]))
+
+
+def test_auto_compiles_a_kind_only_after_enough_calls(fresh, monkeypatch):
+    monkeypatch.setattr(core, 'COMPILE_AFTER', 3)
+    fresh.mode = 'auto'
+    layer = make_layer('SN')
+    x = batches(1)[0]
+    with torch.no_grad():
+        for _ in range(3):
+            layer(x)
+        assert fresh.graphs == 0  # short jobs stay in public eager ops
+        layer(x)
+        assert fresh.graphs == 1
+    core.use_compiled('never')
+    with torch.no_grad():
+        layer(x)
+    assert fresh.graphs == 1 and core.compile_mode() == 'never'
+    with pytest.raises(ValueError, match='expected one of'):
+        core.use_compiled('sometimes')
+
+
+def test_each_new_graph_is_reported_once_with_its_specializations(fresh, monkeypatch):
+    messages = []
+    monkeypatch.setattr(core, 'report', lambda message, level=None: messages.append(message))
+    layer = make_layer('SN').eval()
+    with torch.no_grad():
+        for shape in ((3, 8, 5, 6), (4, 8, 7, 6), (1, 8, 5, 6), (2, 8, 1, 6)):
+            layer(torch.randn(shape))
+    assert len(messages) == 3, messages  # (4, 8, 7, 6) reuses the dynamic graph
+    assert 'size-1 dims [0]' in messages[1] and 'size-1 dims [2]' in messages[2]
+    assert all('inference' in m and ' s (graph ' in m for m in messages)
+
+
+@pytest.mark.parametrize('mode', ['never', 'always'])
+@pytest.mark.parametrize('fmt, shape', [(torch.channels_last, (2, 8, 5, 6)),
+                                        (torch.channels_last_3d, (2, 8, 3, 4, 5))])
+def test_outputs_and_gradients_keep_the_input_memory_format(fresh, mode, fmt, shape):
+    core.use_compiled(mode)
+    for name in ('SN', 'BCN'):
+        leaf = torch.randn(shape).contiguous(memory_format=fmt).requires_grad_()
+        x = leaf * 1  # a non-leaf: what reaches it is the layer's own gradient (a leaf's .grad
+        grads = []    # is restrided by autograd's accumulation)
+        x.register_hook(grads.append)
+        y = make_layer(name)(x)
+        y.backward(torch.randn(shape).contiguous(memory_format=fmt))
+        assert grads[0].is_contiguous(memory_format=fmt), (name, mode, grads[0].stride())
+        expected = make_layer(name)(x.detach().contiguous())
+        torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_env_modes():
+    assert core.CompiledForm('0').mode == 'never' and core.CompiledForm('1').mode == 'always'
+    assert core.CompiledForm('').mode == 'auto' and core.CompiledForm('auto').mode == 'auto'
+    with pytest.raises(ValueError):
+        core.CompiledForm('maybe')
 
 
 def test_compiled_form_in_two_process_training(tmp_path):

@@ -16,7 +16,7 @@ from mmnorm.analysis import select_layers
 from mmnorm.engine import find_batch_stats_layers, recompute_batch_stats
 from mmnorm.functional import (BatchStats, Coefficients, batch_statistics, normalize_rows,
                                update_running_stats)
-from mmnorm.functional.moments import use_compiled
+from mmnorm.functional import use_compiled
 from mmnorm.layers import (BatchChannelNorm, BatchStatsNorm, SwitchableNorm, SwitchableNormTied,
                            SyncBatchChannelNorm, SyncNorm, SyncSwitchableNorm,
                            SyncSwitchableNormTied, convert_sync_norm, revert_sync_norm)

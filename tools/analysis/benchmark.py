@@ -22,7 +22,8 @@ class scores), under ``torch.no_grad``. The models:
   randomly initialised (speed does not depend on the weights).
 
 ``hard`` and ``deploy`` apply to models with ratio layers. After ``--warmup`` passes over the
-images (compilation of mmnorm's layers, caches), ``--rounds`` rounds run every model over all
+images (compilation of mmnorm's layers, which run compiled from the first call here unless
+``MMNORM_COMPILE=0``; caches), ``--rounds`` rounds run every model over all
 images back to back in a shuffled order; the ratios are medians of per-round ratios to the first
 baseline (or ``soft`` without baselines), so the drift of a shared machine cancels. On a GPU the
 clock is read after ``torch.cuda.synchronize``. Without CHECKPOINT the ratios are the initial
@@ -43,6 +44,7 @@ from mmengine.config import DictAction  # noqa: E402
 
 from mmnorm.convert import hard_choices, harden_ratios, to_deploy  # noqa: E402
 from mmnorm.deploy import test_dataloader  # noqa: E402
+from mmnorm.functional import compile_mode, use_compiled  # noqa: E402
 from mmnorm.utils.config import plain_layers_config  # noqa: E402
 from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
 from mmnorm.utils.timing import device_synchronizer, time_rounds  # noqa: E402
@@ -140,6 +142,8 @@ def main(argv=None) -> dict:
         raise SystemExit('error: --num-images, --batch-size and --rounds must be >= 1')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda, but torch sees no CUDA device')
+    if compile_mode() == 'auto':
+        use_compiled(True)  # the steady state: compiled from the (untimed) warm-up passes on
     cfg = load_config(args.config, args.cfg_options)
     models = build_models(cfg, args)  # (sets the config's default scope for its datasets)
     batches = load_batches(cfg, args)

@@ -9,15 +9,21 @@
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime
 #   make study                what SN and BCN learn, on the digits: ratio and StatDiff studies
 #   make dist                 the sdist and wheel (configs and tools inside, for mim) in dist/
+#   make gpu-check            the prepared GPU check (tools/gpu_check.py; torch only, no .venv
+#                             needed): JSON + Markdown in work_dirs/gpu_check
+#   make gpu-check DEVICE=cpu ... its short mode on the CPU (CI runs it)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 NORM ?= SN
+DEVICE ?= cuda
+# The GPU machine has torch but no .venv (no OpenMMLab packages, no network): python3 there.
+CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist clean-env
+.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist gpu-check clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -58,6 +64,9 @@ benchmark: env
 # sdist, so a file missing from MANIFEST.in fails here.
 dist: env
 	$(PY) -m build --no-isolation --outdir dist .
+
+gpu-check:
+	$(CHECK_PY) tools/gpu_check.py --device $(DEVICE) --out work_dirs/gpu_check
 
 clean-env:
 	rm -rf $(VENV)

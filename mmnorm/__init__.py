@@ -6,13 +6,22 @@ a config) registers the layers, hooks, optimizer-wrapper constructor and the dig
 makes the changes outside mmnorm that such a config needs: all of them are listed, with why, in
 :mod:`mmnorm.side_effects` (and in the README, "What import mmnorm changes").
 """
-from . import analysis, datasets, engine, functional, integration, layers, side_effects, utils
+from . import functional, layers
 from .layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
                      SyncBatchChannelNorm, SyncSparseSwitchableNorm, SyncSwitchableNorm,
                      SyncSwitchableNormTied, WSConv2d, convert_sync_norm, revert_sync_norm)
 from .version import __version__, version_info
 
-side_effects.install(*side_effects.ON_IMPORT)
+try:
+    import mmengine  # noqa: F401
+except ImportError:
+    # The core alone (functional forms and layers, e.g. tools/gpu_check.py on a machine with
+    # torch only): nothing to register in, nothing changed outside mmnorm.
+    WITH_OPENMMLAB = False
+else:
+    WITH_OPENMMLAB = True
+    from . import analysis, datasets, engine, integration, side_effects, utils
+    side_effects.install(*side_effects.ON_IMPORT)
 
 __all__ = [
     '__version__', 'version_info', 'functional', 'layers', 'engine', 'integration', 'utils',

@@ -9,25 +9,31 @@ Names that somebody else already owns are never overwritten (no ``force=True`` o
 that raises a clear error instead. Re-registering *our own* class (the same module and qualified
 name, e.g. after ``importlib.reload``) replaces it silently, so re-importing mmnorm is harmless.
 """
-from typing import Callable, Type
+from typing import Any, Callable, Optional, Type
 
-from mmengine.registry import Registry
+try:
+    from mmengine.registry import MODELS
+except ImportError:  # mmnorm's core without OpenMMLab (tools/gpu_check.py): no registry
+    MODELS = None
 
-__all__ = ['register']
+__all__ = ['register', 'MODELS']
 
 
 def _same_origin(a: type, b: type) -> bool:
     return (a.__module__, a.__qualname__) == (b.__module__, b.__qualname__)
 
 
-def register(registry: Registry, name: str) -> Callable[[Type], Type]:
-    """Class decorator: register ``cls`` in ``registry`` under ``name`` (idempotent).
+def register(registry: Optional[Any], name: str) -> Callable[[Type], Type]:
+    """Class decorator: register ``cls`` in ``registry`` under ``name`` (idempotent; nothing
+    without mmengine, ``registry`` None).
 
     Raises:
         KeyError: ``name`` is already registered to a class that is not mmnorm's.
     """
 
     def decorator(cls: Type) -> Type:
+        if registry is None:
+            return cls
         existing = registry.module_dict.get(name)
         if existing is not None and existing is not cls and not _same_origin(existing, cls):
             raise KeyError(

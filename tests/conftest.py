@@ -5,11 +5,7 @@ import warnings
 import pytest
 import torch
 
-# The suite runs the layers' public-op eager forms: compiling every configuration in every test
-# process (and in the tools the tests start, which inherit this) would add minutes.
-# tests/test_layers/test_compiled.py checks the compiled form, the default outside tests,
-# against them.
-os.environ.setdefault('MMNORM_COMPILE', '0')
+import mmnorm.functional.compiled as compiled_form  # noqa: E402
 
 # Deterministic, single-threaded-safe defaults for the suite.
 torch.manual_seed(0)
@@ -57,6 +53,60 @@ def assert_close(actual, expected, dtype=None, **override):
 def make_input(shape, dtype=torch.float64, seed=0, scale=2.0, offset=0.5):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+# The suite runs the layers in the form users get by default, 'auto' (MMNORM_COMPILE unset; the
+# tools the tests start inherit it): a kind of call in public eager ops for its first
+# COMPILE_AFTER calls in a process, compiled after. Each test starts from a count of zero, as a
+# fresh job does, so every test runs the same form whatever ran before it: a short job's (public
+# ops). Tests that take the ``job`` fixture run twice, the second time as a long job meets the
+# default (past COMPILE_AFTER: compiled by Inductor); tests/test_layers/test_compiled.py checks
+# the choice itself and its failures. The terminal summary counts the tests that ran compiled.
+DEFAULT_MODE = compiled_form.COMPILED.mode
+#: Graphs compiled in this process since Dynamo's caches were last cleared (an estimate: each
+#: test counts its own); cleared before Dynamo's recompile limit (RECOMPILE_LIMIT) is near.
+_graphs_since_reset = 0
+_tests_compiled = []
+
+
+@pytest.fixture(autouse=True)
+def _default_form():
+    global _graphs_since_reset
+    if _graphs_since_reset > compiled_form.RECOMPILE_LIMIT // 2:
+        torch._dynamo.reset()
+        _graphs_since_reset = 0
+    compiled_form.COMPILED.reset(mode=DEFAULT_MODE, backend='inductor')
+    yield
+    _graphs_since_reset += compiled_form.COMPILED.graphs
+
+
+@pytest.fixture(params=['short job', 'long job'])
+def job(request, monkeypatch):
+    """The default form as a job of either length meets it: public eager ops (short), or
+    compiled once the job has made COMPILE_AFTER calls of a kind (long; the same 'auto' code
+    path, its threshold passed). A long job's test fails if the compiled form fell back."""
+    long = request.param == 'long job'
+    if long and DEFAULT_MODE == 'never':
+        pytest.skip('MMNORM_COMPILE=0 turned the compiled form off')
+    if long:
+        monkeypatch.setattr(compiled_form, 'COMPILE_AFTER', 0)
+    yield request.param
+    if long:
+        # (Calls the compiled form does not serve by design, L = 1 or N = 0, run public ops.)
+        assert compiled_form.COMPILED.failed is None, compiled_form.COMPILED.failed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    yield
+    if compiled_form.COMPILED.compiled_calls:
+        _tests_compiled.append(item.nodeid)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        f'mmnorm: {len(_tests_compiled)} tests ran the compiled form in this process '
+        f'(default mode {DEFAULT_MODE!r}; the tools the tests start are not counted)')
 
 
 @pytest.fixture

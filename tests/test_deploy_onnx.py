@@ -123,7 +123,7 @@ def _trained_looking_checkpoint(config, options, path, seed=0):
                     else:
                         param.normal_(0, 0.2, generator=gen)
                 if layer.track_running_stats:
-                    layer.stats_ready.fill_(True)  # as if batch-averaged after training
+                    layer.mark_stats_ready(True)  # as if batch-averaged after training
     model.eval()
     torch.save({'state_dict': model.state_dict(), 'meta': {}}, path)
     return cfg, model

@@ -162,10 +162,11 @@ def test_dist_train_usage_error():
 
 def test_sync_norm_and_amp_switches(tmp_path):
     """--sync-norm: SN running statistics are the global batch's, identical on both ranks;
-    --amp: bfloat16 autocast on CPU (CPUAmpOptimWrapper)."""
+    --amp: bfloat16 autocast on CPU (CPUAmpOptimWrapper). Assumes the CPU: the GPUs are hidden
+    from the launched ranks (on a GPU, mmengine would pick NCCL and AmpOptimWrapper)."""
     data = make_class_folders(str(tmp_path / 'data'))
     work = str(tmp_path / 'work')
-    env = dict(_env(), PORT=_free_port())
+    env = dict(_env(), PORT=_free_port(), CUDA_VISIBLE_DEVICES='')
     options = [f'{split}_dataloader.dataset.data_root={data}'
                for split in ('train', 'val', 'test')] + ['train_cfg.max_iters=2']
     result = subprocess.run(

@@ -22,8 +22,9 @@ training run, which under the default ``'auto'`` mode compiles after its first c
     python tools/benchmark_norms.py --no-model       # layers only (no Mask R-CNN row)
 """
 import argparse
+import contextlib
 import json
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ from torch import nn
 from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
                     WSConv2d)
 from mmnorm.layers import has_ratios
-from mmnorm.utils.timing import time_rounds
+from mmnorm.utils.timing import sample_rounds, summarize, time_rounds
 
 DEFAULT_SHAPES = ['8,64,56,56', '8,256,28,28', '2,256,100,152', '512,256,7,7']
 
@@ -88,52 +89,102 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     return sum(storages.values())
 
 
-def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+def peak_bytes(step: Callable[[], None], device) -> Optional[int]:
+    """Peak CUDA memory one training step allocates above what was allocated before it (None
+    off CUDA)."""
+    if torch.device(device).type != 'cuda':
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+#: Input variants of the tables: (autocast dtype or None, memory format).
+VARIANTS = {
+    'fp32': (None, torch.contiguous_format),
+    'fp16': (torch.float16, torch.contiguous_format),
+    'bf16': (torch.bfloat16, torch.contiguous_format),
+    'channels_last': (None, torch.channels_last),
+}
+
+
+def _autocast(device, dtype):
+    return (torch.autocast(torch.device(device).type, dtype=dtype) if dtype is not None
+            else contextlib.nullcontext())
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor,
+               autocast_dtype=None) -> Callable[[], None]:
     def step():
         layer.train()
         x.grad = None
-        layer(x).backward(grad)
+        with _autocast(x.device, autocast_dtype):
+            y = layer(x)
+        y.backward(grad.to(y.dtype))
     return step
 
 
-def eval_step(layer: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+def eval_step(layer: nn.Module, x: torch.Tensor, autocast_dtype=None) -> Callable[[], None]:
     def step():
         layer.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _autocast(x.device, autocast_dtype):
             layer(x)
     return step
 
 
 def measure(layers: Dict[str, nn.Module], shape: Tuple[int, ...], rounds: int, inner: int,
-            reference: str) -> Dict[str, Dict[str, float]]:
+            reference: str, device='cpu', variant: str = 'fp32'
+            ) -> Dict[str, Dict[str, float]]:
+    """Forward+backward and eval time of each layer on ``device`` for one input ``variant``
+    (:data:`VARIANTS`), as ratios to ``reference`` (and to ``BN`` where there is one), saved
+    activations and (on CUDA) the peak memory of a training step, as multiples of the input."""
+    autocast_dtype, memory_format = VARIANTS[variant]
+    layers = {k: m.to(device=device, memory_format=memory_format) for k, m in layers.items()}
     torch.manual_seed(0)
-    x = torch.randn(*shape).requires_grad_()
-    out_shape = layers[reference](x).shape
-    grad = torch.randn(out_shape)
-    train = time_rounds({k: train_step(m, x, grad) for k, m in layers.items()}, rounds, inner,
-                        reference)
-    infer = time_rounds({k: eval_step(m, x) for k, m in layers.items()}, rounds, inner,
-                        reference)
+    x = torch.randn(*shape).to(device).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    with _autocast(device, autocast_dtype):
+        out_shape = layers[reference](x).shape
+    grad = torch.randn(out_shape).to(device)
+    train_fns = {k: train_step(m, x, grad, autocast_dtype) for k, m in layers.items()}
+    train = sample_rounds(train_fns, rounds, inner, device=device)
+    infer = sample_rounds({k: eval_step(m, x, autocast_dtype) for k, m in layers.items()},
+                          rounds, inner, device=device)
     input_bytes = x.numel() * x.element_size()
-    return {
-        name: {
-            'train_ms': train[name][0],
-            'train_ratio': train[name][1],
-            'eval_ms': infer[name][0],
-            'eval_ratio': infer[name][1],
-            'saved_x_input': saved_bytes(layer, x) / input_bytes,
-        }
-        for name, layer in layers.items()
-    }
+    results = {}
+    for ref in [reference] + (['BN'] if 'BN' in layers and reference != 'BN' else []):
+        suffix = '' if ref == reference else '_x_bn'
+        for kind, samples in (('train', train), ('eval', infer)):
+            for name, (ms, ratio) in summarize(samples, ref).items():
+                results.setdefault(name, {})[f'{kind}_ms'] = ms
+                results[name][f'{kind}_ratio{suffix}'] = ratio
+    for name, layer in layers.items():
+        with _autocast(device, autocast_dtype):
+            results[name]['saved_x_input'] = saved_bytes(layer, x) / input_bytes
+        peak = peak_bytes(train_fns[name], device)
+        if peak is not None:
+            results[name]['peak_x_input'] = peak / input_bytes
+    return results
 
 
 def print_table(title: str, results: Dict[str, Dict[str, float]], reference: str) -> None:
     print(f'\n{title}')
-    print(f'{"layer":<9} {"fwd+bwd ms":>10} {"x " + reference:>9} {"eval ms":>9} '
-          f'{"x " + reference:>9} {"saved/input":>11}')
+    bn = all('train_ratio_x_bn' in r for r in results.values())
+    peak = all('peak_x_input' in r for r in results.values())
+    print(f'{"layer":<9} {"fwd+bwd ms":>10} {"x " + reference:>9}'
+          + (f' {"x BN":>6}' if bn else '') + f' {"eval ms":>9} {"x " + reference:>9}'
+          + (f' {"x BN":>6}' if bn else '') + f' {"saved/input":>11}'
+          + (f' {"peak/input":>10}' if peak else ''))
     for name, r in results.items():
-        print(f'{name:<9} {r["train_ms"]:>10.2f} {r["train_ratio"]:>9.2f} '
-              f'{r["eval_ms"]:>9.2f} {r["eval_ratio"]:>9.2f} {r["saved_x_input"]:>11.2f}')
+        print(f'{name:<9} {r["train_ms"]:>10.3f} {r["train_ratio"]:>9.2f}'
+              + (f' {r["train_ratio_x_bn"]:>6.2f}' if bn else '')
+              + f' {r["eval_ms"]:>9.3f} {r["eval_ratio"]:>9.2f}'
+              + (f' {r["eval_ratio_x_bn"]:>6.2f}' if bn else '')
+              + f' {r["saved_x_input"]:>11.2f}'
+              + (f' {r["peak_x_input"]:>10.2f}' if peak else ''))
 
 
 def _resnet50(norm: str, conv_cfg=None):
@@ -325,6 +376,12 @@ def main() -> None:
                         help='skip the whole-model row (demo Mask R-CNN training iteration)')
     parser.add_argument('--model-rounds', type=int, default=7,
                         help='timing rounds of the whole-model row')
+    parser.add_argument('--device', default='cpu',
+                        help='cpu or cuda[:i]: the layer tables on that device (CUDA: GPU time '
+                        'from CUDA events after warm-up, peak memory per step)')
+    parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=None,
+                        help='input variants of the layer tables: fp32, fp16 / bf16 (autocast), '
+                        'channels_last (default: fp32 on the CPU, all of them on CUDA)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--json', help='write all numbers to this JSON file')
     args = parser.parse_args()
@@ -337,15 +394,24 @@ def main() -> None:
           f'{args.rounds} rounds x {args.inner} calls, median; mmnorm layers '
           f'{"compiled" if compiled_enabled() else "in public eager ops (MMNORM_COMPILE=0)"}')
     report = {}
+    device = torch.device(args.device)
+    variants = args.variants or (list(VARIANTS) if device.type == 'cuda' else ['fp32'])
+    if device.type == 'cuda':
+        print(f'device {torch.cuda.get_device_name(device)}: GPU times (CUDA events)')
     for text in args.shapes:
         shape = tuple(int(v) for v in text.split(','))
-        results = measure(norm_layers(shape[1]), shape, args.rounds, args.inner, 'GN')
-        print_table(f'norms, input {shape}', results, 'GN')
-        report[f'norm {text}'] = results
-        if not args.no_conv:
-            conv = measure(conv_layers(shape[1]), shape, max(3, args.rounds // 2), 1, 'Conv2d')
-            print_table(f'3x3 conv {shape[1]}->{shape[1]}, input {shape}', conv, 'Conv2d')
-            report[f'conv {text}'] = conv
+        for variant in variants:
+            key = text if variant == 'fp32' else f'{text} {variant}'
+            results = measure(norm_layers(shape[1]), shape, args.rounds, args.inner, 'GN',
+                              device, variant)
+            print_table(f'norms, input {shape} {variant} on {device}', results, 'GN')
+            report[f'norm {key}'] = results
+            if not args.no_conv:
+                conv = measure(conv_layers(shape[1]), shape, max(3, args.rounds // 2), 1,
+                               'Conv2d', device, variant)
+                print_table(f'3x3 conv {shape[1]}->{shape[1]}, input {shape} {variant} on '
+                            f'{device}', conv, 'Conv2d')
+                report[f'conv {key}'] = conv
     if not args.no_model:
         results = measure_demo_model(args.model_rounds)
         print('\nDemo Mask R-CNN (R-18 FPN, 2 images of 128x128), one training iteration')

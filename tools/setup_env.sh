@@ -10,6 +10,8 @@
 #   VENV=.venv          where the environment lives
 #   PYTHON=python3      interpreter used to create it (>= 3.10; tested: 3.11)
 #   MAX_JOBS=<nproc>    parallel compile jobs for the mmcv build
+#   MMNORM_MMCV_CUDA=auto   mmcv's CUDA ops: auto = when torch is a CUDA build, nvcc is on PATH
+#                       (or in CUDA_HOME) and torch sees a GPU; 1 / 0 force them on / off
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -72,24 +74,63 @@ nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 print(f'[mmnorm setup] torch {torch.__version__}, torchvision {torchvision.__version__}: ops load')
 EOF
 
-mmcv_ok() { "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; }
-if mmcv_ok; then
-    say "step 3/5: mmcv 2.1.0 with ops already installed"
+# mmcv's ops for the device: CUDA kernels (RoIAlign, NMS, ... on GPUs) when torch is a CUDA
+# build, nvcc is there and torch sees a GPU; else C++ only. MMNORM_MMCV_CUDA=1 / 0 forces it
+# (building the CUDA kernels takes about an hour on 2 cores: not done on a machine without a GPU
+# unless asked for).
+want_cuda() {
+    case "${MMNORM_MMCV_CUDA:-auto}" in
+        1|true|yes) return 0 ;;
+        0|false|no) return 1 ;;
+    esac
+    command -v nvcc >/dev/null || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] || return 1
+    "$PY" -c 'import sys, torch; sys.exit(not (torch.version.cuda and torch.cuda.is_available()))'
+}
+# 'cuda <version>', 'cpu', or nothing when mmcv 2.1.0's ops do not import.
+mmcv_ops() {
+    "$PY" - <<'EOF' 2>/dev/null
+import mmcv
+from mmcv.ops import get_compiling_cuda_version, nms  # noqa: F401  (needs mmcv._ext)
+assert mmcv.__version__ == '2.1.0'
+version = get_compiling_cuda_version()
+print('cpu' if version == 'not available' else f'cuda {version}')
+EOF
+}
+if want_cuda; then wanted=cuda; else wanted=cpu; fi
+have=$(mmcv_ops || true)
+if [ -n "$have" ] && { [ "$wanted" = cpu ] || [ "${have%% *}" = cuda ]; }; then
+    say "step 3/5: mmcv 2.1.0 with ops already installed ($have ops)"
 else
     jobs=${MAX_JOBS:-$(nproc)}
     # Python's CFLAGS carry -g: debug info for ~170 sources that include torch's headers doubles
     # the compile time (measured 25 s -> 13 s for one file) and is no use in a wheel. -g0 last wins.
     cflags="${CFLAGS:-$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("CFLAGS") or "")')} -g0"
     export CFLAGS="$cflags"
-    say "step 3/5: building mmcv 2.1.0 with its C++ ops from source (about 10 min on 2 cores; pip caches the wheel)"
-    MMCV_WITH_OPS=1 MAX_JOBS=$jobs pip_install --no-build-isolation mmcv==2.1.0
-    if ! mmcv_ok; then
-        # A wheel cached from a build against another torch fails with undefined symbols: rebuild it.
-        say "mmcv ops do not load (stale cached wheel?); rebuilding without the cache"
-        MMCV_WITH_OPS=1 MAX_JOBS=$jobs pip_install --no-build-isolation --no-cache-dir \
+    if [ "$wanted" = cuda ]; then
+        # pip's wheel cache does not tell a CPU-only wheel of mmcv 2.1.0 from a CUDA one: skip it.
+        say "step 3/5: building mmcv 2.1.0 with its CUDA and C++ ops from source (torch CUDA $("$PY" -c 'import torch; print(torch.version.cuda)'); about an hour on 2 cores)"
+        FORCE_CUDA=1 MMCV_WITH_OPS=1 MAX_JOBS=$jobs pip_install --no-build-isolation --no-cache-dir \
             --force-reinstall --no-deps mmcv==2.1.0
-        mmcv_ok || die "mmcv 2.1.0 ops still do not import; see the build log above"
+    else
+        if [ "${MMNORM_MMCV_CUDA:-auto}" = auto ]; then
+            why="no GPU, CUDA torch or nvcc here; MMNORM_MMCV_CUDA=1 forces them"
+        else
+            why="MMNORM_MMCV_CUDA=${MMNORM_MMCV_CUDA}"
+        fi
+        say "step 3/5: building mmcv 2.1.0 with its C++ ops from source, no CUDA ops ($why; about 10 min on 2 cores; pip caches the wheel)"
+        MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$jobs pip_install --no-build-isolation mmcv==2.1.0
+        if [ -z "$(mmcv_ops || true)" ]; then
+            # A wheel cached from a build against another torch fails with undefined symbols.
+            say "mmcv ops do not load (stale cached wheel?); rebuilding without the cache"
+            MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$jobs pip_install --no-build-isolation \
+                --no-cache-dir --force-reinstall --no-deps mmcv==2.1.0
+        fi
     fi
+    have=$(mmcv_ops || true)
+    [ -n "$have" ] || die "mmcv 2.1.0 ops do not import; see the build log above"
+    [ "$wanted" = cpu ] || [ "${have%% *}" = cuda ] \
+        || die "mmcv 2.1.0 was built without its CUDA ops although they were asked for (nvcc, CUDA_HOME?)"
+    say "mmcv 2.1.0 built with $have ops"
 fi
 
 say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint, analysis and packaging tools"

@@ -276,8 +276,7 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
                 continue
             layer.running_var.copy_(var.to(layer.running_var.dtype))
             if isinstance(layer, BatchStatsNorm):
-                layer.stats_ready.fill_(True)
-                layer._stale_warned = False
+                layer.mark_stats_ready(True)
     if stale:
         print_log(f'recompute_batch_stats: {len(stale)} layer(s) saw a single value per channel '
                   f'in all; their running variance cannot be estimated, is kept, and they are '

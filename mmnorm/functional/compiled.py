@@ -99,6 +99,8 @@ class CompiledForm:
         self._functions: Dict[str, Callable] = {}
         self._calls: Dict[str, int] = {}
         self._graphs: set = set()
+        #: Calls that ran compiled so far.
+        self.compiled_calls = 0
 
     def reset(self, mode: Any = None, backend: Any = None) -> None:
         """Forget compiled functions, counts, reported graphs and failures (for tests)."""
@@ -147,6 +149,10 @@ class CompiledForm:
                 result = compiled(x, *args, **kwargs)
                 if new:
                     self._probe_backward(compiled, x, args, kwargs, result)
+        except _BackwardFailed as error:
+            self._give_up(f'the backward of a new graph failed to compile or run: '
+                          f'{_summary(error.__cause__)}')
+            return None
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             self._give_up(f'more than {RECOMPILE_LIMIT} compiled graphs would be needed')
             return None
@@ -158,6 +164,7 @@ class CompiledForm:
                 raise
             self._give_up(f'a new graph failed on its first run: {_summary(error)}')
             return None
+        self.compiled_calls += 1
         if new:
             self._graphs.add(key)
             ones = f', size-1 dims {list(key[5])}' if key[5] else ''
@@ -191,14 +198,23 @@ class CompiledForm:
             probe = [t for t in _tensors(compiled(*leaves, **kwargs)) if t.requires_grad]
             inputs = [t for t in leaves if isinstance(t, Tensor) and t.requires_grad]
             if probe and inputs:
-                torch.autograd.grad(probe, inputs, [torch.ones_like(t) for t in probe],
-                                    allow_unused=True)
+                try:
+                    torch.autograd.grad(probe, inputs, [torch.ones_like(t) for t in probe],
+                                        allow_unused=True)
+                except Exception as error:
+                    if _stop_recomputation(error):
+                        raise
+                    raise _BackwardFailed() from error
 
     def _give_up(self, why: str) -> None:
         self.failed = why
         warnings.warn(f'mmnorm: compiling the normalization layers failed ({why}); they run with '
                       'public eager ops from now on (same results, slower). Set MMNORM_COMPILE=0 '
                       'to skip the attempt.', stacklevel=5)
+
+
+class _BackwardFailed(Exception):
+    """The probe's backward failed (the cause is the error)."""
 
 
 def _tensors(result) -> list:

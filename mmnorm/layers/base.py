@@ -118,6 +118,10 @@ class BatchStatsNorm(nn.Module):
             self.register_buffer('running_var', None)
             self.register_buffer('num_batches_tracked', None)
             self.register_buffer('stats_ready', None)
+        # A host copy of ``stats_ready``: an eval forward reads it without waiting for the
+        # device (``bool()`` of a CUDA tensor is a host-device sync). Written with the buffer by
+        # :meth:`mark_stats_ready`, read back from the buffer on loading.
+        self._stats_ready = False
 
     #: The ratio function of a normalizer that mixes others (None: it does not), as a
     #: ``staticmethod`` of a module-level function.
@@ -206,7 +210,18 @@ class BatchStatsNorm(nn.Module):
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
-            self.stats_ready.fill_(False)
+            self.mark_stats_ready(False)
+
+    def mark_stats_ready(self, ready: bool = True) -> None:
+        """Record whether the running buffers hold a batch average computed after training
+        (:func:`mmnorm.engine.recompute_batch_stats` marks them): the ``stats_ready`` buffer,
+        saved with the weights, and its host copy, which eval forwards read. Write it through
+        this method, not by filling the buffer."""
+        if self.track_running_stats:
+            self.stats_ready.fill_(bool(ready))
+            self._stats_ready = bool(ready)
+            if ready:  # a new batch average: warn again if it goes stale
+                self._stale_warned = False
 
     def _batch_stats_state(self, input: Tensor
                            ) -> Tuple[Optional[Tensor], Optional[Tensor], bool,
@@ -229,7 +244,7 @@ class BatchStatsNorm(nn.Module):
             momentum = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
                         if self.momentum is None else self.momentum)
             # The running buffers move away from any recomputed batch average.
-            self.stats_ready.fill_(False)
+            self.mark_stats_ready(False)
         if not self.training:
             self._check_eval_stats()
         use_batch_stats = self.training or self.running_mean is None
@@ -243,8 +258,10 @@ class BatchStatsNorm(nn.Module):
         return None
 
     def _check_eval_stats(self) -> None:
+        # The host copy of stats_ready (modules pickled by older versions have none).
         if (self.eval_stats == 'batch_average' and not is_tracing()
-                and not getattr(self, '_stale_warned', False) and not bool(self.stats_ready)):
+                and not getattr(self, '_stale_warned', False)
+                and not getattr(self, '_stats_ready', False)):
             self._stale_warned = True
             warnings.warn(_STALE_STATS_MSG, stacklevel=4)
 
@@ -260,6 +277,8 @@ class BatchStatsNorm(nn.Module):
                                       unexpected_keys, error_msgs)
         if self.track_running_stats:
             self._stale_warned = False
+            # Loading is not a forward: reading the loaded buffer here is the one sync it costs.
+            self._stats_ready = bool(self.stats_ready)
 
 
 

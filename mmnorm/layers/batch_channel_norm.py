@@ -15,12 +15,11 @@ import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
                           check_num_groups, check_rate, in_recomputation, is_tracing)
-from ..registry import register
+from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
 
 __all__ = ['BatchChannelNorm', 'SyncBatchChannelNorm']
@@ -116,6 +115,10 @@ class BatchChannelNorm(BatchStatsNorm):
         if estimate:
             self.register_buffer('estimate_rate',
                                  torch.zeros((), device=device, dtype=torch.float32))
+        # A host copy of the rate, for the zero-rate check of the first step: reading the
+        # buffer there would be a host-device sync. Written by set_estimate_rate(), read back
+        # from the buffer on loading.
+        self._estimate_rate = 0.0
         self._zero_rate_checked = False
         self.reset_parameters()
 
@@ -135,15 +138,20 @@ class BatchChannelNorm(BatchStatsNorm):
             raise RuntimeError('set_estimate_rate() applies to BCN layers with estimate=True')
         check_rate(rate, 'the estimate rate')
         self.estimate_rate.fill_(rate)
+        self._estimate_rate = float(rate)
 
     def _check_rate(self) -> None:
-        # Reading the rate synchronizes with an accelerator and cannot be traced: check the first
-        # training step only, eagerly.
+        # The first training step only, eagerly, from the host copy of the rate.
         if self._zero_rate_checked or is_tracing():
             return
         self._zero_rate_checked = True
-        if float(self.estimate_rate) == 0.0:
+        if getattr(self, '_estimate_rate', None) == 0.0:
             warnings.warn(_ZERO_RATE_MSG, stacklevel=3)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.estimate:  # loading is not a forward: the one read of the buffer
+            self._estimate_rate = float(self.estimate_rate)
 
     def forward(self, input: Tensor) -> Tensor:
         check_norm_input(input, self.num_features)  # before any bookkeeping

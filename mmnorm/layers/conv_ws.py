@@ -1,10 +1,9 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Weight-standardized convolution: ``WSConv`` (for ``conv_cfg``)."""
-from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..functional import standardize_weight
-from ..registry import register
+from ..registry import MODELS, register
 
 __all__ = ['WSConv2d']
 

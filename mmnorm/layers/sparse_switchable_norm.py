@@ -17,12 +17,11 @@ import warnings
 from typing import Any, Dict, Tuple
 
 import torch
-from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
 from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choices
-from ..registry import register
+from ..registry import MODELS, register
 from .base import SyncNorm
 from .switchable_norm import SwitchableNorm
 

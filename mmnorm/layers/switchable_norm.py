@@ -15,11 +15,10 @@ CC-BY-NC-4.0 and none of its code is used.
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from mmengine.registry import MODELS
 from torch import Tensor, nn
 
 from ..functional import MIX_MODES, NORMALIZERS, check_norm_input, mix_normalizers, softmax_ratios
-from ..registry import register
+from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
 
 __all__ = ['SwitchableNorm', 'SwitchableNormTied', 'SyncSwitchableNorm', 'SyncSwitchableNormTied',

@@ -40,6 +40,10 @@ def _rebuild(layer: BatchStatsNorm, cls: Type[BatchStatsNorm], **extra) -> Batch
         new._parameters[name] = param
     for name, buffer in layer.named_buffers(recurse=False):
         new._buffers[name] = buffer
+    # Host copies of buffers (read by forwards without a host-device sync).
+    for name in ('_stats_ready', '_estimate_rate'):
+        if hasattr(layer, name):
+            setattr(new, name, getattr(layer, name))
     return new.train(layer.training)
 
 

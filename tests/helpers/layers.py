@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
+from tests import oracles
 
 CHANNELS = 8
 
@@ -56,3 +57,21 @@ def train_steps(layer: nn.Module, count: int = 3, seed: int = 100) -> nn.Module:
     for x in batches(count, seed=seed):
         layer(x.to(next(layer.parameters()).device))
     return layer
+
+
+def float64_oracle(layer: nn.Module, x: torch.Tensor, differentiable: bool = False
+                   ) -> torch.Tensor:
+    """Float64 oracle of a layer in train mode (batch statistics). ``differentiable``: the
+    layer's own (float64) parameters are used, so that gradients reach them."""
+    p = {n: t if differentiable else t.detach().double() for n, t in layer.named_parameters()}
+    if isinstance(layer, BatchChannelNorm):
+        return oracles.bcn(x, layer.num_groups, p['weight'], p['bias'], p['bn_weight'],
+                           p['bn_bias'], eps=layer.eps)
+    if 'mean_scores' in p:  # SSN: SparsestMax ratios at the layer's radius
+        ratios = [oracles.sparsestmax(p[k].cpu(), float(layer.radius))
+                  for k in ('mean_scores', 'var_scores')]
+        return oracles.mixture(x, *ratios, p['weight'].cpu(), p['bias'].cpu(), eps=layer.eps,
+                               mix=layer.mix)
+    ml = p.get('logits', p.get('mean_logits'))
+    vl = p.get('logits', p.get('var_logits'))
+    return oracles.sn(x, ml, vl, p['weight'], p['bias'], eps=layer.eps, mix=layer.mix)

@@ -8,7 +8,7 @@ from mmnorm.layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNor
                            SwitchableNormTied, SyncBatchChannelNorm, SyncSparseSwitchableNorm,
                            SyncSwitchableNorm, SyncSwitchableNormTied, convert_sync_norm,
                            revert_sync_norm)
-from tests.helpers.distributed import run_on_gloo
+from tests.helpers.distributed import rank_device, run_distributed
 
 PAIRS = {
     'SN': (SwitchableNorm, SyncSwitchableNorm, {}),
@@ -44,22 +44,25 @@ def _check_case(rank, world, name, sizes, dtype):
     y_full = reference(x_full)
     y_full.backward(grad)
 
-    sync = _layer(sync_cls, kwargs, dtype)
-    x = full[shard].to(dtype).requires_grad_()
+    # The synchronized layer on this rank's device; the reference on the CPU in float64.
+    device = rank_device()
+    sync = _layer(sync_cls, kwargs, dtype).to(device)
+    x = full[shard].to(device, dtype).requires_grad_()
     y = sync(x)
-    y.backward(grad[shard].to(dtype))
+    y.backward(grad[shard].to(device, dtype))
     tol = TOL if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(y.double(), y_full[shard].detach(), **tol)
-    torch.testing.assert_close(x.grad.double(), x_full.grad[shard], **tol)
+    torch.testing.assert_close(y.cpu().double(), y_full[shard].detach(), **tol)
+    torch.testing.assert_close(x.grad.cpu().double(), x_full.grad[shard], **tol)
     for (pname, p), (_, p_ref) in zip(sync.named_parameters(), reference.named_parameters()):
         g = p.grad.clone()
         dist.all_reduce(g)  # DDP would average: the sum is the full-batch gradient
-        torch.testing.assert_close(g.double(), p_ref.grad, **tol, msg=lambda m: f'{pname}: {m}')
-    torch.testing.assert_close(sync.running_mean.double(), reference.running_mean, **tol)
-    torch.testing.assert_close(sync.running_var.double(), reference.running_var, **tol)
+        torch.testing.assert_close(g.cpu().double(), p_ref.grad, **tol,
+                                   msg=lambda m: f'{pname}: {m}')
+    torch.testing.assert_close(sync.running_mean.cpu().double(), reference.running_mean, **tol)
+    torch.testing.assert_close(sync.running_var.cpu().double(), reference.running_var, **tol)
     # Eval: no communication, running statistics, same as the local layer.
     sync.eval(), reference.eval()
-    torch.testing.assert_close(sync(full[shard].to(dtype)).double(),
+    torch.testing.assert_close(sync(full[shard].to(device, dtype)).cpu().double(),
                                reference(full[shard]).detach(), **tol)
 
 
@@ -77,8 +80,9 @@ def _worker(rank, world, out_dir):
     assert type(revert_sync_norm(model)[0]) is SwitchableNorm
 
 
-def test_sync_layers_on_shards_equal_local_layers_on_full_batch():
-    run_on_gloo(_worker)
+def test_sync_layers_on_shards_equal_local_layers_on_full_batch(device):
+    """Two ranks on each available device (on one GPU: gloo, tests/helpers/distributed.py)."""
+    run_distributed(_worker, device=device.type)
 
 
 def test_sync_layers_without_process_group_equal_local():

@@ -109,7 +109,7 @@ class TestExceptions:
 class TestNumerics:
 
     @pytest.mark.parametrize('shape', SHAPES)
-    def test_forward_and_gradients_match_oracle(self, shape):
+    def test_forward_and_gradients_match_oracle(self, shape, job):
         bcn = _bcn()
         x = make_input(shape).requires_grad_()
         y = bcn(x)
@@ -167,7 +167,7 @@ class TestEstimated:
     """Algorithm 1: estimates updated at rate r before normalizing; no gradient through them."""
 
     @pytest.mark.parametrize('shape', SHAPES)
-    def test_algorithm1_steps_and_outputs(self, shape):
+    def test_algorithm1_steps_and_outputs(self, shape, job):
         rate = 0.25
         bcn = _bcn(estimate=True)
         bcn.set_estimate_rate(rate)
@@ -226,7 +226,7 @@ class TestEdgeCases:
 
     @pytest.mark.parametrize('estimate', [False, True])
     @pytest.mark.parametrize('shape', [(1, 8, 4, 4), (4, 8, 1, 1), (1, 8, 1, 1), (3, 8)])
-    def test_finite(self, estimate, shape):
+    def test_finite(self, estimate, shape, job):
         bcn = BatchChannelNorm(8, num_groups=4, estimate=estimate)
         if estimate:
             bcn.set_estimate_rate(0.1)

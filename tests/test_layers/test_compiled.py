@@ -12,6 +12,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import mmnorm.functional.compiled as core
+from tests.helpers.compile_failures import backward_fails, failing_compiler, first_run_fails
 from tests.helpers.layers import LAYERS, batches, make_layer
 
 
@@ -99,28 +100,6 @@ def test_compiled_form_under_activation_checkpointing(compiled):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def _failing_compiler(gm, example_inputs):
-    raise RuntimeError('injected: the compiler failed')
-
-
-def _backward_fails():
-    """AOTAutograd with a working forward and a failing backward compiler: the backward
-    compiles lazily, at the first backward of the graph."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                        bw_compiler=_failing_compiler)
-
-
-def _first_run_fails(gm, example_inputs):
-    """Compiles, then fails when the graph first runs (as Triton out of resources does)."""
-
-    def run(*args):
-        raise RuntimeError('injected: the kernel failed to launch')
-
-    return run
-
-
 def _train_step(layer, x, g):
     x = x.clone().requires_grad_()
     y = layer(x)
@@ -128,15 +107,15 @@ def _train_step(layer, x, g):
     return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
 
 
-@pytest.mark.parametrize('backend, stage', [(_failing_compiler, 'forward compile'),
+@pytest.mark.parametrize('backend, stage', [(failing_compiler, 'forward compile'),
                                             ('backward', 'backward compile'),
-                                            (_first_run_fails, 'first run')])
+                                            (first_run_fails, 'first run')])
 def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage):
     """The compiled form fails (injected through the torch.compile backend) at each stage: one
     warning, the training step completes, including the caller's backward() (which would raise
     without the probe for a backward that fails to compile), and equals the public-op form;
     later calls are silent and eager."""
-    fresh.backend = _backward_fails() if backend == 'backward' else backend
+    fresh.backend = backward_fails() if backend == 'backward' else backend
     reference = make_layer('SN')
     layer = copy.deepcopy(reference)
     x, g = batches(1)[0], batches(1, seed=5)[0]

@@ -10,38 +10,22 @@ import mmnorm.functional.moments as core
 from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
 from tests import oracles
 from tests.conftest import assert_close
-from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+from tests.helpers.layers import LAYERS, batches, float64_oracle, make_layer, train_steps
 
 
 def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).abs().max())
 
 
-def _oracle(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Float64 oracle of a layer in train mode (batch statistics)."""
-    p = {n: t.detach().double() for n, t in layer.named_parameters()}
-    if isinstance(layer, BatchChannelNorm):
-        return oracles.bcn(x, layer.num_groups, p['weight'], p['bias'], p['bn_weight'],
-                           p['bn_bias'], eps=layer.eps)
-    if 'mean_scores' in p:  # SSN: SparsestMax ratios at the layer's radius
-        ratios = [oracles.sparsestmax(p[k].cpu(), float(layer.radius))
-                  for k in ('mean_scores', 'var_scores')]
-        return oracles.mixture(x, *ratios, p['weight'].cpu(), p['bias'].cpu(), eps=layer.eps,
-                               mix=layer.mix)
-    ml = p.get('logits', p.get('mean_logits'))
-    vl = p.get('logits', p.get('var_logits'))
-    return oracles.sn(x, ml, vl, p['weight'], p['bias'], eps=layer.eps, mix=layer.mix)
-
-
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SN_std', 'BCN', 'SSN'])
-def test_half_precision_error_within_twice_torch_norms(name, dtype):
+def test_half_precision_error_within_twice_torch_norms(name, dtype, job):
     # Values offset from their mean: an affine map rounded before it is applied loses them.
     gen = torch.Generator().manual_seed(0)
     x = ((torch.randn(4, 8, 6, 6, generator=gen) + 30).to(dtype))
     exact = x.double()
     layer = make_layer(name)
-    ours = _max_error(layer(x), _oracle(layer, exact))
+    ours = _max_error(layer(x), float64_oracle(layer, exact))
     bn, gn = nn.BatchNorm2d(8), nn.GroupNorm(4, 8)
     torch_error = max(_max_error(bn(x), bn.double()(exact)),
                       _max_error(gn(x), gn.double()(exact)))
@@ -70,7 +54,7 @@ def test_bcn_zero_variance_channels_as_accurate_as_bn_then_gn(value, batch):
     mixed = torch.randn(batch, 8, 5, 5, generator=gen) * 2
     mixed[:, ::3] = value  # some channels constant over the batch and space
     for x in (torch.full((batch, 8, 5, 5), value), mixed):
-        exact = _oracle(bcn, x.double())
+        exact = float64_oracle(bcn, x.double())
         ours = _max_error(bcn(x), exact)
         theirs = _max_error(_bn_then_gn(bcn, x), exact)
         assert ours <= 2 * theirs + 1e-6, (ours, theirs)
@@ -121,7 +105,7 @@ def test_traced_form_equals_eager_training_form(monkeypatch, name):
 
 
 @pytest.mark.parametrize('name', list(LAYERS))
-def test_layer_on_device_matches_float64_oracle(name, device):
+def test_layer_on_device_matches_float64float64_oracle(name, device, job):
     layer = make_layer(name, device=device)
     if name.endswith('est'):  # estimates are checked against Algorithm 1 in their own tests
         layer.eval()
@@ -135,7 +119,7 @@ def test_layer_on_device_matches_float64_oracle(name, device):
                                p['bn_bias'], bn_stats=(layer.running_mean.double().cpu(),
                                                        layer.running_var.double().cpu()))
     else:
-        expected = _oracle(layer, x.double())
+        expected = float64_oracle(layer, x.double())
     assert_close(y.cpu(), expected)
     y.square().sum().backward()
     assert torch.isfinite(x_dev.grad).all()
@@ -152,5 +136,5 @@ def test_layer_called_twice_before_backward(cls):
     (layer(a).sum() + layer(b).square().sum()).backward()
     for x, loss in ((a, lambda y: y.sum()), (b, lambda y: y.square().sum())):
         x_ref = x.detach().clone().requires_grad_()
-        loss(_oracle(layer, x_ref)).backward()
+        loss(float64_oracle(layer, x_ref)).backward()
         assert_close(x.grad, x_ref.grad)

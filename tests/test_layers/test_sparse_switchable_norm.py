@@ -133,7 +133,7 @@ class TestLayer:
     @pytest.mark.parametrize('using_bn', [True, False])
     @pytest.mark.parametrize('shape', [(4, 6, 5), (3, 6, 4, 5), (2, 6, 3, 2, 3)])
     @pytest.mark.parametrize('in_unbiased', [False, True])
-    def test_against_oracle_train_and_eval(self, using_bn, shape, in_unbiased):
+    def test_against_oracle_train_and_eval(self, using_bn, shape, in_unbiased, job):
         layer = _layer(using_bn, in_unbiased=in_unbiased)
         x = make_input(shape)
         ratios = [oracles.sparsestmax(s.detach(), 0.3) for s in (layer.mean_scores,

@@ -149,7 +149,7 @@ class TestNumerics:
     @pytest.mark.parametrize('mix', ['var', 'std'])
     @pytest.mark.parametrize('cls', [SwitchableNorm, SwitchableNormTied])
     @pytest.mark.parametrize('using_bn', [True, False])
-    def test_forward_and_gradients_match_oracle(self, shape, mix, cls, using_bn):
+    def test_forward_and_gradients_match_oracle(self, shape, mix, cls, using_bn, job):
         sn = _sn_with_params(cls, mix=mix, using_bn=using_bn)
         x = make_input(shape).requires_grad_()
         ml, vl = _logits(sn)
@@ -169,7 +169,7 @@ class TestNumerics:
             assert_close(p.grad, params_ref[name].grad, msg=lambda m, n=name: f'{n}: {m}')
 
     @pytest.mark.parametrize('shape', SHAPES)
-    def test_running_buffers_and_eval_match_oracle(self, shape):
+    def test_running_buffers_and_eval_match_oracle(self, shape, job):
         momentum = 0.3
         sn = _sn_with_params(momentum=momentum)
         running_mean = torch.zeros(6, dtype=torch.float64)
@@ -287,7 +287,7 @@ class TestEdgeCases:
 
     @pytest.mark.parametrize('shape', [(1, 6, 4, 4), (5, 6, 1, 1), (1, 6, 1, 1), (4, 6)])
     @pytest.mark.parametrize('cls', [SwitchableNorm, SwitchableNormTied])
-    def test_single_sample_or_pixel_is_finite(self, shape, cls):
+    def test_single_sample_or_pixel_is_finite(self, shape, cls, job):
         sn = cls(6)
         x = torch.randn(shape, requires_grad=True)
         y = sn(x)
@@ -318,7 +318,7 @@ class TestEdgeCases:
         torch.testing.assert_close(y32.double(), expected, rtol=1e-3, atol=2e-3)
 
     @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
-    def test_autocast_and_half_inputs(self, dtype):
+    def test_autocast_and_half_inputs(self, dtype, job):
         sn = _sn_with_params().float()
         x = make_input((4, 6, 5, 5), dtype=torch.float32)
         expected = sn(x)

@@ -1,0 +1,137 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""tools/gpu_check.py, the prepared GPU check, in its CPU short mode (CI also runs all of it:
+make gpu-check DEVICE=cpu): sections stop before their budgets, failures are rows with their
+error (exit code 1), the JSON and Markdown reports; mmnorm's core imports without OpenMMLab;
+tools/benchmark_norms.py's device options; the distributed helpers' backend choice."""
+import json
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.helpers.distributed import backend_and_devices
+
+
+@pytest.fixture(scope='module')
+def gpu_check():
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import gpu_check
+    return gpu_check
+
+
+class _Clock:
+    """A clock that the cases advance (each takes 3 s)."""
+    now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+
+def test_sections_stop_before_their_budget(gpu_check, monkeypatch):
+    clock = _Clock()
+    monkeypatch.setattr(gpu_check, 'time', clock)
+    section = gpu_check.Section('s', budget=8)
+    ran = []
+
+    def case(i):
+        clock.now += 3
+        ran.append(i)
+        return {}
+
+    for i in section.cases(range(10)):
+        section.run(str(i), lambda: case(i))
+    # 0 (0 -> 3 s), 1 (3 + 3 <= 8), not 2 (6 + 3 > 8: it would end past the budget)
+    assert ran == [0, 1] and section.not_run == [str(i) for i in range(2, 10)]
+    assert section.summary()['passed'] == 2
+
+
+def test_a_failing_case_is_a_row_and_the_check_goes_on(gpu_check):
+    section = gpu_check.Section('s', budget=10)
+    section.run('bad', lambda: 1 / 0)
+    section.run('bound', lambda: dict(err=1.0, ok=False))
+    section.run('good', lambda: dict(err=0.0))
+    rows = section.summary()['rows']
+    assert [r['ok'] for r in rows] == [False, False, True]
+    assert 'ZeroDivisionError' in rows[0]['error'] and section.failures == 2
+
+
+def test_short_mode_writes_json_and_markdown(gpu_check, tmp_path, capsys):
+    code = gpu_check.main(['--device', 'cpu', '--sections', 'environment', 'fallbacks',
+                           'distributed', '--out', str(tmp_path)])
+    assert code == 0, capsys.readouterr().out[-3000:]
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert report['short'] and report['failed'] == 0
+    names = [s['name'] for s in report['sections']]
+    assert names == ['environment', 'fallbacks', 'distributed']
+    fallbacks = report['sections'][1]['rows']
+    assert [r['case'] for r in fallbacks] == ['forward compile', 'backward compile', 'first run']
+    assert all(r['warnings'] == 1 and r['same_as_public'] for r in fallbacks)
+    text = (tmp_path / 'gpu_check.md').read_text()
+    assert '| fallbacks | 3 | 0 | 0 |' in text and '## distributed' in text
+
+
+def test_a_failed_case_fails_the_check(gpu_check, tmp_path, monkeypatch):
+    monkeypatch.setitem(gpu_check.TOLERANCE, torch.float32, (0.0, 0.0))  # nothing can pass
+    monkeypatch.setattr(gpu_check, 'SHORT_BUDGETS', dict(gpu_check.SHORT_BUDGETS, parity=0.01))
+    code = gpu_check.main(['--device', 'cpu', '--sections', 'parity', '--out', str(tmp_path)])
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert code == 1 and report['failed'] == 1  # one case ran, then the budget stopped it
+    assert len(report['sections'][0]['not_run']) == 4
+
+
+def test_cuda_without_a_gpu_is_refused(gpu_check):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    with pytest.raises(SystemExit):
+        gpu_check.main(['--device', 'cuda'])
+
+
+def test_the_core_imports_without_openmmlab():
+    """What the GPU machine has: torch, no mmcv / mmengine / mmdet / ... (blocked here)."""
+    code = ('import sys, importlib.abc\n'
+            'class Block(importlib.abc.MetaPathFinder):\n'
+            '    def find_spec(self, name, path, target=None):\n'
+            "        if name.split('.')[0] in ('mmcv', 'mmengine', 'mmdet', 'mmseg',\n"
+            "                                  'mmpretrain', 'cv2'):\n"
+            "            raise ModuleNotFoundError(name)\n"
+            'sys.meta_path.insert(0, Block())\n'
+            'import mmnorm, torch\n'
+            'from mmnorm import SwitchableNorm\n'
+            'from mmnorm.utils.timing import time_rounds\n'
+            'assert not mmnorm.WITH_OPENMMLAB\n'
+            'SwitchableNorm(4)(torch.randn(2, 4, 3, 3)).sum().backward()\n'
+            "print('core ok')\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+
+
+def test_distributed_backend_by_device(monkeypatch):
+    assert backend_and_devices('cpu', 2) == ('gloo', ['cpu', 'cpu'])
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    monkeypatch.setattr(torch.distributed, 'is_nccl_available', lambda: True)
+    # NCCL refuses two ranks on one GPU: gloo, both ranks on it.
+    assert backend_and_devices('cuda', 2) == ('gloo', ['cuda:0', 'cuda:0'])
+    assert backend_and_devices('cuda', 1) == ('nccl', ['cuda:0'])
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    assert backend_and_devices('cuda', 2) == ('nccl', ['cuda:0', 'cuda:1'])
+
+
+def test_benchmark_norms_variants_and_ratios_to_bn(capsys):
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark_norms
+    layers = {k: v for k, v in benchmark_norms.norm_layers(8).items()
+              if k in ('BN', 'GN', 'SN')}
+    results = benchmark_norms.measure(layers, (2, 8, 6, 6), rounds=2, inner=1,
+                                      reference='GN', variant='channels_last')
+    assert results['GN']['train_ratio'] == 1.0 and results['BN']['train_ratio_x_bn'] == 1.0
+    assert all(r['saved_x_input'] > 0 for r in results.values())
+    assert 'peak_x_input' not in results['SN']  # CUDA only
+    benchmark_norms.print_table('t', results, 'GN')
+    assert 'x BN' in capsys.readouterr().out
+    results = benchmark_norms.measure(layers, (2, 8, 6, 6), rounds=1, inner=1,
+                                      reference='GN', variant='bf16')
+    assert set(results) == {'BN', 'GN', 'SN'}

@@ -1,0 +1,71 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""No host-device synchronization in any forward or backward of the layers (on a GPU, a sync
+stalls the launch queue every layer): training steps, eval with moving and batch-average
+statistics, on every available device (tests/helpers/host_sync.py says how the CPU checks)."""
+import pytest
+import torch
+
+from mmnorm import SwitchableNorm, WSConv2d
+from tests.helpers.host_sync import HostSyncError, no_host_sync
+from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+
+
+def test_the_detector_catches_a_sync(device):
+    """The check itself: reading a value back is caught."""
+    x = torch.ones(3, device=device)
+    with pytest.raises((HostSyncError, RuntimeError)), no_host_sync(device):
+        bool(x.sum() > 0)
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_training_step_and_eval_do_not_sync(name, device):
+    layer = make_layer(name, device=device)
+    x, grad = (t.to(device) for t in batches(2))
+    x.requires_grad_()
+    with no_host_sync(device):
+        y = layer(x)
+        y.backward(grad)
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('momentum', [0.1, None])
+def test_batch_average_eval_does_not_sync(momentum, device):
+    """Eval of an ``eval_stats='batch_average'`` layer checks whether its statistics are
+    recomputed on the host (it warned through ``bool(stats_ready)`` of a device tensor)."""
+    layer = SwitchableNorm(8, eval_stats='batch_average', momentum=momentum).to(device)
+    train_steps(layer)
+    layer.mark_stats_ready(True)
+    layer.eval()
+    with no_host_sync(device), torch.no_grad():
+        layer(batches(1)[0].to(device))
+    layer.train()
+    with no_host_sync(device):  # a training step (cumulative average: a tensor momentum)
+        layer(batches(1)[0].to(device))
+    layer.eval()
+    with pytest.warns(UserWarning, match='batch'), no_host_sync(device), torch.no_grad():
+        layer(batches(1)[0].to(device))  # stale after training: warned from the host copy
+
+
+def test_host_copy_follows_loading():
+    """The host copy is read back from a loaded checkpoint (no sync in the forward after)."""
+    source = SwitchableNorm(8, eval_stats='batch_average')
+    source.mark_stats_ready(True)
+    layer = SwitchableNorm(8, eval_stats='batch_average')
+    layer.load_state_dict(source.state_dict())
+    layer.eval()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        layer(batches(1)[0])
+    layer.mark_stats_ready(False)
+    assert not bool(layer.stats_ready)
+
+
+def test_ws_conv_does_not_sync(device):
+    conv = WSConv2d(8, 4, 3, padding=1).to(device)
+    x = batches(1)[0].to(device).requires_grad_()
+    with no_host_sync(device):
+        conv(x).sum().backward()

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 __all__ = ['MODES', 'COMPILE_AFTER', 'RECOMPILE_LIMIT', 'CompiledForm', 'COMPILED', 'use_compiled',
-           'compiled_enabled', 'compile_mode']
+           'compiled_enabled', 'compile_mode', 'resolve_mode']
 
 #: What :func:`use_compiled` accepts (besides True / False).
 MODES = ('auto', 'always', 'never')
@@ -53,7 +53,8 @@ _ENV_MODES = {'0': 'never', 'false': 'never', 'never': 'never', '1': 'always', '
               'always': 'always', 'auto': 'auto', '': 'auto'}
 
 
-def _mode(value: Any) -> str:
+def resolve_mode(value: Any) -> str:
+    """The mode ``value`` names (a mode, True / False, or a value of ``MMNORM_COMPILE``)."""
     if value is True or value is False:
         return 'always' if value else 'never'
     mode = _ENV_MODES.get(str(value).strip().lower())
@@ -91,7 +92,7 @@ class CompiledForm:
     """The state of the choice for one process (:data:`COMPILED`)."""
 
     def __init__(self, mode: Any = 'auto', backend: Any = 'inductor'):
-        self.mode = _mode(mode)
+        self.mode = resolve_mode(mode)
         #: ``torch.compile``'s backend (tests inject failing ones).
         self.backend = backend
         #: Why the compiled form was given up (None while it has not).
@@ -241,7 +242,7 @@ COMPILED = CompiledForm(os.environ.get('MMNORM_COMPILE', 'auto'))
 def use_compiled(mode: Any = True) -> None:
     """Choose the form of eager calls: ``'auto'``, ``'always'`` (``True``) or ``'never'``
     (``False``); see the module doc. A failure recorded earlier is forgotten."""
-    COMPILED.mode = _mode(mode)
+    COMPILED.mode = resolve_mode(mode)
     COMPILED.failed = None
 
 

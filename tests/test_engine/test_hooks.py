@@ -219,3 +219,28 @@ class TestRatioLogging:
         assert osp.getsize(png) > 10_000
         with pytest.raises(SystemExit, match='no record at iteration 7'):
             plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--iter', '7'])
+
+
+class TestCompiledFormHook:
+    """The form chosen in a config; MMNORM_COMPILE, when set, overrides it."""
+
+    @pytest.mark.parametrize('env, expected', [(None, 'never'), ('1', 'always'), ('', 'never')])
+    def test_config_mode_and_environment_override(self, tmp_path, monkeypatch, env, expected):
+        from mmnorm.functional import compile_mode
+        if env is None:
+            monkeypatch.delenv('MMNORM_COMPILE', raising=False)
+        else:
+            monkeypatch.setenv('MMNORM_COMPILE', env)
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8))
+        runner = _runner(tmp_path, model, max_iters=1,
+                         custom_hooks=[dict(type='CompiledFormHook', mode='never')])
+        assert compile_mode() == 'auto'  # nothing changes before the run
+        runner.train()
+        assert compile_mode() == expected
+        log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
+        assert f"mode '{expected}'" in log
+        assert ('overrides the config' in log) == bool(env)
+
+    def test_bad_mode_fails_when_built(self):
+        with pytest.raises(ValueError, match='expected one of'):
+            HOOKS.build(dict(type='CompiledFormHook', mode='sometimes'))

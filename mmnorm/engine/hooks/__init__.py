@@ -1,5 +1,6 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 from .batch_average_stats_hook import BatchAverageStatsHook
+from .compiled_form_hook import CompiledFormHook
 from .estimate_rate_hook import EstimateRateHook
 from .hard_ratio_hooks import DeployHook, HardRatiosHook
 from .ratio_logger_hook import SNRatioLoggerHook
@@ -8,5 +9,5 @@ from .statdiff_hook import StatDiffHook
 
 __all__ = [
     'BatchAverageStatsHook', 'EstimateRateHook', 'SNRatioLoggerHook', 'HardRatiosHook',
-    'DeployHook', 'StatDiffHook', 'SSNRadiusHook'
+    'DeployHook', 'StatDiffHook', 'SSNRadiusHook', 'CompiledFormHook'
 ]

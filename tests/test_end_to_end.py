@@ -138,7 +138,8 @@ def test_dist_train_detector_two_cpu_processes(shapes, tmp_path):
     work = str(tmp_path / 'work')
     out = _run(['bash', osp.join(TOOLS, 'dist_train.sh'), config, '2', '--work-dir', work,
                 '--cfg-options', *options_of(shapes), 'train_cfg.max_iters=2',
-                'train_cfg.val_interval=100'], env=_env(_free_port()))
+                'train_cfg.val_interval=100'],
+               env=dict(_env(_free_port()), CUDA_VISIBLE_DEVICES=''))  # CPU ranks (gloo)
     assert 'Iter(train) [2/2]' in out
     assert osp.exists(osp.join(work, 'iter_2.pth'))
 

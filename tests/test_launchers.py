@@ -18,7 +18,9 @@ CONFIG = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
 
 
 def _env():
-    env = dict(os.environ)
+    # These tests assume the CPU (gloo, CPUAmpOptimWrapper): the GPUs are hidden from the ranks
+    # (on one GPU, mmengine would put both ranks on it with NCCL, which refuses that).
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='')
     env['PYTHON'] = sys.executable
     env['PYTHONPATH'] = ROOT + os.pathsep + env.get('PYTHONPATH', '')
     return env
@@ -162,11 +164,10 @@ def test_dist_train_usage_error():
 
 def test_sync_norm_and_amp_switches(tmp_path):
     """--sync-norm: SN running statistics are the global batch's, identical on both ranks;
-    --amp: bfloat16 autocast on CPU (CPUAmpOptimWrapper). Assumes the CPU: the GPUs are hidden
-    from the launched ranks (on a GPU, mmengine would pick NCCL and AmpOptimWrapper)."""
+    --amp: bfloat16 autocast on CPU (CPUAmpOptimWrapper; the GPUs are hidden, see _env)."""
     data = make_class_folders(str(tmp_path / 'data'))
     work = str(tmp_path / 'work')
-    env = dict(_env(), PORT=_free_port(), CUDA_VISIBLE_DEVICES='')
+    env = dict(_env(), PORT=_free_port())
     options = [f'{split}_dataloader.dataset.data_root={data}'
                for split in ('train', 'val', 'test')] + ['train_cfg.max_iters=2']
     result = subprocess.run(

@@ -160,9 +160,10 @@ def environment(section: Section, device: torch.device, short: bool) -> None:
     def facts():
         row = dict(torch=torch.__version__, python=platform.python_version(),
                    device=str(device), mmnorm=mmnorm.__version__,
-                   openmmlab=mmnorm.WITH_OPENMMLAB, compile_mode=compiled_form.compile_mode())
+                   openmmlab=mmnorm.WITH_OPENMMLAB, compile_mode=compiled_form.compile_mode(),
+                   cuda=torch.version.cuda)
         if device.type == 'cuda':
-            row.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+            row.update(gpu=torch.cuda.get_device_name(device),
                        capability='.'.join(map(str, torch.cuda.get_device_capability(device))))
         try:
             import triton
@@ -452,7 +453,8 @@ SECTIONS = {'environment': environment, 'parity': parity, 'amp': amp, 'fallbacks
 def markdown(report: Dict[str, Any]) -> str:
     env = report['sections'][0]['rows'][0] if report['sections'] else {}
     lines = [f'# mmnorm GPU check ({report["date"]}, {env.get("gpu", report["device"])})', '',
-             f'torch {env.get("torch")}, CUDA {env.get("cuda")}, Triton {env.get("triton")}; '
+             f'torch {env.get("torch")} (CUDA build {env.get("cuda")}), Triton '
+             f'{env.get("triton")}; '
              f'mode {"short" if report["short"] else "full"}; {report["seconds"]} s; '
              f'{report["failed"]} failed case(s)', '',
              '| section | passed | failed | not run | s (budget) |', '|---|---|---|---|---|']

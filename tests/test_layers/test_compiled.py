@@ -200,8 +200,9 @@ def test_env_modes():
 
 
 def test_compiled_form_in_two_process_training(tmp_path):
-    """The default (compiled) form in a real 2-process gloo DDP run of tools/dist_train.sh (the
-    rest of the suite trains with it off): it trains, and both ranks end with equal weights."""
+    """The compiled form (from the first call, MMNORM_COMPILE=1) in a real 2-process gloo DDP run
+    of tools/dist_train.sh on CPU ranks (the GPUs hidden): it trains, and both ranks end with
+    equal weights."""
     import os
     import os.path as osp
     import socket
@@ -216,6 +217,7 @@ def test_compiled_form_in_two_process_training(tmp_path):
         s.bind(('127.0.0.1', 0))
         port = str(s.getsockname()[1])
     env = dict(os.environ, MMNORM_COMPILE='1', PORT=port, PYTHON=sys.executable,
+               CUDA_VISIBLE_DEVICES='',
                PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     options = [f'{split}_dataloader.dataset.data_root={data}' for split in ('train', 'val', 'test')]
     result = subprocess.run(

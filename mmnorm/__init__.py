@@ -28,5 +28,7 @@ __all__ = [
     'side_effects', 'analysis', 'datasets',
     'SwitchableNorm', 'SwitchableNormTied', 'SparseSwitchableNorm', 'BatchChannelNorm',
     'WSConv2d', 'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncSparseSwitchableNorm',
-    'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm'
+    'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm', 'WITH_OPENMMLAB'
 ]
+if not WITH_OPENMMLAB:  # the OpenMMLab parts were not imported
+    __all__ = [name for name in __all__ if name in globals()]

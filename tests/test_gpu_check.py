@@ -102,6 +102,7 @@ def test_the_core_imports_without_openmmlab():
             'from mmnorm import SwitchableNorm\n'
             'from mmnorm.utils.timing import time_rounds\n'
             'assert not mmnorm.WITH_OPENMMLAB\n'
+            'from mmnorm import *  # noqa\n'
             'SwitchableNorm(4)(torch.randn(2, 4, 3, 3)).sum().backward()\n'
             "print('core ok')\n")
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,

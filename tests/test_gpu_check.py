@@ -89,15 +89,20 @@ def test_cuda_without_a_gpu_is_refused(gpu_check):
         gpu_check.main(['--device', 'cuda'])
 
 
+#: Python that makes the OpenMMLab packages, OpenCV and pytest unimportable, as on the GPU
+#: machine (torch, Triton and ONNX Runtime only).
+BLOCK_OPENMMLAB = ('import sys, importlib.abc\n'
+                   'class Block(importlib.abc.MetaPathFinder):\n'
+                   '    def find_spec(self, name, path, target=None):\n'
+                   "        if name.split('.')[0] in ('mmcv', 'mmengine', 'mmdet', 'mmseg',\n"
+                   "                                  'mmpretrain', 'mim', 'cv2', 'pytest'):\n"
+                   "            raise ModuleNotFoundError(name)\n"
+                   'sys.meta_path.insert(0, Block())\n')
+
+
 def test_the_core_imports_without_openmmlab():
     """What the GPU machine has: torch, no mmcv / mmengine / mmdet / ... (blocked here)."""
-    code = ('import sys, importlib.abc\n'
-            'class Block(importlib.abc.MetaPathFinder):\n'
-            '    def find_spec(self, name, path, target=None):\n'
-            "        if name.split('.')[0] in ('mmcv', 'mmengine', 'mmdet', 'mmseg',\n"
-            "                                  'mmpretrain', 'cv2'):\n"
-            "            raise ModuleNotFoundError(name)\n"
-            'sys.meta_path.insert(0, Block())\n'
+    code = (BLOCK_OPENMMLAB +
             'import mmnorm, torch\n'
             'from mmnorm import SwitchableNorm\n'
             'from mmnorm.utils.timing import time_rounds\n'
@@ -108,6 +113,21 @@ def test_the_core_imports_without_openmmlab():
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+
+
+def test_gpu_check_runs_with_torch_only(tmp_path):
+    """tools/gpu_check.py itself with OpenMMLab and pytest unimportable (the compiled graphs'
+    reports then go to the standard library's logger, shown)."""
+    code = (BLOCK_OPENMMLAB + 'import runpy\n'
+            f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--out', {str(tmp_path)!r},\n"
+            "            '--sections', 'environment', 'fallbacks', 'recompiles']\n"
+            "runpy.run_path('tools/gpu_check.py', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert report['sections'][0]['rows'][0]['openmmlab'] is False
+    assert report['failed'] == 0 and 'mmnorm: compiled' in result.stdout + result.stderr
 
 
 def test_distributed_backend_by_device(monkeypatch):

@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import copy
 import json
+import logging
 import os
 import platform
 import random
@@ -508,6 +509,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda, but torch sees no GPU (use --device cpu for the short mode)')
     short = args.short or device.type == 'cpu'
+    # mmnorm's reports (each compiled graph) go to the standard library's logger without
+    # mmengine: show them.
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
     os.makedirs(args.out, exist_ok=True)
     compiled_form.use_compiled('never')  # each section chooses its form
     begin = time.perf_counter()

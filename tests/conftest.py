@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-import mmnorm.functional.compiled as compiled_form  # noqa: E402
+import mmnorm.functional.compiled as compiled_form
 
 # Deterministic, single-threaded-safe defaults for the suite.
 torch.manual_seed(0)

@@ -57,7 +57,8 @@ from mmnorm import SwitchableNorm, WSConv2d, convert_sync_norm  # noqa: E402
 from tests import oracles  # noqa: E402
 from tests.helpers.compile_failures import FAILURES  # noqa: E402
 from tests.helpers.host_sync import no_host_sync  # noqa: E402
-from tests.helpers.layers import LAYERS, CHANNELS, batches, float64_oracle, make_layer  # noqa: E402
+from tests.helpers.layers import (LAYERS, CHANNELS, batches, float64_oracle,  # noqa: E402
+                                  make_layer, train_step)
 
 #: Section -> time budget in seconds: full mode on a GPU (under 8 minutes in all), and the short
 #: mode (CPU, CI: fewer cases, which compile with Inductor's C++ backend on a cold cache).
@@ -203,13 +204,6 @@ def _oracle_step(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, na
                                   for n, p in reference.named_parameters()]
 
 
-def _layer_step(layer, x, grad):
-    x = x.detach().clone().requires_grad_()
-    y = layer(x)
-    y.backward(grad.to(y.dtype))
-    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
-
-
 def parity(section: Section, device: torch.device, short: bool) -> None:
     if short:  # each variant once, each kind of layer once
         cases = [('SN', 'fp32'), ('BCN_est', 'bf16'), ('SSN', 'channels_last'), ('BCN', 'N=1'),
@@ -233,7 +227,7 @@ def _parity_case(name: str, variant: str, device: torch.device) -> Dict[str, Any
         with form(mode) as state:
             layer = copy.deepcopy(fresh).to(device)
             xd = x.to(device).contiguous(memory_format=memory_format)
-            y, x_grad, p_grads = _layer_step(layer, xd, grad.to(device))
+            y, x_grad, p_grads = train_step(layer, xd, grad.to(device))
             key = 'compiled' if mode == 'always' else 'public'
             if mode == 'always':
                 row['compiled_calls'] = state.compiled_calls
@@ -245,7 +239,7 @@ def _parity_case(name: str, variant: str, device: torch.device) -> Dict[str, Any
                                               or x_grad.is_contiguous(memory_format=memory_format))
             # A warm step and eval with every host-device sync an error (CUDA).
             with no_host_sync(device):
-                _layer_step(layer, xd, grad.to(device))
+                train_step(layer, xd, grad.to(device))
                 layer.eval()
                 with torch.no_grad():
                     layer(xd)
@@ -334,14 +328,14 @@ def _fallback_case(stage: str, device: torch.device) -> Dict[str, Any]:
     x, grad = (t.to(device) for t in (batches(1)[0], batches(1, seed=5)[0]))
     with warnings.catch_warnings(record=True) as caught, form('always', FAILURES[stage]()) as st:
         warnings.simplefilter('always')
-        ours = _layer_step(layer, x, grad)
-        ours_again = _layer_step(layer, x, grad)
+        ours = train_step(layer, x, grad)
+        ours_again = train_step(layer, x, grad)
         failed = st.failed
     torch._dynamo.reset()
     fell_back = [w for w in caught if 'compiling the normalization layers failed' in str(w.message)]
     with form('never'):
-        expected = _layer_step(reference, x, grad)
-        expected_again = _layer_step(reference, x, grad)
+        expected = train_step(reference, x, grad)
+        expected_again = train_step(reference, x, grad)
     same = all(torch.equal(a, b) for a, b in zip((*ours[:2], *ours_again[:2]),
                                                    (*expected[:2], *expected_again[:2])))
     return dict(warnings=len(fell_back), why=(failed or '')[:120], same_as_public=same,
@@ -392,7 +386,7 @@ def _one_process_group(device: torch.device) -> Dict[str, Any]:
             local = make_layer('SN', device=device)
             sync = convert_sync_norm(copy.deepcopy(local))
             x, grad = (t.to(device) for t in (batches(1)[0], batches(1, seed=2)[0]))
-            ours, expected = _layer_step(sync, x, grad), _layer_step(local, x, grad)
+            ours, expected = train_step(sync, x, grad), train_step(local, x, grad)
             dist.barrier()
             torch.testing.assert_close(ours, expected)
         finally:

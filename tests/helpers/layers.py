@@ -59,6 +59,15 @@ def train_steps(layer: nn.Module, count: int = 3, seed: int = 100) -> nn.Module:
     return layer
 
 
+def train_step(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    """One training forward and backward of ``layer`` on a copy of ``x``: the output, the input
+    gradient and the parameter gradients (copies)."""
+    x = x.detach().clone().requires_grad_()
+    y = layer(x)
+    y.backward(grad.to(y.dtype))
+    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
+
+
 def float64_oracle(layer: nn.Module, x: torch.Tensor, differentiable: bool = False
                    ) -> torch.Tensor:
     """Float64 oracle of a layer in train mode (batch statistics). ``differentiable``: the

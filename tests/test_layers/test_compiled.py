@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 import mmnorm.functional.compiled as core
 from tests.helpers.compile_failures import backward_fails, failing_compiler, first_run_fails
-from tests.helpers.layers import LAYERS, batches, make_layer
+from tests.helpers.layers import LAYERS, batches, make_layer, train_step
 
 
 @pytest.fixture
@@ -100,13 +100,6 @@ def test_compiled_form_under_activation_checkpointing(compiled):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
-def _train_step(layer, x, g):
-    x = x.clone().requires_grad_()
-    y = layer(x)
-    y.backward(g)
-    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
-
-
 @pytest.mark.parametrize('backend, stage', [(failing_compiler, 'forward compile'),
                                             ('backward', 'backward compile'),
                                             (first_run_fails, 'first run')])
@@ -120,14 +113,14 @@ def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, back
     layer = copy.deepcopy(reference)
     x, g = batches(1)[0], batches(1, seed=5)[0]
     with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
-        ours = _train_step(layer, x, g)
+        ours = train_step(layer, x, g)
     assert not core.compiled_enabled() and 'injected' in fresh.failed, fresh.failed
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        ours_again = _train_step(layer, x, g)  # warned once; eager now
+        ours_again = train_step(layer, x, g)  # warned once; eager now
     core.use_compiled(False)
-    torch.testing.assert_close(ours, _train_step(reference, x, g))
-    torch.testing.assert_close(ours_again, _train_step(reference, x, g))
+    torch.testing.assert_close(ours, train_step(reference, x, g))
+    torch.testing.assert_close(ours_again, train_step(reference, x, g))
 
 
 def test_recompile_limit_falls_back_instead_of_running_silently_uncompiled(fresh, monkeypatch):

@@ -8,6 +8,9 @@
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime
 #   make study                what SN and BCN learn, on the digits: ratio and StatDiff studies
+#   make docs                 the documentation (Sphinx + MyST, warnings are errors, every link
+#                             and cross-reference checked) in docs/_build/html: open index.html
+#   make docs-figures         copy the figures of make demo / make study into docs/images
 #   make dist                 the sdist and wheel (configs and tools inside, for mim) in dist/
 #   make gpu-check            the prepared GPU check (tools/gpu_check.py; torch only, no .venv
 #                             needed): JSON + Markdown in work_dirs/gpu_check
@@ -23,7 +26,8 @@ CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
-.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist gpu-check clean-env
+.PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist docs docs-figures \
+	gpu-check clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -64,6 +68,13 @@ benchmark: env
 # sdist, so a file missing from MANIFEST.in fails here.
 dist: env
 	$(PY) -m build --no-isolation --outdir dist .
+
+# The docs builder (requirements/docs.txt) is installed into $(VENV) when missing; see docs/build.sh.
+docs: env
+	@VENV=$(VENV) bash docs/build.sh
+
+docs-figures:
+	@bash docs/figures.sh
 
 gpu-check:
 	$(CHECK_PY) tools/gpu_check.py --device $(DEVICE) --out work_dirs/gpu_check

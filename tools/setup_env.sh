@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (if missing) and fill the repository's virtual environment with the full, tested stack:
 #   torch 2.13.0 + torchvision 0.28.0 (registry builds) -> mmcv 2.1.0 built with its ops -> mmdet,
-#   mmsegmentation, mmpretrain -> mmnorm (editable) and the test tools.
+#   mmsegmentation, mmpretrain -> mmnorm (editable), the test tools and the docs builder.
 #
 # Idempotent: a fingerprint of the requirement files is stored in the venv; when it matches and the
 # stack imports, nothing is installed. Used by `make test` / `make demo`; safe to run by hand.
@@ -133,9 +133,10 @@ else
     say "mmcv 2.1.0 built with $have ops"
 fi
 
-say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint, analysis and packaging tools"
+say "step 4/5: mmdet, mmsegmentation, mmpretrain, test, deploy, lint, analysis, packaging and docs tools"
 pip_install -r requirements/mminstall.txt -r requirements/tests.txt -r requirements/deploy.txt \
-    -r requirements/lint.txt -r requirements/analysis.txt -r requirements/dist.txt
+    -r requirements/lint.txt -r requirements/analysis.txt -r requirements/dist.txt \
+    -r requirements/docs.txt
 # openmim without its requirement opendatalab (-> openxlab, which pins setuptools 60 and old
 # requests / tqdm / filelock): mim never imports it; requirements/dist.txt lists what it does.
 pip_install --no-deps openmim

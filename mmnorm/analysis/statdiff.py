@@ -53,7 +53,8 @@ NORM_TYPES = (_BatchNorm, _InstanceNorm, nn.GroupNorm, BatchStatsNorm)
 
 
 def is_statdiff_norm(module: nn.Module) -> bool:
-    """True for the normalization layers whose input :class:`StatDiffHook` measures by default."""
+    """True for the normalization layers whose input :class:`~mmnorm.engine.StatDiffHook`
+    measures by default."""
     return isinstance(module, NORM_TYPES)
 
 

@@ -11,7 +11,7 @@ forward passes without gradients while each layer reports the statistics of ever
 It is built from three small pieces, as fvcore's precise BN is:
 
 - the layers run with ``momentum = 1``, so that after each forward their running buffers hold
-  exactly that batch's mean and unbiased variance (:class:`_BatchRecorder` reads them);
+  exactly that batch's mean and unbiased variance (a private recorder reads them);
 - an **estimator** per layer combines the batches (:class:`BatchAverageEstimator`,
   :class:`PopulationEstimator`);
 - one collective per estimator kind combines the processes, so every rank ends with identical

@@ -2,9 +2,9 @@
 """Install mmnorm.
 
 ``pip install -e .`` installs the plugin with its runtime requirements (torch, mmengine). Extras:
-``[mm]`` the OpenMMLab codebases (mmcv with ops must be built first, see README), ``[tests]``,
-``[deploy]`` (ONNX export and ONNX Runtime), ``[analysis]`` (scikit-learn, for the digits dataset
-of ``tools/analysis/``), ``[all]``.
+``[mm]`` the OpenMMLab codebases (mmcv with ops must be built first, see docs/get_started.md),
+``[tests]``, ``[deploy]`` (ONNX export and ONNX Runtime), ``[analysis]`` (scikit-learn, for the
+digits dataset of ``tools/analysis/``), ``[all]``.
 
 The configs, the tools and ``model-index.yml`` travel inside the package, in ``mmnorm/.mim``, as
 the OpenMMLab codebases ship them for ``mim`` (``mim train mmnorm CONFIG``, ``mim test``,

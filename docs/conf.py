@@ -18,6 +18,7 @@ import re
 import sys
 
 from docutils import nodes
+from sphinx.ext.napoleon.docstring import GoogleDocstring
 from sphinx.util.docutils import SphinxDirective
 from sphinx.util.logging import get_node_location
 
@@ -65,6 +66,24 @@ autodoc_class_signature = 'mixed'
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_ivar = True  # 'Attributes:' as fields: NamedTuple fields are documented once
+# An attribute's doc comment in mmnorm is prose (``#: Normalizer colours: IN red, ...``), while
+# napoleon reads an attribute docstring's first ``text:`` as its type. It still does for a
+# type-like text (``int: ...``, ``tuple[str, ...]: ...``); any other line stays prose.
+_TYPE_LIKE = re.compile(r'[\w.\[\]()~`:|,]+')
+
+
+def _attribute_docstring(self):
+    first = self._lines.get(0)
+    first = first if isinstance(first, str) else ''  # (a sentinel when there is no line)
+    text, colon, _ = self._partition_field_on_colon(first)
+    if colon and not _TYPE_LIKE.fullmatch(re.sub(r'\s*(,|\||\bor\b)\s*', ',', text.strip())):
+        lines = [*self._dedent(self._consume_to_end())]
+        return self._format_field('', '', self.__class__(lines, self._config).lines())
+    return _napoleon_attribute_docstring(self)
+
+
+_napoleon_attribute_docstring = GoogleDocstring._parse_attribute_docstring
+GoogleDocstring._parse_attribute_docstring = _attribute_docstring
 # The environment has the full stack (torch, mmengine, mmcv, the codebases), so nothing is mocked:
 # a module that does not import fails the build.
 
@@ -192,7 +211,8 @@ def _documented(env):
         cache = {}
         for name, entry in env.get_domain('py').objects.items():
             obj = _import_object(name)
-            if obj is not None and not isinstance(obj, (int, float, str, tuple, bool)):
+            # (numbers and strings share identities: they are found by their own name only)
+            if obj is not None and not isinstance(obj, (int, float, str, bytes, bool)):
                 cache.setdefault(id(obj), name)
         env._mmnorm_documented = cache
     return cache
@@ -237,8 +257,8 @@ def _skip_member(app, what, name, obj, skip, options):
 class ModulesDirective(SphinxDirective):
     """``.. mmnorm-modules::`` with the modules documented elsewhere on the page as its content:
     every other module of mmnorm, found by walking the package (a new module is listed without
-    editing the page). A package is shown by its docstring; a module with its members unless its
-    package documents them (as ``mmnorm.layers`` does those of ``mmnorm.layers.base``)."""
+    editing the page). A package is shown by its docstring; a module with its members, less those
+    its package documents (as ``mmnorm.layers`` does ``mmnorm.layers.base.BatchStatsNorm``)."""
     has_content = True
 
     def run(self):
@@ -251,8 +271,17 @@ class ModulesDirective(SphinxDirective):
             module = importlib.import_module(name)
             if name in elsewhere or getattr(sys.modules[parent], leaf, None) is not module:
                 continue  # documented above, or the name is a function's (mmnorm.analysis.statdiff)
-            members = not info.ispkg and parent not in elsewhere
-            rst += [f'.. automodule:: {name}'] + ([] if members else ['   :no-members:']) + ['']
+            rst.append(f'.. automodule:: {name}')
+            if info.ispkg:
+                rst.append('   :no-members:')
+            elif parent in elsewhere:  # only what the package does not document already
+                shown = {id(getattr(sys.modules[parent], n, None))  # (its classes, functions)
+                         for n in getattr(sys.modules[parent], '__all__', ())
+                         if callable(getattr(sys.modules[parent], n, None))}
+                rest = [n for n in getattr(module, '__all__', ())
+                        if id(getattr(module, n, None)) not in shown]
+                rst.append(f'   :members: {", ".join(rest)}' if rest else '   :no-members:')
+            rst.append('')
         return self.parse_text_to_nodes('\n'.join(rst))
 
 
@@ -263,11 +292,6 @@ class ModulesDirective(SphinxDirective):
 # matches anything, so that the list only shrinks. Any other warning fails the build.
 KNOWN_DOCSTRING_WARNINGS = [
     ('docstring of mmnorm.layers.conv_ws.WSConv2d:', 'Field list ends without a blank line'),
-    ('docstring of mmnorm.layers.BatchStatsNorm.ratio_fn:', 'target not found: The ratio function'),
-    ('docstring of mmnorm.layers.BatchStatsNorm.ratio_fn:',
-     'target not found: a normalizer that mixes others'),
-    ('docstring of mmnorm.layers.BatchStatsNorm.local_class:',
-     'target not found: Set on a synchronized twin'),
     ('docstring of mmnorm.functional.moments.normalize_rows:',
      'target not found: _RowNormFunction'),
     ('docstring of mmnorm.functional.moments.normalize_rows:', 'target not found: eager_form'),
@@ -275,7 +299,9 @@ KNOWN_DOCSTRING_WARNINGS = [
      'target not found: _centered_moments'),
     ('docstring of mmnorm.functional.moments:', 'target not found: _forward'),
     ('docstring of mmnorm.functional.moments:', 'target not found: _RowNormFunction'),
-    ('docstring of mmnorm.functional.row_affine:', 'target not found: RowAffineKernel'),
+    ('docstring of mmnorm.functional.moments.eager_form:', 'target not found: _RowNormFunction'),
+    ('docstring of mmnorm.functional.moments.CoefficientFn:',
+     'target not found: BatchStats.as_aux'),
 ]
 _known_seen = {}
 

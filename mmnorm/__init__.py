@@ -4,7 +4,8 @@
 ``import mmnorm`` (or ``custom_imports=dict(imports=['mmnorm'], allow_failed_imports=False)`` in
 a config) registers the layers, hooks, optimizer-wrapper constructor and the digits dataset, and
 makes the changes outside mmnorm that such a config needs: all of them are listed, with why, in
-:mod:`mmnorm.side_effects` (and in the README, "What import mmnorm changes").
+:mod:`mmnorm.side_effects` (and in docs/user_guides/swap_normalizers.md, "What import mmnorm
+changes").
 """
 from . import functional, layers
 from .layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,

@@ -178,7 +178,7 @@ def summarize(values: Dict[str, Tensor]) -> Dict[str, float]:
 
 def select_layers(model: nn.Module, names: Optional[Iterable[str]] = None) -> Dict[str, nn.Module]:
     """The modules to measure: ``names`` (exact module names or ``fnmatch`` patterns), or every
-    normalization layer (:data:`NORM_TYPES`: each is fed by a conv in the ConvNets mmnorm targets).
+    normalization layer (``NORM_TYPES``: each is fed by a conv in the ConvNets mmnorm targets).
 
     Raises:
         ValueError: a name or pattern that matches no module; nothing to measure.

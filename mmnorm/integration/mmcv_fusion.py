@@ -64,7 +64,7 @@ def _ws_aware(name: str, original):
 
 
 def install(module=None) -> None:
-    """Wrap the :data:`TARGETS` of every mmcv module already imported (idempotent). ``module``
+    """Wrap the ``TARGETS`` of every mmcv module already imported (idempotent). ``module``
     is the one just imported when called as a post-import callback (unused: all are checked)."""
     import sys
     for module_name, name in TARGETS:

@@ -285,6 +285,38 @@ class ModulesDirective(SphinxDirective):
         return self.parse_text_to_nodes('\n'.join(rst))
 
 
+class ToolFigureDirective(SphinxDirective):
+    """A figure that one of mmnorm's tools draws (``make demo``, ``make study``), copied into
+    ``docs/images`` by ``make docs-figures``::
+
+        ```{mmnorm-figure} images/demo_sn_ratios.png
+        :command: make demo && make docs-figures
+        The caption.
+        ```
+
+    When the file is there it is shown with its caption; when it is not (the tool has not run
+    on this checkout), the page says which command draws it, instead of failing the build."""
+    required_arguments = 1
+    has_content = True
+    option_spec = {'command': lambda text: text.strip(), 'alt': lambda text: text.strip()}
+
+    def run(self):
+        path = self.arguments[0]
+        caption = ' '.join(self.content).strip()
+        source_dir = osp.dirname(self.env.doc2path(self.env.docname))
+        if osp.isfile(osp.join(source_dir, path)):
+            image = nodes.image(uri=path, alt=self.options.get('alt', caption))
+            return [nodes.figure('', image, nodes.caption(caption, caption))]
+        command = self.options.get('command', 'make docs-figures')
+        text = nodes.paragraph()
+        text += [nodes.emphasis(caption, caption),
+                 nodes.Text(" This figure is drawn by the project's own tools and is not in this "
+                            'checkout yet: run '),
+                 nodes.literal(command, command), nodes.Text(', then '),
+                 nodes.literal('make docs', 'make docs'), nodes.Text('.')]
+        return [nodes.note('', text)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Docstring warnings of mmnorm/functional and mmnorm/layers waiting for a fix in those files.
 # Each entry is (where, what), both parts of the warning's text, and filters out exactly the
@@ -345,6 +377,7 @@ def setup(app):
         handler.filters.insert(0, _KnownWarnings())
     app.connect('build-finished', _report_known)
     app.add_directive('mmnorm-modules', ModulesDirective)
+    app.add_directive('mmnorm-figure', ToolFigureDirective)
     app.connect('source-read', _rewrite_page_links)
     app.connect('missing-reference', _resolve_python)
     app.connect('autodoc-skip-member', _skip_member)

@@ -57,7 +57,7 @@ from .compiled import COMPILED, compiled_enabled
 
 __all__ = ['LOW_PRECISION', 'stat_dtype', 'as_rows', 'channel_moments', 'pool',
            'normalize_rows', 'CoefficientFn', 'Coefficients', 'is_tracing', 'in_recomputation',
-           'COMPILED_DEVICES', 'eager_channel_moments']
+           'COMPILED_DEVICES', 'eager_channel_moments', 'eager_form']
 
 
 class CoefficientFn(Protocol):
@@ -404,8 +404,23 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
     return coefficients.process_group is None
 
 
-def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]]
-                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
+def eager_form(x: Tensor, coefficients: Coefficients) -> str:
+    """The form of this call, decided once: ``'traced'`` (under tracing: the plain form),
+    ``'compiled'`` (:mod:`.compiled` wants it: the plain form compiled), ``'light'`` (the light
+    eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
+    one value) or ``'public'`` (:class:`_RowNormFunction` / the plain form in eager ops: a
+    process group, no spatial dim, an empty batch)."""
+    if is_tracing():
+        return 'traced'
+    if _compiles(x, coefficients) and COMPILED.wants(coefficients.name):
+        return 'compiled'
+    if coefficients.process_group is None and x.dim() > 2 and x.numel() > 0:
+        return 'light'
+    return 'public'
+
+
+def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]],
+                   form: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``y = a * (x - m) + b`` per (n, c), with ``(a, b, aux) = coefficients(m, v, *tensors,
     length=L)``.
 
@@ -420,12 +435,19 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
             (:class:`CoefficientFn` says what it may do).
         tensors (sequence): its parameters and buffers (``None`` allowed); gradients reach those
             that require grad.
+        form (str, optional): the form :func:`eager_form` chose for this call, when the caller
+            asked (it counts calls); ``'light'`` is run by the caller itself, so anything else
+            here. Defaults to None (decided here).
 
     Returns:
         tuple: ``y`` (a new tensor shaped and typed like ``x``, not a view) and the ``aux`` dict
         of the coefficient function (detached).
     """
-    if not is_tracing() and _compiles(x, coefficients) and COMPILED.wants(coefficients.name):
+    if form is None:
+        form = 'traced' if is_tracing() else (
+            'compiled' if _compiles(x, coefficients) and COMPILED.wants(coefficients.name)
+            else 'public')
+    if form == 'compiled':
         result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
                                **coefficients.options)
         if result is not None:

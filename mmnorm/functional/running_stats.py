@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .moments import pool
 
-__all__ = ['BatchStats', 'batch_statistics', 'pool_weighted', 'update_running_stats']
+__all__ = ['BatchStats', 'batch_statistics', 'pool_weighted', 'update_running_stats',
+           'update_running_stats_of']
 
 
 class BatchStats(NamedTuple):
@@ -123,3 +124,20 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Batch
     running_mean.copy_(torch.where(count > 0, running_mean.lerp(batch.mean.to(running_mean.dtype),
                                                                 momentum), running_mean))
     running_var.copy_(torch.where(count > 1, running_var.lerp(unbiased, momentum), running_var))
+
+
+@torch.no_grad()
+def update_running_stats_of(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                            count: int, momentum: Union[float, Tensor]) -> None:
+    """:func:`update_running_stats` for this process's batch, whose number of values per
+    channel ``count`` is known on the host: the same update in two or three ops (no masks).
+
+    ``mean`` / ``var`` (biased) are the batch's ``(C,)`` statistics of ``count`` values.
+    """
+    if count == 0:
+        return
+    if isinstance(momentum, Tensor):
+        momentum = momentum.to(running_mean.dtype)
+    running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+    if count > 1:
+        running_var.lerp_((var * (count / (count - 1))).to(running_var.dtype), momentum)

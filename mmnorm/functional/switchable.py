@@ -25,13 +25,16 @@ The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
 :math:`a = \gamma / \sigma_{mix}` and :math:`b = a\,\sum_{z \ne IN} \lambda^\mu_z (\mu_{IN} -
 \mu_z) + \beta`, the output at the row mean (the IN term of the mixed mean cancels).
 """
+import math
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .moments import Coefficients, normalize_rows, pool
-from .running_stats import BatchStats, batch_statistics, update_running_stats
+from .moments import Coefficients, eager_form, normalize_rows, pool
+from .row_affine import row_affine, stat_moments
+from .running_stats import (BatchStats, batch_statistics, update_running_stats,
+                            update_running_stats_of)
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
            'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS']
@@ -94,6 +97,26 @@ def softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = None
     (SN_tied) gives the same ratios for means and variances."""
     mean_ratios = torch.softmax(mean_logits, 0)
     return mean_ratios, mean_ratios if var_logits is None else torch.softmax(var_logits, 0)
+
+
+def _stacked_softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = None
+                            ) -> Tensor:
+    """:func:`softmax_ratios` as one ``(2, |Omega|)`` tensor, in one softmax."""
+    if var_logits is None:
+        return torch.softmax(mean_logits, 0).expand(2, -1)
+    return torch.softmax(torch.stack([mean_logits, var_logits]), 1)
+
+
+softmax_ratios.stacked = _stacked_softmax_ratios
+
+
+def stacked_ratios(ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor]) -> Tensor:
+    """``ratio_fn(*ratio_inputs)`` as one ``(2, |Omega|)`` tensor (means, variances), by the
+    function's own ``stacked`` form where it has one (fewer ops), else stacked."""
+    stacked = getattr(ratio_fn, 'stacked', None)
+    if stacked is not None:
+        return stacked(*ratio_inputs)
+    return torch.stack(ratio_fn(*ratio_inputs))
 
 
 def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
@@ -173,8 +196,19 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     coefficients = Coefficients(_coefficients, dict(
         ratio_fn=ratio_fn, eps=eps, mix=mix, batch=batch, in_unbiased=bool(in_unbiased)),
         process_group if batch else None)
+    form = eager_form(input, coefficients)
+    if form == 'light' and mix == 'var' and not in_unbiased:
+        ratios = stacked_ratios(ratio_fn, ratio_inputs)
+        out, aux = row_affine(input, _SwitchableKernel(eps, batch),
+                              (weight, bias, bn_mean, bn_var, ratios))
+        if batch and training and running_mean is not None:
+            update_running_stats_of(running_mean, running_var, aux['batch_mean'],
+                                    aux['batch_var'], input.shape[0] * math.prod(input.shape[2:]),
+                                    momentum)
+        return out, tuple(ratios.detach().unbind())
     out, aux = normalize_rows(input, coefficients,
-                              (weight, bias, bn_mean, bn_var, *ratio_inputs))
+                              (weight, bias, bn_mean, bn_var, *ratio_inputs),
+                              'public' if form == 'light' else form)
     if batch and training and running_mean is not None:
         update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out, (aux['mean_ratios'], aux['var_ratios'])
@@ -228,3 +262,69 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     return mix_normalizers(input, softmax_ratios, logits, weight, bias, running_mean,
                            running_var, training, momentum, eps, mix, in_unbiased,
                            process_group)[0]
+
+
+class _SwitchableKernel:
+    """SN's ``(N, C)`` math for the light eager form (:mod:`.row_affine`), ``mix='var'``.
+
+    Statistics ``S`` ``(N, C, 2, K)``: the means (row 0) and variances (row 1) of IN, LN (and
+    BN) broadcast to ``(N, C)``, each from one reduction of the input (BN's are the constant
+    ``bn_mean`` / ``bn_var`` in eval); ratios ``(2, K)``; mixed ``(mu, s2) = sum_k S_k
+    ratios_k``; ``A = w / sqrt(s2 + eps)``, ``B = bias - A mu``.
+    """
+
+    def __init__(self, eps: float, batch: bool):
+        self.eps, self.batch = eps, batch
+
+    def forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                bn_mean: Optional[Tensor], bn_var: Optional[Tensor], ratios: Tensor):
+        n, c = x.shape[:2]
+        dims = tuple(range(2, x.dim()))
+        k = ratios.shape[-1]
+        self.length = math.prod(x.shape[2:])
+        m, v = (t.view(n, c) for t in stat_moments(x, dims))
+        m_ln, v_ln = (t.view(n, 1) for t in stat_moments(x, (1, ) + dims))
+        aux: dict = {}
+        means, variances = [m, m_ln], [v, v_ln]
+        if k == 3:
+            if self.batch:
+                m_bn, v_bn = (t.view(1, c) for t in stat_moments(x, (0, ) + dims))
+                aux = {'batch_mean': m_bn.view(c), 'batch_var': v_bn.view(c)}
+            else:
+                m_bn, v_bn = bn_mean.to(x.dtype).view(1, c), bn_var.to(x.dtype).view(1, c)
+            means.append(m_bn)
+            variances.append(v_bn)
+        stats = torch.stack(torch.broadcast_tensors(*means, *variances), -1).view(n, c, 2, k)
+        mu, s2 = (stats * ratios.to(x.dtype)).sum(-1).unbind(-1)
+        r = torch.rsqrt(s2 + self.eps)
+        A = r * weight.to(x.dtype) if weight is not None else r
+        B = torch.addcmul(bias.to(x.dtype), A, mu, value=-1) if bias is not None \
+            else torch.mul(A, mu).neg_()
+        return A, B, (stats, ratios, r, A, mu, weight), aux
+
+    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs):
+        stats, ratios, r, A, mu, weight = state
+        n, c, _, k = stats.shape
+        length = self.length
+        grad_a = torch.addcmul(grad_A, grad_B, mu, value=-1)      # dL/dA through B = b - A mu
+        t = grad_a * r
+        g_weight = t.sum(0) if needs[0] else None
+        g_bias = grad_B.sum(0) if needs[1] else None
+        # G = (-dL/dmu, -2 dL/ds2): dL/dmu = -A gB; dL/ds2 = -0.5 gA w r^3 = -0.5 t A r.
+        G = torch.stack([grad_B, t * r], -1).mul_(A.unsqueeze(-1))
+        g_ratios = None
+        if needs[4]:
+            g_ratios = (G.unsqueeze(-1) * stats).sum((0, 1))
+            g_ratios[1].mul_(0.5)
+            g_ratios = g_ratios.neg_().to(ratios.dtype)
+        # dL/dS_jk = dL/dmixed_j ratios_jk. A statistic k (mean m_k, variance v_k over L_k
+        # values) adds (dL/dm_k + 2 dL/dv_k (x - m_k)) / L_k to dx; with H = G ratios / L,
+        # that is H_0k + H_1k (x - m_k) summed over the k and the values that share m_k.
+        H = G.unsqueeze(-1) * (ratios.to(G.dtype) * (-1.0 / length))
+        shared = [H[..., 0], H[..., 1].mean(1, keepdim=True)]
+        if k == 3 and self.batch:
+            shared.append(H[..., 2].mean(0, keepdim=True))
+        H = torch.stack(torch.broadcast_tensors(*shared), -1)   # (N, C, 2, K')
+        H[..., 0, :].addcmul_(H[..., 1, :], stats[..., 0, :H.shape[-1]], value=-1)
+        Q, P = H.sum(-1).unbind(-1)
+        return P, Q, (g_weight, g_bias, None, None, g_ratios)

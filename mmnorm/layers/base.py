@@ -243,8 +243,10 @@ class BatchStatsNorm(nn.Module):
             # momentum=None: cumulative average, 1 / steps (a tensor: no host sync).
             momentum = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
                         if self.momentum is None else self.momentum)
-            # The running buffers move away from any recomputed batch average.
-            self.mark_stats_ready(False)
+            # The running buffers move away from any recomputed batch average (the host copy
+            # says whether the buffer needs writing: no op on most steps).
+            if getattr(self, '_stats_ready', True):
+                self.mark_stats_ready(False)
         if not self.training:
             self._check_eval_stats()
         use_batch_stats = self.training or self.running_mean is None

@@ -1,0 +1,108 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""The light eager form (mmnorm/functional/row_affine.py): what it dispatches per step, and its
+agreement with the plain form (the specification, run under tracing) in float64 on the shapes
+and modes the general tests do not reach."""
+import pytest
+import torch
+from torch import nn
+
+import mmnorm.functional.moments as core
+from mmnorm import SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm.analysis.launches import step_ops
+from mmnorm.functional import compiled as compiled_form
+
+#: Ops of one training step / one eval forward (issue 26's budget; native BN: 3 / 1).
+BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12)}
+
+LAYERS = {
+    'SN': lambda c: SwitchableNorm(c, momentum=0.3),
+    'SN_tied': lambda c: SwitchableNormTied(c),
+    'SN_noBN': lambda c: SwitchableNorm(c, using_bn=False),
+    'SSN': lambda c: _ssn(c),
+}
+
+
+def _ssn(c):
+    layer = SparseSwitchableNorm(c)
+    layer.set_progress(0.3)
+    return layer
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The eager form whatever the compiled-form mode (the budget is the eager form's)."""
+    monkeypatch.setattr(compiled_form.COMPILED, 'mode', 'never')
+
+
+@pytest.mark.parametrize('name', list(BUDGET))
+def test_ops_per_step_within_budget(name, eager):
+    layer = LAYERS[name](16)
+    x = torch.randn(4, 16, 7, 7)
+    step_ops(layer, x)
+    train, evaluation = sum(step_ops(layer, x).values()), sum(
+        step_ops(layer, x, train=False).values())
+    native = sum(step_ops(nn.BatchNorm2d(16), x).values())
+    assert native <= 4  # the counter itself: native BN is 3
+    assert train <= BUDGET[name][0] and evaluation <= BUDGET[name][1], (train, evaluation)
+
+
+def _run(make, traced, monkeypatch, x, grad, train, steps=2):
+    monkeypatch.setattr(core, 'is_tracing', lambda: traced)
+    torch.manual_seed(0)
+    layer = make(x.shape[1]).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    layer.train(train)
+    results = []
+    for _ in range(steps):
+        xg = x.clone().requires_grad_()
+        y = layer(xg)
+        y.backward(grad)
+        results.append((y.detach(), xg.grad))
+    return results, [p.grad for p in layer.parameters()], [b.clone() for b in layer.buffers()]
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('shape, fmt', [
+    ((3, 6, 7), None), ((2, 6, 3, 4, 5), None), ((1, 6, 4, 5), None), ((5, 6, 1, 1), None),
+    ((1, 6, 1, 1), None), ((3, 6, 4, 5), torch.channels_last)])
+def test_light_form_equals_plain_form(name, train, shape, fmt, monkeypatch, eager):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1.5
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    if fmt is not None:
+        x, grad = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
+    light = _run(LAYERS[name], False, monkeypatch, x, grad, train)
+    plain = _run(LAYERS[name], True, monkeypatch, x, grad, train)
+    torch.testing.assert_close(light, plain, rtol=1e-10, atol=1e-10)
+    if fmt is not None:  # the gradient keeps the input's layout
+        assert light[0][0][1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_light_form_gradcheck(train, eager):
+    layer = SwitchableNorm(4, momentum=0.0).double().train(train)
+    with torch.no_grad():
+        layer.mean_logits.copy_(torch.tensor([0.3, -0.2, 0.1]))
+        layer.var_logits.copy_(torch.tensor([-0.1, 0.4, 0.2]))
+        layer.running_var.fill_(1.5)
+    x = torch.randn(3, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in layer.named_parameters()]
+
+    def fn(x, *params):
+        return torch.func.functional_call(layer, dict(zip(names, params)), (x, ))
+
+    assert torch.autograd.gradcheck(fn, (x, *[p.detach().clone().requires_grad_()
+                                              for p in layer.parameters()]))
+
+
+def test_half_input_statistics_in_float32(eager):
+    layer = SwitchableNorm(8)
+    x = (torch.randn(4, 8, 6, 6) + 30).half()
+    y = layer(x)
+    expected = layer.double()(x.double())
+    assert y.dtype == torch.float16
+    assert (y.double() - expected).abs().max() < 1e-2

@@ -1,0 +1,83 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""The kernel launches of one step of each normalization layer: non-view ATen ops dispatched
+by one training step (forward + backward) and one eval forward in the eager form, and with
+``--compiled`` the kernels Inductor generates for the compiled form (forward + backward), next
+to ``nn.BatchNorm2d`` and ``nn.GroupNorm``.
+
+    python tools/analysis/count_launches.py                   # (8, 64, 28, 28), eager form
+    python tools/analysis/count_launches.py --compiled        # + Inductor's kernel count
+    python tools/analysis/count_launches.py --shape 2 256 50 68 --ops SN   # op names too
+"""
+import argparse
+import os
+import sys
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from mmnorm import (BatchChannelNorm, SparseSwitchableNorm,  # noqa: E402
+                    SwitchableNorm, SwitchableNormTied)
+from mmnorm.analysis.launches import step_ops  # noqa: E402
+from mmnorm.functional import compiled as compiled_form  # noqa: E402
+
+
+def layers(channels: int) -> dict:
+    """Every layer of the table, built for ``channels`` channels, in train mode."""
+    ssn = SparseSwitchableNorm(channels)
+    ssn.set_progress(0.3)  # between sparsemax and one-hot, as in training
+    est = BatchChannelNorm(channels, num_groups=min(32, channels), estimate=True)
+    est.set_estimate_rate(0.01)
+    return {
+        'BN': nn.BatchNorm2d(channels), 'GN': nn.GroupNorm(min(32, channels), channels),
+        'SN': SwitchableNorm(channels), 'SN_tied': SwitchableNormTied(channels), 'SSN': ssn,
+        'BCN': BatchChannelNorm(channels, num_groups=min(32, channels)), 'BCN_est': est,
+    }
+
+
+def inductor_kernels(layer: nn.Module, x: torch.Tensor) -> int:
+    """Kernels Inductor generates for one training step of ``layer`` compiled on its own."""
+    from torch._inductor import metrics
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(layer, dynamic=False)
+    layer.train()
+    xg = x.clone().requires_grad_()
+    compiled(xg).backward(torch.randn_like(x))
+    return metrics.generated_kernel_count
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--shape', type=int, nargs='+', default=[8, 64, 28, 28],
+                        help='input shape N C H W (default: 8 64 28 28)')
+    parser.add_argument('--compiled', action='store_true',
+                        help="also count Inductor's generated kernels (compiles each layer)")
+    parser.add_argument('--ops', nargs='*', default=[],
+                        help='print the op names of these layers')
+    args = parser.parse_args(argv)
+    compiled_form.use_compiled(False)  # the eager form, whatever MMNORM_COMPILE says
+    x = torch.randn(*args.shape)
+    header = '| layer | eager train step | eager eval forward |' + (
+        ' compiled kernels (train step) |' if args.compiled else '')
+    print(f'Non-view ATen ops dispatched, input {tuple(args.shape)}, torch {torch.__version__}')
+    print()
+    print(header)
+    print('|' + '---|' * (header.count('|') - 1))
+    for name, layer in layers(args.shape[1]).items():
+        step_ops(layer, x)  # the first step may set up state; count the second
+        train = step_ops(layer, x)
+        evaluation = step_ops(layer, x, train=False)
+        row = f'| {name} | {sum(train.values())} | {sum(evaluation.values())} |'
+        if args.compiled:
+            row += f' {inductor_kernels(layer, x)} |'
+        print(row)
+        if name in args.ops:
+            print(f'<!-- {name} train: {dict(train)} -->')
+            print(f'<!-- {name} eval: {dict(evaluation)} -->')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -227,6 +227,12 @@ def _resolve_python(app, env, node, contnode):
     if module:
         candidates[:0] = [f'{module}.{cls}.{target}'] if cls else []
         candidates.insert(len(candidates) - 1, f'{module}.{target}')
+    # a docstring names things as its own module sees them, also where a package documents it
+    where = re.search(r'docstring of ([\w.]+)', str(get_node_location(node) or ''))
+    documented_obj = _import_object(where.group(1)) if where else None
+    home = getattr(documented_obj, '__module__', None) or getattr(documented_obj, '__name__', None)
+    if isinstance(home, str) and home != module:
+        candidates.insert(len(candidates) - 1, f'{home}.{target}')
     for name in candidates:
         obj = _import_object(name)
         if obj is None:
@@ -326,7 +332,6 @@ KNOWN_DOCSTRING_WARNINGS = [
     ('docstring of mmnorm.layers.conv_ws.WSConv2d:', 'Field list ends without a blank line'),
     ('docstring of mmnorm.functional.moments.normalize_rows:',
      'target not found: _RowNormFunction'),
-    ('docstring of mmnorm.functional.moments.normalize_rows:', 'target not found: eager_form'),
     ('docstring of mmnorm.functional.moments.channel_moments:',
      'target not found: _centered_moments'),
     ('docstring of mmnorm.functional.moments:', 'target not found: _forward'),

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .moments import Coefficients, eager_form, normalize_rows, pool
-from .row_affine import row_affine, stat_moments
+from .row_affine import instance_layer_batch_moments, row_affine
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
 
@@ -279,16 +279,15 @@ class _SwitchableKernel:
     def forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 bn_mean: Optional[Tensor], bn_var: Optional[Tensor], ratios: Tensor):
         n, c = x.shape[:2]
-        dims = tuple(range(2, x.dim()))
         k = ratios.shape[-1]
         self.length = math.prod(x.shape[2:])
-        m, v = (t.view(n, c) for t in stat_moments(x, dims))
-        m_ln, v_ln = (t.view(n, 1) for t in stat_moments(x, (1, ) + dims))
+        batch = k == 3 and self.batch
+        (m, v), (m_ln, v_ln), *bn = instance_layer_batch_moments(x, batch=batch)
         aux: dict = {}
         means, variances = [m, m_ln], [v, v_ln]
         if k == 3:
-            if self.batch:
-                m_bn, v_bn = (t.view(1, c) for t in stat_moments(x, (0, ) + dims))
+            if batch:
+                m_bn, v_bn = bn[0]
                 aux = {'batch_mean': m_bn.view(c), 'batch_var': v_bn.view(c)}
             else:
                 m_bn, v_bn = bn_mean.to(x.dtype).view(1, c), bn_var.to(x.dtype).view(1, c)

@@ -10,6 +10,7 @@ import mmnorm.functional.moments as core
 from mmnorm import SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
 from mmnorm.analysis.launches import step_ops
 from mmnorm.functional import compiled as compiled_form
+from mmnorm.functional import row_affine
 
 #: Ops of one training step / one eval forward (issue 26's budget; native BN: 3 / 1).
 BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12)}
@@ -35,7 +36,9 @@ def eager(monkeypatch):
 
 
 @pytest.mark.parametrize('name', list(BUDGET))
-def test_ops_per_step_within_budget(name, eager):
+def test_ops_per_step_within_budget(name, eager, monkeypatch):
+    # The ops as on CUDA (the CPU takes simpler passes, see FEW_LAUNCHES_NOT_NEEDED).
+    monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
     layer = LAYERS[name](16)
     x = torch.randn(4, 16, 7, 7)
     step_ops(layer, x)
@@ -80,6 +83,17 @@ def test_light_form_equals_plain_form(name, train, shape, fmt, monkeypatch, eage
     torch.testing.assert_close(light, plain, rtol=1e-10, atol=1e-10)
     if fmt is not None:  # the gradient keeps the input's layout
         assert light[0][0][1].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize('slow', [(), ('cpu', )])
+def test_both_pass_structures_agree_on_moments(slow, monkeypatch, eager):
+    monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', slow)
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64) * 3 + 7
+    for dims in ((2, 3), (1, 2, 3), (0, 2, 3)):
+        mean, var = row_affine.stat_moments(x, dims)
+        torch.testing.assert_close(mean, x.mean(dims, keepdim=True), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(var, x.var(dims, correction=0, keepdim=True), rtol=1e-12,
+                                   atol=1e-12)
 
 
 @pytest.mark.parametrize('train', [True, False])

@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The kernel launches of one step of each normalization layer: non-view ATen ops dispatched
-by one training step (forward + backward) and one eval forward in the eager form, and with
+by one training step (forward + backward) and one eval forward in the eager form (with the
+ops as on CUDA, and as on the CPU, which takes simpler passes), and with
 ``--compiled`` the kernels Inductor generates for the compiled form (forward + backward), next
 to ``nn.BatchNorm2d`` and ``nn.GroupNorm``.
 
@@ -21,6 +22,7 @@ from mmnorm import (BatchChannelNorm, SparseSwitchableNorm,  # noqa: E402
                     SwitchableNorm, SwitchableNormTied)
 from mmnorm.analysis.launches import step_ops  # noqa: E402
 from mmnorm.functional import compiled as compiled_form  # noqa: E402
+from mmnorm.functional import row_affine  # noqa: E402
 
 
 def layers(channels: int) -> dict:
@@ -59,17 +61,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     compiled_form.use_compiled(False)  # the eager form, whatever MMNORM_COMPILE says
     x = torch.randn(*args.shape)
-    header = '| layer | eager train step | eager eval forward |' + (
+    header = ('| layer | eager train step | eager eval forward | train step, CPU passes '
+              '| eval forward, CPU passes |') + (
         ' compiled kernels (train step) |' if args.compiled else '')
     print(f'Non-view ATen ops dispatched, input {tuple(args.shape)}, torch {torch.__version__}')
     print()
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
     for name, layer in layers(args.shape[1]).items():
-        step_ops(layer, x)  # the first step may set up state; count the second
-        train = step_ops(layer, x)
-        evaluation = step_ops(layer, x, train=False)
-        row = f'| {name} | {sum(train.values())} | {sum(evaluation.values())} |'
+        counts = []
+        # As on CUDA (fewest ops), then as on the CPU (simpler passes, more of them).
+        for slow in ((), ('cpu', )):
+            row_affine.FEW_LAUNCHES_NOT_NEEDED = slow
+            step_ops(layer, x)  # the first step may set up state; count the second
+            train = step_ops(layer, x)
+            evaluation = step_ops(layer, x, train=False)
+            counts += [sum(train.values()), sum(evaluation.values())]
+        row = '| ' + ' | '.join([name] + [str(c) for c in counts]) + ' |'
         if args.compiled:
             row += f' {inductor_kernels(layer, x)} |'
         print(row)

@@ -31,12 +31,16 @@ centered input (:mod:`.moments`): with :math:`\alpha_c = \gamma^b_c / \hat\sigma
 :math:`a = k_{ng}\alpha_c` and :math:`b = k_{ng}(d_{nc} - \mu_{ng}) + \beta^c_g`, where
 :math:`k_{ng} = \gamma^c_g / \sigma_{ng}`.
 """
+import math
 from typing import Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from .moments import Coefficients, eager_channel_moments, normalize_rows, pool
+from .moments import (LOW_PRECISION, Coefficients, eager_channel_moments, eager_form,
+                      normalize_rows, pool, stat_dtype)
+from .row_affine import stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
 
@@ -141,6 +145,60 @@ def _move_estimates(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
         return update_estimates(estimate_mean, estimate_var, *eager_channel_moments(x), rate)
 
 
+def _native_serves(x: Tensor, batch: bool, momentum, running_mean: Optional[Tensor],
+                   bn_mean: Optional[Tensor], params) -> bool:
+    """Whether the light form (:func:`_bn_then_gn`) computes this call: batch statistics of
+    more than one value per channel (``F.batch_norm`` refuses one), a Python momentum, and
+    buffers and parameters in the dtype the statistics are computed in."""
+    dtype = stat_dtype(x.dtype)
+    if batch and (x.shape[0] * math.prod(x.shape[2:]) <= 1 or isinstance(momentum, Tensor)):
+        return False
+    tensors = [t for t in (*params, running_mean, bn_mean) if t is not None]
+    return all(t.dtype == dtype for t in tensors)
+
+
+def _bn_then_gn(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
+                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                bn_mean: Optional[Tensor], bn_var: Optional[Tensor], batch: bool,
+                momentum: float, eps: float) -> Tensor:
+    """The light eager form of BCN: Eq. (16) as written, ``GN(BN(x))``, by ATen's batch and
+    group normalization kernels (one fused op each way, statistics in float32 or wider), the
+    per-group affine of Eq. (15) given to the group normalization per channel.
+
+    ``batch``: BN statistics of this batch, updating ``bn_mean`` / ``bn_var`` (the running
+    buffers) in place when given; else ``bn_mean`` / ``bn_var`` are the statistics (constants).
+    """
+    wide = x.float() if x.dtype in LOW_PRECISION else x
+    channels = x.shape[1]
+    per_channel = [None if t is None else
+                   t.unsqueeze(1).expand(num_groups, channels // num_groups).reshape(channels)
+                   for t in (weight, bias)]
+    dot = F.batch_norm(wide, bn_mean, bn_var, bn_weight, bn_bias, batch, momentum, eps)
+    return F.group_norm(dot, num_groups, *per_channel, eps).to(x.dtype)
+
+
+@torch.no_grad()
+def _move_estimates_light(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
+                          rate: Union[float, Tensor]) -> Tuple[Tensor, Tensor]:
+    """Algorithm 1's update from the batch's per-channel moments (one reduction where launches
+    count): the mean of ``(x - old mean)^2`` is ``var + (mean - old mean)^2``. Returns the
+    moved estimates as new tensors (what normalizes: nothing mutates them before backward) and
+    updates the buffers in place."""
+    check_rate(rate)
+    wide = x.float() if x.dtype in LOW_PRECISION else x
+    if isinstance(rate, Tensor):
+        rate = rate.to(wide.dtype)
+    dims = (0, ) + tuple(range(2, x.dim()))
+    mean, var = (t.view(-1) for t in stat_moments(wide, dims))
+    old_mean = estimate_mean.to(wide.dtype)
+    deviation = mean - old_mean
+    new_mean = old_mean.lerp(mean, rate)
+    new_var = estimate_var.to(wide.dtype).lerp(torch.addcmul(var, deviation, deviation), rate)
+    estimate_mean.copy_(new_mean)
+    estimate_var.copy_(new_var)
+    return new_mean, new_var
+
+
 def check_rate(rate: Union[float, Tensor], name: str = 'rate') -> None:
     """Refuse an estimate update rate outside [0, 1]: beyond 1 the estimates overshoot the
     batch statistics and the variance can turn negative (NaN outputs); below 0 they move away.
@@ -200,14 +258,24 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         raise ValueError('estimate=True needs the running_mean/running_var estimate buffers')
     batch = not estimate and (training or running_mean is None)
     bn_mean, bn_var = (None, None) if batch else (running_mean, running_var)
+    coefficients = Coefficients(_coefficients, dict(num_groups=num_groups, eps=eps, batch=batch),
+                                process_group if batch else None)
+    form = eager_form(input, coefficients)
+    if form == 'light' and _native_serves(input, batch, momentum, running_mean, bn_mean,
+                                          (weight, bias, bn_weight, bn_bias)):
+        if estimate and training:
+            bn_mean, bn_var = _move_estimates_light(running_mean, running_var, input, rate)
+        update = batch and training and running_mean is not None
+        return _bn_then_gn(input, num_groups, weight, bias, bn_weight, bn_bias,
+                           running_mean if update else bn_mean,
+                           running_var if update else bn_var, batch, momentum, eps)
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.
         bn_mean, bn_var = _move_estimates(running_mean, running_var, input, rate)
-    coefficients = Coefficients(_coefficients, dict(num_groups=num_groups, eps=eps, batch=batch),
-                                process_group if batch else None)
     out, aux = normalize_rows(input, coefficients,
-                              (weight, bias, bn_weight, bn_bias, bn_mean, bn_var))
+                              (weight, bias, bn_weight, bn_bias, bn_mean, bn_var),
+                              'public' if form == 'light' else form)
     if batch and training and running_mean is not None:
         update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out

@@ -7,20 +7,28 @@ import torch
 from torch import nn
 
 import mmnorm.functional.moments as core
-from mmnorm import SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
 from mmnorm.analysis.launches import step_ops
 from mmnorm.functional import compiled as compiled_form
 from mmnorm.functional import row_affine
 
 #: Ops of one training step / one eval forward (issue 26's budget; native BN: 3 / 1).
-BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12)}
+BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12), 'BCN': (40, 12),
+          'BCN_est': (50, 12)}
 
 LAYERS = {
     'SN': lambda c: SwitchableNorm(c, momentum=0.3),
     'SN_tied': lambda c: SwitchableNormTied(c),
     'SN_noBN': lambda c: SwitchableNorm(c, using_bn=False),
     'SSN': lambda c: _ssn(c),
+    'BCN': lambda c: BatchChannelNorm(c, num_groups=2, momentum=0.3),
+    'BCN_est': lambda c: _estimated(BatchChannelNorm(c, num_groups=2, estimate=True)),
 }
+
+
+def _estimated(layer):
+    layer.set_estimate_rate(0.2)
+    return layer
 
 
 def _ssn(c):

@@ -121,6 +121,17 @@ def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
             _frozen(sparsestmax(var_scores, radius), var_choice))
 
 
+def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
+                             mean_choice: Tensor, var_choice: Tensor) -> Tensor:
+    """:func:`sparsest_ratios` as one ``(2, |Omega|)`` tensor: one SparsestMax of both score
+    vectors (half the ops of two)."""
+    return _frozen(sparsestmax(torch.stack([mean_scores, var_scores]), radius),
+                   torch.stack([mean_choice, var_choice]).unsqueeze(-1))
+
+
+sparsest_ratios.stacked = _stacked_sparsest_ratios
+
+
 @torch.no_grad()
 def update_choices(ratios: Tensor, choice: Tensor) -> None:
     """Fix ``choice`` (in place) at the argmax of ``ratios`` when they are one-hot and it is

@@ -160,8 +160,8 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                     training: bool = True, momentum: float = 0.1, eps: float = 1e-5,
-                    mix: str = 'var', in_unbiased: bool = False, process_group=None
-                    ) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+                    mix: str = 'var', in_unbiased: bool = False, process_group=None,
+                    ratios: Optional[Tensor] = None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
     r"""Normalize with IN, LN (and BN) statistics mixed by ``ratio_fn(*ratio_inputs)``.
 
     The computation shared by SN (softmax ratios, :func:`switchable_norm`) and its variants
@@ -174,6 +174,9 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
             differentiable tensor ops (it runs inside the compiled coefficient function).
         ratio_inputs (sequence): its tensors; the first holds one entry per normalizer, so its
             size says whether BN is in Omega (3) or not (2).
+        ratios (Tensor, optional): ``ratio_fn(*ratio_inputs)`` already computed, stacked
+            ``(2, |Omega|)`` (:func:`stacked_ratios`; a layer's eval forwards reuse them while
+            the ratio inputs are unchanged). Defaults to None (computed here).
 
     Returns:
         tuple: the output, and the ``(mean_ratios, var_ratios)`` it used (detached).
@@ -198,7 +201,8 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
         process_group if batch else None)
     form = eager_form(input, coefficients)
     if form == 'light' and mix == 'var' and not in_unbiased:
-        ratios = stacked_ratios(ratio_fn, ratio_inputs)
+        if ratios is None:
+            ratios = stacked_ratios(ratio_fn, ratio_inputs)
         out, aux = row_affine(input, _SwitchableKernel(eps, batch),
                               (weight, bias, bn_mean, bn_var, ratios))
         if batch and training and running_mean is not None:

@@ -50,8 +50,9 @@ def test_ops_per_step_within_budget(name, eager, monkeypatch):
     layer = LAYERS[name](16)
     x = torch.randn(4, 16, 7, 7)
     step_ops(layer, x)
-    train, evaluation = sum(step_ops(layer, x).values()), sum(
-        step_ops(layer, x, train=False).values())
+    train = sum(step_ops(layer, x).values())
+    step_ops(layer, x, train=False)
+    evaluation = sum(step_ops(layer, x, train=False).values())
     native = sum(step_ops(nn.BatchNorm2d(16), x).values())
     assert native <= 4  # the counter itself: native BN is 3
     assert train <= BUDGET[name][0] and evaluation <= BUDGET[name][1], (train, evaluation)
@@ -128,3 +129,32 @@ def test_half_input_statistics_in_float32(eager):
     expected = layer.double()(x.double())
     assert y.dtype == torch.float16
     assert (y.double() - expected).abs().max() < 1e-2
+
+
+@pytest.mark.parametrize('name', ['SN', 'SSN'])
+def test_eval_reuses_ratios_until_their_inputs_change(name, eager):
+    layer = LAYERS[name](6).eval()
+    x = torch.randn(2, 6, 3, 3)
+    scores = layer.ratio_inputs()[0]
+
+    def forward():
+        with torch.no_grad():
+            return layer(x)
+
+    first = forward()
+    counted = sum(step_ops(layer, x, train=False).values())
+    assert torch.equal(forward(), first)
+    with torch.no_grad():
+        scores.add_(torch.tensor([0.5, -0.3, 0.1]))  # an optimizer / EMA step in place
+    changed = forward()
+    layer._ratio_cache = None
+    assert torch.equal(changed, forward())  # what an uncached forward computes
+    assert not torch.equal(changed, first)
+    if name == 'SSN':
+        layer.set_progress(0.9)
+        moved = forward()
+        layer._ratio_cache = None
+        assert torch.equal(moved, forward()) and not torch.equal(moved, changed)
+    # A cached forward skips the ratio function (SN: a softmax; SSN: SparsestMax).
+    layer._ratio_cache = None
+    assert sum(step_ops(layer, x, train=False).values()) > counted

@@ -33,6 +33,8 @@ for float16/bfloat16 inputs, and the output is rounded once, at the end.
 """
 from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
 
+import math
+
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -125,17 +127,19 @@ class RowAffineKernel(Protocol):
     ``A``, ``B`` ``(N, C)``; ``state`` whatever ``backward`` needs (``None`` when no gradient
     is wanted); ``aux`` a dict of detached tensors for the caller (batch statistics, ratios).
 
-    ``backward(state, grad_A, grad_B, needs)`` gets :math:`\\sum_l dy\\,x` and
+    ``backward(state, grad_A, grad_B, needs, length)`` gets :math:`\\sum_l dy\\,x` and
     :math:`\\sum_l dy` ``(N, C)`` and ``needs`` (which of ``tensors`` want a gradient); returns
     ``(P, Q, grads)``: ``dx = A dy + P x + Q`` with ``P``, ``Q`` broadcastable to ``(N, C)``,
-    and one gradient (or ``None``) per tensor.
+    and one gradient (or ``None``) per tensor. ``state`` is a tuple of tensors (or ``None``),
+    saved through autograd; ``length`` is the number of values per row.
     """
 
     def forward(self, x: Tensor, *tensors: Optional[Tensor]
                 ) -> Tuple[Tensor, Tensor, Any, Dict[str, Tensor]]:
         ...
 
-    def backward(self, state: Any, grad_A: Tensor, grad_B: Tensor, needs: Sequence[bool]
+    def backward(self, state: Sequence[Optional[Tensor]], grad_A: Tensor, grad_B: Tensor,
+                 needs: Sequence[bool], length: int
                  ) -> Tuple[Tensor, Tensor, Tuple[Optional[Tensor], ...]]:
         ...
 
@@ -159,8 +163,9 @@ class _RowAffine(torch.autograd.Function):
         A, B, state, aux = kernel.forward(wide, *tensors)
         # A new tensor in the input's layout, never a view (callers may modify it in place).
         out = _affine(wide, _rows(A, x), _rows(B, x))
-        ctx.kernel, ctx.state = kernel, state
-        ctx.save_for_backward(x, A)
+        ctx.kernel = kernel
+        # Saved through autograd (not on ctx): torch.compile traces this Function too.
+        ctx.save_for_backward(x, A, *state)
         aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
         ctx.mark_non_differentiable(*aux.values())
         return (out.to(x.dtype), *aux.values())
@@ -168,14 +173,15 @@ class _RowAffine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, *_):
-        x, A = ctx.saved_tensors
+        x, A, *state = ctx.saved_tensors
         if grad_out is None:
             return (None, None, None, *[None] * len(ctx.needs_input_grad[3:]))
         wide, dy = _wide(x), _wide(grad_out)
         dims = spatial_dims(x)
         grad_B = dy.sum(dims)
         grad_A = _row_dot(dy, wide)
-        P, Q, grads = ctx.kernel.backward(ctx.state, grad_A, grad_B, ctx.needs_input_grad[3:])
+        P, Q, grads = ctx.kernel.backward(state, grad_A, grad_B, ctx.needs_input_grad[3:],
+                                          math.prod(x.shape[2:]))
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _affine(wide, _rows(P, x), _rows(Q, x))

@@ -284,7 +284,6 @@ class _SwitchableKernel:
                 bn_mean: Optional[Tensor], bn_var: Optional[Tensor], ratios: Tensor):
         n, c = x.shape[:2]
         k = ratios.shape[-1]
-        self.length = math.prod(x.shape[2:])
         batch = k == 3 and self.batch
         (m, v), (m_ln, v_ln), *bn = instance_layer_batch_moments(x, batch=batch)
         aux: dict = {}
@@ -297,18 +296,21 @@ class _SwitchableKernel:
                 m_bn, v_bn = bn_mean.to(x.dtype).view(1, c), bn_var.to(x.dtype).view(1, c)
             means.append(m_bn)
             variances.append(v_bn)
-        stats = torch.stack(torch.broadcast_tensors(*means, *variances), -1).view(n, c, 2, k)
-        mu, s2 = (stats * ratios.to(x.dtype)).sum(-1).unbind(-1)
+        flat = torch.stack(torch.broadcast_tensors(*means, *variances), -1)
+        stats = flat.view(n, c, 2, k)
+        mixed = (stats * ratios.to(x.dtype)).sum(-1)
+        mu, s2 = mixed.unbind(-1)
         r = torch.rsqrt(s2 + self.eps)
         A = r * weight.to(x.dtype) if weight is not None else r
         B = torch.addcmul(bias.to(x.dtype), A, mu, value=-1) if bias is not None \
             else torch.mul(A, mu).neg_()
-        return A, B, (stats, ratios, r, A, mu, weight), aux
+        # Saved as computed, not as views (torch.compile traces this too).
+        return A, B, (flat, ratios, r, A, mixed, weight), aux
 
-    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs):
-        stats, ratios, r, A, mu, weight = state
-        n, c, _, k = stats.shape
-        length = self.length
+    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs, length: int):
+        flat, ratios, r, A, mixed, weight = state
+        k = ratios.shape[-1]
+        stats, mu = flat.view(flat.shape[:2] + (2, k)), mixed[..., 0]
         grad_a = torch.addcmul(grad_A, grad_B, mu, value=-1)      # dL/dA through B = b - A mu
         t = grad_a * r
         g_weight = t.sum(0) if needs[0] else None

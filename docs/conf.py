@@ -328,18 +328,7 @@ class ToolFigureDirective(SphinxDirective):
 # Each entry is (where, what), both parts of the warning's text, and filters out exactly the
 # warnings that contain both; the build lists what it filtered, and an entry that no longer
 # matches anything, so that the list only shrinks. Any other warning fails the build.
-KNOWN_DOCSTRING_WARNINGS = [
-    ('docstring of mmnorm.layers.conv_ws.WSConv2d:', 'Field list ends without a blank line'),
-    ('docstring of mmnorm.functional.moments.normalize_rows:',
-     'target not found: _RowNormFunction'),
-    ('docstring of mmnorm.functional.moments.channel_moments:',
-     'target not found: _centered_moments'),
-    ('docstring of mmnorm.functional.moments:', 'target not found: _forward'),
-    ('docstring of mmnorm.functional.moments:', 'target not found: _RowNormFunction'),
-    ('docstring of mmnorm.functional.moments.eager_form:', 'target not found: _RowNormFunction'),
-    ('docstring of mmnorm.functional.moments.CoefficientFn:',
-     'target not found: BatchStats.as_aux'),
-]
+KNOWN_DOCSTRING_WARNINGS = []
 _known_seen = {}
 
 

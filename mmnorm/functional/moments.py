@@ -18,7 +18,7 @@ channel whose values are all equal map to exactly ``b`` whatever the size of ``a
 step has ``a ~ 1/sqrt(eps)`` on zero-variance channels).
 
 :func:`normalize_rows` computes this with public tensor ops only. One **plain form**
-(:func:`_forward`: moments, :math:`f`, the affine map as ordinary differentiable ops, no
+(``_forward``: moments, :math:`f`, the affine map as ordinary differentiable ops, no
 data-dependent Python control flow) is the specification, and runs three ways:
 
 - **traced** as it is by ``torch.export`` / ONNX, an outer ``torch.compile`` and
@@ -28,7 +28,7 @@ data-dependent Python control flow) is the specification, and runs three ways:
   Inductor fuses each full-size pass into one kernel and AOTAutograd derives the backward;
 - in **public eager ops** where compiling is off, fails, or does not serve (the synchronized
   layers, whose :math:`f` holds a collective; one value per row): with a gradient, through
-  :class:`_RowNormFunction`, whose backward touches the full-size tensors in four passes and gets
+  ``_RowNormFunction``, whose backward touches the full-size tensors in four passes and gets
   the gradient of :math:`f` from ``torch.autograd.grad`` on the small ``(N, C)`` graph built in
   the forward. No calculus is written by hand; only the textbook full-size rules are:
 
@@ -78,7 +78,7 @@ class CoefficientFn(Protocol):
     Returns ``(scale, shift, aux)``: ``scale`` and ``shift`` broadcastable to ``(N, C)``, the
     output being ``scale * (x - mean) + shift``; ``aux`` a dict of tensors computed on the way,
     returned to the caller detached (e.g. ``'batch_mean'``, ``'batch_var'``, ``'batch_count'`` for
-    the running buffers, see :meth:`BatchStats.as_aux`; ratios).
+    the running buffers, see :meth:`~mmnorm.functional.BatchStats.as_aux`; ratios).
 
     The rules, and why:
 
@@ -176,7 +176,7 @@ def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
 def channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance of ``input`` ``(N, C, *)``, in :func:`stat_dtype`.
 
-    Differentiable; see :func:`_centered_moments`. An input without spatial dims has
+    Differentiable; see ``_centered_moments``. An input without spatial dims has
     ``mean = input``, ``var = 0``; empty rows get 0, 0.
     """
     return _centered_moments(input)[:2]
@@ -243,7 +243,7 @@ def _forward(input: Tensor, coefficients: Coefficients, tensors: Sequence[Option
 
     ``track=False``: plain differentiable ops (the plain form). ``track=True``: the moments are
     cut from ``x`` and the ``(N, C)`` graph of the coefficients is built on detached leaves, for
-    :class:`_RowNormFunction`'s backward; ``delta`` is folded into the ``(N, C)`` shift.
+    ``_RowNormFunction``'s backward; ``delta`` is folded into the ``(N, C)`` shift.
     """
     mean, var, centered, delta = _centered_moments(input)
     leaves = [mean, var, *tensors]
@@ -408,7 +408,7 @@ def eager_form(x: Tensor, coefficients: Coefficients) -> str:
     """The form of this call, decided once: ``'traced'`` (under tracing: the plain form),
     ``'compiled'`` (:mod:`.compiled` wants it: the plain form compiled), ``'light'`` (the light
     eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
-    one value) or ``'public'`` (:class:`_RowNormFunction` / the plain form in eager ops: a
+    one value) or ``'public'`` (``_RowNormFunction`` / the plain form in eager ops: a
     process group, no spatial dim, an empty batch)."""
     if is_tracing():
         return 'traced'
@@ -427,7 +427,7 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
     Under tracing (``torch.export``, an outer ``torch.compile``, ``torch.jit.trace``) this is
     the plain form. Eager calls run the plain form compiled by ``torch.compile`` (one fused
     kernel per pass; see :mod:`.compiled`), or, where that does not serve, public eager ops
-    (:class:`_RowNormFunction` when a gradient is needed). All compute the same function.
+    (``_RowNormFunction`` when a gradient is needed). All compute the same function.
 
     Args:
         x (Tensor): ``(N, C, *)``, any number of spatial dims.

@@ -37,7 +37,8 @@ from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
-           'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS']
+           'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS',
+           'stacked_ratios']
 
 MIX_MODES = ('var', 'std')
 
@@ -175,7 +176,7 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
         ratio_inputs (sequence): its tensors; the first holds one entry per normalizer, so its
             size says whether BN is in Omega (3) or not (2).
         ratios (Tensor, optional): ``ratio_fn(*ratio_inputs)`` already computed, stacked
-            ``(2, |Omega|)`` (:func:`stacked_ratios`; a layer's eval forwards reuse them while
+            ``(2, |Omega|)`` (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's eval forwards reuse them while
             the ratio inputs are unchanged). Defaults to None (computed here).
 
     Returns:

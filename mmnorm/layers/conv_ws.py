@@ -24,8 +24,10 @@ class WSConv2d(nn.Conv2d):
     variance. Weights pretrained with one formula should be used with the same one.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-        padding_mode: as ``nn.Conv2d`` (``build_conv_layer`` / ``ConvModule`` pass them).
+        in_channels (int): as ``nn.Conv2d`` (``build_conv_layer`` / ``ConvModule`` pass it, and
+            the arguments up to ``padding_mode``).
+        out_channels (int): as ``nn.Conv2d``.
+        kernel_size, stride, padding, dilation, groups, bias, padding_mode: as ``nn.Conv2d``.
         eps (float): added to the filter variance. Defaults to 1e-5.
 
     Examples:

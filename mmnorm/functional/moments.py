@@ -19,15 +19,18 @@ step has ``a ~ 1/sqrt(eps)`` on zero-variance channels).
 
 :func:`normalize_rows` computes this with public tensor ops only. One **plain form**
 (``_forward``: moments, :math:`f`, the affine map as ordinary differentiable ops, no
-data-dependent Python control flow) is the specification, and runs three ways:
+data-dependent Python control flow) is the specification, and runs these ways:
 
 - **traced** as it is by ``torch.export`` / ONNX, an outer ``torch.compile`` and
   ``torch.jit.trace``;
 - **compiled** by mmnorm itself for eager calls on CPU and CUDA (``torch.compile``,
   ``dynamic=True``; when, and what happens when it fails, is decided in :mod:`.compiled`):
   Inductor fuses each full-size pass into one kernel and AOTAutograd derives the backward;
-- in **public eager ops** where compiling is off, fails, or does not serve (the synchronized
-  layers, whose :math:`f` holds a collective; one value per row): with a gradient, through
+- for eager calls on this process's batch (the default), each normalizer has a **light form**
+  of the same function in a few large ops (:mod:`.row_affine` for SN and its variants, ATen's
+  batch then group normalization for BCN), which the tests hold to the plain form;
+- in **public eager ops** where neither serves (the synchronized layers, whose :math:`f` holds
+  a collective; inputs without a spatial dim or values): with a gradient, through
   ``_RowNormFunction``, whose backward touches the full-size tensors in four passes and gets
   the gradient of :math:`f` from ``torch.autograd.grad`` on the small ``(N, C)`` graph built in
   the forward. No calculus is written by hand; only the textbook full-size rules are:

@@ -36,6 +36,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, eager_channel_moments, eager_form,
@@ -157,24 +158,58 @@ def _native_serves(x: Tensor, batch: bool, momentum, running_mean: Optional[Tens
     return all(t.dtype == dtype for t in tensors)
 
 
-def _bn_then_gn(x: Tensor, num_groups: int, weight: Optional[Tensor], bias: Optional[Tensor],
-                bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                bn_mean: Optional[Tensor], bn_var: Optional[Tensor], batch: bool,
-                momentum: float, eps: float) -> Tensor:
-    """The light eager form of BCN: Eq. (16) as written, ``GN(BN(x))``, by ATen's batch and
-    group normalization kernels (one fused op each way, statistics in float32 or wider), the
-    per-group affine of Eq. (15) given to the group normalization per channel.
+def _bn_then_gn(x: Tensor, num_groups: int, eps: float, tensors, batch: bool,
+                running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                momentum: float = 0.0) -> Tensor:
+    """``GN(BN(x))`` by ATen's batch and group normalization kernels (statistics in float32 or
+    wider), the per-group affine of Eq. (15) given to the group normalization per channel.
 
-    ``batch``: BN statistics of this batch, updating ``bn_mean`` / ``bn_var`` (the running
-    buffers) in place when given; else ``bn_mean`` / ``bn_var`` are the statistics (constants).
+    ``tensors``: ``(weight, bias, bn_weight, bn_bias, bn_mean, bn_var)``. ``batch``: BN
+    statistics of this batch (``running_mean`` / ``running_var`` updated in place when given);
+    else ``bn_mean`` / ``bn_var`` are the statistics (constants).
     """
+    weight, bias, bn_weight, bn_bias, bn_mean, bn_var = tensors
     wide = x.float() if x.dtype in LOW_PRECISION else x
     channels = x.shape[1]
     per_channel = [None if t is None else
                    t.unsqueeze(1).expand(num_groups, channels // num_groups).reshape(channels)
                    for t in (weight, bias)]
+    if batch:
+        bn_mean, bn_var = running_mean, running_var
     dot = F.batch_norm(wide, bn_mean, bn_var, bn_weight, bn_bias, batch, momentum, eps)
     return F.group_norm(dot, num_groups, *per_channel, eps).to(x.dtype)
+
+
+class _BatchThenGroupNorm(torch.autograd.Function):
+    """BCN's light training form: :func:`_bn_then_gn` run without a graph, and again in the
+    backward to differentiate it. Only the input is saved, as for the other layers (the
+    batch-normalized activation the group normalization's backward needs would double the
+    layer's saved memory); the second run costs one forward of two fused kernels."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, spec: tuple, running_mean: Optional[Tensor],
+                running_var: Optional[Tensor], *tensors: Optional[Tensor]) -> Tensor:
+        num_groups, eps, batch, momentum = spec
+        ctx.spec = spec
+        ctx.save_for_backward(x, *tensors)
+        return _bn_then_gn(x, num_groups, eps, tensors, batch, running_mean, running_var,
+                           momentum)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        num_groups, eps, batch, _ = ctx.spec
+        x, *tensors = ctx.saved_tensors
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        with torch.enable_grad():
+            leaves = [None if t is None else t.detach().requires_grad_(need)
+                      for t, need in zip((x, *tensors), needs)]
+            # The batch statistics come out the same; the running buffers are not passed again.
+            out = _bn_then_gn(leaves[0], num_groups, eps, leaves[1:], batch)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            found = iter(torch.autograd.grad(out, wanted, grad_out))
+        grads = [next(found) if t is not None and t.requires_grad else None for t in leaves]
+        return (grads[0], None, None, None, *grads[1:])
 
 
 @torch.no_grad()
@@ -266,9 +301,13 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         if estimate and training:
             bn_mean, bn_var = _move_estimates_light(running_mean, running_var, input, rate)
         update = batch and training and running_mean is not None
-        return _bn_then_gn(input, num_groups, weight, bias, bn_weight, bn_bias,
-                           running_mean if update else bn_mean,
-                           running_var if update else bn_var, batch, momentum, eps)
+        running = (running_mean, running_var) if update else (None, None)
+        tensors = (weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
+        if torch.is_grad_enabled() and (input.requires_grad or any(
+                t is not None and t.requires_grad for t in tensors)):
+            return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
+                                             *running, *tensors)
+        return _bn_then_gn(input, num_groups, eps, tensors, batch, *running, momentum)
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.

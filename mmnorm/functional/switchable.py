@@ -176,8 +176,9 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
         ratio_inputs (sequence): its tensors; the first holds one entry per normalizer, so its
             size says whether BN is in Omega (3) or not (2).
         ratios (Tensor, optional): ``ratio_fn(*ratio_inputs)`` already computed, stacked
-            ``(2, |Omega|)`` (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's eval forwards reuse them while
-            the ratio inputs are unchanged). Defaults to None (computed here).
+            ``(2, |Omega|)`` (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's
+            eval forwards reuse them while the ratio inputs are unchanged). Defaults to None
+            (computed here).
 
     Returns:
         tuple: the output, and the ``(mean_ratios, var_ratios)`` it used (detached).

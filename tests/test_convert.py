@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import mmnorm  # noqa: F401
-from tests import oracles
+from mmnorm.testing import oracles
 from tests.conftest import ROOT
 
 sys.path.insert(0, osp.join(ROOT, 'tools'))
@@ -91,7 +91,7 @@ def make_source(fmt, depth=18, ratios=3, bn_prefix='pbn', num_classes=10, seed=0
 
 
 def independent_forward(state, fmt, depth, x):
-    """The source network (eval), composed from the test oracles (tests/oracles.py)."""
+    """The source network (eval), composed from the test oracles (mmnorm/testing/oracles.py)."""
     state = {k.replace('module.', '', 1): v.double() for k, v in state.items()}
     block, blocks = LAYOUTS[depth]
     tag = 'sn' if fmt == 'sn' else 'bn'

@@ -1,18 +1,23 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """tools/gpu_check.py, the prepared GPU check, in its CPU short mode (CI also runs all of it:
 make gpu-check DEVICE=cpu): sections stop before their budgets, failures are rows with their
-error (exit code 1), the JSON and Markdown reports; mmnorm's core imports without OpenMMLab;
-tools/benchmark_norms.py's device options; the distributed helpers' backend choice."""
+error (exit status 1), cases not run for time an incomplete check (exit status 3), the JSON and
+Markdown reports; mmnorm's core and mmnorm.testing import without OpenMMLab, pytest or tests/;
+the float64 oracles import nothing from mmnorm; tools/benchmark_norms.py's device options; the
+distributed helpers' backend choice. The installed wheel's copy through mim is in
+tests/test_packaging.py."""
+import ast
 import json
 import os.path as osp
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
+from mmnorm.testing.distributed import backend_and_devices
 from tests.conftest import ROOT
-from tests.helpers.distributed import backend_and_devices
 
 
 @pytest.fixture(scope='module')
@@ -68,7 +73,7 @@ def test_short_mode_writes_json_and_markdown(gpu_check, tmp_path, capsys):
     assert names == ['environment', 'fallbacks', 'distributed']
     fallbacks = report['sections'][1]['rows']
     assert [r['case'] for r in fallbacks] == ['forward compile', 'backward compile', 'first run']
-    assert all(r['warnings'] == 1 and r['same_as_public'] for r in fallbacks)
+    assert all(r['messages'] == 1 and r['same_as_public'] for r in fallbacks)
     text = (tmp_path / 'gpu_check.md').read_text()
     assert '| fallbacks | 3 | 0 | 0 |' in text and '## distributed' in text
 
@@ -79,7 +84,28 @@ def test_a_failed_case_fails_the_check(gpu_check, tmp_path, monkeypatch):
     code = gpu_check.main(['--device', 'cpu', '--sections', 'parity', '--out', str(tmp_path)])
     report = json.loads((tmp_path / 'gpu_check.json').read_text())
     assert code == 1 and report['failed'] == 1  # one case ran, then the budget stopped it
-    assert len(report['sections'][0]['not_run']) == 4
+    assert len(report['sections'][0]['not_run']) == 4  # a failure wins over cases not run
+    assert report['exit_status'] == 1
+
+
+def test_cases_not_run_for_time_fail_the_check(gpu_check, tmp_path, monkeypatch, capsys):
+    """Nothing failed, but a budget stopped a section: an incomplete check, exit status 3."""
+    def section(s, device, short):
+        for case in s.cases(['first', 'second', 'third']):
+            s.run(case, lambda: time.sleep(0.05) or {})
+
+    monkeypatch.setitem(gpu_check.SECTIONS, 'amp', section)
+    monkeypatch.setattr(gpu_check, 'SHORT_BUDGETS', dict(gpu_check.SHORT_BUDGETS, amp=0.01))
+    code = gpu_check.main(['--device', 'cpu', '--sections', 'environment', 'amp',
+                           '--out', str(tmp_path)])
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / 'gpu_check.json').read_text())
+    assert code == gpu_check.EXIT_NOT_RUN == 3, out[-3000:]
+    assert report['failed'] == 0 and report['not_run'] == 2 and report['exit_status'] == 3
+    assert report['sections'][1]['not_run'] == ['second', 'third']
+    assert '2 case(s) were not run' in out.splitlines()[-1]
+    text = (tmp_path / 'gpu_check.md').read_text()
+    assert 'Verdict: INCOMPLETE' in text and 'Not run (budget): second, third' in text
 
 
 def test_cuda_without_a_gpu_is_refused(gpu_check):
@@ -89,13 +115,15 @@ def test_cuda_without_a_gpu_is_refused(gpu_check):
         gpu_check.main(['--device', 'cuda'])
 
 
-#: Python that makes the OpenMMLab packages, OpenCV and pytest unimportable, as on the GPU
-#: machine (torch, Triton and ONNX Runtime only).
+#: Python that makes the OpenMMLab packages, OpenCV, pytest and the checkout's tests/
+#: unimportable, as on the GPU machine (torch, Triton and ONNX Runtime only) or in an installed
+#: package.
 BLOCK_OPENMMLAB = ('import sys, importlib.abc\n'
                    'class Block(importlib.abc.MetaPathFinder):\n'
                    '    def find_spec(self, name, path, target=None):\n'
                    "        if name.split('.')[0] in ('mmcv', 'mmengine', 'mmdet', 'mmseg',\n"
-                   "                                  'mmpretrain', 'mim', 'cv2', 'pytest'):\n"
+                   "                                  'mmpretrain', 'mim', 'cv2', 'pytest',\n"
+                   "                                  'tests'):\n"
                    "            raise ModuleNotFoundError(name)\n"
                    'sys.meta_path.insert(0, Block())\n')
 
@@ -108,6 +136,8 @@ def test_the_core_imports_without_openmmlab():
             'from mmnorm.utils.timing import time_rounds\n'
             'assert not mmnorm.WITH_OPENMMLAB\n'
             'from mmnorm import *  # noqa\n'
+            'import mmnorm.testing.compile_failures, mmnorm.testing.distributed\n'
+            'import mmnorm.testing.host_sync, mmnorm.testing.layers, mmnorm.testing.oracles\n'
             'SwitchableNorm(4)(torch.randn(2, 4, 3, 3)).sum().backward()\n'
             "print('core ok')\n")
     result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
@@ -115,9 +145,21 @@ def test_the_core_imports_without_openmmlab():
     assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
 
 
+def test_the_oracles_import_nothing_from_mmnorm():
+    """The float64 oracles live in the package but stay independent of what they check."""
+    with open(osp.join(ROOT, 'mmnorm', 'testing', 'oracles.py')) as f:
+        tree = ast.parse(f.read())
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names]
+    imported += [node.module or '.' for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom)]
+    assert imported and all(name.split('.')[0] in ('typing', 'torch', 'math')
+                            for name in imported), imported
+
+
 def test_gpu_check_runs_with_torch_only(tmp_path):
-    """tools/gpu_check.py itself with OpenMMLab and pytest unimportable (the compiled graphs'
-    reports then go to the standard library's logger, shown)."""
+    """tools/gpu_check.py itself with OpenMMLab, pytest and tests/ unimportable (the compiled
+    graphs' reports then go to the standard library's logger, shown)."""
     code = (BLOCK_OPENMMLAB + 'import runpy\n'
             f"sys.argv = ['gpu_check.py', '--device', 'cpu', '--out', {str(tmp_path)!r},\n"
             "            '--sections', 'environment', 'fallbacks', 'recompiles']\n"

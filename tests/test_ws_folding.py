@@ -14,7 +14,7 @@ from torch import nn
 from mmnorm import WSConv2d
 from mmnorm.convert import fold_bn_into_conv
 from mmnorm.integration import mmcv_fusion
-from tests import oracles
+from mmnorm.testing import oracles
 
 
 def _trained_bn_(bn, seed=0):
@@ -36,7 +36,7 @@ def _conv_module(efficient, bias=False, dtype=torch.float64):
 
 
 def _oracle(module, x):
-    """WS conv then eval BN, from tests/oracles.py and F.batch_norm, float64."""
+    """WS conv then eval BN, from mmnorm/testing/oracles.py and F.batch_norm, float64."""
     conv, bn = module.conv, module.norm
     y = F.conv2d(x, oracles.standardize(conv.weight), conv.bias, conv.stride, conv.padding)
     y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)

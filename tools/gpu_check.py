@@ -1,17 +1,20 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The prepared check of mmnorm on a GPU, in one run: what the CPU test suite cannot show.
 
-Needs torch only (Triton comes with CUDA torch; no OpenMMLab package, no network): mmnorm's core
-(functional forms and layers) and the test helpers it reuses (``tests/oracles.py``,
-``tests/helpers``) are imported from the working tree. Sections, each stopped before its time
-budget (the cases it had no time for are listed as not run):
+Needs torch only (Triton comes with CUDA torch; no OpenMMLab package, no pytest, no network):
+mmnorm's core (functional forms and layers) and what it shares with the test suite
+(``mmnorm.testing``: the float64 oracles, the layer configurations, the failing compile backends,
+the host-sync checker, the multi-process runner), nothing from ``tests/``. From a checkout it
+imports the working tree's mmnorm; installed (a wheel carries this tool in ``mmnorm/.mim/tools``),
+it runs as ``mim run mmnorm gpu_check``. Sections, each stopped before its time budget (the
+cases it had no time for are listed as not run):
 
 - ``environment``: torch, CUDA, Triton, the GPU; mmnorm imported without OpenMMLab.
 - ``parity``: every layer configuration in fp32, fp16, bf16, channels_last, N=1 and a 3-d input:
   the compiled form and the public-op form against a float64 CPU oracle (output, input and
   parameter gradients), and against each other; a warm training step and eval under
   ``torch.cuda.set_sync_debug_mode('error')`` (no host-device sync; on the CPU every host read
-  of a tensor raises, ``tests/helpers/host_sync.py``); gradients in the input's
+  of a tensor raises, ``mmnorm.testing.host_sync``); gradients in the input's
   memory format.
 - ``amp``: training steps of a small ConvNet with SN, SSN and BCN+WS in fp16 autocast with a
   ``GradScaler``, and in bf16 autocast: finite losses that fall, steps not all skipped.
@@ -24,11 +27,15 @@ budget (the cases it had no time for are listed as not run):
 - ``benchmark``: ``tools/benchmark_norms.py``'s layer table on the device (fp32, fp16, bf16,
   channels_last), ratios to GroupNorm and BatchNorm2d.
 
-It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` and exits 1 if a case failed.
+It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out`` (default ``work_dirs/gpu_check``
+in the current directory). Exit status: 0 when every case ran and passed; 1 when a case failed;
+3 when none failed but some were not run (a section's budget was reached: the check is
+incomplete); 2 for bad arguments.
 
     python tools/gpu_check.py                    # CUDA, all sections (about 8 min on one GPU)
     python tools/gpu_check.py --device cpu       # the short mode (CI: make gpu-check DEVICE=cpu)
     python tools/gpu_check.py --sections parity fallbacks --out work_dirs/gpu_check
+    mim run mmnorm gpu_check --device cpu        # the installed package's copy, from anywhere
 """
 import argparse
 import contextlib
@@ -44,8 +51,12 @@ import traceback
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # mmnorm and its test helpers from the working tree
+#: This tool's folder: ``tools/`` of a checkout, or ``mmnorm/.mim/tools`` of an installed package
+#: (``tools/benchmark_norms.py`` lies next to it in both).
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TOOLS)
+if (os.path.isfile(os.path.join(ROOT, 'mmnorm', '__init__.py'))
+        and ROOT not in sys.path):  # a checkout: the working tree's mmnorm
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
@@ -54,11 +65,16 @@ import torch.distributed as dist  # noqa: E402
 import mmnorm  # noqa: E402
 import mmnorm.functional.compiled as compiled_form  # noqa: E402
 from mmnorm import SwitchableNorm, WSConv2d, convert_sync_norm  # noqa: E402
-from tests import oracles  # noqa: E402
-from tests.helpers.compile_failures import FAILURES  # noqa: E402
-from tests.helpers.host_sync import no_host_sync  # noqa: E402
-from tests.helpers.layers import (LAYERS, CHANNELS, batches, float64_oracle,  # noqa: E402
-                                  make_layer, train_step)
+from mmnorm.testing import oracles  # noqa: E402
+from mmnorm.testing.compile_failures import FAILURES  # noqa: E402
+from mmnorm.testing.distributed import (backend_and_devices, rank_device,  # noqa: E402
+                                        run_distributed)
+from mmnorm.testing.host_sync import no_host_sync  # noqa: E402
+from mmnorm.testing.layers import (LAYERS, CHANNELS, batches, float64_oracle,  # noqa: E402
+                                   make_layer, train_step)
+
+#: Exit status: every case ran and passed; a case failed; none failed but some were not run.
+EXIT_PASSED, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 3
 
 #: Section -> time budget in seconds: full mode on a GPU (under 8 minutes in all), and the short
 #: mode (CPU, CI: fewer cases, which compile with Inductor's C++ backend on a cold cache).
@@ -164,6 +180,7 @@ def environment(section: Section, device: torch.device, short: bool) -> None:
     def facts():
         row = dict(torch=torch.__version__, python=platform.python_version(),
                    device=str(device), mmnorm=mmnorm.__version__,
+                   mmnorm_from=os.path.dirname(os.path.abspath(mmnorm.__file__)),
                    openmmlab=mmnorm.WITH_OPENMMLAB, compile_mode=compiled_form.compile_mode(),
                    cuda=torch.version.cuda)
         if device.type == 'cuda':
@@ -326,26 +343,48 @@ def _fallback_case(stage: str, device: torch.device) -> Dict[str, Any]:
     reference = make_layer('SN', device=device)
     layer = copy.deepcopy(reference)
     x, grad = (t.to(device) for t in (batches(1)[0], batches(1, seed=5)[0]))
-    with warnings.catch_warnings(record=True) as caught, form('always', FAILURES[stage]()) as st:
-        warnings.simplefilter('always')
+    with fallback_messages() as messages, form('always', FAILURES[stage]()) as st:
         ours = train_step(layer, x, grad)
         ours_again = train_step(layer, x, grad)
         failed = st.failed
     torch._dynamo.reset()
-    fell_back = [w for w in caught if 'compiling the normalization layers failed' in str(w.message)]
+    fell_back = [m for m in messages if 'compiling the normalization layers failed' in m]
     with form('never'):
         expected = train_step(reference, x, grad)
         expected_again = train_step(reference, x, grad)
     same = all(torch.equal(a, b) for a, b in zip((*ours[:2], *ours_again[:2]),
                                                    (*expected[:2], *expected_again[:2])))
-    return dict(warnings=len(fell_back), why=(failed or '')[:120], same_as_public=same,
+    return dict(messages=len(fell_back), why=(failed or '')[:120], same_as_public=same,
                 ok=len(fell_back) == 1 and failed is not None and 'injected' in failed and same)
+
+
+@contextlib.contextmanager
+def fallback_messages():
+    """The messages mmnorm gives inside, as a list of strings filled on exit: its warnings, and
+    what it logs through ``mmnorm.functional.compiled.report`` (wrapped meanwhile), so that a
+    fallback is counted whichever way it is announced."""
+    messages: List[str] = []
+    report = getattr(compiled_form, 'report', None)
+
+    def recorded(message, *args, **kwargs):
+        messages.append(str(message))
+        return report(message, *args, **kwargs)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        if report is not None:
+            compiled_form.report = recorded
+        try:
+            yield messages
+        finally:
+            if report is not None:
+                compiled_form.report = report
+    messages.extend(str(w.message) for w in caught)
 
 
 def _sync_worker(rank: int, world: int, out_dir: str) -> None:
     """Each rank: its shard through the synchronized layers equals the local layer on the whole
     batch (float64 on the CPU), output and input gradient."""
-    from tests.helpers.distributed import rank_device
     device = rank_device()
     for name in ('SN', 'SN_tied', 'BCN', 'SSN'):
         full = batches(1, shape=(6, CHANNELS, 5, 4))[0].double()
@@ -363,7 +402,6 @@ def _sync_worker(rank: int, world: int, out_dir: str) -> None:
 
 
 def distributed(section: Section, device: torch.device, short: bool) -> None:
-    from tests.helpers.distributed import backend_and_devices, run_distributed
     cases = ['one process', 'two ranks on one device']
     for case in section.cases(cases):
         if case == 'one process':
@@ -422,7 +460,8 @@ def recompiles(section: Section, device: torch.device, short: bool) -> None:
 
 
 def benchmark(section: Section, device: torch.device, short: bool) -> None:
-    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    if TOOLS not in sys.path:
+        sys.path.insert(0, TOOLS)
     import benchmark_norms
     shapes = [(2, 32, 16, 16)] if short else [(8, 64, 56, 56), (2, 256, 100, 152)]
     variants = ['fp32'] if short else list(benchmark_norms.VARIANTS)
@@ -453,7 +492,9 @@ def markdown(report: Dict[str, Any]) -> str:
              f'torch {env.get("torch")} (CUDA build {env.get("cuda")}), Triton '
              f'{env.get("triton")}; '
              f'mode {"short" if report["short"] else "full"}; {report["seconds"]} s; '
-             f'{report["failed"]} failed case(s)', '',
+             f'{report["failed"]} failed case(s), {report["not_run"]} not run; '
+             f'mmnorm {env.get("mmnorm")} from `{env.get("mmnorm_from")}`', '',
+             f'Verdict: {verdict(report)}', '',
              '| section | passed | failed | not run | s (budget) |', '|---|---|---|---|---|']
     for s in report['sections']:
         lines.append(f'| {s["name"]} | {s["passed"]} | {s["failed"]} | {len(s["not_run"])} | '
@@ -498,8 +539,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument('--short', action='store_true',
                         help='fewer cases, shorter budgets (the default on the CPU)')
     parser.add_argument('--sections', nargs='+', choices=list(SECTIONS), default=list(SECTIONS))
-    parser.add_argument('--out', default=os.path.join(ROOT, 'work_dirs', 'gpu_check'),
-                        help='folder for gpu_check.json and gpu_check.md')
+    parser.add_argument('--out', default=os.path.join('work_dirs', 'gpu_check'),
+                        help='folder for gpu_check.json and gpu_check.md (default: '
+                        'work_dirs/gpu_check in the current directory)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -523,7 +565,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         sections.append(section.summary())
     report = dict(date=time.strftime('%Y-%m-%d'), device=str(device), short=short,
                   seconds=round(time.perf_counter() - begin, 1),
-                  failed=sum(s['failed'] for s in sections), sections=sections)
+                  failed=sum(s['failed'] for s in sections),
+                  not_run=sum(len(s['not_run']) for s in sections), sections=sections)
+    report['exit_status'] = exit_status(report)
     with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
         json.dump(report, f, indent=1, default=str)
     text = markdown(report)
@@ -531,8 +575,28 @@ def main(argv: Optional[List[str]] = None) -> int:
         f.write(text)
     print('\n' + text)
     print(f'[gpu_check] wrote {args.out}/gpu_check.json and gpu_check.md; '
-          f'{report["failed"]} failed case(s)')
-    return 1 if report['failed'] else 0
+          f'{report["failed"]} failed case(s), {report["not_run"]} not run')
+    print(f'[gpu_check] {verdict(report)}')
+    return report['exit_status']
+
+
+def exit_status(report: Dict[str, Any]) -> int:
+    """:data:`EXIT_FAILED` when a case failed, else :data:`EXIT_NOT_RUN` when a case was not run
+    (a budget reached), else :data:`EXIT_PASSED`."""
+    if report['failed']:
+        return EXIT_FAILED
+    return EXIT_NOT_RUN if report['not_run'] else EXIT_PASSED
+
+
+def verdict(report: Dict[str, Any]) -> str:
+    """One line: what the exit status says."""
+    status = exit_status(report)
+    if status == EXIT_FAILED:
+        return f'FAILED: {report["failed"]} case(s) failed (exit status {status})'
+    if status == EXIT_NOT_RUN:
+        return (f'INCOMPLETE: nothing failed, but {report["not_run"]} case(s) were not run '
+                f'(section budgets reached; exit status {status})')
+    return f'PASSED: every case ran and passed (exit status {status})'
 
 
 if __name__ == '__main__':

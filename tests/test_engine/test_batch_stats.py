@@ -10,7 +10,7 @@ from torch import nn
 
 from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
 from mmnorm.engine import find_batch_stats_layers, recompute_batch_stats
-from tests.helpers.distributed import run_on_gloo
+from mmnorm.testing.distributed import run_on_gloo
 
 
 def make_model():

@@ -10,8 +10,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.helpers.distributed import run_on_gloo
-from tests.helpers.layers import LAYERS, make_layer
+from mmnorm.testing.distributed import run_on_gloo
+from mmnorm.testing.layers import LAYERS, make_layer
 
 NAMES = ['SN', 'SN_tied', 'SN_noBN', 'BCN', 'BCN_est']
 #: per iteration, the batch size of rank 0 and rank 1.

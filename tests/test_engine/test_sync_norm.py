@@ -8,7 +8,7 @@ from mmnorm.layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNor
                            SwitchableNormTied, SyncBatchChannelNorm, SyncSparseSwitchableNorm,
                            SyncSwitchableNorm, SyncSwitchableNormTied, convert_sync_norm,
                            revert_sync_norm)
-from tests.helpers.distributed import rank_device, run_distributed
+from mmnorm.testing.distributed import rank_device, run_distributed
 
 PAIRS = {
     'SN': (SwitchableNorm, SyncSwitchableNorm, {}),
@@ -81,7 +81,7 @@ def _worker(rank, world, out_dir):
 
 
 def test_sync_layers_on_shards_equal_local_layers_on_full_batch(device):
-    """Two ranks on each available device (on one GPU: gloo, tests/helpers/distributed.py)."""
+    """Two ranks on each available device (on one GPU: gloo, mmnorm/testing/distributed.py)."""
     run_distributed(_worker, device=device.type)
 
 

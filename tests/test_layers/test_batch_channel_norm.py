@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""BCN (large-batch and estimated) against the independent oracle in tests/oracles.py."""
+"""BCN (large-batch and estimated) against the independent oracle in mmnorm/testing/oracles.py."""
 import warnings
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 
 from mmnorm import BatchChannelNorm
 from mmnorm.functional import batch_channel_norm
-from tests import oracles
+from mmnorm.testing import oracles
 from tests.conftest import assert_close, make_input
 
 SHAPES = [(4, 8, 9), (3, 8, 5, 6), (2, 8, 3, 4, 3)]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tests.helpers.layers import LAYERS, batches, make_layer
+from mmnorm.testing.layers import LAYERS, batches, make_layer
 
 #: Compiled graphs reorder float reductions: compare in float64, where that is ~1e-15.
 TOL = dict(rtol=1e-10, atol=1e-10)

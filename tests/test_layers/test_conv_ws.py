@@ -6,7 +6,7 @@ from torch import nn
 
 from mmnorm import WSConv2d
 from mmnorm.functional import conv2d_ws, standardize_weight
-from tests import oracles
+from mmnorm.testing import oracles
 from tests.conftest import assert_close, make_input
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+from mmnorm.testing.layers import LAYERS, batches, make_layer, train_steps
 
 ort = pytest.importorskip('onnxruntime')
 pytest.importorskip('onnxscript')

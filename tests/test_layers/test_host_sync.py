@@ -1,13 +1,13 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """No host-device synchronization in any forward or backward of the layers (on a GPU, a sync
 stalls the launch queue every layer): training steps, eval with moving and batch-average
-statistics, on every available device (tests/helpers/host_sync.py says how the CPU checks)."""
+statistics, on every available device (mmnorm/testing/host_sync.py says how the CPU checks)."""
 import pytest
 import torch
 
 from mmnorm import SwitchableNorm, WSConv2d
-from tests.helpers.host_sync import HostSyncError, no_host_sync
-from tests.helpers.layers import LAYERS, batches, make_layer, train_steps
+from mmnorm.testing.host_sync import HostSyncError, no_host_sync
+from mmnorm.testing.layers import LAYERS, batches, make_layer, train_steps
 
 
 def test_the_detector_catches_a_sync(device):

@@ -8,9 +8,9 @@ from torch import nn
 
 import mmnorm.functional.moments as core
 from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
-from tests import oracles
+from mmnorm.testing import oracles
+from mmnorm.testing.layers import LAYERS, batches, float64_oracle, make_layer, train_steps
 from tests.conftest import assert_close
-from tests.helpers.layers import LAYERS, batches, float64_oracle, make_layer, train_steps
 
 
 def _max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

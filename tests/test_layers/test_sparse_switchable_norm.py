@@ -11,7 +11,7 @@ import mmnorm  # noqa: F401  (registers the layers)
 from mmnorm.functional import sparse_switchable_norm
 from mmnorm.functional.sparse_switchable import sparsemax, sparsestmax
 from mmnorm.layers import SparseSwitchableNorm, SyncSparseSwitchableNorm
-from tests import oracles
+from mmnorm.testing import oracles
 from tests.conftest import make_input
 
 

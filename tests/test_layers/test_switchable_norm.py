@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""SN and SN_tied against the independent oracle in tests/oracles.py."""
+"""SN and SN_tied against the independent oracle in mmnorm/testing/oracles.py."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +7,7 @@ from torch import nn
 
 from mmnorm import SwitchableNorm, SwitchableNormTied
 from mmnorm.functional import switchable_norm
-from tests import oracles
+from mmnorm.testing import oracles
 from tests.conftest import assert_close, make_input
 
 SHAPES = [(4, 6, 9), (3, 6, 5, 7), (2, 6, 3, 4, 5)]  # 1d, 2d, 3d spatial

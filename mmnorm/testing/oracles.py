@@ -1,11 +1,14 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Independent reference implementations, written directly from the papers' equations with plain
-torch ops on the full tensor (no per-(n, c) moment tricks, no shared code with mmnorm). Use them
-in float64."""
+torch ops on the full tensor (no per-(n, c) moment tricks, no code shared with mmnorm: this module
+imports nothing from it, and the tests check that). Use them in float64."""
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+__all__ = ['sn', 'mixture', 'batch_stats', 'bcn', 'algorithm1_step', 'running_update',
+           'standardize', 'one_hot_logits', 'simplex_projection', 'sparsestmax']
 
 
 def _flat(x: Tensor) -> Tensor:

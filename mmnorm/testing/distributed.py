@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+__all__ = ['backend_and_devices', 'rank_device', 'run_distributed', 'run_on_gloo']
+
 
 def backend_and_devices(device: str, world: int) -> Tuple[str, list]:
     """The process group backend and each rank's device for ``world`` ranks on ``device``."""

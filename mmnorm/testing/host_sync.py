@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+__all__ = ['SYNCING', 'CPU_ONLY_READERS', 'HostSyncError', 'no_host_sync']
+
 #: What waits for the device on a GPU: reading a value, or sizing an output by the data.
 SYNCING = {
     Tensor.__bool__, Tensor.item, Tensor.tolist, Tensor.__int__, Tensor.__float__,
@@ -29,7 +31,7 @@ CPU_ONLY_READERS = {('mmnorm.functional.switchable', 'check_unit_interval')}
 
 
 class HostSyncError(RuntimeError):
-    pass
+    """A host-device synchronization inside :func:`no_host_sync`."""
 
 
 class _ForbidHostReads(TorchFunctionMode):

@@ -13,7 +13,8 @@
 #   make docs-figures         copy the figures of make demo / make study into docs/images
 #   make dist                 the sdist and wheel (configs and tools inside, for mim) in dist/
 #   make gpu-check            the prepared GPU check (tools/gpu_check.py; torch only, no .venv
-#                             needed): JSON + Markdown in work_dirs/gpu_check
+#                             needed): JSON + Markdown in work_dirs/gpu_check; fails when a case
+#                             failed (its exit status 1) or cases were not run for time (3)
 #   make gpu-check DEVICE=cpu ... its short mode on the CPU (CI runs it)
 VENV ?= .venv
 PYTHON ?= python3
@@ -22,6 +23,8 @@ PYTEST_ARGS ?=
 NORM ?= SN
 DEVICE ?= cuda
 # The GPU machine has torch but no .venv (no OpenMMLab packages, no network): python3 there.
+# gpu_check.py needs torch and mmnorm's core only (mmnorm.testing, nothing from tests/); an
+# installed mmnorm runs the same script as `mim run mmnorm gpu_check`.
 CHECK_PY := $(if $(wildcard $(PY)),$(PY),python3)
 QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)

@@ -1,9 +1,10 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """mmnorm as users install it outside the checkout: the model index that mim reads, the built wheel
 and sdist installed into fresh virtual environments (which reuse the project's torch / mmcv
-stack), and the mim route (`mim train`, `mim test`, `mim run`, `mim search`) from a directory
-that is not the checkout."""
+stack), and the mim route (`mim train`, `mim test`, `mim run`, `mim search`, and `mim run mmnorm
+gpu_check`, which needs nothing from tests/) from a directory that is not the checkout."""
 import glob
+import json
 import os
 import os.path as osp
 import subprocess
@@ -94,6 +95,15 @@ torch.save({'state_dict': layer.state_dict(), 'optimizer': {}, 'meta': {}}, 'tra
     out = _run([python, '-m', 'mim', 'search', 'mmnorm', '--field', 'normalization'],
                str(work))
     assert 'resnet50_ssn_8xb32_in1k' in out
+    # the prepared GPU check, with what it shares with the tests (mmnorm.testing), in its CPU
+    # short mode (two short sections; its spawned ranks re-import the installed tool)
+    out = _run([python, '-m', 'mim', 'run', 'mmnorm', 'gpu_check', '--device', 'cpu',
+                '--sections', 'environment', 'distributed', '--out', 'gc'], str(work))
+    assert '.mim/tools/gpu_check.py' in out and 'Verdict: PASSED' in out
+    with open(work / 'gc' / 'gpu_check.json') as f:
+        report = json.load(f)
+    assert report['exit_status'] == 0 and report['sections'][1]['passed'] == 2
+    assert report['sections'][0]['rows'][0]['mmnorm_from'].startswith(str(tmp_path / 'venv'))
 
 
 def test_mim_train_and_test_outside_the_checkout(artifacts, tmp_path):

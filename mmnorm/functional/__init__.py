@@ -10,7 +10,7 @@ SSN's and BCN's coefficient (or ratio) functions and functional forms.
 """
 from .batch_channel import (batch_channel_norm, batch_norm_step, check_num_groups, check_rate,
                             update_estimates)
-from .compiled import compile_mode, compiled_enabled, use_compiled
+from .compiled import auto_switch, compile_mode, compiled_enabled, use_compiled
 from .moments import (COMPILED_DEVICES, LOW_PRECISION, CoefficientFn, Coefficients, as_rows,
                       channel_moments, in_recomputation, is_tracing, normalize_rows, pool,
                       stat_dtype)
@@ -28,5 +28,5 @@ __all__ = [
     'BatchStats', 'batch_statistics', 'pool_weighted', 'update_running_stats',
     'update_estimates', 'check_norm_input', 'check_param_sizes', 'check_num_groups',
     'check_rate', 'MIX_MODES', 'NORMALIZERS', 'is_tracing', 'in_recomputation', 'use_compiled',
-    'compiled_enabled', 'compile_mode', 'COMPILED_DEVICES'
+    'compiled_enabled', 'compile_mode', 'auto_switch', 'COMPILED_DEVICES'
 ]

@@ -1,4 +1,6 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
+import logging
+import math
 import os
 import warnings
 
@@ -55,14 +57,19 @@ def make_input(shape, dtype=torch.float64, seed=0, scale=2.0, offset=0.5):
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
 
 
-# The suite runs the layers in the form users get by default, 'auto' (MMNORM_COMPILE unset; the
-# tools the tests start inherit it): a kind of call in public eager ops for its first
-# COMPILE_AFTER calls in a process, compiled after. Each test starts from a count of zero, as a
-# fresh job does, so every test runs the same form whatever ran before it: a short job's (public
-# ops). Tests that take the ``job`` fixture run twice, the second time as a long job meets the
-# default (past COMPILE_AFTER: compiled by Inductor); tests/test_layers/test_compiled.py checks
-# the choice itself and its failures. The terminal summary counts the tests that ran compiled.
+# The suite runs the layers in the form users get by default, 'never' (MMNORM_COMPILE unset; the
+# tools the tests start inherit it): the eager forms. Each test starts from a fresh state (no
+# compiled graphs counted, no failure, 'auto''s switch off), so every test runs the same form
+# whatever ran before it. Tests that take the ``job`` fixture run twice, the second time with the
+# compiled form opted in (use_compiled('always'): compiled by Inductor), and fail unless it ran;
+# tests/test_layers/test_compiled.py checks the choice itself and its failures. The terminal
+# summary counts the tests that ran compiled.
 DEFAULT_MODE = compiled_form.COMPILED.mode
+# Dynamo's caches outlive a test (mmnorm's count of graphs does not), so a Dynamo limit of 8
+# graphs per computation would be reached across tests; a long run raises it the same way
+# (mmnorm itself changes no Dynamo setting).
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                           compiled_form.RECOMPILE_LIMIT)
 #: Graphs compiled in this process since Dynamo's caches were last cleared (an estimate: each
 #: test counts its own); cleared before Dynamo's recompile limit (RECOMPILE_LIMIT) is near.
 _graphs_since_reset = 0
@@ -80,20 +87,46 @@ def _default_form():
     _graphs_since_reset += compiled_form.COMPILED.graphs
 
 
+def _served(module, args) -> bool:
+    """Whether a call of an mmnorm normalization layer is one the compiled form serves: this
+    process's batch (not a synchronized layer), a device it compiles for, at least one value,
+    more than one value per row (mmnorm.functional.moments._compiles, restated)."""
+    from mmnorm.functional.moments import COMPILED_DEVICES
+    from mmnorm.layers.base import BatchStatsNorm, SyncNorm
+    if not isinstance(module, BatchStatsNorm) or isinstance(module, SyncNorm) or not args:
+        return False
+    x = args[0]
+    return (isinstance(x, torch.Tensor) and x.device.type in COMPILED_DEVICES and x.dim() > 2
+            and x.numel() > 0 and math.prod(x.shape[2:]) > 1)
+
+
 @pytest.fixture(params=['short job', 'long job'])
-def job(request, monkeypatch):
-    """The default form as a job of either length meets it: public eager ops (short), or
-    compiled once the job has made COMPILE_AFTER calls of a kind (long; the same 'auto' code
-    path, its threshold passed). A long job's test fails if the compiled form fell back."""
+def job(request):
+    """The layers in both forms a job can run: the eager forms (a short job: the default), and
+    the compiled form, opted in (a long job: use_compiled('always'), compiled by Inductor). A
+    long job's test fails if the compiled form fell back, or if none of its calls ran compiled
+    while some were calls the compiled form serves (L = 1 and N = 0 run the eager forms by
+    design)."""
     long = request.param == 'long job'
-    if long and DEFAULT_MODE == 'never':
+    if long and os.environ.get('MMNORM_COMPILE', '').strip() and DEFAULT_MODE == 'never':
         pytest.skip('MMNORM_COMPILE=0 turned the compiled form off')
-    if long:
-        monkeypatch.setattr(compiled_form, 'COMPILE_AFTER', 0)
-    yield request.param
-    if long:
-        # (Calls the compiled form does not serve by design, L = 1 or N = 0, run public ops.)
-        assert compiled_form.COMPILED.failed is None, compiled_form.COMPILED.failed
+    if not long:
+        yield request.param
+        return
+    served = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: served.append(True) if _served(module, args) else None)
+    compiled_form.use_compiled('always')
+    try:
+        yield request.param
+    finally:
+        handle.remove()
+        compiled_form.use_compiled(DEFAULT_MODE)
+    state = compiled_form.COMPILED
+    assert state.failed is None, state.failed
+    if served:
+        assert state.compiled_calls > 0, (
+            f'{len(served)} layer calls the compiled form serves, none ran compiled')
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -107,6 +140,32 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         f'mmnorm: {len(_tests_compiled)} tests ran the compiled form in this process '
         f'(default mode {DEFAULT_MODE!r}; the tools the tests start are not counted)')
+
+
+@pytest.fixture
+def mmnorm_log():
+    """The messages mmnorm reports during the test (mmnorm.functional.compiled.report): the
+    records reaching mmengine's current logger and the standard library's ``mmnorm`` logger."""
+    records = []
+
+    class Handler(logging.Handler):
+
+        def emit(self, record):
+            records.append(record)
+
+    handler = Handler(logging.DEBUG)
+    loggers = [logging.getLogger('mmnorm')]
+    try:
+        from mmengine.logging import MMLogger
+    except ImportError:
+        pass
+    else:
+        loggers.append(MMLogger.get_current_instance())
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield records
+    for logger in loggers:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture

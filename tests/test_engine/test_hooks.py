@@ -222,24 +222,72 @@ class TestRatioLogging:
 
 
 class TestCompiledFormHook:
-    """The form chosen in a config; MMNORM_COMPILE, when set, overrides it."""
+    """The form chosen in a config; MMNORM_COMPILE, when set, overrides it; 'auto' switches at a
+    training iteration and never inside an evaluation."""
 
-    @pytest.mark.parametrize('env, expected', [(None, 'never'), ('1', 'always'), ('', 'never')])
+    @pytest.mark.parametrize('env, expected', [(None, 'always'), ('0', 'never'), ('', 'always')])
     def test_config_mode_and_environment_override(self, tmp_path, monkeypatch, env, expected):
         from mmnorm.functional import compile_mode
         if env is None:
             monkeypatch.delenv('MMNORM_COMPILE', raising=False)
         else:
             monkeypatch.setenv('MMNORM_COMPILE', env)
+        before = compile_mode()
         model = ToyModel(norm1=mmnorm.SwitchableNorm(8))
         runner = _runner(tmp_path, model, max_iters=1,
-                         custom_hooks=[dict(type='CompiledFormHook', mode='never')])
-        assert compile_mode() == 'auto'  # nothing changes before the run
+                         custom_hooks=[dict(type='CompiledFormHook', mode='always')])
+        assert compile_mode() == before  # nothing changes before the run
         runner.train()
         assert compile_mode() == expected
         log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
         assert f"mode '{expected}'" in log
         assert ('overrides the config' in log) == bool(env)
+
+    def test_auto_switches_at_an_iteration_and_never_inside_an_evaluation(self, tmp_path,
+                                                                          monkeypatch):
+        """'auto' with compile_after_iters=4 and validation after iterations 3 and 6: iterations
+        0-3 and the first validation run the eager forms, iterations 4-5 and the second
+        validation compiled; each validation loop in one form from its first batch to its
+        last; a run that only evaluates never compiles."""
+        import mmnorm.functional.compiled as core
+        monkeypatch.delenv('MMNORM_COMPILE', raising=False)
+        train, val = [], []
+
+        class Record(Hook):
+            priority = 'LOWEST'
+
+            def before_train_iter(self, runner, batch_idx, data_batch=None):
+                self.ran = core.COMPILED.compiled_calls
+
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                train.append(core.COMPILED.compiled_calls > self.ran)
+
+            def before_val_epoch(self, runner):
+                val.append([])
+
+            def before_val_iter(self, runner, batch_idx, data_batch=None):
+                self.ran = core.COMPILED.compiled_calls
+
+            def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                val[-1].append(core.COMPILED.compiled_calls > self.ran)
+
+        hooks = [dict(type='CompiledFormHook', mode='auto', compile_after_iters=4), Record()]
+        runner = _runner(tmp_path, ToyModel(norm1=mmnorm.SwitchableNorm(8)), max_iters=6,
+                         custom_hooks=hooks, val=True)
+        runner.train()
+        assert train == [False] * 4 + [True] * 2
+        assert val == [[False] * 2, [True] * 2]
+        assert core.COMPILED.failed is None
+        log = open(osp.join(runner.log_dir, f'{runner.timestamp}.log')).read()
+        assert 'compiled from training iteration 4 on' in log
+        assert 'mmnorm layers run compiled from training iteration 4 on' in log
+        # An evaluation alone: 'auto' stays in the eager forms.
+        evaluation = _runner(tmp_path / 'val', ToyModel(norm1=mmnorm.SwitchableNorm(8)),
+                             custom_hooks=hooks[:1], val=True)
+        ran = core.COMPILED.compiled_calls
+        evaluation.val()
+        assert core.compile_mode() == 'auto' and core.COMPILED.compiled_calls == ran
+        assert not core.compiled_enabled()
 
     def test_bad_mode_fails_when_built(self):
         with pytest.raises(ValueError, match='expected one of'):

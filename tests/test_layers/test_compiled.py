@@ -1,10 +1,15 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The compiled plain form computes what the public-op forms compute: outputs, gradients,
-buffers, in training and eval. The choice of form (mmnorm.functional.compiled): 'auto' compiles a
-kind of call only after COMPILE_AFTER calls; every failure of the compiled form (forward compile,
+buffers, in training and eval, and each parity test checks that the compiled form ran. The
+choice of form (mmnorm.functional.compiled): opt-in ('never' by default); 'auto' compiles only
+after its switch, counting no calls; every failure of the compiled form (forward compile,
 backward compile, first run, recompile limit; injected through custom torch.compile backends)
-falls back to public eager ops with one warning; each new graph is reported once."""
+falls back to the eager forms with one message through mmengine's logger; each new graph
+(every option that changes it included) is reported and probed once; no Dynamo setting changes;
+compiled calls from two threads."""
 import copy
+import logging
+import threading
 import warnings
 
 import pytest
@@ -12,8 +17,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import mmnorm.functional.compiled as core
+from mmnorm import SwitchableNorm
 from tests.helpers.compile_failures import backward_fails, failing_compiler, first_run_fails
 from tests.helpers.layers import LAYERS, batches, make_layer, train_step
+
+FELL_BACK = 'compiling the normalization layers failed'
 
 
 @pytest.fixture
@@ -61,6 +69,7 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
     inputs = batches(3, shape=(3, 8, 5, 6), dtype=dtype)
     grads = batches(3, shape=(3, 8, 5, 6), seed=4, dtype=dtype)
     ours = _run(layer, inputs, grads)
+    assert core.COMPILED.compiled_calls >= 4 and core.COMPILED.failed is None  # it ran compiled
     core.use_compiled(False)
     expected = _run(reference, inputs, grads)
     torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
@@ -76,8 +85,10 @@ def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
         x = batches(1, shape=shape)[0].to(dtype).contiguous(memory_format=fmt)
         layer = make_layer('SN')
         core.use_compiled(True)
+        ran = core.COMPILED.compiled_calls
         y = layer(x.requires_grad_())
         y.float().square().sum().backward()
+        assert core.COMPILED.compiled_calls == ran + 1, (shape, dtype, fmt)  # it ran compiled
         grad = x.grad
         x.grad = None
         core.use_compiled(False)
@@ -96,64 +107,227 @@ def test_compiled_form_under_activation_checkpointing(compiled):
     inputs, grads = batches(2), batches(2, seed=3)
     ours = _run(checkpointed, inputs, grads,
                 forward=lambda x: checkpoint(checkpointed, x, use_reentrant=False))
+    assert core.COMPILED.compiled_calls >= 4 and core.COMPILED.failed is None  # it ran compiled
+    core.use_compiled(False)
     expected = _run(plain, inputs, grads)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
+def _fell_back(records):
+    """The fallback messages among mmnorm's reports."""
+    return [r for r in records if FELL_BACK in r.getMessage()]
 
 
 @pytest.mark.parametrize('backend, stage', [(failing_compiler, 'forward compile'),
                                             ('backward', 'backward compile'),
                                             (first_run_fails, 'first run')])
-def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage):
+def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage,
+                                                                      mmnorm_log):
     """The compiled form fails (injected through the torch.compile backend) at each stage: one
-    warning, the training step completes, including the caller's backward() (which would raise
-    without the probe for a backward that fails to compile), and equals the public-op form;
-    later calls are silent and eager."""
+    warning in mmengine's log (not a Python warning), the training step completes, including the
+    caller's backward() (which would raise without the probe for a backward that fails to
+    compile), and equals the public-op form; later calls are silent and eager."""
     fresh.backend = backward_fails() if backend == 'backward' else backend
     reference = make_layer('SN')
     layer = copy.deepcopy(reference)
     x, g = batches(1)[0], batches(1, seed=5)[0]
-    with pytest.warns(UserWarning, match='compiling the normalization layers failed'):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
         ours = train_step(layer, x, g)
-    assert not core.compiled_enabled() and 'injected' in fresh.failed, fresh.failed
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        ours_again = train_step(layer, x, g)  # warned once; eager now
+        assert not core.compiled_enabled() and 'injected' in fresh.failed, fresh.failed
+        ours_again = train_step(layer, x, g)  # reported once; eager now
+    assert not [w for w in caught if 'mmnorm' in str(w.message)]  # not a Python warning
+    fell_back = _fell_back(mmnorm_log)
+    assert len(fell_back) == 1 and fell_back[0].levelno == logging.WARNING, fell_back
+    assert 'injected' in fell_back[0].getMessage()
     core.use_compiled(False)
     torch.testing.assert_close(ours, train_step(reference, x, g))
     torch.testing.assert_close(ours_again, train_step(reference, x, g))
 
 
-def test_recompile_limit_falls_back_instead_of_running_silently_uncompiled(fresh, monkeypatch):
+def test_messages_once_per_run_on_rank_0(monkeypatch, mmnorm_log):
+    """report(): rank 0's messages only, when torch.distributed is initialized."""
+    monkeypatch.setattr(core, '_rank', lambda: 1)
+    core.report('mmnorm: from rank 1', logging.WARNING)
+    assert not mmnorm_log
+    monkeypatch.setattr(core, '_rank', lambda: 0)
+    core.report('mmnorm: from rank 0', logging.WARNING)
+    assert [(r.getMessage(), r.levelno) for r in mmnorm_log] == [('mmnorm: from rank 0',
+                                                                   logging.WARNING)]
+
+
+def test_recompile_limit_falls_back_instead_of_running_silently_uncompiled(fresh, monkeypatch,
+                                                                            mmnorm_log):
     monkeypatch.setattr(core, 'RECOMPILE_LIMIT', 1)
     layer = make_layer('SN_tied')
     x = batches(1)[0]
     with torch.no_grad():
         layer(x)  # graph 1
         assert core.compiled_enabled() and fresh.graphs == 1
-        with pytest.warns(UserWarning, match='more than 1 compiled graphs'):
-            y = layer(x.double().float()[:, :, :3])  # a new dtype/shape: a second graph
+        y = layer(x.double().float()[:, :, :3])  # a new dtype/shape: a second graph
+    assert [r.getMessage() for r in _fell_back(mmnorm_log)] == [
+        m for m in [r.getMessage() for r in mmnorm_log] if 'more than 1 compiled graphs' in m]
+    assert len(_fell_back(mmnorm_log)) == 1
     assert not core.compiled_enabled()
     core.use_compiled(False)
     torch.testing.assert_close(y, make_layer('SN_tied')(x[:, :, :3]))
 
 
-def test_auto_compiles_a_kind_only_after_enough_calls(fresh, monkeypatch):
-    monkeypatch.setattr(core, 'COMPILE_AFTER', 3)
-    fresh.mode = 'auto'
+def test_dynamos_recompile_limit_per_computation_falls_back(fresh, mmnorm_log):
+    """More graphs of one computation than Dynamo's recompile_limit (read, never set): the
+    compiled form falls back before Dynamo would run the rest uncompiled."""
+    layer = make_layer('SN').eval()
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for shape in ((3, 8, 5, 6), (1, 8, 5, 6), (2, 8, 1, 6)):  # three specializations
+            layer(torch.randn(shape))
+    assert fresh.graphs == 2 and not core.compiled_enabled()
+    assert 'recompile_limit' in fresh.failed and len(_fell_back(mmnorm_log)) == 1
+
+
+def test_auto_runs_the_eager_forms_until_its_switch(fresh):
+    """'auto' counts no calls: the eager forms, however many calls, until auto_switch (which
+    CompiledFormHook throws at a training-iteration boundary); use_compiled resets the switch;
+    the switch does nothing in the other modes."""
+    core.use_compiled('auto')
     layer = make_layer('SN')
     x = batches(1)[0]
     with torch.no_grad():
-        for _ in range(3):
+        for _ in range(5):
             layer(x)
-        assert fresh.graphs == 0  # short jobs stay in public eager ops
+        assert fresh.graphs == 0 and fresh.compiled_calls == 0 and not core.compiled_enabled()
+        core.auto_switch(True)
         layer(x)
-        assert fresh.graphs == 1
-    core.use_compiled('never')
-    with torch.no_grad():
+        assert fresh.graphs == 1 and fresh.compiled_calls == 1 and core.compiled_enabled()
+        core.use_compiled('auto')  # a new run: the eager forms again
         layer(x)
-    assert fresh.graphs == 1 and core.compile_mode() == 'never'
+        assert fresh.compiled_calls == 1
+        core.auto_switch(True)
+        core.use_compiled('never')
+        layer(x)
+        core.auto_switch(True)
+        layer(x)
+    assert fresh.compiled_calls == 1 and core.compile_mode() == 'never'
     with pytest.raises(ValueError, match='expected one of'):
         core.use_compiled('sometimes')
+
+
+def _probes(monkeypatch):
+    """The probes of new graphs, recorded."""
+    probes = []
+    probe = core.CompiledForm._probe_backward
+
+    def recorded(*args):
+        probes.append(args[1])
+        return probe(*args)
+
+    monkeypatch.setattr(core.CompiledForm, '_probe_backward', staticmethod(recorded))
+    return probes
+
+
+def _fails_after(count: int):
+    """AOTAutograd with a working forward compiler, and a backward compiler that works for the
+    first ``count`` graphs and fails after."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    compiled = []
+
+    def backward(gm, example_inputs):
+        compiled.append(gm)
+        if len(compiled) > count:
+            return failing_compiler(gm, example_inputs)
+        return make_boxed_func(gm.forward)
+
+    return aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                        bw_compiler=backward)
+
+
+@pytest.mark.parametrize('option, value', [('eps', 1e-3), ('mix', 'std'),
+                                           ('in_unbiased', True), ('using_bn', False)])
+def test_every_option_that_changes_the_graph_makes_a_new_probed_graph(fresh, monkeypatch,
+                                                                       option, value):
+    """Two layers differing only in an option: the second call is a new graph, reported and
+    probed; when its backward fails to compile (injected), the step falls back to the eager
+    forms instead of raising in the caller's backward()."""
+    messages = []
+    monkeypatch.setattr(core, 'report', lambda message, level=None: messages.append(message))
+    probes = _probes(monkeypatch)
+    fresh.backend = _fails_after(1)
+    x, g = batches(1)[0], batches(1, seed=5)[0]
+    first, second = SwitchableNorm(8), SwitchableNorm(8, **{option: value})
+    train_step(first, x, g)
+    assert fresh.graphs == 1 and len(probes) == 1 and len(messages) == 1
+    ours = train_step(second, x, g)  # raises here if the new graph was not probed
+    assert fresh.graphs + (fresh.failed is not None) == 2, messages
+    assert len(probes) == 2, f'the {option} graph was not probed'
+    if fresh.failed is not None:  # a graph Dynamo compiled again: its backward failed
+        assert 'injected' in fresh.failed and FELL_BACK in messages[-1]
+    core.use_compiled(False)
+    reference = SwitchableNorm(8, **{option: value})
+    torch.testing.assert_close(ours, train_step(reference, x, g))
+
+
+def test_compiled_calls_change_no_dynamo_setting(fresh):
+    """No process-global Dynamo setting is changed, not even during a compiled call (two
+    threads interleaving a patch's enter and exit could leave it changed), and parameters'
+    sizes are dynamic all the same: one graph for two channel counts."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(torch._dynamo.config.get_config_copy())
+        return gm.forward
+
+    before = torch._dynamo.config.get_config_copy()
+    fresh.backend = backend
+    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
+    with torch.no_grad():
+        for channels in (8, 16):
+            SwitchableNorm(channels).eval()(torch.randn(2, channels, 5, 6))
+    assert fresh.compiled_calls == 2 and fresh.graphs == 1 and len(seen) == 1
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs + 1
+    assert seen[0] == before, {k: (before[k], v) for k, v in seen[0].items() if before[k] != v}
+    assert torch._dynamo.config.get_config_copy() == before
+
+
+def test_compiled_calls_from_two_threads(fresh):
+    """Two threads run compiled calls of the same layers at once, first compiling new graphs
+    (each compiled and counted once), then on graphs that have run (every call compiled); the
+    results are the eager forms'."""
+    layers = {'SN': make_layer('SN').eval(), 'BCN': make_layer('BCN').eval()}
+    inputs = [torch.randn(2 + i % 3, 8, 5, 6) for i in range(3)]
+    results, errors = {}, []
+
+    def work(thread, start):
+        try:
+            start.wait()
+            with torch.no_grad():
+                results[thread] = {name: [layer(x) for x in inputs]
+                                   for name, layer in layers.items()}
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    def in_two_threads():
+        start = threading.Barrier(2)
+        threads = [threading.Thread(target=work, args=(thread, start)) for thread in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+
+    for _ in range(3):  # new graphs (while one thread compiles, the other's calls run eager)
+        in_two_threads()
+        assert fresh.failed is None and fresh.compiled_calls == sum(fresh.calls.values())
+        if fresh.graphs == 2:
+            break
+    assert fresh.graphs == 2  # each compiled and counted once
+    ran = fresh.compiled_calls
+    in_two_threads()  # known graphs: all compiled
+    assert fresh.failed is None and fresh.graphs == 2 and fresh.compiled_calls == ran + 12
+    assert sum(fresh.calls.values()) == ran + 12
+    core.use_compiled(False)
+    with torch.no_grad():
+        expected = {name: [layer(x) for x in inputs] for name, layer in layers.items()}
+    torch.testing.assert_close(results, {0: expected, 1: expected})
 
 
 def test_each_new_graph_is_reported_once_with_its_specializations(fresh, monkeypatch):
@@ -161,7 +335,7 @@ def test_each_new_graph_is_reported_once_with_its_specializations(fresh, monkeyp
     monkeypatch.setattr(core, 'report', lambda message, level=None: messages.append(message))
     layer = make_layer('SN').eval()
     with torch.no_grad():
-        for shape in ((3, 8, 5, 6), (4, 8, 7, 6), (1, 8, 5, 6), (2, 8, 1, 6)):
+        for shape in ((2, 8, 5, 6), (4, 8, 7, 6), (1, 8, 5, 6), (2, 8, 1, 6)):
             layer(torch.randn(shape))
     assert len(messages) == 3, messages  # (4, 8, 7, 6) reuses the dynamic graph
     assert 'size-1 dims [0]' in messages[1] and 'size-1 dims [2]' in messages[2]
@@ -183,11 +357,13 @@ def test_outputs_and_gradients_keep_the_input_memory_format(fresh, mode, fmt, sh
         assert grads[0].is_contiguous(memory_format=fmt), (name, mode, grads[0].stride())
         expected = make_layer(name)(x.detach().contiguous())
         torch.testing.assert_close(y, expected, rtol=2e-5, atol=2e-5)
+    assert (core.COMPILED.compiled_calls > 0) == (mode == 'always')
 
 
 def test_env_modes():
     assert core.CompiledForm('0').mode == 'never' and core.CompiledForm('1').mode == 'always'
-    assert core.CompiledForm('').mode == 'auto' and core.CompiledForm('auto').mode == 'auto'
+    assert core.CompiledForm('').mode == 'never' and core.CompiledForm('auto').mode == 'auto'
+    assert core.CompiledForm().mode == 'never'  # opt-in
     with pytest.raises(ValueError):
         core.CompiledForm('maybe')
 

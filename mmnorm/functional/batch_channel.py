@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .moments import (LOW_PRECISION, Coefficients, eager_channel_moments, eager_form,
-                      normalize_rows, pool, stat_dtype)
+from .moments import (LOW_PRECISION, Coefficients, compiled_rows, eager_channel_moments,
+                      eager_form, normalize_rows, pool, stat_dtype)
 from .row_affine import stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
@@ -295,26 +295,35 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     bn_mean, bn_var = (None, None) if batch else (running_mean, running_var)
     coefficients = Coefficients(_coefficients, dict(num_groups=num_groups, eps=eps, batch=batch),
                                 process_group if batch else None)
+    tensors = (weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
     form = eager_form(input, coefficients)
-    if form == 'light' and _native_serves(input, batch, momentum, running_mean, bn_mean,
-                                          (weight, bias, bn_weight, bn_bias)):
-        if estimate and training:
-            bn_mean, bn_var = _move_estimates_light(running_mean, running_var, input, rate)
+
+    def light_serves() -> bool:
+        return form == 'light' and _native_serves(input, batch, momentum, running_mean,
+                                                  running_mean if estimate else bn_mean,
+                                                  tensors[:4])
+
+    if estimate and training:
+        # Algorithm 1 updates the estimates first and normalizes with the new values, which are
+        # constants for autograd.
+        move = _move_estimates_light if light_serves() else _move_estimates
+        bn_mean, bn_var = move(running_mean, running_var, input, rate)
+        tensors = tensors[:4] + (bn_mean, bn_var)
+    result = compiled_rows(input, coefficients, tensors) if form == 'compiled' else None
+    if form == 'compiled' and result is None:  # it failed now: this call runs what later ones do
+        form = eager_form(input, coefficients)
+    if result is None and light_serves():
         update = batch and training and running_mean is not None
         running = (running_mean, running_var) if update else (None, None)
-        tensors = (weight, bias, bn_weight, bn_bias, bn_mean, bn_var)
         if torch.is_grad_enabled() and (input.requires_grad or any(
                 t is not None and t.requires_grad for t in tensors)):
             return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
                                              *running, *tensors)
         return _bn_then_gn(input, num_groups, eps, tensors, batch, *running, momentum)
-    if estimate and training:
-        # Algorithm 1 updates the estimates first and normalizes with the new values, which are
-        # constants for autograd.
-        bn_mean, bn_var = _move_estimates(running_mean, running_var, input, rate)
-    out, aux = normalize_rows(input, coefficients,
-                              (weight, bias, bn_weight, bn_bias, bn_mean, bn_var),
-                              'public' if form == 'light' else form)
+    if result is None:
+        result = normalize_rows(input, coefficients, tensors,
+                                'public' if form == 'light' else form)
+    out, aux = result
     if batch and training and running_mean is not None:
         update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out

@@ -60,7 +60,7 @@ from .compiled import COMPILED, compiled_enabled
 
 __all__ = ['LOW_PRECISION', 'stat_dtype', 'as_rows', 'channel_moments', 'pool',
            'normalize_rows', 'CoefficientFn', 'Coefficients', 'is_tracing', 'in_recomputation',
-           'COMPILED_DEVICES', 'eager_channel_moments', 'eager_form']
+           'COMPILED_DEVICES', 'eager_channel_moments', 'eager_form', 'compiled_rows']
 
 
 class CoefficientFn(Protocol):
@@ -422,6 +422,19 @@ def eager_form(x: Tensor, coefficients: Coefficients) -> str:
     return 'public'
 
 
+def compiled_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]]
+                  ) -> Optional[Tuple[Tensor, Dict[str, Tensor]]]:
+    """:func:`normalize_rows`'s plain form compiled (:mod:`.compiled`), or ``None`` when the
+    compiled form failed now (it is then off, and the caller runs the form
+    :func:`eager_form` chooses next: the one every later call runs)."""
+    result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
+                           **coefficients.options)
+    if result is None:
+        return None
+    out, aux = result
+    return out, {key: value.detach() for key, value in aux.items()}
+
+
 def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optional[Tensor]],
                    form: Optional[str] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
     """``y = a * (x - m) + b`` per (n, c), with ``(a, b, aux) = coefficients(m, v, *tensors,
@@ -451,11 +464,9 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
             'compiled' if _compiles(x, coefficients) and COMPILED.wants(coefficients.name)
             else 'public')
     if form == 'compiled':
-        result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
-                               **coefficients.options)
+        result = compiled_rows(x, coefficients, tensors)
         if result is not None:
-            out, aux = result
-            return out, {key: value.detach() for key, value in aux.items()}
+            return result
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
     if not needs_grad or is_tracing():

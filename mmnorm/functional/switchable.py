@@ -31,7 +31,7 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import Coefficients, eager_form, normalize_rows, pool
+from .moments import Coefficients, compiled_rows, eager_form, normalize_rows, pool
 from .row_affine import instance_layer_batch_moments, row_affine
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
@@ -201,7 +201,11 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     coefficients = Coefficients(_coefficients, dict(
         ratio_fn=ratio_fn, eps=eps, mix=mix, batch=batch, in_unbiased=bool(in_unbiased)),
         process_group if batch else None)
+    tensors = (weight, bias, bn_mean, bn_var, *ratio_inputs)
     form = eager_form(input, coefficients)
+    result = compiled_rows(input, coefficients, tensors) if form == 'compiled' else None
+    if form == 'compiled' and result is None:  # it failed now: this call runs what later ones do
+        form = eager_form(input, coefficients)
     if form == 'light' and mix == 'var' and not in_unbiased:
         if ratios is None:
             ratios = stacked_ratios(ratio_fn, ratio_inputs)
@@ -212,9 +216,10 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                                     aux['batch_var'], input.shape[0] * math.prod(input.shape[2:]),
                                     momentum)
         return out, tuple(ratios.detach().unbind())
-    out, aux = normalize_rows(input, coefficients,
-                              (weight, bias, bn_mean, bn_var, *ratio_inputs),
-                              'public' if form == 'light' else form)
+    if result is None:
+        result = normalize_rows(input, coefficients, tensors,
+                                'public' if form == 'light' else form)
+    out, aux = result
     if batch and training and running_mean is not None:
         update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out, (aux['mean_ratios'], aux['var_ratios'])

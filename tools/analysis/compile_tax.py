@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """What compiling mmnorm's layers costs a short job: the same short job in each form of
-``MMNORM_COMPILE``, each in a fresh process, as times and ratios to the public-op form.
+``MMNORM_COMPILE``, each in a fresh process, as times and ratios to the first mode's (the eager
+forms, ``never``, the default).
 
     python tools/analysis/compile_tax.py [--modes never auto always] [--cold]
         [--job short | multi-scale]
@@ -15,6 +16,10 @@ user who swaps BN for SN in a codebase's test suite or a one-off evaluation runs
 through SN, SN_tied, SSN, BCN and estimated BCN in training and eval: the graphs multi-scale
 training compiles. ``--cold`` gives each process an empty Inductor cache (a first run on a
 machine); without it the cache of earlier runs is used (a later run).
+
+The jobs run outside a Runner: ``auto`` has no ``CompiledFormHook`` to switch it to the compiled
+form at a training iteration, so it runs as ``never`` (the row shows it: no graph, no compiled
+call).
 """
 import argparse
 import json
@@ -36,7 +41,6 @@ def short_job() -> dict:
 
     import mmnorm  # noqa: F401
     from mmnorm import SwitchableNorm
-    from mmnorm.functional import compiled
     import mmdet.models  # noqa: F401
     from mmdet.models import backbones, necks
     for name in ('BN', 'BN1d', 'BN2d', 'BN3d', 'SyncBN'):
@@ -70,8 +74,7 @@ def short_job() -> dict:
     for size in (8, 16):
         neck([torch.randn(1, c, size // 2**i, size // 2**i)
               for i, c in enumerate([64, 128, 256, 512])])
-    return {'seconds': time.perf_counter() - start, 'graphs': compiled.COMPILED.graphs,
-            'mode': compiled.compile_mode(), 'calls': compiled.COMPILED.calls}
+    return _result(start)
 
 
 def multi_scale_job() -> dict:
@@ -84,7 +87,6 @@ def multi_scale_job() -> dict:
 
     from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm,
                         SwitchableNormTied)
-    from mmnorm.functional import compiled
     rng = random.Random(0)
     kinds = [SwitchableNorm, SwitchableNormTied, SparseSwitchableNorm,
              lambda c: BatchChannelNorm(c, num_groups=8),
@@ -100,8 +102,15 @@ def multi_scale_job() -> dict:
             layer.eval()
             with torch.no_grad():
                 layer(x)
+    return _result(start)
+
+
+def _result(start: float) -> dict:
+    """The job's time, the graphs compiled and the calls that ran compiled (per kind)."""
+    from mmnorm.functional import compiled
     return {'seconds': time.perf_counter() - start, 'graphs': compiled.COMPILED.graphs,
-            'mode': compiled.compile_mode(), 'calls': compiled.COMPILED.calls}
+            'mode': compiled.compile_mode(), 'compiled_calls': compiled.COMPILED.compiled_calls,
+            'calls': compiled.COMPILED.calls, 'failed': compiled.COMPILED.failed}
 
 
 def measure(mode: str, cold: bool, job: str) -> dict:
@@ -136,10 +145,11 @@ def main(argv=None) -> dict:
             'multi-scale job (40 random (N, C, H, W), 5 layer kinds, training and eval)')
     print(f'{what}, {"cold" if args.cold else "warm"} Inductor cache')
     print(f'{"MMNORM_COMPILE":<15} {"job s":>8} {"process s":>10} {"graphs":>7} '
-          f'{"x " + args.modes[0]:>9}')
+          f'{"compiled calls":>15} {"x " + args.modes[0]:>9}')
     for mode, r in results.items():
         print(f'{mode:<15} {r["seconds"]:>8.1f} {r["process_seconds"]:>10.1f} '
-              f'{r["graphs"]:>7} {r["seconds"] / reference:>9.2f}')
+              f'{r["graphs"]:>7} {r["compiled_calls"]:>15} {r["seconds"] / reference:>9.2f}'
+              + (f'  (fell back: {r["failed"]})' if r['failed'] else ''))
     return results
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mmnorm.functional.compiled as compiled_form
+import mmnorm.layers.base as layer_base
 
 # Deterministic, single-threaded-safe defaults for the suite.
 torch.manual_seed(0)
@@ -83,6 +84,8 @@ def _default_form():
         torch._dynamo.reset()
         _graphs_since_reset = 0
     compiled_form.COMPILED.reset(mode=DEFAULT_MODE, backend='inductor')
+    # Each test is a run of its own: the layers' once-per-run warnings may be logged again.
+    layer_base._LOGGED.clear()
     yield
     _graphs_since_reset += compiled_form.COMPILED.graphs
 
@@ -140,6 +143,11 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(
         f'mmnorm: {len(_tests_compiled)} tests ran the compiled form in this process '
         f'(default mode {DEFAULT_MODE!r}; the tools the tests start are not counted)')
+
+
+def logged(records, text: str) -> list:
+    """The messages among ``records`` (the ``mmnorm_log`` fixture's) that contain ``text``."""
+    return [r.getMessage() for r in records if text in r.getMessage()]
 
 
 @pytest.fixture

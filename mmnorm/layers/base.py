@@ -28,6 +28,7 @@ the defaults), and who reads each:
   (a hook sets the progress, from 0 to 1, every iteration).
 """
 import contextlib
+import logging
 import warnings
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
@@ -36,8 +37,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
+from ..functional.compiled import report
 
-__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'full_precision', 'has_ratios']
+__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'full_precision', 'has_ratios',
+           'log_once']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -49,6 +52,19 @@ _STALE_STATS_MSG = (
     'were not recomputed after training (they are the training-time moving average). Add '
     "dict(type='BatchAverageStatsHook') to custom_hooks, or run tools/recompute_stats.py on the "
     'checkpoint, before evaluating.')
+
+
+#: The layers' warnings already logged in this process (:func:`log_once`).
+_LOGGED: set = set()
+
+
+def log_once(message: str) -> None:
+    """Log one of the layers' warnings through the run's log (mmengine's logger), once per
+    process and on rank 0 only, however many layers meet it (a model with fifty SSN layers and
+    no ``SSNRadiusHook`` says so once). Called on a layer's first step, never on every call."""
+    if message not in _LOGGED:
+        _LOGGED.add(message)
+        report(message, logging.WARNING)
 
 
 def full_precision(input: Tensor):
@@ -222,6 +238,7 @@ class BatchStatsNorm(nn.Module):
             self._stats_ready = bool(ready)
             if ready:  # a new batch average: warn again if it goes stale
                 self._stale_warned = False
+                _LOGGED.discard(_STALE_STATS_MSG)
 
     def _batch_stats_state(self, input: Tensor
                            ) -> Tuple[Optional[Tensor], Optional[Tensor], bool,
@@ -265,7 +282,7 @@ class BatchStatsNorm(nn.Module):
                 and not getattr(self, '_stale_warned', False)
                 and not getattr(self, '_stats_ready', False)):
             self._stale_warned = True
-            warnings.warn(_STALE_STATS_MSG, stacklevel=4)
+            log_once(_STALE_STATS_MSG)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

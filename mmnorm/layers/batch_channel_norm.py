@@ -11,7 +11,6 @@ Reference::
 
 Implemented from the paper (Eq. (13)-(16), Algorithm 1).
 """
-import warnings
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -20,7 +19,7 @@ from torch import Tensor, nn
 from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
                           check_num_groups, check_rate, in_recomputation, is_tracing)
 from ..registry import MODELS, register
-from .base import BatchStatsNorm, SyncNorm, full_precision
+from .base import BatchStatsNorm, SyncNorm, full_precision, log_once
 
 __all__ = ['BatchChannelNorm', 'SyncBatchChannelNorm']
 
@@ -146,7 +145,7 @@ class BatchChannelNorm(BatchStatsNorm):
             return
         self._zero_rate_checked = True
         if getattr(self, '_estimate_rate', None) == 0.0:
-            warnings.warn(_ZERO_RATE_MSG, stacklevel=3)
+            log_once(_ZERO_RATE_MSG)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -13,7 +13,6 @@ Reference::
 Implemented from the paper and the description of the authors' released layer
 (switchablenorms/Sparse_SwitchNorm); none of their code is used.
 """
-import warnings
 from typing import Any, Dict, Tuple
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from ..functional import in_recomputation, is_tracing
 from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choices
 from ..registry import MODELS, register
-from .base import SyncNorm
+from .base import SyncNorm, log_once
 from .switchable_norm import SwitchableNorm
 
 __all__ = ['SparseSwitchableNorm', 'SyncSparseSwitchableNorm']
@@ -127,7 +126,7 @@ class SparseSwitchableNorm(SwitchableNorm):
             if not self._progress_set and not is_tracing():
                 self._progress_set = True  # warn once (reading the radius syncs: once)
                 if float(self.radius) == 0.0:
-                    warnings.warn(_NO_RADIUS_MSG.format(radius=0.0), stacklevel=2)
+                    log_once(_NO_RADIUS_MSG.format(radius=0.0))
             update_choices(mean_ratios, self.mean_choice)
             update_choices(var_ratios, self.var_choice)
         return out

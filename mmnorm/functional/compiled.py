@@ -39,11 +39,12 @@ warning through mmengine's logger (rank 0's), and the call runs in the eager for
   setting: raise ``recompile_limit`` yourself (once, before training) for more graphs per
   computation, e.g. for multi-scale training with many size-1 dimensions.
 
-A *new graph* is one whose :func:`_graph_key` has not run (everything ``torch.compile`` guards on
-besides dynamic sizes: the computation, its options, the dtypes, devices, ranks, ``requires_grad``
-and size-1 dimensions of its tensors, the grad and autocast modes), or a call during which Dynamo
-compiled a graph all the same. An error of a graph that has already run passes through (it is
-the caller's). Each new graph is reported once with its compile time, through mmengine's logger.
+A *new graph* is one whose key (``_graph_key``) has not run (everything ``torch.compile``
+guards on besides dynamic sizes: the computation, its options, the dtypes, devices, ranks,
+``requires_grad`` and size-1 dimensions of its tensors, the grad and autocast modes), or a call
+during which Dynamo compiled a graph all the same. An error of a graph that has already run
+passes through (it is the caller's). Each new graph is reported once with its compile time,
+through mmengine's logger.
 
 **No process-global setting is changed**, not even for the duration of a call: tensors are
 passed to the compiled function as views of themselves marked with

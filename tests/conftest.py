@@ -67,8 +67,8 @@ def make_input(shape, dtype=torch.float64, seed=0, scale=2.0, offset=0.5):
 # summary counts the tests that ran compiled.
 DEFAULT_MODE = compiled_form.COMPILED.mode
 # Dynamo's caches outlive a test (mmnorm's count of graphs does not), so a Dynamo limit of 8
-# graphs per computation would be reached across tests; a long run raises it the same way
-# (mmnorm itself changes no Dynamo setting).
+# graphs per computation would be reached across tests (mmnorm raises it to RECOMPILE_LIMIT
+# itself at the first graph it compiles in a process; this does it before any test).
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                            compiled_form.RECOMPILE_LIMIT)
 #: Graphs compiled in this process since Dynamo's caches were last cleared (an estimate: each

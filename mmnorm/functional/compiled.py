@@ -34,10 +34,13 @@ warning through mmengine's logger (rank 0's), and the call runs in the eager for
   will be differentiated is differentiated once at once, on detached copies (a probe);
 - a new graph fails on its first run (Triton out of resources, autotuning out of memory);
 - more graphs would be needed than :data:`RECOMPILE_LIMIT` in the process, or than Dynamo's
-  ``torch._dynamo.config.recompile_limit`` (8 by default) for one computation (past it Dynamo
-  would silently run the rest uncompiled). mmnorm counts the graphs itself and changes no Dynamo
-  setting: raise ``recompile_limit`` yourself (once, before training) for more graphs per
-  computation, e.g. for multi-scale training with many size-1 dimensions.
+  ``torch._dynamo.config.recompile_limit`` for one computation (past it Dynamo would silently
+  run the rest uncompiled). mmnorm counts the graphs itself. Dynamo's default limit, 8 graphs
+  per computation, is less than one model's layers need (channel counts of 1 to 4, size-1
+  dimensions, training and eval, requires_grad patterns: 11 for mmdet's backbones), so the
+  first graph mmnorm compiles in a process raises ``recompile_limit`` to :data:`RECOMPILE_LIMIT`
+  if it is lower, once (``_raise_recompile_limit``): the one Dynamo setting mmnorm changes,
+  only once the compiled form is used, never lowered, never per call.
 
 A *new graph* is one whose key (``_graph_key``) has not run (everything ``torch.compile``
 guards on besides dynamic sizes: the computation, its options, the dtypes, devices, ranks,
@@ -46,7 +49,7 @@ during which Dynamo compiled a graph all the same. An error of a graph that has 
 passes through (it is the caller's). Each new graph is reported once with its compile time,
 through mmengine's logger.
 
-**No process-global setting is changed**, not even for the duration of a call: tensors are
+**No process-global setting is changed per call** (only that limit, once): tensors are
 passed to the compiled function as views of themselves marked with
 ``torch._dynamo.maybe_mark_dynamic``, so that every size (parameters' included: one graph serves
 every channel count) is dynamic without ``torch.compile(dynamic=True)`` (which patches
@@ -241,6 +244,19 @@ def _dynamic(value: Any) -> Any:
     return view
 
 
+_LIMIT_RAISED = False
+
+
+def _raise_recompile_limit() -> None:
+    """Raise Dynamo's ``recompile_limit`` to :data:`RECOMPILE_LIMIT` if it is lower, once per
+    process (at the first graph mmnorm compiles; a limit set afterwards is respected)."""
+    global _LIMIT_RAISED
+    if not _LIMIT_RAISED:
+        _LIMIT_RAISED = True
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+
+
 class CompiledForm:
     """The state of the choice of form for one process (:data:`COMPILED`), guarded by a lock.
 
@@ -381,6 +397,7 @@ class CompiledForm:
                     args: tuple, kwargs: dict):
         """A new graph's first call (the lock held): within the limits, compiled, run,
         probed; ``None`` when the compiled form failed."""
+        _raise_recompile_limit()
         limit = torch._dynamo.config.recompile_limit
         if self._count >= RECOMPILE_LIMIT:
             self._give_up(f'more than {RECOMPILE_LIMIT} compiled graphs would be needed')

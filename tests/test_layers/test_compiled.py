@@ -173,9 +173,11 @@ def test_recompile_limit_falls_back_instead_of_running_silently_uncompiled(fresh
     torch.testing.assert_close(y, make_layer('SN_tied')(x[:, :, :3]))
 
 
-def test_dynamos_recompile_limit_per_computation_falls_back(fresh, mmnorm_log):
-    """More graphs of one computation than Dynamo's recompile_limit (read, never set): the
-    compiled form falls back before Dynamo would run the rest uncompiled."""
+def test_dynamos_recompile_limit_per_computation_falls_back(fresh, monkeypatch, mmnorm_log):
+    """More graphs of one computation than Dynamo's recompile_limit (one set after mmnorm raised
+    it at its first graph is respected): the compiled form falls back before Dynamo would run the
+    rest uncompiled."""
+    monkeypatch.setattr(core, '_LIMIT_RAISED', True)  # a limit set after the first graph
     layer = make_layer('SN').eval()
     with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
         for shape in ((3, 8, 5, 6), (1, 8, 5, 6), (2, 8, 1, 6)):  # three specializations
@@ -266,26 +268,39 @@ def test_every_option_that_changes_the_graph_makes_a_new_probed_graph(fresh, mon
     torch.testing.assert_close(ours, train_step(reference, x, g))
 
 
-def test_compiled_calls_change_no_dynamo_setting(fresh):
-    """No process-global Dynamo setting is changed, not even during a compiled call (two
-    threads interleaving a patch's enter and exit could leave it changed), and parameters'
-    sizes are dynamic all the same: one graph for two channel counts."""
+def test_compiled_calls_change_no_dynamo_setting(fresh, monkeypatch):
+    """No process-global Dynamo setting is changed per call, not even during a compiled call
+    (two threads interleaving a patch's enter and exit could leave it changed): only
+    recompile_limit, raised once, at the first graph; and parameters' sizes are dynamic all the
+    same: one graph for two channel counts."""
+    from torch._dynamo.config import get_config_copy
+    monkeypatch.setattr(core, '_LIMIT_RAISED', False)  # as in a fresh process
     seen = []
 
     def backend(gm, example_inputs):
-        seen.append(torch._dynamo.config.get_config_copy())
+        seen.append(get_config_copy())
         return gm.forward
 
-    before = torch._dynamo.config.get_config_copy()
     fresh.backend = backend
-    graphs = torch._dynamo.utils.counters['stats']['unique_graphs']
-    with torch.no_grad():
-        for channels in (8, 16):
-            SwitchableNorm(channels).eval()(torch.randn(2, channels, 5, 6))
-    assert fresh.compiled_calls == 2 and fresh.graphs == 1 and len(seen) == 1
-    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == graphs + 1
-    assert seen[0] == before, {k: (before[k], v) for k, v in seen[0].items() if before[k] != v}
-    assert torch._dynamo.config.get_config_copy() == before
+    with torch._dynamo.config.patch(recompile_limit=8):  # Dynamo's default
+        before = get_config_copy()
+        with torch.no_grad():
+            SwitchableNorm(8).eval()(torch.randn(2, 8, 5, 6))  # the first graph
+        raised = get_config_copy()
+        assert raised == dict(before, recompile_limit=core.RECOMPILE_LIMIT)
+        with torch.no_grad():
+            SwitchableNorm(16).eval()(torch.randn(2, 16, 5, 6))  # the same graph
+        x = torch.randn(2, 16, 5, 6, requires_grad=True)
+        SwitchableNorm(16)(x).sum().backward()  # a new graph (training), probed
+        assert fresh.compiled_calls == 3 and fresh.graphs == 2 and len(seen) == 2
+        assert all(s == raised for s in seen), [
+            {k: (raised[k], v) for k, v in s.items() if raised[k] != v} for s in seen]
+        assert get_config_copy() == raised
+        core.use_compiled('never')
+        core.use_compiled('always')
+        with torch.no_grad():
+            SwitchableNorm(8).eval()(torch.randn(2, 8, 5, 6))
+        assert get_config_copy() == raised
 
 
 def test_compiled_calls_from_two_threads(fresh):

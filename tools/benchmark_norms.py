@@ -10,9 +10,9 @@ are medians of per-round ratios (see ``time_rounds``). The whole-model row times
 iteration of the demo Mask R-CNN with SN, BCN+WS and BN against the same model with GN, on the
 same generated batches.
 
-mmnorm's layers run compiled from the first (untimed, warm-up) call: the steady state of a
-training run, which under the default ``'auto'`` mode compiles after its first calls;
-``MMNORM_COMPILE=0 python tools/benchmark_norms.py`` measures the public-op eager form.
+``python tools/benchmark_norms.py`` measures mmnorm's layers in their default eager form (the
+light form where it serves); ``MMNORM_COMPILE=1`` measures the opt-in compiled form, compiled
+at the first (untimed, warm-up) call.
 
     python tools/benchmark_norms.py                  # all shapes, default rounds
     python tools/benchmark_norms.py --rounds 5 --shapes 8,64,56,56 512,256,7,7
@@ -392,7 +392,7 @@ def main() -> None:
         use_compiled(True)  # the steady state: compiled from the (untimed) warm-up calls on
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads; '
           f'{args.rounds} rounds x {args.inner} calls, median; mmnorm layers '
-          f'{"compiled" if compiled_enabled() else "in public eager ops (MMNORM_COMPILE=0)"}')
+          f'{"compiled" if compiled_enabled() else "in their eager form (the default)"}')
     report = {}
     device = torch.device(args.device)
     variants = args.variants or (list(VARIANTS) if device.type == 'cuda' else ['fp32'])

@@ -22,8 +22,8 @@ class scores), under ``torch.no_grad``. The models:
   randomly initialised (speed does not depend on the weights).
 
 ``hard`` and ``deploy`` apply to models with ratio layers. After ``--warmup`` passes over the
-images (compilation of mmnorm's layers, which run compiled from the first call here unless
-``MMNORM_COMPILE=0``; caches), ``--rounds`` rounds run every model over all
+images (caches; with ``MMNORM_COMPILE=1`` the compilation of mmnorm's layers, which then run
+compiled from the first call), ``--rounds`` rounds run every model over all
 images back to back in a shuffled order; the ratios are medians of per-round ratios to the first
 baseline (or ``soft`` without baselines), so the drift of a shared machine cancels. On a GPU the
 clock is read after ``torch.cuda.synchronize``. Without CHECKPOINT the ratios are the initial

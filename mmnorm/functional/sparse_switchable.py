@@ -106,8 +106,10 @@ def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
 
 
 def _frozen(ratios: Tensor, choice: Tensor) -> Tensor:
-    """``ratios``, or the one-hot vector of a fixed ``choice`` (>= 0); a vector one-hot now is
-    used without gradient, as the authors' layer fixes it in the same step."""
+    """``ratios`` ``(..., K)``, or the one-hot vector of a fixed ``choice`` ``(...)`` (>= 0); a
+    vector one-hot now is used without gradient, as the authors' layer fixes it in the same
+    step. Each row (a group of channels' vector) is frozen on its own."""
+    choice = choice.unsqueeze(-1)
     hot = (torch.arange(ratios.shape[-1], device=ratios.device) == choice).to(ratios.dtype)
     one_hot_now = (ratios > 0).sum(-1, keepdim=True) == 1
     return torch.where(choice >= 0, hot, torch.where(one_hot_now, ratios.detach(), ratios))
@@ -116,17 +118,19 @@ def _frozen(ratios: Tensor, choice: Tensor) -> Tensor:
 def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
                     mean_choice: Tensor, var_choice: Tensor) -> Tuple[Tensor, Tensor]:
     """SSN's ratio function: SparsestMax of each score vector at ``radius``, or the one-hot
-    vector of a fixed choice (``mean_choice`` / ``var_choice`` >= 0)."""
+    vector of a fixed choice (``mean_choice`` / ``var_choice`` >= 0). Scores ``(K,)`` with 0-dim
+    choices, or ``(G, K)`` with choices ``(G,)``: every group follows the same radius and is
+    fixed on its own."""
     return (_frozen(sparsestmax(mean_scores, radius), mean_choice),
             _frozen(sparsestmax(var_scores, radius), var_choice))
 
 
 def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
                              mean_choice: Tensor, var_choice: Tensor) -> Tensor:
-    """:func:`sparsest_ratios` as one ``(2, |Omega|)`` tensor: one SparsestMax of both score
-    vectors (half the ops of two)."""
+    """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
+    tensors (half the ops of two)."""
     return _frozen(sparsestmax(torch.stack([mean_scores, var_scores]), radius),
-                   torch.stack([mean_choice, var_choice]).unsqueeze(-1))
+                   torch.stack([mean_choice, var_choice]))
 
 
 sparsest_ratios.stacked = _stacked_sparsest_ratios
@@ -135,10 +139,11 @@ sparsest_ratios.stacked = _stacked_sparsest_ratios
 @torch.no_grad()
 def update_choices(ratios: Tensor, choice: Tensor) -> None:
     """Fix ``choice`` (in place) at the argmax of ``ratios`` when they are one-hot and it is
-    still free; a fixed choice never changes. Tensor ops only (no host sync)."""
-    one_hot = (ratios > 0).sum() == 1
+    still free; a fixed choice never changes. ``ratios`` ``(..., K)`` and ``choice`` ``(...)``:
+    each group's vector is fixed on its own. Tensor ops only (no host sync)."""
+    one_hot = (ratios > 0).sum(-1) == 1
     choice.copy_(torch.where(choice >= 0, choice,
-                             torch.where(one_hot, ratios.argmax(), torch.full_like(choice, -1))))
+                             torch.where(one_hot, ratios.argmax(-1), torch.full_like(choice, -1))))
 
 
 def check_radius(radius) -> None:
@@ -160,11 +165,13 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
     Args:
         input (Tensor): ``(N, C, *)``, any number of spatial dims.
         mean_scores (Tensor): ratio parameters of the means (SparsestMax's input), ``(3,)`` for
-            (IN, LN, BN) or ``(2,)`` for (IN, LN).
+            (IN, LN, BN) or ``(2,)`` for (IN, LN); ``(G, 3)`` / ``(G, 2)`` for one vector per
+            group of ``C / G`` contiguous channels.
         var_scores (Tensor): ratio parameters of the variances, same size.
         radius (Tensor | float): SparsestMax radius in [0, 1] (0-dim tensor: no host sync).
-        mean_choice (Tensor, optional): 0-dim long, the index of the fixed normalizer of the
-            means or -1 while free. Defaults to None (free).
+        mean_choice (Tensor, optional): long, the index of the fixed normalizer of the
+            means or -1 while free: 0-dim, or ``(G,)`` for grouped scores. Defaults to None
+            (free).
         var_choice (Tensor, optional): the same for the variances.
         fix_choices (bool): update the choices in place when the ratios are one-hot (a training
             step, as the authors' layer does). Defaults to False.
@@ -179,7 +186,7 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
         raise ValueError(f'mean_scores and var_scores must have the same shape, got '
                          f'{tuple(mean_scores.shape)} and {tuple(var_scores.shape)}')
     check_radius(radius)
-    free = torch.full((), -1, dtype=torch.long, device=mean_scores.device)
+    free = torch.full(mean_scores.shape[:-1], -1, dtype=torch.long, device=mean_scores.device)
     mean_choice = free if mean_choice is None else mean_choice
     var_choice = free.clone() if var_choice is None else var_choice
     radius = torch.as_tensor(radius, dtype=torch.float32, device=mean_scores.device)

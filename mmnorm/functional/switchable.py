@@ -38,16 +38,17 @@ from .running_stats import (BatchStats, batch_statistics, update_running_stats,
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
            'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS',
-           'stacked_ratios']
+           'stacked_ratios', 'check_ratio_groups', 'ratios_per_channel']
 
 MIX_MODES = ('var', 'std')
 
 #: Omega, in the order of the ratios: the first two always, BN when there are three ratios.
 NORMALIZERS = ('IN', 'LN', 'BN')
 
-#: ``ratio_fn(*ratio_inputs) -> (mean_ratios, var_ratios)``, each ``(|Omega|,)``: plain
-#: differentiable tensor code, a module-level function (it runs inside the compiled
-#: coefficient function, see :class:`~mmnorm.functional.moments.CoefficientFn`).
+#: ``ratio_fn(*ratio_inputs) -> (mean_ratios, var_ratios)``, each ``(|Omega|,)``, or
+#: ``(G, |Omega|)`` with one row per group of channels: plain differentiable tensor code over
+#: the last dim, a module-level function (it runs inside the compiled coefficient function, see
+#: :class:`~mmnorm.functional.moments.CoefficientFn`).
 RatioFn = Callable[..., Tuple[Tensor, Tensor]]
 
 
@@ -92,28 +93,50 @@ def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) ->
         raise ValueError(f'{name} must be in [0, 1] ({meaning}), got {value!r}')
 
 
+def check_ratio_groups(channels: int, groups: int) -> None:
+    """Refuse ``groups`` ratio groups that do not split ``channels`` into equal contiguous
+    groups, naming both."""
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f'ratio_groups must be a positive int, got {groups!r}')
+    if channels % groups:
+        raise ValueError(f'ratio_groups={groups} does not divide the {channels} channels into '
+                         'equal groups: choose a divisor of the channel count')
+
+
+def ratios_per_channel(ratios: Tensor, channels: int) -> Tensor:
+    """Ratios ``(..., G, K)`` of ``G`` contiguous groups of channels as ``(..., C, K)``, one row
+    per channel (channel ``c`` takes group ``c // (C / G)``'s row); its gradient sums each
+    group's rows. An expand and a reshape, which every exporter writes as such."""
+    groups, k = ratios.shape[-2:]
+    shape = ratios.shape[:-2]
+    return ratios.unsqueeze(-2).expand(*shape, groups, channels // groups, k) \
+        .reshape(*shape, channels, k)
+
+
 def softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = None
                    ) -> Tuple[Tensor, Tensor]:
-    """SN's ratio function: ``(softmax(mean_logits), softmax(var_logits))``; one logits vector
-    (SN_tied) gives the same ratios for means and variances."""
-    mean_ratios = torch.softmax(mean_logits, 0)
-    return mean_ratios, mean_ratios if var_logits is None else torch.softmax(var_logits, 0)
+    """SN's ratio function: ``(softmax(mean_logits), softmax(var_logits))`` over the last dim
+    (one vector ``(K,)`` per layer, or one row per group of channels ``(G, K)``); one logits
+    tensor (SN_tied) gives the same ratios for means and variances."""
+    mean_ratios = torch.softmax(mean_logits, -1)
+    return mean_ratios, mean_ratios if var_logits is None else torch.softmax(var_logits, -1)
 
 
 def _stacked_softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = None
                             ) -> Tensor:
-    """:func:`softmax_ratios` as one ``(2, |Omega|)`` tensor, in one softmax."""
+    """:func:`softmax_ratios` as one ``(2, ...)`` tensor, in one softmax."""
     if var_logits is None:
-        return torch.softmax(mean_logits, 0).expand(2, -1)
-    return torch.softmax(torch.stack([mean_logits, var_logits]), 1)
+        return torch.softmax(mean_logits, -1).expand(2, *mean_logits.shape)
+    return torch.softmax(torch.stack([mean_logits, var_logits]), -1)
 
 
 softmax_ratios.stacked = _stacked_softmax_ratios
 
 
 def stacked_ratios(ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor]) -> Tensor:
-    """``ratio_fn(*ratio_inputs)`` as one ``(2, |Omega|)`` tensor (means, variances), by the
-    function's own ``stacked`` form where it has one (fewer ops), else stacked."""
+    """``ratio_fn(*ratio_inputs)`` as one ``(2, |Omega|)`` (or ``(2, G, |Omega|)``) tensor
+    (means, variances), by the function's own ``stacked`` form where it has one (fewer ops),
+    else stacked."""
     stacked = getattr(ratio_fn, 'stacked', None)
     if stacked is not None:
         return stacked(*ratio_inputs)
@@ -126,7 +149,8 @@ def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
                   process_group, length: int) -> Tuple[Tensor, Tensor, dict]:
     """SN's coefficient function (see :class:`~mmnorm.functional.moments.CoefficientFn`).
 
-    ``mean``/``var``: IN moments ``(N, C)``. ``bn_mean``/``bn_var``: constant BN statistics
+    ``mean``/``var``: IN moments ``(N, C)``. Ratios ``(G, K)`` weigh each group's channels by
+    its own row. ``bn_mean``/``bn_var``: constant BN statistics
     (eval), or ``None`` with ``batch=True`` to pool them from the moments (training); ``aux``
     then returns them (:class:`~mmnorm.functional.running_stats.BatchStats`) for the running
     buffers. The ratios ``ratio_fn(*ratio_inputs)`` are returned in ``aux`` too.
@@ -138,7 +162,11 @@ def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
     mean_ratios, var_ratios = ratio_fn(*(r.to(dtype) if r.is_floating_point() else r
                                          for r in ratio_inputs))
     aux = {'mean_ratios': mean_ratios, 'var_ratios': var_ratios}
-    if mean_ratios.shape[0] == 3:
+    if mean_ratios.dim() == 2:  # one row per group of channels: one per channel, (C, K)
+        mean_ratios, var_ratios = (ratios_per_channel(r, mean.shape[1])
+                                   for r in (mean_ratios, var_ratios))
+    mean_ratios, var_ratios = mean_ratios.unbind(-1), var_ratios.unbind(-1)
+    if len(mean_ratios) == 3:
         if batch:
             batch_stats = batch_statistics(mean, var, length, process_group)
             bn_mean, bn_var = batch_stats.mean, batch_stats.var
@@ -171,12 +199,16 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
 
     Args:
         ratio_fn (callable): ``(*ratio_inputs) -> (mean_ratios, var_ratios)``, each
-            ``(|Omega|,)`` in the order (IN, LN[, BN]); a module-level function of plain
-            differentiable tensor ops (it runs inside the compiled coefficient function).
-        ratio_inputs (sequence): its tensors; the first holds one entry per normalizer, so its
-            size says whether BN is in Omega (3) or not (2).
+            ``(|Omega|,)`` in the order (IN, LN[, BN]), or ``(G, |Omega|)``: one row for each
+            of ``G`` contiguous groups of channels (``C`` divisible by ``G``); a module-level
+            function of plain differentiable tensor ops (it runs inside the compiled
+            coefficient function).
+        ratio_inputs (sequence): its tensors; the first holds one entry per normalizer in its
+            last dim, so its size says whether BN is in Omega (3) or not (2), and its rows
+            (if 2-d) the number of groups.
         ratios (Tensor, optional): ``ratio_fn(*ratio_inputs)`` already computed, stacked
-            ``(2, |Omega|)`` (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's
+            ``(2, |Omega|)`` or ``(2, G, |Omega|)``
+            (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's
             eval forwards reuse them while the ratio inputs are unchanged). Defaults to None
             (computed here).
 
@@ -191,10 +223,14 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                       running_var=(running_var, channels, 'one per channel C'))
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
-    num_ratios = ratio_inputs[0].shape[0] if ratio_inputs[0].dim() == 1 else None
-    if num_ratios not in (2, 3):
-        raise ValueError('the ratio parameters must have 3 entries (IN, LN, BN) or 2 (IN, LN); '
-                         f'got shape {tuple(ratio_inputs[0].shape)}')
+    first = ratio_inputs[0]
+    num_ratios = first.shape[-1] if first.dim() in (1, 2) else None
+    if num_ratios not in (2, 3) or (first.dim() == 2 and first.shape[0] < 1):
+        raise ValueError('the ratio parameters must have 3 entries (IN, LN, BN) or 2 (IN, LN), '
+                         'one vector (K,) or one row per group of channels (G, K); got shape '
+                         f'{tuple(first.shape)}')
+    if first.dim() == 2:
+        check_ratio_groups(channels, first.shape[0])
     using_bn = num_ratios == 3
     batch = using_bn and (training or running_mean is None)
     bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
@@ -209,8 +245,11 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     if form == 'light' and mix == 'var' and not in_unbiased:
         if ratios is None:
             ratios = stacked_ratios(ratio_fn, ratio_inputs)
+        # Grouped ratios (2, G, K) reach the kernel as one row per channel (C, 2, K).
+        per_channel = ratios if ratios.dim() == 2 else \
+            ratios_per_channel(ratios, channels).transpose(0, 1)
         out, aux = row_affine(input, _SwitchableKernel(eps, batch),
-                              (weight, bias, bn_mean, bn_var, ratios))
+                              (weight, bias, bn_mean, bn_var, per_channel))
         if batch and training and running_mean is not None:
             update_running_stats_of(running_mean, running_var, aux['batch_mean'],
                                     aux['batch_var'], input.shape[0] * math.prod(input.shape[2:]),
@@ -235,7 +274,8 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
     Args:
         input (Tensor): ``(N, C, *)``, any number of spatial dims.
         mean_logits (Tensor): ratio logits for the means, ``(3,)`` for (IN, LN, BN) or ``(2,)``
-            for (IN, LN) (SN without BN, e.g. one sample per GPU).
+            for (IN, LN) (SN without BN, e.g. one sample per GPU); ``(G, 3)`` or ``(G, 2)`` for
+            one ratio vector per group of ``C / G`` contiguous channels (group-wise SN).
         var_logits (Tensor): ratio logits for the variances, same size. Pass the *same* tensor as
             ``mean_logits`` for tied ratios (SN_tied).
         weight (Tensor, optional): per-channel scale :math:`\gamma`, ``(C,)``.
@@ -264,11 +304,12 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         computed in float32 for float16/bfloat16 inputs.
     """
     if not (isinstance(mean_logits, Tensor) and isinstance(var_logits, Tensor)) \
-            or mean_logits.dim() != 1 or mean_logits.shape[0] not in (2, 3) \
+            or mean_logits.dim() not in (1, 2) or mean_logits.shape[-1] not in (2, 3) \
             or var_logits.shape != mean_logits.shape:
         raise ValueError('mean_logits and var_logits must both have 3 entries (IN, LN, BN) or '
-                         f'both 2 (IN, LN); got shapes {tuple(getattr(mean_logits, "shape", ()))}'
-                         f' and {tuple(getattr(var_logits, "shape", ()))}')
+                         'both 2 (IN, LN) in their last dim, shaped (K,) or (G, K); got shapes '
+                         f'{tuple(getattr(mean_logits, "shape", ()))} and '
+                         f'{tuple(getattr(var_logits, "shape", ()))}')
     logits = (mean_logits, ) if var_logits is mean_logits else (mean_logits, var_logits)
     return mix_normalizers(input, softmax_ratios, logits, weight, bias, running_mean,
                            running_var, training, momentum, eps, mix, in_unbiased,
@@ -280,8 +321,9 @@ class _SwitchableKernel:
 
     Statistics ``S`` ``(N, C, 2, K)``: the means (row 0) and variances (row 1) of IN, LN (and
     BN) broadcast to ``(N, C)``, each from one reduction of the input (BN's are the constant
-    ``bn_mean`` / ``bn_var`` in eval); ratios ``(2, K)``; mixed ``(mu, s2) = sum_k S_k
-    ratios_k``; ``A = w / sqrt(s2 + eps)``, ``B = bias - A mu``.
+    ``bn_mean`` / ``bn_var`` in eval); ratios ``(2, K)``, or ``(C, 2, K)`` (one row per channel:
+    group-wise ratios); mixed ``(mu, s2) = sum_k S_k ratios_k``; ``A = w / sqrt(s2 + eps)``,
+    ``B = bias - A mu``.
     """
 
     def __init__(self, eps: float, batch: bool):
@@ -325,9 +367,9 @@ class _SwitchableKernel:
         # G = (-dL/dmu, -2 dL/ds2): dL/dmu = -A gB; dL/ds2 = -0.5 gA w r^3 = -0.5 t A r.
         G = torch.stack([grad_B, t * r], -1).mul_(A.unsqueeze(-1))
         g_ratios = None
-        if needs[4]:
-            g_ratios = (G.unsqueeze(-1) * stats).sum((0, 1))
-            g_ratios[1].mul_(0.5)
+        if needs[4]:  # summed over the rows that share a ratio: all, or the samples
+            g_ratios = (G.unsqueeze(-1) * stats).sum((0, 1) if ratios.dim() == 2 else 0)
+            g_ratios[..., 1, :].mul_(0.5)
             g_ratios = g_ratios.neg_().to(ratios.dtype)
         # dL/dS_jk = dL/dmixed_j ratios_jk. A statistic k (mean m_k, variance v_k over L_k
         # values) adds (dL/dm_k + 2 dL/dv_k (x - m_k)) / L_k to dx; with H = G ratios / L,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..functional import in_recomputation, is_tracing
 from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choices
 from ..registry import MODELS, register
-from .base import SyncNorm, log_once
+from .base import SyncNorm, log_once, runner_training
 from .switchable_norm import SwitchableNorm
 
 __all__ = ['SparseSwitchableNorm', 'SyncSparseSwitchableNorm']
@@ -30,6 +30,51 @@ _NO_RADIUS_MSG = (
     "mmnorm: an SSN layer is training but nothing sets its SparsestMax radius, which stays at "
     "{radius}; the paper grows it from 0 to 1 over training so that the ratios end one-hot. Add "
     "dict(type='SSNRadiusHook') to custom_hooks, or call set_progress() every iteration.")
+
+#: What an mmengine run that trains SSN layers must provide: (what is wrong without it, the config
+#: line that provides it), by the name of the check.
+_RUN_NEEDS = {
+    'progress': (
+        'nothing sets their SparsestMax radius from the training progress (it would stay 0 and '
+        'the ratios would never become one-hot)',
+        "custom_hooks = [dict(type='SSNRadiusHook')]  # or append it to the config's custom_hooks"),
+    'ratio_rules': (
+        'the optimizer was not built by NormAwareOptimWrapperConstructor (the ratio parameters '
+        'would train at the base learning rate and weight decay, unclipped)',
+        "optim_wrapper = dict(constructor='NormAwareOptimWrapperConstructor', paramwise_cfg=dict("
+        'ratio_lr_mult=0.1, ratio_decay_mult=0., ratio_clip_grad=dict(max_norm=1.0)))'),
+}
+
+
+def _run_needs_message(missing) -> str:
+    reasons = ', and '.join(_RUN_NEEDS[need][0] for need in missing)
+    lines = ''.join(f'\n    {_RUN_NEEDS[need][1]}' for need in missing)
+    return (f'mmnorm: this run trains Sparse SN (SSN) layers, but {reasons}. Add to the config:'
+            f"{lines}\nThe run stopped at these layers' first training step, before any optimizer "
+            "step changed them. mmnorm's SSN configs (configs/*/*_ssn_*.py) have these lines.")
+
+
+def _check_training_setup(layer: 'SparseSwitchableNorm') -> None:
+    """On a layer's first step that trains it, once: inside an mmengine Runner's training, refuse
+    to go on unless something sets the progress (``SSNRadiusHook``, or ``set_progress()``) and
+    NormAwareOptimWrapperConstructor applied the ratio rules to the layer; outside a Runner, warn
+    (once per run) when nothing set the radius. A layer whose ratio parameters are frozen (hard
+    ratios) trains no ratio, and needs neither."""
+    if runner_training():
+        if any(getattr(layer, name).requires_grad for name in layer.ratio_params):
+            missing = [need for need, met in (
+                ('progress', layer._progress_set),
+                ('ratio_rules', getattr(layer, '_ratio_rules_applied', False))) if not met]
+            if missing:
+                raise RuntimeError(_run_needs_message(missing))
+        layer._setup_checked = True
+    elif layer.training:
+        layer._setup_checked = True
+        # Reading the radius syncs with the device: once per layer.
+        if not layer._progress_set and float(layer.radius) == 0.0:
+            log_once(_NO_RADIUS_MSG.format(radius=0.0))
+    else:  # eval mode with gradients outside a Runner (e.g. input gradients): no check
+        layer._eval_checked = True
 
 
 @register(MODELS, 'SSN')
@@ -77,12 +122,16 @@ class SparseSwitchableNorm(SwitchableNorm):
     follows_progress = True
 
     def _create_logits(self, num_ratios: int, factory: dict) -> None:
-        self.mean_scores = nn.Parameter(torch.empty(num_ratios, **factory))
-        self.var_scores = nn.Parameter(torch.empty(num_ratios, **factory))
+        shape = self._ratio_shape(num_ratios)
+        self.mean_scores = nn.Parameter(torch.empty(shape, **factory))
+        self.var_scores = nn.Parameter(torch.empty(shape, **factory))
         device = factory['device']
         self.register_buffer('radius', torch.zeros((), device=device))
-        self.register_buffer('mean_choice', torch.full((), -1, dtype=torch.long, device=device))
-        self.register_buffer('var_choice', torch.full((), -1, dtype=torch.long, device=device))
+        # One choice per ratio vector: 0-dim, or (G,) with ratio groups.
+        self.register_buffer('mean_choice',
+                             torch.full(shape[:-1], -1, dtype=torch.long, device=device))
+        self.register_buffer('var_choice',
+                             torch.full(shape[:-1], -1, dtype=torch.long, device=device))
         self._progress_set = False
 
     def _logits(self) -> Tuple[nn.Parameter, ...]:
@@ -108,25 +157,31 @@ class SparseSwitchableNorm(SwitchableNorm):
 
     @torch.no_grad()
     def harden_ratios_(self) -> None:
-        """Fix both choices at the argmax of the current ratios (one-hot from now on, without
-        gradient); the ratio parameters stop training (``requires_grad=False``)."""
+        """Fix both choices (of every group) at the argmax of the current ratios (one-hot from
+        now on, without gradient); the ratio parameters stop training
+        (``requires_grad=False``)."""
         mean_ratios, var_ratios = self.ratios()
-        self.mean_choice.fill_(int(mean_ratios.argmax()))
-        self.var_choice.fill_(int(var_ratios.argmax()))
+        self.mean_choice.copy_(mean_ratios.argmax(-1))
+        self.var_choice.copy_(var_ratios.argmax(-1))
         for scores in self._logits():
             scores.requires_grad_(False)
 
     def ratio_details(self) -> Dict[str, Any]:
+        # 'fixed': one bool per ratio vector (μ, σ), a list of one per group with ratio groups.
         return {'radius': float(self.radius),
-                'fixed': [int(self.mean_choice) >= 0, int(self.var_choice) >= 0]}
+                'fixed': [(self.mean_choice >= 0).tolist(), (self.var_choice >= 0).tolist()]}
 
     def forward(self, input: Tensor) -> Tensor:
+        # The first step that trains the layer (its ratio parameters train in eval mode too, e.g.
+        # under norm_eval=True) checks what the run provides, once, before anything changes; a
+        # host flag, nothing on later calls.
+        if (not getattr(self, '_setup_checked', False)
+                and (self.training or (torch.is_grad_enabled()
+                                       and not getattr(self, '_eval_checked', False)))
+                and not is_tracing() and not in_recomputation()):
+            _check_training_setup(self)
         out, (mean_ratios, var_ratios) = self._mix(input)
         if self.training and not in_recomputation():
-            if not self._progress_set and not is_tracing():
-                self._progress_set = True  # warn once (reading the radius syncs: once)
-                if float(self.radius) == 0.0:
-                    log_once(_NO_RADIUS_MSG.format(radius=0.0))
             update_choices(mean_ratios, self.mean_choice)
             update_choices(var_ratios, self.var_choice)
         return out

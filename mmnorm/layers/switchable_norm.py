@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..functional import (MIX_MODES, NORMALIZERS, check_norm_input, is_tracing, mix_normalizers,
                           softmax_ratios)
-from ..functional.switchable import stacked_ratios
+from ..functional.switchable import check_ratio_groups, stacked_ratios
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
 
@@ -64,6 +64,13 @@ class SwitchableNorm(BatchStatsNorm):
             loaded. Defaults to False.
         eval_stats (str): ``'moving'`` or ``'batch_average'`` (SN study Sec. 3: BN in SN is
             evaluated with a batch average computed after training). Defaults to ``'moving'``.
+        ratio_groups (int): ``G`` contiguous groups of ``C / G`` channels, each with its own
+            ratio vectors (the SN study's future work: ratios per group of channels, so that a
+            layer can learn IBN-Net's split of IN and BN channels). IN and BN statistics stay per
+            channel and LN per sample over all channels; only the weights that mix them differ
+            between groups. The ratio parameters are ``(G, |Ω|)`` and :meth:`ratios` returns
+            ``(G, |Ω|)`` tensors. ``C`` must be divisible by ``G``; ``G = C`` is a choice per
+            channel. Defaults to 1: one vector per layer, shaped ``(|Ω|,)`` as in the paper.
 
     Shape:
         - Input: ``(N, C, *)``
@@ -78,6 +85,9 @@ class SwitchableNorm(BatchStatsNorm):
         torch.Size([2, 64, 8, 8])
         >>> [r.tolist() for r in sn.ratios()]  # initialised equal (Appendix C)
         [[0.333..., 0.333..., 0.333...], [0.333..., 0.333..., 0.333...]]
+        >>> grouped = SwitchableNorm(64, ratio_groups=8)  # one ratio vector per 8 channels
+        >>> grouped.ratios()[0].shape
+        torch.Size([8, 3])
     """
 
     _abbr_ = 'sn'
@@ -87,9 +97,10 @@ class SwitchableNorm(BatchStatsNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
                  mix: str = 'var', in_unbiased: bool = False, eval_stats: str = 'moving',
-                 device=None, dtype=None):
+                 ratio_groups: int = 1, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
                          dtype)
+        check_ratio_groups(num_features, ratio_groups)
         if mix not in MIX_MODES:
             raise ValueError(f'mix must be one of {MIX_MODES}, got {mix!r}')
         if eval_stats == 'batch_average' and not using_bn:
@@ -99,6 +110,7 @@ class SwitchableNorm(BatchStatsNorm):
         self.affine = affine
         self.using_bn = using_bn
         self.mix = mix
+        self.ratio_groups = ratio_groups
         self.register_buffer('in_var_unbiased', torch.tensor(bool(in_unbiased), device=device))
         self.in_unbiased = in_unbiased
         num_ratios = 3 if using_bn else 2
@@ -111,9 +123,13 @@ class SwitchableNorm(BatchStatsNorm):
         self._create_logits(num_ratios, factory)
         self.reset_parameters()
 
+    def _ratio_shape(self, num_ratios: int) -> Tuple[int, ...]:
+        """The shape of a ratio parameter: ``(|Ω|,)``, or ``(G, |Ω|)`` with ratio groups."""
+        return (num_ratios, ) if self.ratio_groups == 1 else (self.ratio_groups, num_ratios)
+
     def _create_logits(self, num_ratios: int, factory: dict) -> None:
-        self.mean_logits = nn.Parameter(torch.empty(num_ratios, **factory))
-        self.var_logits = nn.Parameter(torch.empty(num_ratios, **factory))
+        self.mean_logits = nn.Parameter(torch.empty(self._ratio_shape(num_ratios), **factory))
+        self.var_logits = nn.Parameter(torch.empty(self._ratio_shape(num_ratios), **factory))
 
     def reset_parameters(self) -> None:
         """γ = 1, β = 0, equal ratios (all logits 0); running buffers reset."""
@@ -130,7 +146,7 @@ class SwitchableNorm(BatchStatsNorm):
     @property
     def normalizers(self) -> Tuple[str, ...]:
         """Names of Ω in the order of the ratios."""
-        return NORMALIZERS[:len(self._logits()[0])]
+        return NORMALIZERS[:self._logits()[0].shape[-1]]
 
     @property
     def keeps_batch_stats(self) -> bool:
@@ -138,12 +154,13 @@ class SwitchableNorm(BatchStatsNorm):
 
     @torch.no_grad()
     def harden_ratios_(self) -> None:
-        """One-hot softmax ratios at the argmax: the winning logit 0, the others ``-1e4``
-        (their softmax is exactly 0); the logits stop training (``requires_grad=False``)."""
+        """One-hot softmax ratios at the argmax (of each group's vector): the winning logit 0,
+        the others ``-1e4`` (their softmax is exactly 0); the logits stop training
+        (``requires_grad=False``)."""
         for logits in self._logits():
-            winner = int(logits.argmax())
+            winner = logits.argmax(-1, keepdim=True)
             logits.fill_(-_HARD_GAP)
-            logits[winner] = 0.0
+            logits.scatter_(-1, winner, 0.0)
             logits.requires_grad_(False)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -196,12 +213,18 @@ class SwitchableNorm(BatchStatsNorm):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints from before the option existed (or from elsewhere) keep the configured one.
         state_dict.setdefault(prefix + 'in_var_unbiased', self.in_var_unbiased.clone())
+        if self.ratio_groups > 1:  # a layer-wise checkpoint starts every group from its ratios
+            for name in self.ratio_state:
+                saved, own = state_dict.get(prefix + name), getattr(self, name)
+                if isinstance(saved, Tensor) and saved.dim() + 1 == own.dim() \
+                        and saved.shape == own.shape[1:]:
+                    state_dict[prefix + name] = saved.expand_as(own).clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._in_unbiased = bool(self.in_var_unbiased)  # read once here, never in forward
 
     def config(self) -> Dict[str, Any]:
         return dict(super().config(), affine=self.affine, using_bn=self.using_bn, mix=self.mix,
-                    in_unbiased=self.in_unbiased)
+                    in_unbiased=self.in_unbiased, ratio_groups=self.ratio_groups)
 
 
 @register(MODELS, 'SN_tied')
@@ -226,7 +249,7 @@ class SwitchableNormTied(SwitchableNorm):
     tied_ratios = True
 
     def _create_logits(self, num_ratios: int, factory: dict) -> None:
-        self.logits = nn.Parameter(torch.empty(num_ratios, **factory))
+        self.logits = nn.Parameter(torch.empty(self._ratio_shape(num_ratios), **factory))
 
     def _logits(self) -> Tuple[nn.Parameter, ...]:
         return (self.logits, )

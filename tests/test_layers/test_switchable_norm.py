@@ -35,7 +35,7 @@ class TestSmoke:
         text = repr(SwitchableNorm(8, eps=1e-3, momentum=None, using_bn=False, mix='std'))
         assert text == ("SwitchableNorm(8, eps=0.001, momentum=None, track_running_stats=True, "
                         "eval_stats='moving', affine=True, using_bn=False, mix='std', "
-                        "in_unbiased=False)")
+                        "in_unbiased=False, ratio_groups=1)")
         assert repr(SwitchableNormTied(4)).startswith('SwitchableNormTied(4, eps=1e-05')
 
     def test_parameters_and_buffers(self):

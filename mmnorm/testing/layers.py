@@ -24,6 +24,10 @@ LAYERS = {
     'BCN': lambda: BatchChannelNorm(CHANNELS, num_groups=4, momentum=0.3),
     'BCN_est': lambda: _estimated(BatchChannelNorm(CHANNELS, num_groups=4, estimate=True)),
     'SSN': lambda: _at_radius(SparseSwitchableNorm(CHANNELS, momentum=0.3)),
+    # Group-wise ratios: SN with 4 groups of 2 channels, SSN with a choice per channel.
+    'SN_g4': lambda: SwitchableNorm(CHANNELS, momentum=0.3, ratio_groups=4),
+    'SSN_g8': lambda: _at_radius(SparseSwitchableNorm(CHANNELS, momentum=0.3,
+                                                      ratio_groups=CHANNELS)),
 }
 
 
@@ -84,10 +88,15 @@ def float64_oracle(layer: nn.Module, x: torch.Tensor, differentiable: bool = Fal
         return oracles.bcn(x, layer.num_groups, p['weight'], p['bias'], p['bn_weight'],
                            p['bn_bias'], eps=layer.eps)
     if 'mean_scores' in p:  # SSN: SparsestMax ratios at the layer's radius
-        ratios = [oracles.sparsestmax(p[k].cpu(), float(layer.radius))
-                  for k in ('mean_scores', 'var_scores')]
-        return oracles.mixture(x, *ratios, p['weight'].cpu(), p['bias'].cpu(), eps=layer.eps,
-                               mix=layer.mix)
-    ml = p.get('logits', p.get('mean_logits'))
-    vl = p.get('logits', p.get('var_logits'))
-    return oracles.sn(x, ml, vl, p['weight'], p['bias'], eps=layer.eps, mix=layer.mix)
+        ratios = [p[k].cpu() for k in ('mean_scores', 'var_scores')]
+        ratios = [torch.stack([oracles.sparsestmax(row, float(layer.radius)) for row in r])
+                  if r.dim() == 2 else oracles.sparsestmax(r, float(layer.radius))
+                  for r in ratios]
+        weight, bias = p['weight'].cpu(), p['bias'].cpu()
+    else:
+        ratios = [torch.softmax(p.get('logits', p.get(k)), -1)
+                  for k in ('mean_logits', 'var_logits')]
+        weight, bias = p['weight'], p['bias']
+    if ratios[0].dim() == 2:  # one ratio row per group of channels
+        return oracles.grouped_mixture(x, *ratios, weight, bias, eps=layer.eps, mix=layer.mix)
+    return oracles.mixture(x, *ratios, weight, bias, eps=layer.eps, mix=layer.mix)

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['sn', 'mixture', 'batch_stats', 'bcn', 'algorithm1_step', 'running_update',
+__all__ = ['sn', 'mixture', 'grouped_mixture', 'batch_stats', 'bcn', 'algorithm1_step', 'running_update',
            'standardize', 'one_hot_logits', 'simplex_projection', 'sparsestmax']
 
 
@@ -65,6 +65,37 @@ def mixture(x: Tensor, lam_mu: Tensor, lam_var: Tensor, weight=None, bias=None,
     else:
         denom = sum(lam_var[i] * torch.sqrt(variances[i] + eps) for i in range(k))
     return _affine((h - mu) / denom, weight, bias).view_as(x)
+
+
+def grouped_mixture(x: Tensor, lam_mu: Tensor, lam_var: Tensor, weight=None, bias=None,
+                    bn_stats: Optional[Tuple[Tensor, Tensor]] = None, eps: float = 1e-5,
+                    mix: str = 'var') -> Tensor:
+    """SN Eq. (1) with one ratio row per group of channels: ``lam_mu`` / ``lam_var`` ``(G, K)``,
+    channel ``c`` of ``C`` mixed by row ``c // (C / G)``. Statistics from the full tensor (IN per
+    sample and channel, LN per sample over every channel, BN per channel over the batch), one
+    channel at a time."""
+    h = _flat(x)
+    n, c, length = h.shape
+    per_group = c // lam_mu.shape[0]
+    out = torch.empty_like(h)
+    mu_ln = h.mean((1, 2))
+    var_ln = ((h - mu_ln.view(n, 1, 1)) ** 2).mean((1, 2))
+    for ch in range(c):
+        xc = h[:, ch, :]                                                 # (N, L)
+        mu_in, var_in = xc.mean(1), ((xc - xc.mean(1, keepdim=True)) ** 2).mean(1)
+        if bn_stats is None:
+            mu_bn, var_bn = xc.mean(), ((xc - xc.mean()) ** 2).mean()
+        else:
+            mu_bn, var_bn = bn_stats[0][ch], bn_stats[1][ch]
+        means, variances = [mu_in, mu_ln, mu_bn], [var_in, var_ln, var_bn]
+        row_mu, row_var = lam_mu[ch // per_group], lam_var[ch // per_group]
+        mu = sum(row_mu[i] * means[i] for i in range(len(row_mu)))
+        if mix == 'var':
+            denom = torch.sqrt(sum(row_var[i] * variances[i] for i in range(len(row_var))) + eps)
+        else:
+            denom = sum(row_var[i] * torch.sqrt(variances[i] + eps) for i in range(len(row_var)))
+        out[:, ch, :] = (xc - mu.view(-1, 1)) / denom.view(-1, 1)
+    return _affine(out, weight, bias).view_as(x)
 
 
 def batch_stats(x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:

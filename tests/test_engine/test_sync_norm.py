@@ -1,5 +1,5 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""SyncSN / SyncSN_tied / SyncBCN on shards (2 real gloo processes) equal SN / SN_tied / BCN on
+"""SyncSN / SyncSN_tied / SyncBCN / SyncSSN (with and without ratio groups) on shards (2 real gloo processes) equal SN / SN_tied / BCN on
 the concatenated batch: outputs, input gradients, summed parameter gradients, running buffers."""
 import torch
 import torch.distributed as dist
@@ -16,6 +16,8 @@ PAIRS = {
     'SN_tied': (SwitchableNormTied, SyncSwitchableNormTied, {}),
     'BCN': (BatchChannelNorm, SyncBatchChannelNorm, dict(num_groups=4)),
     'SSN': (SparseSwitchableNorm, SyncSparseSwitchableNorm, {}),
+    'SN_g4': (SwitchableNorm, SyncSwitchableNorm, dict(ratio_groups=4)),
+    'SSN_g8': (SparseSwitchableNorm, SyncSparseSwitchableNorm, dict(ratio_groups=8)),
 }
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -23,9 +25,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 def _layer(cls, kwargs, dtype):
     torch.manual_seed(123)
     layer = cls(8, momentum=0.3, **kwargs).to(dtype)
-    with torch.no_grad():
+    with torch.no_grad():  # the same values in every dtype (normal_ draws differ by dtype)
         for p in layer.parameters():
-            p.normal_()
+            p.copy_(torch.randn(p.shape, dtype=torch.float64))
     if layer.follows_progress:
         layer.set_progress(0.3)
     return layer
@@ -74,9 +76,9 @@ def _worker(rank, world, out_dir):
     # An empty shard still joins the collectives and adds nothing.
     _check_case(rank, world, 'SN', [0, 4], torch.float64)
     _check_case(rank, world, 'BCN', [4, 0], torch.float64)
-    # Converted local layers synchronize too.
-    model = convert_sync_norm(torch.nn.Sequential(SwitchableNorm(8).double()))
-    assert isinstance(model[0], SyncSwitchableNorm)
+    # Converted local layers synchronize too, with their options (ratio groups included).
+    model = convert_sync_norm(torch.nn.Sequential(SwitchableNorm(8, ratio_groups=2).double()))
+    assert isinstance(model[0], SyncSwitchableNorm) and model[0].ratio_groups == 2
     assert type(revert_sync_norm(model)[0]) is SwitchableNorm
 
 

@@ -147,7 +147,9 @@ def _ones(t: Tensor) -> Tuple[int, ...]:
 
 
 #: Tensors with at most this many values are keyed by their shape (the ratio inputs, whose
-#: size is the number of normalizers, and scalars); larger ones by their size-1 dims only.
+#: size is the number of normalizers, and scalars), and so are those of two or more dims (the
+#: group-wise ratio tables ``(G, K)``: parameters, whose shapes Dynamo specializes); other
+#: (per-channel) ones by their size-1 dims only.
 _SMALL = 4
 
 
@@ -155,7 +157,7 @@ def _tensor_key(t: Any) -> Any:
     """What ``torch.compile`` guards on in one tensor argument besides dynamic sizes."""
     if not isinstance(t, Tensor):
         return _option_key(t)
-    shape = tuple(t.shape) if t.numel() <= _SMALL else _ones(t)
+    shape = tuple(t.shape) if t.numel() <= _SMALL or t.dim() > 1 else _ones(t)
     return (t.dtype, t.device.type, t.device.index, t.dim(), t.requires_grad, shape)
 
 

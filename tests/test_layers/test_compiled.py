@@ -243,10 +243,12 @@ def _fails_after(count: int):
                         bw_compiler=backward)
 
 
-@pytest.mark.parametrize('option, value', [('eps', 1e-3), ('mix', 'std'),
-                                           ('in_unbiased', True), ('using_bn', False)])
+@pytest.mark.parametrize('option, value, base', [
+    ('eps', 1e-3, {}), ('mix', 'std', {}), ('in_unbiased', True, {}), ('using_bn', False, {}),
+    # group-wise ratio tables (G, K): another G, or another K, is another graph
+    ('ratio_groups', 4, dict(ratio_groups=2)), ('using_bn', False, dict(ratio_groups=2))])
 def test_every_option_that_changes_the_graph_makes_a_new_probed_graph(fresh, monkeypatch,
-                                                                       option, value):
+                                                                       option, value, base):
     """Two layers differing only in an option: the second call is a new graph, reported and
     probed; when its backward fails to compile (injected), the step falls back to the eager
     forms instead of raising in the caller's backward()."""
@@ -255,7 +257,7 @@ def test_every_option_that_changes_the_graph_makes_a_new_probed_graph(fresh, mon
     probes = _probes(monkeypatch)
     fresh.backend = _fails_after(1)
     x, g = batches(1)[0], batches(1, seed=5)[0]
-    first, second = SwitchableNorm(8), SwitchableNorm(8, **{option: value})
+    first, second = SwitchableNorm(8, **base), SwitchableNorm(8, **dict(base, **{option: value}))
     train_step(first, x, g)
     assert fresh.graphs == 1 and len(probes) == 1 and len(messages) == 1
     ours = train_step(second, x, g)  # raises here if the new graph was not probed
@@ -264,7 +266,7 @@ def test_every_option_that_changes_the_graph_makes_a_new_probed_graph(fresh, mon
     if fresh.failed is not None:  # a graph Dynamo compiled again: its backward failed
         assert 'injected' in fresh.failed and FELL_BACK in messages[-1]
     core.use_compiled(False)
-    reference = SwitchableNorm(8, **{option: value})
+    reference = SwitchableNorm(8, **dict(base, **{option: value}))
     torch.testing.assert_close(ours, train_step(reference, x, g))
 
 

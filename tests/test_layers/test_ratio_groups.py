@@ -286,3 +286,41 @@ def test_openmmlab_builders_take_the_option():
     assert block(torch.randn(2, 3, 6, 6)).shape == (2, 16, 6, 6)
     with pytest.raises(ValueError, match='ratio_groups=5 does not divide the 16 channels'):
         build_norm_layer(dict(type='SN', ratio_groups=5), 16)
+
+
+@pytest.mark.parametrize('name', ['SN', 'SSN'])
+def test_batch_average_statistics_and_eval(name):
+    """eval_stats='batch_average': the BN branch of every group is evaluated with the average of
+    the batches' statistics recomputed after training (SN study Sec. 3)."""
+    from mmnorm.engine import recompute_batch_stats
+    layer = _randomize(MAKERS[name](4, eval_stats='batch_average')).double()
+    if name == 'SSN':
+        layer.set_progress(0.2)
+    gen = torch.Generator().manual_seed(2)
+    data = [torch.randn(3, C, 4, 4, generator=gen, dtype=torch.float64) * 2 + 1
+            for _ in range(3)]
+    recompute_batch_stats(layer, data, 3, forward=lambda model, x: model(x))
+    assert bool(layer.stats_ready)
+    means = torch.stack([x.mean((0, 2, 3)) for x in data])
+    variances = torch.stack([x.transpose(0, 1).reshape(C, -1).var(1) for x in data])
+    torch.testing.assert_close(layer.running_mean, means.mean(0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, variances.mean(0), rtol=1e-10, atol=1e-12)
+    layer.eval()
+    x = data[0][:2]
+    mean_ratios, var_ratios = _ratios_from_parameters(layer)
+    with torch.no_grad():
+        expected = oracles.grouped_mixture(x, mean_ratios, var_ratios, layer.weight, layer.bias,
+                                           bn_stats=(means.mean(0), variances.mean(0)))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_norm_eval_freezes_grouped_layers_in_an_mmdet_backbone():
+    from mmdet.models.backbones import ResNet
+    import mmnorm.integration  # noqa: F401  (norm_eval for mmnorm layers)
+    backbone = ResNet(18, norm_cfg=dict(type='SN', ratio_groups=4), norm_eval=True)
+    backbone.train()
+    layer = backbone.bn1 if hasattr(backbone, 'bn1') else backbone.norm1
+    assert layer.ratio_groups == 4 and not layer.training
+    before = layer.running_mean.clone()
+    backbone(torch.randn(2, 3, 32, 32))
+    assert torch.equal(layer.running_mean, before)

@@ -29,6 +29,7 @@ the defaults), and who reads each:
 """
 import contextlib
 import logging
+import sys
 import warnings
 from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
 
@@ -40,7 +41,7 @@ from ..functional import in_recomputation, is_tracing
 from ..functional.compiled import report
 
 __all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'full_precision', 'has_ratios',
-           'log_once']
+           'log_once', 'runner_training']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -65,6 +66,43 @@ def log_once(message: str) -> None:
     if message not in _LOGGED:
         _LOGGED.add(message)
         report(message, logging.WARNING)
+
+
+def runner_training() -> bool:
+    """Whether the caller runs inside the training loop of a live mmengine Runner.
+
+    The current message hub (``MessageHub.get_current_instance()``) says the loop stage is
+    ``'train'`` and has a ``max_iters``, what mmengine's ``RuntimeInfoHook`` writes in
+    ``before_train`` (a validation inside training is stage ``'val'``), and it is the hub of a
+    runner whose train loop is running: that loop's ``run()`` is on this thread's stack. The hub
+    alone would not do: it stays current after its run, and a run that raised never pops its
+    ``loop_stage``, so a plain PyTorch loop after it would pass for a run.
+
+    Walks the stack: call it once per layer (on its first training step), never on every call.
+    False without mmengine's runner imported or a message hub created."""
+    runner_module = sys.modules.get('mmengine.runner')
+    logging_module = sys.modules.get('mmengine.logging')
+    if runner_module is None or logging_module is None:
+        return False
+    hub_class = logging_module.MessageHub
+    # get_current_instance() raises when no hub exists (and then holds mmengine's lock)
+    if not getattr(hub_class, '_instance_dict', None):
+        return False
+    hub = hub_class.get_current_instance()
+    if hub.get_info('loop_stage') != 'train' or hub.get_info('max_iters') is None:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        # Every loop implements run(); Runner.train() calls its train loop's.
+        if frame.f_code.co_name == 'run':
+            loop = frame.f_locals.get('self')
+            if isinstance(loop, runner_module.BaseLoop):
+                runner = getattr(loop, 'runner', None)
+                if (getattr(runner, '_train_loop', None) is loop
+                        and getattr(runner, 'message_hub', None) is hub):
+                    return True
+        frame = frame.f_back
+    return False
 
 
 def full_precision(input: Tensor):

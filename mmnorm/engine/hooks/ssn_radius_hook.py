@@ -20,7 +20,11 @@ class SSNRadiusHook(Hook):
     the authors' training script sets it, so that every ratio vector ends one-hot.
 
     Epoch-based loops count iterations too (``max_iters = max_epochs * len(dataloader)``). After
-    a resume the radius continues from the restored iteration.
+    a resume the radius continues from the restored iteration. The radius is set in
+    ``before_train`` already, for any forward another hook runs then.
+
+    A Runner that trains SSN layers without this hook stops at their first training step with an
+    error that says to add it (:class:`~mmnorm.layers.SparseSwitchableNorm`).
 
     Example:
         >>> custom_hooks = [dict(type='SSNRadiusHook')]
@@ -41,8 +45,13 @@ class SSNRadiusHook(Hook):
             runner.logger.info(f'SSNRadiusHook: {len(self._layers)} SSN layer(s); radius '
                                f'{runner.iter / runner.max_iters:.4f} at iteration {runner.iter}'
                                f' of {runner.max_iters}')
+        # Already now: a forward of another hook's before_train sees the run's radius too.
+        self._set(runner)
 
     def before_train_iter(self, runner: Runner, batch_idx: int, data_batch=None) -> None:
+        self._set(runner)
+
+    def _set(self, runner: Runner) -> None:
         progress = min(runner.iter / runner.max_iters, 1.0)
         for layer in self._layers or ():
             layer.set_progress(progress)

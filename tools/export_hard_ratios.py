@@ -18,6 +18,12 @@ preceding convolution (``folded``) or a native eval-mode BN where there is none 
 both IN -> ``nn.InstanceNorm2d``; both LN -> ``nn.GroupNorm(1, C)``; different choices for μ
 and σ -> the fused SN layer (``fused``). The tool prints every layer's choice and the share of
 layers folded away.
+
+Layers with ``ratio_groups`` > 1 are hardened group by group and their choices printed as runs
+over the groups (``IN×2,BN×2``: the first two groups chose IN, the next two BN; ``meta`` keeps
+one name per group). Such a layer deploys as above when every group chose the same normalizer
+for μ and σ, and otherwise as one ``GroupwiseHardNorm`` (``groupwise``: one reduction, one
+elementwise pass); only a layer that is BN in every group folds into its convolution.
 """
 import argparse
 import os.path as osp
@@ -36,6 +42,12 @@ from mmnorm.utils import (OutputExistsError, build_runner, check_output,  # noqa
                           finetune_config, last_checkpoint, load_checkpoint_file,
                           save_checkpoint)
 from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
+
+
+def _listed(choice):
+    """A layer's (μ, σ) choice as lists: ``['IN', 'BN']``, or with ratio groups one list of
+    names per group for each, ``[['IN', 'BN'], ['BN', 'BN']]``."""
+    return [item if isinstance(item, str) else list(item) for item in choice]
 
 
 def finetune(cfg: Config, hard_checkpoint: str, work_dir: str) -> str:
@@ -83,10 +95,12 @@ def main(argv=None) -> dict:
     checkpoint.pop('optimizer', None)  # the ratios are no longer trained
     meta = checkpoint.setdefault('meta', {})
     meta['hard_ratios'] = dict(source_checkpoint=osp.abspath(args.checkpoint),
-                               choices={k: list(v) for k, v in choices.items()},
+                               choices={k: _listed(v) for k, v in choices.items()},
                                finetuned=False, time=time.strftime('%Y-%m-%d %H:%M:%S'))
     save_checkpoint(checkpoint, args.dst)
-    print(f'wrote {args.dst}: {len(choices)} SN layer(s) with one-hot ratios')
+    grouped = sum(1 for mean_choice, _ in choices.values() if not isinstance(mean_choice, str))
+    print(f'wrote {args.dst}: {len(choices)} SN layer(s) with one-hot ratios' +
+          (f' ({grouped} with ratio groups, one-hot in every group)' if grouped else ''))
 
     if args.finetune:
         work_dir = args.work_dir or tempfile.mkdtemp(prefix='hard_ratio_finetune_')

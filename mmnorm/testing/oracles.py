@@ -7,8 +7,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['sn', 'mixture', 'grouped_mixture', 'batch_stats', 'bcn', 'algorithm1_step', 'running_update',
-           'standardize', 'one_hot_logits', 'simplex_projection', 'sparsestmax']
+__all__ = ['sn', 'mixture', 'grouped_mixture', 'batch_stats', 'bcn', 'algorithm1_step',
+           'running_update', 'standardize', 'one_hot_logits', 'simplex_projection', 'sparsestmax']
 
 
 def _flat(x: Tensor) -> Tensor:

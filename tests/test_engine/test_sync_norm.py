@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""SyncSN / SyncSN_tied / SyncBCN / SyncSSN (with and without ratio groups) on shards (2 real gloo processes) equal SN / SN_tied / BCN on
-the concatenated batch: outputs, input gradients, summed parameter gradients, running buffers."""
+"""SyncSN / SyncSN_tied / SyncBCN / SyncSSN (with and without ratio groups) on shards (2 real
+gloo processes) equal SN / SN_tied / BCN / SSN on the concatenated batch: outputs, input
+gradients, summed parameter gradients, running buffers."""
 import torch
 import torch.distributed as dist
 

@@ -164,6 +164,30 @@ def test_plain_pytorch_after_a_runner_only_warns(tmp_path):
     assert len(logged(records, 'nothing sets its SparsestMax radius')) == 1
 
 
+def test_grouped_and_sync_ssn_too(tmp_path):
+    def model():
+        return ToyModel(norm1=mmnorm.SparseSwitchableNorm(8, ratio_groups=4),
+                        norm2=mmnorm.SyncSparseSwitchableNorm(8))
+
+    stopped = _runner(tmp_path / 'stopped', model(), max_iters=2, name='stopped')
+    with pytest.raises(RuntimeError) as error:
+        stopped.train()
+    assert HOOK in str(error.value) and CONSTRUCTOR in str(error.value)
+    trained = model()
+    runner = _runner(tmp_path / 'trained', trained, max_iters=2, name='trained',
+                     custom_hooks=[dict(type=HOOK)],
+                     optim=dict(constructor=CONSTRUCTOR, optimizer=dict(
+                         type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4)))
+    runner.train()
+    group_of = {id(p): g for g in runner.optim_wrapper.optimizer.param_groups
+                for p in g['params']}
+    for layer in (trained.norm1, trained.norm2):
+        assert float(layer.radius) == 0.5
+        assert (group_of[id(layer.mean_scores)]['lr'], group_of[id(layer.var_scores)][
+            'weight_decay']) == pytest.approx((0.01, 0.0))
+    assert trained.norm1.mean_scores.shape == (4, 3)
+
+
 def test_frozen_ratios_need_neither(tmp_path):
     # Hard ratios (frozen ratio parameters, fixed choices): nothing about the ratios trains.
     model = ToyModel(norm1=mmnorm.SparseSwitchableNorm(8))

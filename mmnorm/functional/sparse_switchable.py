@@ -45,6 +45,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
@@ -128,9 +129,15 @@ def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
 def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
                              mean_choice: Tensor, var_choice: Tensor) -> Tensor:
     """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
-    tensors (half the ops of two)."""
-    return _frozen(sparsestmax(torch.stack([mean_scores, var_scores]), radius),
-                   torch.stack([mean_choice, var_choice]))
+    tensors. Only the light eager form calls it (and a layer's cached eval ratios): for 2 or 3
+    normalizers in float32/float64 it takes :func:`~.sparsestmax_fast.fast_sparsestmax`, the
+    same values and gradients in a few ops; the plain form keeps :func:`sparsestmax`."""
+    scores = torch.stack([mean_scores, var_scores])
+    choices = torch.stack([mean_choice, var_choice])
+    radius = torch.as_tensor(radius, device=scores.device)
+    if scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0:
+        return fast_sparsestmax(scores, radius, choices)
+    return _frozen(sparsestmax(scores, radius), choices)
 
 
 sparsest_ratios.stacked = _stacked_sparsest_ratios

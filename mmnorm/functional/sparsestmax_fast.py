@@ -1,0 +1,155 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+r"""SparsestMax with frozen choices in few ops, for the light eager form.
+
+:func:`~mmnorm.functional.sparse_switchable.sparsestmax` unrolls ``K`` rounds of pairwise
+comparisons and ``torch.where`` so that it traces, exports and compiles: it stays the
+specification, and the plain form (tracing, export, ``torch.compile``) uses it. The light eager
+form calls :func:`fast_sparsestmax` instead: the same function of the ratio parameters for
+``K`` = 2 or 3 entries, in a fixed handful of ops whatever the number of rows, with a
+closed-form backward (one ``bmm``).
+
+**Faces.** Every face ``F`` of the simplex (a non-empty subset of the entries) has a centre
+:math:`u_F` (uniform on ``F``) and a projector :math:`P_F` onto the differences within ``F``
+(:math:`(P_F z)_i = z_i - \bar z_F` on ``F``, 0 elsewhere). Sparsemax's threshold is
+:math:`\tau = \max_F (\sum_F z - 1)/|F|` (for the support ``S`` equality holds, and any other
+``F`` gives no more since :math:`\sum_F (z_i - \tau) \le \sum_i \max(z_i - \tau, 0) = 1`), so
+the face of ``sparsemax(z)`` is an argmax over the ``2^K - 1`` faces (one ``addmm``; vertices
+come first, so an exact tie goes to the smaller face, as the specification's strict support
+test does) and :math:`\mathrm{sparsemax}(z) = u_S + P_S z`.
+
+**Rounds.** Every later point of SparsestMax is :math:`u_F + \alpha P_F z` on its face ``F``:
+a push out to radius :math:`r_F` sets :math:`\alpha = r_F/\|P_F z\|`, and projecting a pushed
+point onto a smaller face ``F' ⊂ F`` keeps :math:`\alpha` (:math:`P_{F'} P_F = P_{F'}`). A
+round is therefore: the face of the current point, :math:`d = P_F z` (one ``bmm`` with the
+face's projector), and :math:`\alpha \leftarrow \max(\alpha, r_F / \|d\|)`
+(stays when :math:`\alpha\|d\| \ge r_F`, the specification's test, or at the centre,
+:math:`\alpha\|d\| \le 8\epsilon`). The sphere on a smaller face has radius
+:math:`r_F^2 = r^2 - \|u_F - u_{S_1}\|^2 = r^2 - 1/|F| + 1/|S_1|` (Pythagoras over the
+rounds). With three entries only a push from the full face can leave onto an edge, so the
+second round uses :math:`1/|S_1| = 1/3`; on a face the previous round ended on it changes
+nothing (a pushed point is on that sphere, a point that stayed is outside it). A push that
+leaves an edge ends one-hot: a clamp to [0, 1] gives exactly that. A fixed choice ``c``
+(>= 0) selects vertex ``c`` in every round, whose projector is 0: exactly one-hot, without
+gradient.
+
+**Backward.** On the final face, :math:`y = u_F + \alpha P_F z` with :math:`\alpha` constant
+(not pushed) or :math:`r_F/\|d\|` (pushed): the Jacobian is
+:math:`\alpha (P_F - \hat d \hat d^T)` when pushed and :math:`\alpha P_F` otherwise (0 on a
+vertex); for an edge :math:`P_F = \hat d \hat d^T`, so a pushed edge point gets none up to
+rounding, and a result one-hot now (a push that left an edge) exactly none, as the
+specification's detached one-hot results.
+"""
+from typing import Dict, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ['fast_sparsestmax', 'FAST_DTYPES']
+
+#: The dtypes of the fast form; others (half precision) take the specification.
+FAST_DTYPES = (torch.float32, torch.float64)
+
+_TABLES: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
+
+def _faces(k: int):
+    """The non-empty subsets of ``range(k)``, smallest first (vertices ``0..k-1`` first)."""
+    subsets = [tuple(i for i in range(k) if mask >> i & 1) for mask in range(1, 2 ** k)]
+    return sorted(subsets, key=lambda s: (len(s), s))
+
+
+def _tables(k: int, dtype: torch.dtype, device: torch.device):
+    """For ``k`` entries: ``W`` ``(k, M)`` and ``c`` ``(M,)`` with ``z @ W + c`` each face's
+    threshold; ``table`` ``((k + 1) M, k + 3, k)``: each face's projector (rows ``:k``), centre
+    (row ``k``), centre minus 1 off the face (row ``k + 1``) and ``1/k - 1/|F|`` (row
+    ``k + 2``), first in ``k`` blocks of vertex ``c`` only
+    (a fixed choice ``c`` indexes block ``c``), then the free block (index ``-M + f``); and the
+    scalar 0. Built once per dtype and device."""
+    key = (k, dtype, device)
+    if key not in _TABLES:
+        faces = _faces(k)
+        m = len(faces)
+        w = torch.zeros(k, m, dtype=torch.float64)
+        c = torch.empty(m, dtype=torch.float64)
+        rows = torch.zeros(m, k + 3, k, dtype=torch.float64)
+        for f, face in enumerate(faces):
+            size = len(face)
+            c[f] = -1.0 / size
+            rows[f, k + 1] = -1.0
+            rows[f, k + 2, 0] = 1.0 / k - 1.0 / size
+            for i in face:
+                w[i, f] = 1.0 / size
+                rows[f, k, i] = rows[f, k + 1, i] = 1.0 / size
+                for j in face:
+                    rows[f, i, j] = float(i == j) - 1.0 / size
+        blocks = [rows[v].expand(m, k + 3, k) for v in range(k)] + [rows]
+        table = torch.cat(blocks)
+        _TABLES[key] = tuple(t.to(dtype=dtype, device=device).contiguous() for t in (
+            w, c, table, torch.zeros(())))
+    return _TABLES[key]
+
+
+def _round(z: Tensor, point: Tensor, choices: Tensor, tables, alpha, radius, first: bool):
+    """One round: the face ``F`` of ``sparsemax(point)`` (or a fixed choice's vertex),
+    ``d = P_F z``, its norm and the new ``alpha``. Returns ``(alpha, d, |d|, rows of F,
+    moved)``: ``moved`` where ``alpha |d|`` is off the centre."""
+    w, c, table, zero = tables
+    k = z.shape[-1]
+    face = torch.addmm(c, point, w).argmax(-1).add_(choices, alpha=w.shape[1])
+    rows = table[face]                                        # (R, k + 3, k)
+    d = torch.bmm(z.unsqueeze(1), rows[:, :k]).squeeze(1)     # P_F z (P_F symmetric)
+    n = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+    tol = 8 * torch.finfo(z.dtype).eps
+    if first:
+        moved = n > tol
+        rho = torch.where(moved, radius / n, zero)
+        alpha = rho.clamp(min=1)
+    else:  # the sphere on this face: r^2 - 1/|F| + 1/k
+        face_radius = torch.addcmul(rows[:, k + 2, :1], radius, radius).clamp_(min=0).sqrt_()
+        moved = alpha * n > tol
+        rho = torch.where(moved, face_radius / n, zero)
+        alpha = torch.maximum(alpha, rho)
+    return alpha, d, n, rows, moved
+
+
+class _FastSparsestMax(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
+        k = scores.shape[-1]
+        z = scores.reshape(-1, k)
+        choices = choices.reshape(-1)
+        tables = _tables(k, z.dtype, z.device)
+        alpha, d, n, rows, moved = _round(z, z, choices, tables, None, radius, True)
+        if k == 3:  # a push from the full face may leave it: the face of the pushed point,
+            # with -1 off the first face (ties of a point on it go to it, not to a larger face)
+            point = torch.addcmul(rows[:, k + 1], alpha, d)
+            alpha, d, n, rows, moved = _round(z, point, choices, tables, alpha, radius, False)
+        result = torch.addcmul(rows[:, k], alpha, d).clamp_(0, 1)
+        if ctx.needs_input_grad[0]:
+            pushed = moved & (alpha > 1) if k == 3 else alpha > 1
+            unit = torch.where(pushed, d / n, tables[3])
+            # A result one-hot now gets none (as the specification's detached one); on an edge
+            # the Jacobian is 0 only up to rounding.
+            scale = alpha * ((result > 0).sum(-1, keepdim=True) != 1)
+            jacobian = torch.baddbmm(rows[:, :k], unit.unsqueeze(2), unit.unsqueeze(1),
+                                     alpha=-1).mul_(scale.unsqueeze(2))
+            ctx.save_for_backward(jacobian)
+        return result.view(scores.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        jacobian, = ctx.saved_tensors
+        k = grad.shape[-1]
+        g = torch.bmm(grad.reshape(-1, 1, k), jacobian)
+        return g.view(grad.shape), None, None
+
+
+def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
+    """SparsestMax of ``scores`` ``(..., K)`` (K = 2 or 3, float32/float64) at ``radius`` (a
+    0-dim tensor), rows with a fixed choice (``choices`` ``(...)`` >= 0) the one-hot vector of
+    it, and rows one-hot now without gradient: what
+    ``_frozen(sparsestmax(scores, radius), choices)`` computes, differentiable in ``scores``
+    (see the module docstring)."""
+    radius = radius.to(scores.dtype)
+    return _FastSparsestMax.apply(scores, radius, choices)

@@ -10,6 +10,7 @@ to ``nn.BatchNorm2d`` and ``nn.GroupNorm``.
     python tools/analysis/count_launches.py --shape 2 256 50 68 --ops SN   # op names too
 """
 import argparse
+import math
 import os
 import sys
 
@@ -27,13 +28,18 @@ from mmnorm.functional import row_affine  # noqa: E402
 
 def layers(channels: int) -> dict:
     """Every layer of the table, built for ``channels`` channels, in train mode."""
-    ssn = SparseSwitchableNorm(channels)
-    ssn.set_progress(0.3)  # between sparsemax and one-hot, as in training
+    groups = math.gcd(16, channels)  # group-wise ratios: 16 groups where C allows
+    ssn, ssn_groups = SparseSwitchableNorm(channels), SparseSwitchableNorm(channels,
+                                                                           ratio_groups=groups)
+    for layer in (ssn, ssn_groups):
+        layer.set_progress(0.3)  # between sparsemax and one-hot, as in training
     est = BatchChannelNorm(channels, num_groups=min(32, channels), estimate=True)
     est.set_estimate_rate(0.01)
     return {
         'BN': nn.BatchNorm2d(channels), 'GN': nn.GroupNorm(min(32, channels), channels),
         'SN': SwitchableNorm(channels), 'SN_tied': SwitchableNormTied(channels), 'SSN': ssn,
+        f'SN-G{groups}': SwitchableNorm(channels, ratio_groups=groups),
+        f'SSN-G{groups}': ssn_groups,
         'BCN': BatchChannelNorm(channels, num_groups=min(32, channels)), 'BCN_est': est,
     }
 

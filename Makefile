@@ -4,6 +4,7 @@
 #   make lint                 ruff (pinned in requirements/lint.txt, configured in ruff.toml)
 #   make demo                 set up .venv (if needed) and run the embedded demo (Mask R-CNN + SN)
 #   make demo NORM=BN         ... with another normalizer: SN, SN_tied, SSN, BCN-WS, GN, BN
+#                             (group-wise ratios: SN-G4, SN-G16, SSN-G4, SSN-G16)
 #   make demo QUICK=1         ... a smoke run of about a minute
 #   make demo-seg             the segmentation demo (DeepLabv2 + SN, mIoU)
 #   make deploy-seg           its model to ONNX, checked and evaluated with ONNX Runtime

@@ -15,11 +15,15 @@ import torch
 from mmengine.config import Config
 from torch import nn
 
-from mmnorm import BatchChannelNorm, SwitchableNorm
+from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm,
+                    SwitchableNormTied)
 from mmnorm.analysis import RunningChannelStats, norm_groups, select_layers, statdiff
 from mmnorm.analysis.study import (norm_spec, replace_norms, scale_batch_size, set_length)
 from mmnorm.datasets import DigitsDataset, load_digits_split
 from mmnorm.engine import StatDiffHook
+from mmnorm.utils import (choice_shares, group_choices, group_mean, layer_divergence,
+                          model_ratios, one_hot_share, ratio_vectors, record_groups,
+                          state_dict_ratios, symmetric_kl)
 from tests.conftest import ROOT
 from tests.test_engine.test_hooks import _runner
 from tests.helpers.toy import ToyModel
@@ -311,6 +315,92 @@ class TestStudyPlumbing:
         assert cfg.train_cfg == dict(by_epoch=False, max_iters=2, val_interval=3)
 
 
+def _grouped_model():
+    """SN with 4 groups, SN_tied with a group per channel, SSN with 4 groups (one μ group and
+    one σ group fixed), plain SN: random ratio parameters."""
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(SwitchableNorm(8, ratio_groups=4), SwitchableNormTied(8, ratio_groups=8),
+                          SparseSwitchableNorm(8, ratio_groups=4), SwitchableNorm(8))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if 'logits' in name or 'scores' in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 2)
+        model[2].set_progress(0.3)
+        model[2].mean_choice[1] = 2  # the second group's μ fixed at BN
+        model[2].var_choice[3] = 0  # the fourth group's σ fixed at IN
+    return model
+
+
+class TestGroupedRatioRecords:
+    """Records of layers with ratio groups: ``groups`` and one vector per group; the records of
+    layers without groups unchanged."""
+
+    def test_record_shape_and_values(self):
+        model = _grouped_model()
+        layers = model_ratios(model)
+        assert list(layers) == ['0', '1', '2', '3']
+        sn, tied, ssn, plain = layers.values()
+        # SN, 4 groups: the softmax of each group's logits, by hand
+        assert list(sn) == ['normalizers', 'groups', 'mean', 'var', 'tied']
+        assert sn['groups'] == 4 and sn['normalizers'] == ['IN', 'LN', 'BN'] and not sn['tied']
+        for kind, logits in (('mean', model[0].mean_logits), ('var', model[0].var_logits)):
+            assert len(sn[kind]) == 4 and all(len(v) == 3 for v in sn[kind])
+            torch.testing.assert_close(torch.tensor(sn[kind]),
+                                       torch.softmax(logits.detach(), -1))
+        # SN_tied, a group per channel: one softmax for both
+        assert tied['groups'] == 8 and tied['tied'] and tied['mean'] == tied['var']
+        torch.testing.assert_close(torch.tensor(tied['mean']),
+                                   torch.softmax(model[1].logits.detach(), -1))
+        # SSN: the fixed groups one-hot at their choice, the others SparsestMax; fixed per group
+        assert ssn['groups'] == 4 and ssn['radius'] == pytest.approx(0.3)
+        assert ssn['fixed'] == [[False, True, False, False], [False, False, False, True]]
+        assert ssn['mean'][1] == [0.0, 0.0, 1.0] and ssn['var'][3] == [1.0, 0.0, 0.0]
+        mean, var = model[2].ratios()
+        assert ssn['mean'] == mean.tolist() and ssn['var'] == var.tolist()
+        # a layer without groups: today's record, flat vectors, no 'groups'
+        assert list(plain) == ['normalizers', 'mean', 'var', 'tied']
+        torch.testing.assert_close(torch.tensor(plain['mean']),
+                                   torch.softmax(model[3].mean_logits.detach(), -1))
+
+    def test_state_dict_ratios_read_grouped_layers(self):
+        model = _grouped_model()
+        found = state_dict_ratios(model.state_dict())
+        expected = model_ratios(model)
+        assert list(found) == list(expected)
+        for name, record in found.items():
+            details = {k: v for k, v in expected[name].items() if k not in ('radius', 'fixed')}
+            assert record == details
+        assert found['0']['groups'] == 4 and 'groups' not in found['3']
+
+    def test_readers(self):
+        layers = model_ratios(_grouped_model())
+        sn, tied, ssn, plain = layers.values()
+        assert [record_groups(r) for r in layers.values()] == [4, 8, 4, 1]
+        assert ratio_vectors(sn, 'mean') == sn['mean'] and ratio_vectors(plain, 'var') == [
+            plain['var']]
+        by_hand = torch.tensor(sn['var']).mean(0)
+        assert group_mean(sn, 'var') == pytest.approx(by_hand.tolist())
+        assert group_mean(plain, 'mean') == plain['mean']
+        assert layer_divergence(sn) == pytest.approx(
+            sum(symmetric_kl(p, q) for p, q in zip(sn['mean'], sn['var'])) / 4)
+        assert layer_divergence(plain) == symmetric_kl(plain['mean'], plain['var'])
+        assert layer_divergence(tied) == pytest.approx(0.0, abs=1e-9)
+        names = ['IN', 'LN', 'BN']
+        assert group_choices(sn, 'mean') == [names[int(torch.tensor(v).argmax())]
+                                             for v in sn['mean']]
+        assert group_choices(plain, 'mean') == [names[int(torch.tensor(plain['mean']).argmax())]]
+        shares = choice_shares(ssn, 'mean')
+        assert set(shares) == set(names) and sum(shares.values()) == pytest.approx(1.0)
+        assert shares['BN'] >= 0.25  # the fixed group
+        # one-hot vectors: the two fixed SSN groups (SparsestMax at radius 0.3 of random scores
+        # may make more), counted over every group's μ and σ vectors
+        vectors = [v for r in layers.values() for kind in ('mean', 'var') for v in r[kind]
+                   if 'groups' in r] + [plain['mean'], plain['var']]
+        assert len(vectors) == 2 * (4 + 8 + 4 + 1)
+        one_hot = sum(sum(x > 0 for x in v) == 1 for v in vectors)
+        assert one_hot >= 2 and one_hot_share(layers) == pytest.approx(one_hot / len(vectors))
+
+
 def _tool(name, *args, timeout=600):
     env = dict(os.environ, PYTHONPATH=ROOT + ':' + os.environ.get('PYTHONPATH', ''))
     return subprocess.run([sys.executable, osp.join(ROOT, 'tools', 'analysis', name), *args],
@@ -376,6 +466,48 @@ def test_ratio_study_shows_sparsity_and_radius_of_sparse_sn(tmp_path, repo_root)
     assert _is_png(out / 'ratio_study_training.png')
     results = json.load(open(out / 'results.json'))['bs2']
     assert results['radius'] == pytest.approx(0.75)
+
+
+def test_ratio_study_with_ratio_groups(tmp_path):
+    """--ratio-groups 4 on the SN digits config: what the groups chose in every output."""
+    out = tmp_path / 'grouped'
+    # a batch average of 2 batches (not 50) before each test: a shorter run
+    stdout = _check(_tool('ratio_study.py', '--batch-sizes', '2', '--iters', '2',
+                          '--finetune-epochs', '1', '--ratio-groups', '4', '--out', str(out),
+                          '--cfg-options', 'custom_hooks.0.num_iters=2'))
+    assert 'What the groups chose' in stdout and '| 0 | backbone.sn1 | 4 |' in stdout
+    rows = list(csv.DictReader(open(out / 'ratio_study.csv')))
+    assert len(rows) == 15 and {r['groups'] for r in rows} == {'4'}
+    results = json.load(open(out / 'results.json'))['bs2']
+    for r in rows:
+        record = results['layers'][r['layer']]
+        assert record['groups'] == 4 and len(record['mean']) == 4
+        # the layer's ratios are its groups' mean; the shares those of its groups' argmax
+        for kind in ('mean', 'var'):
+            assert [float(r[f'{kind}_{z}']) for z in ('IN', 'LN', 'BN')] == pytest.approx(
+                np.mean(record[kind], axis=0).tolist(), abs=1e-6)
+            chosen = r[f'hard_{kind}'].split()
+            assert chosen == group_choices(record, kind)
+            assert [float(r[f'{kind}_share_{z}']) for z in ('IN', 'LN', 'BN')] == pytest.approx(
+                [chosen.count(z) / 4 for z in ('IN', 'LN', 'BN')])
+        assert [list(c) for c in results['choices'][r['layer']]] == [
+            group_choices(record, 'mean'), group_choices(record, 'var')]
+    groups = list(csv.DictReader(open(out / 'ratio_study_groups.csv')))
+    assert len(groups) == 15 * 4
+    assert [float(groups[1][f'var_{z}']) for z in ('IN', 'LN', 'BN')] == pytest.approx(
+        results['layers']['backbone.sn1']['var'][1], abs=1e-6)
+    assert _is_png(out / 'ratio_study_groups_bs2.png') and _is_png(out / 'ratio_study.png')
+    assert 'What the groups chose' in open(out / 'ratio_study.md').read()
+    # every group of the hard finetuned model is one-hot
+    hard_ckpt = open(out / 'runs' / 'bs2_hard_ft' / 'last_checkpoint').read().strip()
+    state = torch.load(hard_ckpt, map_location='cpu', weights_only=False)['state_dict']
+    ratios = state['backbone.sn1.mean_logits'].softmax(-1)
+    assert ratios.shape == (4, 3) and ((ratios == 0) | (ratios == 1)).all()
+    # a number of groups that does not divide a layer's channels ends with one line
+    bad = _tool('ratio_study.py', '--iters', '1', '--ratio-groups', '5', '--out',
+                str(tmp_path / 'bad'))
+    assert bad.returncode != 0 and 'Traceback' not in bad.stderr
+    assert 'cannot build its model' in bad.stderr + bad.stdout
 
 
 def test_statdiff_study_smoke(tmp_path):

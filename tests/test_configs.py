@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Every config in configs/ loads, builds its model on CPU, and really puts the normalization its
-metafile claims into every component it claims (and nothing else there)."""
+metafile claims into every component it claims (and nothing else there), with the ratio groups it
+claims (``Ratio groups``, default 1)."""
 import glob
 import importlib
 import os.path as osp
@@ -73,6 +74,9 @@ def test_config_builds_with_the_claimed_norm_everywhere(entry):
         assert norms, f'{path} has no normalization layer'
         wrong = {type(m).__name__ for m in norms if type(m) is not norm_cls}
         assert not wrong, f'{path} also holds {wrong}, expected only {norm_cls.__name__}'
+        # group-wise ratios exactly where the metafile claims them (1: one vector per layer)
+        groups = {getattr(m, 'ratio_groups', 1) for m in norms}
+        assert groups == {meta.get('Ratio groups', 1)}, f'{path} has ratio groups {groups}'
         if meta.get('Convolution') == 'WSConv':
             convs = [m for m in component.modules() if isinstance(m, nn.Conv2d)]
             assert any(isinstance(m, WSConv2d) for m in convs), f'{path} has no WSConv'

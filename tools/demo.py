@@ -4,6 +4,7 @@ dataset mmnorm generates, evaluate it with the standard metrics and look at what
 
     python tools/demo.py                      # Mask R-CNN with SN, ~15 min of training on 2 cores
     python tools/demo.py --norm BN            # the same with BN (also: SN_tied, SSN, BCN-WS, GN)
+    python tools/demo.py --norm SSN-G16       # group-wise ratios: SN-G4, SN-G16, SSN-G4, SSN-G16
     python tools/demo.py --quick              # a smoke run of about a minute
     python tools/demo.py --task seg           # DeepLabv2 with SN, mIoU
 
@@ -31,6 +32,11 @@ CONFIGS = {
         'SN': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn_demo.py',
         'SN_tied': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn-tied_demo.py',
         'SSN': 'configs/demo/mask-rcnn_r18-tiny_fpn_ssn_demo.py',
+        # group-wise ratios (ratio_groups=4 or 16: one ratio vector per group of channels)
+        'SN-G4': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn-g4_demo.py',
+        'SN-G16': 'configs/demo/mask-rcnn_r18-tiny_fpn_sn-g16_demo.py',
+        'SSN-G4': 'configs/demo/mask-rcnn_r18-tiny_fpn_ssn-g4_demo.py',
+        'SSN-G16': 'configs/demo/mask-rcnn_r18-tiny_fpn_ssn-g16_demo.py',
         'BCN-WS': 'configs/demo/mask-rcnn_r18-tiny_fpn_bcn-ws_demo.py',
         'GN': 'configs/demo/mask-rcnn_r18-tiny_fpn_gn_demo.py',
         'BN': 'configs/demo/mask-rcnn_r18-tiny_fpn_bn_demo.py',
@@ -40,7 +46,7 @@ CONFIGS = {
     },
 }
 #: The normalizers that mix others by learned ratios (their ratios are plotted).
-RATIO_NORMS = ('SN', 'SN_tied', 'SSN')
+RATIO_NORMS = ('SN', 'SN_tied', 'SSN', 'SN-G4', 'SN-G16', 'SSN-G4', 'SSN-G16')
 #: --quick: a smoke run (not a result).
 QUICK = dict(num_train=60, num_val=20, iters=40, stats_iters=5)
 
@@ -80,7 +86,8 @@ def _worth_showing(line: str) -> bool:
             'Saving checkpoint', 'mAP_copypaste', 'mIoU', 'ERROR', 'Error'))
     stripped = line.strip()
     return (stripped.startswith(('Traceback', 'recomputed', 'wrote', 'hard ratios',
-                                 'mean divergence', 'layers whose', 'metrics written', '|',
+                                 'mean divergence', 'layers whose', 'groups whose',
+                                 'metrics written', '|',
                                  '+-', 'File "', 'raise', 'SystemExit'))
             or 'Average Precision' in line or 'Error:' in line)
 
@@ -168,7 +175,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--task', choices=['det', 'seg'], default='det')
     parser.add_argument('--norm', default='SN',
-                        help='det: SN, SN_tied, SSN, BCN-WS, GN or BN; seg: SN (default SN)')
+                        help='det: SN, SN_tied, SSN, BCN-WS, GN or BN, or group-wise SN-G4, '
+                        'SN-G16, SSN-G4, SSN-G16; seg: SN (default SN)')
     parser.add_argument('--quick', action='store_true', help='smoke run on a tiny dataset')
     parser.add_argument('--iters', type=int, default=None, help='training iterations')
     parser.add_argument('--stats-iters', type=int, default=50,

@@ -13,6 +13,13 @@ D(λμ‖λσ) = KL(λμ‖λσ) + KL(λσ‖λμ) (Fig. 3c). Layers are grouped
 (backbone, neck, heads). A summary is printed as well. Works for every layer that mixes
 normalizers by ratios (SN, SN_tied, SSN: each layer's own ratio function gives them).
 
+A model with group-wise ratios (layers with ``ratio_groups=G > 1``: one ratio vector per group of
+channels) is drawn as a heat map instead (:func:`mmnorm.analysis.ratio_maps.group_heatmap`): rows
+are the layers, columns the groups, one panel per normalizer for μ and for σ (the soft ratio) and
+one of the argmax choice per group for each; a model whose layers have different G (or some no
+groups) is drawn on the channel axis, each row split into its layer's own G cells. The summary
+then counts choices per group.
+
 ``--history`` (the JSON lines of ``SNRatioLoggerHook``) also draws how the ratios became sparse over
 training, in ``<out>_training.png``: the share of one-hot ratio vectors and, for SSN, the
 SparsestMax radius, per logged iteration.
@@ -27,8 +34,10 @@ from typing import Dict, List, Optional, Tuple
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
+from mmnorm.analysis.ratio_maps import group_heatmap, module_groups  # noqa: E402
 from mmnorm.analysis.study import save_figure  # noqa: E402
-from mmnorm.utils import (mean_radius, one_hot_share, state_dict_ratios,  # noqa: E402
+from mmnorm.utils import (group_choices, layer_divergence, mean_radius,  # noqa: E402
+                          one_hot_share, record_groups, state_dict_ratios,
                           symmetric_kl)
 
 COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
@@ -68,19 +77,18 @@ def load_ratios(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, d
     return state_dict_ratios(state_dict), where
 
 
-def _groups(names):
-    """[(group, first index, last index)] of consecutive layers sharing a top-level module."""
-    groups = []
-    for index, name in enumerate(names):
-        top = name.split('.')[0]
-        if groups and groups[-1][0] == top:
-            groups[-1][2] = index
-        else:
-            groups.append([top, index, index])
-    return groups
+def plot(layers: Dict[str, dict], out: str, title: str):
+    """Draw ``layers`` into ``out``: the heat map when a layer has ratio groups, else the bars.
+    Returns the figure (closed)."""
+    if any(record_groups(r) > 1 for r in layers.values()):
+        fig = group_heatmap(layers, title, COLORS)
+        save_figure(fig, out)
+        return fig
+    return plot_bars(layers, out, title)
 
 
-def plot(layers: Dict[str, dict], out: str, title: str) -> None:
+def plot_bars(layers: Dict[str, dict], out: str, title: str):
+    """The layer-wise figure: stacked soft ratios, hard ratios and divergence per layer."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -117,7 +125,7 @@ def plot(layers: Dict[str, dict], out: str, title: str) -> None:
     if tied:
         axes[4].plot(tied, [0] * len(tied), 'k|', markersize=6, label='tied (D = 0)')
         axes[4].legend(loc='upper right', fontsize=7)
-    for group, first, last in _groups(names):
+    for group, first, last in module_groups(names):
         for ax in axes:
             ax.axvline(last + 0.5, color='black', linewidth=0.6, alpha=0.5)
         axes[0].text((first + last) / 2, 1.02, group, ha='center', va='bottom', fontsize=8,
@@ -134,6 +142,7 @@ def plot(layers: Dict[str, dict], out: str, title: str) -> None:
                  fontsize=11, x=0.02, ha='left')
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     save_figure(fig, out)
+    return fig
 
 
 def plot_training(records: List[dict], out: str, title: str) -> None:
@@ -161,20 +170,34 @@ def plot_training(records: List[dict], out: str, title: str) -> None:
 
 
 def summarize(layers: Dict[str, dict]) -> str:
+    """The printed summary. Choices are counted per layer, or per group of channels when a layer
+    has ratio groups (each group one vote), and the divergence of a grouped layer is the mean of
+    its groups'."""
     lines = []
+    grouped = [r for r in layers.values() if record_groups(r) > 1]
+    unit = ' (per group of channels)' if grouped else ''
     for kind, label in (('mean', 'mu'), ('var', 'sigma')):
         winners = {}
         for record in layers.values():
-            z = record['normalizers'][max(range(len(record[kind])), key=record[kind].__getitem__)]
-            winners[z] = winners.get(z, 0) + 1
+            for z in group_choices(record, kind):
+                winners[z] = winners.get(z, 0) + 1
         share = ', '.join(f'{z} {n}' for z, n in sorted(winners.items()))
-        lines.append(f'hard ratios of {label}: {share}')
-    differ = sum(1 for r in layers.values()
-                 if max(range(len(r['mean'])), key=r['mean'].__getitem__)
-                 != max(range(len(r['var'])), key=r['var'].__getitem__))
-    lines.append(f'layers whose mu and sigma select different normalizers: {differ}/'
-                 f'{len(layers)}')
-    divergence = [symmetric_kl(r['mean'], r['var']) for r in layers.values()]
+        lines.append(f'hard ratios of {label}{unit}: {share}')
+    pairs = [(m, v) for r in layers.values()
+             for m, v in zip(group_choices(r, 'mean'), group_choices(r, 'var'))]
+    differ = sum(m != v for m, v in pairs)
+    if grouped:
+        lines.append(f'groups whose mu and sigma select different normalizers: {differ}/'
+                     f'{len(pairs)}')
+        split = {kind: sum(len(set(group_choices(r, kind))) > 1 for r in grouped)
+                 for kind in ('mean', 'var')}
+        lines.append(f'layers whose groups select more than one normalizer: mu {split["mean"]}/'
+                     f'{len(grouped)}, sigma {split["var"]}/{len(grouped)} (of the layers with '
+                     'ratio groups)')
+    else:
+        lines.append(f'layers whose mu and sigma select different normalizers: {differ}/'
+                     f'{len(layers)}')
+    divergence = [layer_divergence(r) for r in layers.values()]
     lines.append(f'mean divergence D: {sum(divergence) / len(divergence):.4f}, max '
                  f'{max(divergence):.4f}')
     radius = mean_radius(layers)

@@ -15,7 +15,9 @@ else:
     from .config import (finetune_config, norm_configs, replace_norm_types, sync_norm_config,
                          sync_norm_types)
     from .launch import cpu_distributed_env, prepare_distributed
-    from .ratios import mean_radius, model_ratios, one_hot_share, state_dict_ratios, symmetric_kl
+    from .ratios import (choice_shares, group_choices, group_mean, layer_divergence, mean_radius,
+                         model_ratios, one_hot_share, ratio_vectors, record_groups,
+                         state_dict_ratios, symmetric_kl)
     from .runner import (add_common_arguments, apply_common_options, build_runner,
                          find_resume_checkpoint, last_checkpoint, parse_with_common_arguments)
     __all__ = [
@@ -26,5 +28,6 @@ else:
         'finetune_config', 'last_checkpoint', 'cpu_distributed_env',
         'prepare_distributed', 'add_common_arguments', 'parse_with_common_arguments',
         'apply_common_options', 'build_runner', 'find_resume_checkpoint', 'model_ratios',
-        'state_dict_ratios', 'symmetric_kl', 'one_hot_share', 'mean_radius'
+        'state_dict_ratios', 'symmetric_kl', 'one_hot_share', 'mean_radius', 'record_groups',
+        'ratio_vectors', 'group_mean', 'layer_divergence', 'group_choices', 'choice_shares'
     ]

@@ -7,6 +7,13 @@ each layer's own ratio function (``ratio_fn``, :mod:`mmnorm.layers.base`) gives 
 such layer this gives ``{'normalizers': ['IN', 'LN', 'BN'], 'mean': [...], 'var': [...],
 'tied': bool, ...}`` in the order of the normalizers, plus what the layer's ``ratio_details()``
 adds (e.g. SSN's radius and frozen ratios).
+
+A layer with ratio groups (``ratio_groups=G > 1``: one ratio vector per group of ``C / G``
+contiguous channels) gives ``{'normalizers': [...], 'groups': G, 'mean': [[...], ...],
+'var': [[...], ...], 'tied': bool, ...}``: ``mean`` and ``var`` hold one vector per group, in
+channel order (SSN's ``fixed`` holds one list of G bools for μ and one for σ). A layer without
+groups has no ``groups`` key and flat vectors. :func:`ratio_vectors`, :func:`group_mean`,
+:func:`layer_divergence` and :func:`group_choices` read either form.
 """
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type
@@ -17,13 +24,63 @@ from torch import Tensor, nn
 from ..layers import NORMALIZERS, BatchStatsNorm, has_ratios
 
 __all__ = ['model_ratios', 'state_dict_ratios', 'symmetric_kl', 'ratio_classes', 'one_hot_share',
-           'mean_radius']
+           'mean_radius', 'record_groups', 'ratio_vectors', 'group_mean', 'layer_divergence',
+           'group_choices', 'choice_shares']
 
 
 def _record(mean: Tensor, var: Tensor, tied: bool) -> dict:
+    """A layer's record from its ratios: ``(K,)`` each, or ``(G, K)`` with ratio groups."""
     mean, var = mean.detach().float().cpu(), var.detach().float().cpu()
-    return {'normalizers': list(NORMALIZERS[:mean.numel()]), 'mean': mean.tolist(),
+    normalizers = list(NORMALIZERS[:mean.shape[-1]])
+    if mean.dim() == 1:
+        return {'normalizers': normalizers, 'mean': mean.tolist(), 'var': var.tolist(),
+                'tied': tied}
+    return {'normalizers': normalizers, 'groups': mean.shape[0], 'mean': mean.tolist(),
             'var': var.tolist(), 'tied': tied}
+
+
+def record_groups(record: Mapping) -> int:
+    """The number of ratio groups of a layer's record (1: one vector per layer)."""
+    return record.get('groups', 1)
+
+
+def ratio_vectors(record: Mapping, kind: str) -> List[List[float]]:
+    """The ratio vectors of ``kind`` (``'mean'`` or ``'var'``) of a layer's record, one per
+    group in channel order (one for a layer without groups)."""
+    return record[kind] if 'groups' in record else [record[kind]]
+
+
+def group_mean(record: Mapping, kind: str) -> List[float]:
+    """The ratios of ``kind`` averaged over the layer's groups, per normalizer: the mean weight
+    of each normalizer over the layer's channels (groups are equally wide). The ratio vector
+    itself for a layer without groups."""
+    if 'groups' not in record:
+        return list(record[kind])
+    vectors = record[kind]
+    return [sum(column) / len(vectors) for column in zip(*vectors)]
+
+
+def layer_divergence(record: Mapping) -> float:
+    """D(λμ‖λσ) (:func:`symmetric_kl`) of a layer, averaged over its groups."""
+    pairs = list(zip(ratio_vectors(record, 'mean'), ratio_vectors(record, 'var')))
+    return sum(symmetric_kl(p, q) for p, q in pairs) / len(pairs)
+
+
+def _argmax(vector: Sequence[float]) -> int:
+    return max(range(len(vector)), key=vector.__getitem__)  # the first of equal maxima
+
+
+def group_choices(record: Mapping, kind: str) -> List[str]:
+    """The normalizer each group's ``kind`` ratios choose (argmax), in channel order (one name
+    for a layer without groups)."""
+    return [record['normalizers'][_argmax(v)] for v in ratio_vectors(record, kind)]
+
+
+def choice_shares(record: Mapping, kind: str) -> Dict[str, float]:
+    """``{normalizer: share of the layer's channels whose kind ratios choose it (argmax)}``, over
+    all of the layer's normalizers (groups are equally wide)."""
+    chosen = group_choices(record, kind)
+    return {z: chosen.count(z) / len(chosen) for z in record['normalizers']}
 
 
 def model_ratios(model: nn.Module) -> Dict[str, dict]:
@@ -69,7 +126,9 @@ def state_dict_ratios(state_dict: Mapping[str, Tensor]) -> Dict[str, dict]:
                                   for key in ('weight', 'running_mean')):
             continue  # not a normalizer's state (e.g. some other module's 'logits')
         inputs: Tuple[Tensor, ...] = tuple(state_dict[prefix + key] for key in cls.ratio_state)
-        if inputs[0].dim() != 1 or inputs[0].numel() not in (2, 3):
+        # (|Ω|,) per layer, or (G, |Ω|) with ratio groups
+        if inputs[0].dim() not in (1, 2) or inputs[0].shape[-1] not in (2, 3) \
+                or inputs[0].numel() == 0:
             continue
         with torch.no_grad():
             mean, var = cls.ratio_fn(*(t.float() if t.is_floating_point() else t
@@ -86,9 +145,11 @@ def symmetric_kl(p: Sequence[float], q: Sequence[float], eps: float = 1e-12) -> 
 
 
 def one_hot_share(layers: Mapping[str, dict]) -> float:
-    """The share of ratio vectors (μ and σ of every layer of a :func:`model_ratios` record) that
-    are one-hot: 1 when every layer is one plain normalizer (a trained SSN), 0 for soft ratios."""
-    vectors = [r[kind] for r in layers.values() for kind in ('mean', 'var')]
+    """The share of ratio vectors (μ and σ of every layer of a :func:`model_ratios` record, every
+    group's with ratio groups) that are one-hot: 1 when every layer (group) is one plain
+    normalizer (a trained SSN), 0 for soft ratios."""
+    vectors = [vector for r in layers.values() for kind in ('mean', 'var')
+               for vector in ratio_vectors(r, kind)]
     if not vectors:
         return float('nan')
     return sum(sum(v > 0 for v in vector) == 1 for vector in vectors) / len(vectors)

@@ -191,14 +191,19 @@ class TestEstimateRateHook:
 
 class TestRatioLogging:
 
-    def test_json_log_message_hub_and_plots(self, tmp_path):
-        model = ToyModel(norm2=mmnorm.SwitchableNormTied(8))
-        runner = _runner(tmp_path, model, max_iters=4,
-                         custom_hooks=[dict(type='SNRatioLoggerHook', interval=2)],
+    @staticmethod
+    def _train(tmp_path, model, max_iters, interval):
+        """Train ``model`` with the ratio logger; the runner and the records it wrote."""
+        runner = _runner(tmp_path, model, max_iters=max_iters,
+                         custom_hooks=[dict(type='SNRatioLoggerHook', interval=interval)],
                          optim=dict(optimizer=dict(type='SGD', lr=0.5)))
         runner.train()
         with open(tmp_path / 'sn_ratios.jsonl') as f:
-            records = [json.loads(line) for line in f]
+            return runner, [json.loads(line) for line in f]
+
+    def test_json_log_message_hub_and_plots(self, tmp_path):
+        model = ToyModel(norm2=mmnorm.SwitchableNormTied(8))
+        runner, records = self._train(tmp_path, model, max_iters=4, interval=2)
         assert [r['iter'] for r in records] == [0, 2, 4]
         assert set(records[0]['layers']) == {'norm1', 'norm2'}
         assert records[0]['layers']['norm1']['mean'] == pytest.approx([1 / 3] * 3)
@@ -221,6 +226,58 @@ class TestRatioLogging:
         assert osp.getsize(png) > 10_000
         with pytest.raises(SystemExit, match='no record at iteration 7'):
             plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--iter', '7'])
+
+
+    def test_grouped_layers_logged_and_drawn_as_a_heat_map(self, tmp_path):
+        """SN with 4 groups and SN_tied with a group per channel: the JSON lines hold every
+        group's ratios, the scalars count each layer once (its groups' mean), and
+        plot_ratios.py draws the checkpoint as a heat map (rows = layers, columns = groups)."""
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, ratio_groups=4),
+                         norm2=mmnorm.SwitchableNormTied(8, ratio_groups=8))
+        runner, records = self._train(tmp_path, model, max_iters=3, interval=3)
+        assert [r['iter'] for r in records] == [0, 3]
+        final = records[-1]['layers']
+        assert final['norm1']['groups'] == 4 and final['norm2']['groups'] == 8
+        mean = torch.softmax(model.norm1.mean_logits.detach(), -1)
+        var = torch.softmax(model.norm1.var_logits.detach(), -1)
+        torch.testing.assert_close(torch.tensor(final['norm1']['mean']), mean)
+        torch.testing.assert_close(torch.tensor(final['norm1']['var']), var)
+        assert final['norm1']['mean'] != final['norm1']['var']  # trained apart
+        tied = torch.softmax(model.norm2.logits.detach(), -1)
+        hub = runner.message_hub
+        for index, z in enumerate(('IN', 'LN', 'BN')):
+            expected = (float(mean[:, index].mean()) + float(tied[:, index].mean())) / 2
+            assert hub.get_scalar(f'train/sn/mean_{z}').current() == pytest.approx(expected,
+                                                                                  rel=1e-5)
+        # the share of grouped layers whose groups choose more than one normalizer
+        split = [len(set(mean.argmax(-1).tolist())) > 1 or len(set(var.argmax(-1).tolist())) > 1,
+                 len(set(tied.argmax(-1).tolist())) > 1]
+        assert hub.get_scalar('train/sn/split').current() == pytest.approx(sum(split) / 2)
+
+        import sys
+        import matplotlib.image
+        sys.path.insert(0, osp.join(osp.dirname(__file__), '..', '..', 'tools'))
+        import plot_ratios
+        out = tmp_path / 'heat.png'
+        assert plot_ratios.main([str(tmp_path / 'iter_3.pth'), '--out', str(out)]) == str(out)
+        fig = plot_ratios.plot(plot_ratios.load_ratios(str(tmp_path / 'iter_3.pth'))[0],
+                               str(tmp_path / 'again.png'), 'grouped')
+        # a panel per normalizer and the argmax, for μ and for σ, and the colour bar
+        assert len(fig.axes) == 2 * (3 + 1) + 1
+        panel = fig.axes[0]
+        assert panel.get_ylim() == (2, 0)  # two layers, the first on top
+        assert [t.get_text() for t in panel.get_yticklabels()] == ['norm1 [G=4]',
+                                                                   'norm2 [G=8]']
+        assert len(panel.collections) == 2  # a row of cells per layer
+        assert panel.collections[0].get_array().size == 4  # norm1: 4 groups
+        assert panel.collections[1].get_array().size == 8  # norm2: 8 groups
+        image = matplotlib.image.imread(str(out))
+        width, height = fig.get_size_inches() * 110  # save_figure's dpi
+        assert image.shape[:2] == (round(height), round(width))
+        # the ratio log draws the same
+        png = plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--out',
+                                str(tmp_path / 'log.png')])
+        assert osp.getsize(png) > 10_000
 
 
 class TestCompiledFormHook:

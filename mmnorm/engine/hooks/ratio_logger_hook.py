@@ -9,7 +9,8 @@ from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
 
-from ...utils.ratios import mean_radius, model_ratios, one_hot_share, symmetric_kl
+from ...utils.ratios import (group_choices, group_mean, layer_divergence, mean_radius,
+                             model_ratios, one_hot_share, record_groups)
 from .runner_model import runner_model
 
 __all__ = ['SNRatioLoggerHook']
@@ -27,6 +28,15 @@ class SNRatioLoggerHook(Hook):
       vectors ``sn/one_hot`` and, for SSN, the mean SparsestMax radius ``sn/radius`` into the
       message hub, so the logger prints them and visualizer backends (TensorBoard, ...) plot
       them. Records carry each layer's ``ratio_details()`` too (SSN: ``radius``, ``fixed``).
+
+    Layers with ratio groups (``ratio_groups=G > 1``) are recorded whole in the JSON lines
+    (``"groups": G`` and one μ and one σ vector per group, :mod:`mmnorm.utils.ratios`;
+    ``tools/plot_ratios.py`` draws them as heat maps), but not as scalars per group: each such
+    layer counts once in the averages, with its ratios averaged over its groups (the mean weight
+    of each normalizer over its channels) and its divergence averaged over its groups;
+    ``sn/one_hot`` counts every group's vectors. One scalar more when a model has such layers:
+    ``sn/split``, the share of grouped layers whose groups do not all choose the same normalizer
+    (argmax) for μ or for σ, the IBN-Net-like layers.
 
     Args:
         interval (int): iterations between records. Defaults to 50.
@@ -63,13 +73,18 @@ class SNRatioLoggerHook(Hook):
         count = len(layers)
         first = next(iter(layers.values()))
         for kind in ('mean', 'var'):
+            means = [group_mean(r, kind) for r in layers.values()]  # a layer counts once
             for index, normalizer in enumerate(first['normalizers']):
-                total = sum(r[kind][index] for r in layers.values()
-                            if len(r[kind]) > index)
+                total = sum(m[index] for m in means if len(m) > index)
                 hub.update_scalar(f'train/sn/{kind}_{normalizer}', total / count)
-        divergence = sum(symmetric_kl(r['mean'], r['var']) for r in layers.values()) / count
+        divergence = sum(layer_divergence(r) for r in layers.values()) / count
         hub.update_scalar('train/sn/divergence', divergence)
         hub.update_scalar('train/sn/one_hot', one_hot_share(layers))
+        grouped = [r for r in layers.values() if record_groups(r) > 1]
+        if grouped:
+            split = sum(any(len(set(group_choices(r, kind))) > 1 for kind in ('mean', 'var'))
+                        for r in grouped)
+            hub.update_scalar('train/sn/split', split / len(grouped))
         radius = mean_radius(layers)
         if radius is not None:
             hub.update_scalar('train/sn/radius', radius)

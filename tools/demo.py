@@ -179,6 +179,9 @@ def main(argv=None) -> dict:
                         'SN-G16, SSN-G4, SSN-G16; seg: SN (default SN)')
     parser.add_argument('--quick', action='store_true', help='smoke run on a tiny dataset')
     parser.add_argument('--iters', type=int, default=None, help='training iterations')
+    parser.add_argument('--seed', type=int, default=None,
+                        help="training's random seed (default: the config's, 0); the generated "
+                             'data stay the same')
     parser.add_argument('--stats-iters', type=int, default=50,
                         help='batches for the batch-average statistics')
     parser.add_argument('--data-root', default=osp.join(ROOT, 'data', 'demo'))
@@ -219,6 +222,8 @@ def main(argv=None) -> dict:
         from mmengine.config import Config
         warmup = min(Config.fromfile(osp.join(ROOT, config)).param_scheduler[0]['end'], iters // 2)
         train_options += [f'param_scheduler.0.end={warmup}', f'param_scheduler.1.begin={warmup}']
+    if args.seed is not None:
+        train_options.append(f'randomness.seed={args.seed}')
     stats_iters = QUICK['stats_iters'] if args.quick else args.stats_iters
     run('step 2/6: training (tools/train.py)',
         ['tools/train.py', config, '--work-dir', work_dir, '--cfg-options', *train_options],

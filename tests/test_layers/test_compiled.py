@@ -72,7 +72,11 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
     assert core.COMPILED.compiled_calls >= 4 and core.COMPILED.failed is None  # it ran compiled
     core.use_compiled(False)
     expected = _run(reference, inputs, grads)
-    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+    # SSN's eager form computes SparsestMax in closed form, the compiled form runs the unrolled
+    # specification: the same math (1e-10 apart in float64), whose float32 roundings differ in
+    # the score gradients by up to ~3e-5 of their size.
+    rtol = 5e-5 if dtype == torch.float32 and name.startswith('SSN') else tol
+    torch.testing.assert_close(ours, expected, rtol=rtol, atol=tol)
 
 
 def test_compiled_form_in_half_precision_and_odd_shapes(compiled):

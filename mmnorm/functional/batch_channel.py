@@ -40,7 +40,7 @@ from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, compiled_rows, eager_channel_moments,
-                      eager_form, normalize_rows, pool, stat_dtype)
+                      eager_form, is_tracing, normalize_rows, pool, stat_dtype)
 from .row_affine import stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
@@ -299,9 +299,11 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     form = eager_form(input, coefficients)
 
     def light_serves() -> bool:
-        return form == 'light' and _native_serves(input, batch, momentum, running_mean,
-                                                  running_mean if estimate else bn_mean,
-                                                  tensors[:4])
+        # Not under torch.compile: the light backward differentiates ATen's norms with
+        # torch.autograd.grad, which Dynamo does not trace (the plain form compiles instead).
+        return form == 'light' and not is_tracing() and _native_serves(
+            input, batch, momentum, running_mean, running_mean if estimate else bn_mean,
+            tensors[:4])
 
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are

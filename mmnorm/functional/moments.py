@@ -203,9 +203,22 @@ def pool(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
 
 
 def is_tracing() -> bool:
-    """True under ``torch.compile`` / ``torch.export`` and TorchScript tracing: only plain
-    tensor ops (the plain form of :func:`normalize_rows`) are used there."""
+    """True under ``torch.compile`` / ``torch.export`` and TorchScript tracing: no host reads,
+    no Python-side state; exporters get the plain form of :func:`normalize_rows`."""
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
+def compiling_for_training() -> bool:
+    """True while ``torch.compile`` (Dynamo) traces a model to run it, not to export it
+    (``torch.export``, the ONNX exporter) nor under TorchScript tracing.
+
+    There the light eager form's autograd Functions (:mod:`.row_affine`) are traced as they
+    are, forward and hand-written backward, and Inductor fuses their few large operations into
+    fewer kernels than it generates from the plain form's autograd graph. Exporters keep the
+    plain form: ONNX and ``torch.export`` graphs of plain ATen ops, without custom Functions.
+    """
+    return (torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing())
 
 
 def in_recomputation() -> bool:
@@ -408,12 +421,16 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
 
 
 def eager_form(x: Tensor, coefficients: Coefficients) -> str:
-    """The form of this call, decided once: ``'traced'`` (under tracing: the plain form),
+    """The form of this call, decided once: ``'traced'`` (under tracing for export: the plain
+    form; ``torch.compile`` of a model traces the light form, :func:`compiling_for_training`),
     ``'compiled'`` (:mod:`.compiled` wants it: the plain form compiled), ``'light'`` (the light
     eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
     one value) or ``'public'`` (``_RowNormFunction`` / the plain form in eager ops: a
     process group, no spatial dim, an empty batch)."""
     if is_tracing():
+        if (compiling_for_training() and coefficients.process_group is None and x.dim() > 2
+                and x.numel() > 0):
+            return 'light'
         return 'traced'
     if _compiles(x, coefficients) and COMPILED.wants(coefficients.name):
         return 'compiled'

@@ -45,6 +45,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .moments import is_tracing
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
@@ -131,11 +132,13 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
     tensors. Only the light eager form calls it (and a layer's cached eval ratios): for 2 or 3
     normalizers in float32/float64 it takes :func:`~.sparsestmax_fast.fast_sparsestmax`, the
-    same values and gradients in a few ops; the plain form keeps :func:`sparsestmax`."""
+    same values and gradients in a few ops; the plain form, and a light form traced by
+    ``torch.compile``, keep :func:`sparsestmax` (the fast form's backward is saved aside)."""
     scores = torch.stack([mean_scores, var_scores])
     choices = torch.stack([mean_choice, var_choice])
     radius = torch.as_tensor(radius, device=scores.device)
-    if scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0:
+    if (scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0
+            and not is_tracing()):
         return fast_sparsestmax(scores, radius, choices)
     return _frozen(sparsestmax(scores, radius), choices)
 

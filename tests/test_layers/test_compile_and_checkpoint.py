@@ -88,15 +88,56 @@ def test_compiled_training_step_equals_eager(name):
                      _step(compiled_model, x, grad, forward=compiled), TOL)
 
 
-def test_inductor_training_step_equals_eager():
-    """Inductor's generated kernels (float32, the dtype users train in), estimated BCN: the
-    layer whose compiled graph once normalized with the estimates from before the update."""
-    eager = _block('BCN_est', dtype=torch.float32)
+@pytest.mark.parametrize('name', ['BCN_est', 'SN', 'SSN_g8'])
+def test_inductor_training_step_equals_eager(name):
+    """Inductor's generated kernels (float32, the dtype users train in): estimated BCN, the
+    layer whose compiled graph once normalized with the estimates from before the update; SN
+    and group-wise SSN, whose light form (hand-written backward) Inductor compiles."""
+    eager = _block(name, dtype=torch.float32)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, dynamic=False)
     for x, grad in zip(batches(2, shape=(4, 8, 5, 6)), batches(2, shape=(4, 8, 5, 6), seed=9)):
         _assert_same(eager, compiled_model, _step(eager, x, grad),
                      _step(compiled_model, x, grad, forward=compiled), dict(rtol=1e-4, atol=1e-4))
+
+
+#: The layers whose light eager form (hand-written backward, :mod:`mmnorm.functional.row_affine`)
+#: ``torch.compile`` traces; the others (BCN: its light backward calls torch.autograd.grad;
+#: ``mix='std'``: no light kernel) and every exporter trace the plain form.
+LIGHT_UNDER_COMPILE = [name for name in LAYERS if not name.startswith('BCN') and name != 'SN_std']
+
+
+def _dynamo_graphs(module: nn.Module, x: torch.Tensor, export: bool = False):
+    """The graphs ``torch.compile`` (or ``torch.export``) captures of one training step."""
+    if export:
+        return [torch.export.export(module, (x, )).graph_module]
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    compiled(x.clone().requires_grad_()).sum().backward()
+    return graphs
+
+
+def _has_autograd_function(graph_module) -> bool:
+    return any(node.op == 'call_function' and 'autograd_function_apply' in str(node.target)
+               for node in graph_module.graph.nodes)
+
+
+@pytest.mark.parametrize('name', LIGHT_UNDER_COMPILE)
+def test_compile_traces_the_light_form_and_export_the_plain_one(name):
+    """``torch.compile`` of a model (mmengine's ``compile=True``) traces the light form's
+    autograd Function, which Inductor turns into fewer kernels than the plain form's autograd
+    graph; ``torch.export`` (and the ONNX exporter built on it) keeps plain ATen ops."""
+    layer = make_layer(name, seed=0)
+    x = torch.randn(4, 8, 5, 6)
+    graphs = _dynamo_graphs(layer, x)
+    assert len(graphs) == 1 and _has_autograd_function(graphs[0])
+    exported = _dynamo_graphs(layer.eval(), x, export=True)
+    assert not _has_autograd_function(exported[0])
 
 
 @pytest.mark.parametrize('reentrant', [False, True])

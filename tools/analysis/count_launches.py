@@ -44,16 +44,23 @@ def layers(channels: int) -> dict:
     }
 
 
-def inductor_kernels(layer: nn.Module, x: torch.Tensor) -> int:
-    """Kernels Inductor generates for one training step of ``layer`` compiled on its own."""
+def inductor_kernels(layer: nn.Module, x: torch.Tensor) -> str:
+    """Kernels Inductor generates for one training step of ``layer`` compiled on its own (as
+    mmengine's ``compile=True`` compiles a model), as ``'N'``, or ``'N (B graph breaks)'`` when
+    the layer does not compile into one graph (the parts between breaks run in eager ops, whose
+    launches are not counted)."""
+    from torch._dynamo.utils import counters
     from torch._inductor import metrics
     torch._dynamo.reset()
+    counters.clear()
     metrics.reset()
     compiled = torch.compile(layer, dynamic=False)
     layer.train()
     xg = x.clone().requires_grad_()
     compiled(xg).backward(torch.randn_like(x))
-    return metrics.generated_kernel_count
+    breaks = sum(counters['graph_break'].values())
+    count = str(metrics.generated_kernel_count)
+    return count if not breaks else f'{count} ({breaks} graph break{"s" * (breaks > 1)})'
 
 
 def main(argv=None) -> int:

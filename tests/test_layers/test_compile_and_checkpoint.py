@@ -140,6 +140,20 @@ def test_compile_traces_the_light_form_and_export_the_plain_one(name):
     assert not _has_autograd_function(exported[0])
 
 
+@pytest.mark.parametrize('name', ['SN', 'SSN_g8'])
+def test_compiled_with_dynamic_shapes_equals_eager(name):
+    """One graph with symbolic sizes serves batches of other shapes (mmdet's multi-scale
+    training): every step equals eager training."""
+    eager = _block(name)
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend='aot_eager', dynamic=True, fullgraph=True)
+    for shape in ((4, 8, 5, 6), (3, 8, 7, 2), (2, 8, 9, 4)):
+        x, = batches(1, shape=shape, dtype=torch.float64)
+        grad, = batches(1, shape=shape, seed=9, dtype=torch.float64)
+        _assert_same(eager, compiled_model, _step(eager, x, grad),
+                     _step(compiled_model, x, grad, forward=compiled), TOL)
+
+
 @pytest.mark.parametrize('reentrant', [False, True])
 @pytest.mark.parametrize('name', list(LAYERS))
 def test_activation_checkpointing_equals_plain(name, reentrant):

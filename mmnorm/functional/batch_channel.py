@@ -299,16 +299,15 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     form = eager_form(input, coefficients)
 
     def light_serves() -> bool:
-        # Not under torch.compile: the light backward differentiates ATen's norms with
-        # torch.autograd.grad, which Dynamo does not trace (the plain form compiles instead).
-        return form == 'light' and not is_tracing() and _native_serves(
+        return form == 'light' and _native_serves(
             input, batch, momentum, running_mean, running_mean if estimate else bn_mean,
             tensors[:4])
 
     if estimate and training:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.
-        move = _move_estimates_light if light_serves() else _move_estimates
+        # (_move_estimates leaves a compiled graph on purpose; see its docstring.)
+        move = _move_estimates_light if light_serves() and not is_tracing() else _move_estimates
         bn_mean, bn_var = move(running_mean, running_var, input, rate)
         tensors = tensors[:4] + (bn_mean, bn_var)
     result = compiled_rows(input, coefficients, tensors) if form == 'compiled' else None
@@ -317,7 +316,9 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     if result is None and light_serves():
         update = batch and training and running_mean is not None
         running = (running_mean, running_var) if update else (None, None)
-        if torch.is_grad_enabled() and (input.requires_grad or any(
+        # Under torch.compile autograd differentiates F.batch_norm and F.group_norm itself:
+        # the Function's backward calls torch.autograd.grad, which Dynamo does not trace.
+        if not is_tracing() and torch.is_grad_enabled() and (input.requires_grad or any(
                 t is not None and t.requires_grad for t in tensors)):
             return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
                                              *running, *tensors)

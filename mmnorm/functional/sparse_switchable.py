@@ -50,7 +50,7 @@ from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
-           'update_choices', 'check_radius']
+           'update_choices', 'update_choice_pair', 'fixed_choices', 'check_radius']
 
 
 def sparsemax(scores: Tensor) -> Tensor:
@@ -146,14 +146,30 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
 sparsest_ratios.stacked = _stacked_sparsest_ratios
 
 
+def fixed_choices(ratios: Tensor, choice: Tensor) -> Tensor:
+    """The choices after a training step with ``ratios``: a free ``choice`` (-1) becomes the
+    argmax of its ratios when they are one-hot; a fixed choice never changes. ``ratios``
+    ``(..., K)`` and ``choice`` ``(...)``: each vector is fixed on its own. Tensor ops only (no
+    host sync)."""
+    one_hot = (ratios > 0).sum(-1) == 1
+    return torch.where(one_hot & (choice < 0), ratios.argmax(-1), choice)
+
+
 @torch.no_grad()
 def update_choices(ratios: Tensor, choice: Tensor) -> None:
-    """Fix ``choice`` (in place) at the argmax of ``ratios`` when they are one-hot and it is
-    still free; a fixed choice never changes. ``ratios`` ``(..., K)`` and ``choice`` ``(...)``:
-    each group's vector is fixed on its own. Tensor ops only (no host sync)."""
-    one_hot = (ratios > 0).sum(-1) == 1
-    choice.copy_(torch.where(choice >= 0, choice,
-                             torch.where(one_hot, ratios.argmax(-1), torch.full_like(choice, -1))))
+    """:func:`fixed_choices`, in place in ``choice``."""
+    choice.copy_(fixed_choices(ratios, choice))
+
+
+@torch.no_grad()
+def update_choice_pair(mean_ratios: Tensor, var_ratios: Tensor, mean_choice: Tensor,
+                       var_choice: Tensor) -> None:
+    """:func:`update_choices` of the means' and the variances' choices at once (half the ops:
+    a training step runs this once per layer)."""
+    new = fixed_choices(torch.stack([mean_ratios, var_ratios]),
+                        torch.stack([mean_choice, var_choice]))
+    mean_choice.copy_(new[0])
+    var_choice.copy_(new[1])
 
 
 def check_radius(radius) -> None:
@@ -205,6 +221,5 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
         weight, bias, running_mean, running_var, training, momentum, eps, mix, in_unbiased,
         process_group)
     if fix_choices:
-        update_choices(mean_ratios, mean_choice)
-        update_choices(var_ratios, var_choice)
+        update_choice_pair(mean_ratios, var_ratios, mean_choice, var_choice)
     return out

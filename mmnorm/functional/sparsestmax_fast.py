@@ -60,10 +60,10 @@ def _faces(k: int):
 
 def _tables(k: int, dtype: torch.dtype, device: torch.device):
     """For ``k`` entries: ``W`` ``(k, M)`` and ``c`` ``(M,)`` with ``z @ W + c`` each face's
-    threshold; ``table`` ``((k + 1) M, k + 3, k)``: each face's projector (rows ``:k``), centre
+    threshold; ``table`` ``(k + 1, M, k + 3, k)``: each face's projector (rows ``:k``), centre
     (row ``k``), centre minus 1 off the face (row ``k + 1``) and ``1/k - 1/|F|`` (row
     ``k + 2``), first in ``k`` blocks of vertex ``c`` only
-    (a fixed choice ``c`` indexes block ``c``), then the free block (index ``-M + f``); and the
+    (a fixed choice ``c`` indexes block ``c``), then the free block (choice ``-1``); and the
     scalar 0. Built once per dtype and device."""
     key = (k, dtype, device)
     if key not in _TABLES:
@@ -83,7 +83,7 @@ def _tables(k: int, dtype: torch.dtype, device: torch.device):
                 for j in face:
                     rows[f, i, j] = float(i == j) - 1.0 / size
         blocks = [rows[v].expand(m, k + 3, k) for v in range(k)] + [rows]
-        table = torch.cat(blocks)
+        table = torch.stack(blocks)
         _TABLES[key] = tuple(t.to(dtype=dtype, device=device).contiguous() for t in (
             w, c, table, torch.zeros(())))
     return _TABLES[key]
@@ -95,8 +95,8 @@ def _round(z: Tensor, point: Tensor, choices: Tensor, tables, alpha, radius, fir
     moved)``: ``moved`` where ``alpha |d|`` is off the centre."""
     w, c, table, zero = tables
     k = z.shape[-1]
-    face = torch.addmm(c, point, w).argmax(-1).add_(choices, alpha=w.shape[1])
-    rows = table[face]                                        # (R, k + 3, k)
+    face = torch.addmm(c, point, w).argmax(-1)
+    rows = table[choices, face]                               # (R, k + 3, k)
     d = torch.bmm(z.unsqueeze(1), rows[:, :k]).squeeze(1)     # P_F z (P_F symmetric)
     n = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
     tol = 8 * torch.finfo(z.dtype).eps

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
-from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choices
+from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choice_pair
 from ..registry import MODELS, register
 from .base import SyncNorm, log_once, runner_training
 from .switchable_norm import SwitchableNorm
@@ -182,8 +182,7 @@ class SparseSwitchableNorm(SwitchableNorm):
             _check_training_setup(self)
         out, (mean_ratios, var_ratios) = self._mix(input)
         if self.training and not in_recomputation():
-            update_choices(mean_ratios, self.mean_choice)
-            update_choices(var_ratios, self.var_choice)
+            update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
         return out
 
 

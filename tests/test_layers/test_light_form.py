@@ -15,9 +15,9 @@ from mmnorm.functional import row_affine
 #: Ops of one training step / one eval forward (issue 26's budget; native BN: 3 / 1).
 BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12), 'BCN': (40, 12),
           'BCN_est': (50, 12),
-          # Issue 26 asks 50: 95 now (353 before the closed-form SparsestMax), of which the
-          # layer's two update_choices calls are 18 and the two SparsestMax rounds ~35.
-          'SSN': (95, 12)}
+          # Issue 26 asks 50: 86 now (353 before the closed-form SparsestMax), of which the
+          # two SparsestMax rounds are ~25, its Jacobian 10 and the choices' update 11.
+          'SSN': (86, 12)}
 
 LAYERS = {
     'SN': lambda c: SwitchableNorm(c, momentum=0.3),

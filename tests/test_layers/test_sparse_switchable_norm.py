@@ -11,7 +11,8 @@ from mmcv.cnn import build_norm_layer
 
 import mmnorm  # noqa: F401  (registers the layers)
 from mmnorm.functional import sparse_switchable_norm
-from mmnorm.functional.sparse_switchable import sparsemax, sparsestmax
+from mmnorm.functional.sparse_switchable import (fixed_choices, sparsemax, sparsestmax,
+                                                 update_choice_pair, update_choices)
 from mmnorm.layers import SparseSwitchableNorm, SyncSparseSwitchableNorm
 from mmnorm.testing import oracles
 from tests.conftest import make_input
@@ -185,6 +186,22 @@ class TestLayer:
         assert (int(restored.mean_choice), int(restored.var_choice)) == winners
         layer.eval(), restored.eval()
         torch.testing.assert_close(restored(x), layer(x), rtol=0, atol=0)
+
+    def test_choices_update_rules(self):
+        """A free choice takes the argmax of one-hot ratios and stays free otherwise; a fixed
+        one never changes, whatever the ratios; the pair form updates both buffers alike."""
+        ratios = torch.tensor([[0.0, 1.0, 0.0], [0.2, 0.8, 0.0], [0.0, 0.0, 1.0],
+                               [1.0, 0.0, 0.0]], dtype=torch.float64)
+        choices = torch.tensor([-1, -1, 0, 2])
+        expected = [1, -1, 0, 2]
+        assert fixed_choices(ratios, choices).tolist() == expected
+        assert choices.tolist() == [-1, -1, 0, 2]  # a new tensor
+        mean, var = choices.clone(), choices.flip(0)
+        update_choice_pair(ratios, ratios.flip(0), mean, var)
+        assert mean.tolist() == expected and var.tolist() == expected[::-1]
+        one = torch.tensor(-1)  # a layer-wise (0-dim) choice
+        update_choices(ratios[0], one)
+        assert int(one) == 1
 
     def test_free_ratios_get_gradients_and_stay_free(self):
         layer = _layer(radius=0.1)

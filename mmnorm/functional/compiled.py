@@ -1,7 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
-"""Which form an eager call of mmnorm's layers runs, in one place: the plain form compiled by
-``torch.compile`` (Inductor: C++ / OpenMP on CPU, Triton on GPUs) or the eager forms (the light
-eager form of :mod:`.row_affine`, or public eager ops).
+"""Which form an eager call of mmnorm's layers runs, in one place: the compiled form (a layer's
+computation compiled by ``torch.compile``, Inductor: C++ / OpenMP on CPU, Triton on GPUs; the
+light form of :mod:`.row_affine` for SN, SN_tied and SSN with ``mix='var'``, the plain form for
+the others) or the eager forms (the light eager form, or public eager ops).
 
 The compiled form is **opt-in**, as timm's fast-norm switch is: the eager forms are about as
 fast on the CPU, cost no compilation, and every process runs them from its first call.

@@ -60,7 +60,8 @@ from .compiled import COMPILED, compiled_enabled
 
 __all__ = ['LOW_PRECISION', 'stat_dtype', 'as_rows', 'channel_moments', 'pool',
            'normalize_rows', 'CoefficientFn', 'Coefficients', 'is_tracing', 'in_recomputation',
-           'COMPILED_DEVICES', 'eager_channel_moments', 'eager_form', 'compiled_rows']
+           'COMPILED_DEVICES', 'eager_channel_moments', 'eager_form', 'compiled_rows',
+           'compiled_call']
 
 
 class CoefficientFn(Protocol):
@@ -361,7 +362,7 @@ def _input_grad(dy: Tensor, centered: Tensor, delta: Tensor, scale: Tensor, grad
     return _row_affine(centered, slope, offset).addcmul_(dy, scale.unsqueeze(-1))
 
 
-#: Devices whose eager calls run the compiled plain form (Inductor: C++ / OpenMP, Triton).
+#: Devices whose eager calls run the compiled form (Inductor: C++ / OpenMP, Triton).
 COMPILED_DEVICES = ('cpu', 'cuda')
 
 
@@ -376,32 +377,35 @@ def _plain_form(x: Tensor, *tensors: Optional[Tensor], coefficient_fn: Coefficie
     return out, aux
 
 
-def _run_compiled(name: str, fn: Callable, x: Tensor, *args, **kwargs):
-    """``fn`` run by :data:`~mmnorm.functional.compiled.COMPILED` (``None``: it failed now)."""
+def compiled_call(name: str, fn: Callable, x: Tensor, *args, **kwargs):
+    """``fn(x, *args, **kwargs)`` run by :data:`~mmnorm.functional.compiled.COMPILED`, the
+    compiled form (one ``torch.compile`` of ``fn`` per ``name``; the keyword arguments are
+    constant options, part of the graph key), or ``None`` when it failed now (the caller then
+    runs the form :func:`eager_form` chooses next). ``fn`` is a module-level function."""
     return COMPILED.run(name, fn, _kind(fn, kwargs), x, *args, **kwargs)
 
 
 def _kind(fn: Callable, kwargs) -> str:
-    """The computation's name: the normalizer's module and its ratio function, if any."""
-    if 'coefficient_fn' not in kwargs:
-        return fn.__name__
-    return '/'.join([kwargs['coefficient_fn'].__module__.split('.')[-1]] + [
-        value.__name__ for value in kwargs.values()
-        if callable(value) and value is not kwargs['coefficient_fn']])
+    """The computation's name: the normalizer's module (or the function's name) and its ratio
+    function, if any."""
+    base = kwargs.get('coefficient_fn')
+    name = base.__module__.split('.')[-1] if base is not None else fn.__name__.strip('_')
+    return '/'.join([name] + [value.__name__ for value in kwargs.values()
+                              if callable(value) and value is not base])
 
 
 def eager_channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     """:func:`channel_moments` for an eager caller, compiled where the layers' forward is
     (BCN's Algorithm 1 update uses it: one fused pass instead of four)."""
     if not is_tracing() and _compiles(input, None) and COMPILED.wants('moments'):
-        result = _run_compiled('moments', channel_moments, input)
+        result = compiled_call('moments', channel_moments, input)
         if result is not None:
             return result
     return channel_moments(input)
 
 
 def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
-    """Whether this eager call runs the compiled plain form: compiled form on, a device it
+    """Whether this eager call runs the compiled form: compiled form on, a device it
     serves, more than one value per row (``L = 1`` has its own exact gradient rule), and, for a
     coefficient function, no process group (a collective forces the eager form) and a
     module-level function (see :class:`CoefficientFn`)."""
@@ -423,7 +427,7 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
 def eager_form(x: Tensor, coefficients: Coefficients) -> str:
     """The form of this call, decided once: ``'traced'`` (under tracing for export: the plain
     form; ``torch.compile`` of a model traces the light form, ``compiling_for_training``),
-    ``'compiled'`` (:mod:`.compiled` wants it: the plain form compiled), ``'light'`` (the light
+    ``'compiled'`` (:mod:`.compiled` wants it: the layer's form compiled), ``'light'`` (the light
     eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
     one value) or ``'public'`` (``_RowNormFunction`` / the plain form in eager ops: a
     process group, no spatial dim, an empty batch)."""
@@ -444,7 +448,7 @@ def compiled_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Optio
     """:func:`normalize_rows`'s plain form compiled (:mod:`.compiled`), or ``None`` when the
     compiled form failed now (it is then off, and the caller runs the form
     :func:`eager_form` chooses next: the one every later call runs)."""
-    result = _run_compiled('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
+    result = compiled_call('fn', _plain_form, x, *tensors, coefficient_fn=coefficients.fn,
                            **coefficients.options)
     if result is None:
         return None

@@ -31,7 +31,8 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import Coefficients, compiled_rows, eager_form, normalize_rows, pool
+from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, normalize_rows,
+                      pool)
 from .row_affine import instance_layer_batch_moments, row_affine
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
@@ -239,22 +240,24 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
         process_group if batch else None)
     tensors = (weight, bias, bn_mean, bn_var, *ratio_inputs)
     form = eager_form(input, coefficients)
-    result = compiled_rows(input, coefficients, tensors) if form == 'compiled' else None
-    if form == 'compiled' and result is None:  # it failed now: this call runs what later ones do
-        form = eager_form(input, coefficients)
-    if form == 'light' and mix == 'var' and not in_unbiased:
-        if ratios is None:
-            ratios = stacked_ratios(ratio_fn, ratio_inputs)
-        # Grouped ratios (2, G, K) reach the kernel as one row per channel (C, 2, K).
-        per_channel = ratios if ratios.dim() == 2 else \
-            ratios_per_channel(ratios, channels).transpose(0, 1)
-        out, aux = row_affine(input, _SwitchableKernel(eps, batch),
-                              (weight, bias, bn_mean, bn_var, per_channel))
+    # The light form (mix='var'), compiled or not; the plain form otherwise.
+    light = mix == 'var' and not in_unbiased
+    light_args = (input, weight, bias, bn_mean, bn_var, *ratio_inputs)
+    light_options = dict(ratio_fn=ratio_fn, eps=eps, batch=batch)
+    result = None
+    if form == 'compiled':
+        result = compiled_call('light', _light_form, *light_args, **light_options) if light \
+            else compiled_rows(input, coefficients, tensors)
+        if result is None:  # it failed now: this call runs what later ones do
+            form = eager_form(input, coefficients)
+    if light and (result is not None or form == 'light'):
+        out, aux = result if result is not None else _light_form(*light_args, **light_options,
+                                                                  ratios=ratios)
         if batch and training and running_mean is not None:
             update_running_stats_of(running_mean, running_var, aux['batch_mean'],
                                     aux['batch_var'], input.shape[0] * math.prod(input.shape[2:]),
                                     momentum)
-        return out, tuple(ratios.detach().unbind())
+        return out, tuple(aux['ratios'].unbind())
     if result is None:
         result = normalize_rows(input, coefficients, tensors,
                                 'public' if form == 'light' else form)
@@ -262,6 +265,25 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     if batch and training and running_mean is not None:
         update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
     return out, (aux['mean_ratios'], aux['var_ratios'])
+
+
+def _light_form(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *ratio_inputs: Tensor,
+                ratio_fn: RatioFn, eps: float, batch: bool, ratios: Optional[Tensor] = None
+                ) -> Tuple[Tensor, dict]:
+    """:func:`mix_normalizers`'s light form (``mix='var'``): the ratios, then
+    :func:`~mmnorm.functional.row_affine.row_affine` with SN's kernel. Returns the output and
+    ``aux``: the batch statistics (``batch``) and the stacked ratios (detached). A module-level
+    function of tensors and constant options, so that the compiled form compiles it as it is
+    (``ratios``, already computed, only in eager calls)."""
+    if ratios is None:
+        ratios = stacked_ratios(ratio_fn, ratio_inputs)
+    # Grouped ratios (2, G, K) reach the kernel as one row per channel (C, 2, K).
+    per_channel = ratios if ratios.dim() == 2 else \
+        ratios_per_channel(ratios, x.shape[1]).transpose(0, 1)
+    out, aux = row_affine(x, _SwitchableKernel(eps, batch),
+                          (weight, bias, bn_mean, bn_var, per_channel))
+    return out, {**aux, 'ratios': ratios.detach()}
 
 
 def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,

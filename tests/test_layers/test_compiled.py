@@ -75,8 +75,19 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
     # SSN's eager form computes SparsestMax in closed form, the compiled form runs the unrolled
     # specification: the same math (1e-10 apart in float64), whose float32 roundings differ in
     # the score gradients by up to ~3e-5 of their size.
-    rtol = 5e-5 if dtype == torch.float32 and name.startswith('SSN') else tol
-    torch.testing.assert_close(ours, expected, rtol=rtol, atol=tol)
+    if dtype == torch.float32 and name.startswith('SSN'):
+        # Relative to each tensor's scale: a near-zero score gradient is a difference of
+        # terms of that size.
+        for actual, wanted in zip(_flat(ours), _flat(expected)):
+            scale = float(wanted.abs().max()) if wanted.is_floating_point() else 0.0
+            torch.testing.assert_close(actual, wanted, rtol=5e-5, atol=max(tol, 1e-5 * scale))
+        return
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+
+
+def _flat(results) -> list:
+    """The tensors of :func:`_run`'s nested results, in order."""
+    return [t for item in results for t in (item if isinstance(item, (list, tuple)) else [item])]
 
 
 def test_compiled_form_in_half_precision_and_odd_shapes(compiled):

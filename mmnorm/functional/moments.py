@@ -209,7 +209,7 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
-def compiling_for_training() -> bool:
+def compiling_to_run() -> bool:
     """True while ``torch.compile`` (Dynamo) traces a model to run it, not to export it
     (``torch.export``, the ONNX exporter) nor under TorchScript tracing.
 
@@ -426,13 +426,13 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
 
 def eager_form(x: Tensor, coefficients: Coefficients) -> str:
     """The form of this call, decided once: ``'traced'`` (under tracing for export: the plain
-    form; ``torch.compile`` of a model traces the light form, ``compiling_for_training``),
+    form; ``torch.compile`` of a model traces the light form, ``compiling_to_run``),
     ``'compiled'`` (:mod:`.compiled` wants it: the layer's form compiled), ``'light'`` (the light
     eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
     one value) or ``'public'`` (``_RowNormFunction`` / the plain form in eager ops: a
     process group, no spatial dim, an empty batch)."""
     if is_tracing():
-        if (compiling_for_training() and coefficients.process_group is None and x.dim() > 2
+        if (compiling_to_run() and coefficients.process_group is None and x.dim() > 2
                 and x.numel() > 0):
             return 'light'
         return 'traced'

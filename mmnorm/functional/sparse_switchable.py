@@ -133,7 +133,8 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     tensors. Only the light eager form calls it (and a layer's cached eval ratios): for 2 or 3
     normalizers in float32/float64 it takes :func:`~.sparsestmax_fast.fast_sparsestmax`, the
     same values and gradients in a few ops; the plain form, and a light form traced by
-    ``torch.compile``, keep :func:`sparsestmax` (the fast form's backward is saved aside)."""
+    ``torch.compile``, keep :func:`sparsestmax` (the fast form's Function saves a Jacobian it
+    builds in its forward, which a traced Function may not)."""
     scores = torch.stack([mean_scores, var_scores])
     choices = torch.stack([mean_choice, var_choice])
     radius = torch.as_tensor(radius, device=scores.device)

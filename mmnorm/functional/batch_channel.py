@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .moments import (LOW_PRECISION, Coefficients, compiled_rows, eager_channel_moments,
-                      eager_form, is_tracing, normalize_rows, pool, stat_dtype)
+from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
+                      eager_channel_moments, eager_form, is_tracing, normalize_rows, pool,
+                      stat_dtype)
 from .row_affine import stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
@@ -180,6 +181,23 @@ def _bn_then_gn(x: Tensor, num_groups: int, eps: float, tensors, batch: bool,
     return F.group_norm(dot, num_groups, *per_channel, eps).to(x.dtype)
 
 
+def _batch_channel_light(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                     bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+                     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+                     num_groups: int, eps: float, batch: bool, momentum: float
+                     ) -> Tuple[Tensor, list]:
+    """:func:`_bn_then_gn` without side effects, for mmnorm's compiled form
+    (:func:`~mmnorm.functional.moments.compiled_call`): the running buffers are updated on
+    copies, returned as ``[new running_mean, new running_var]`` (``None`` when not given) for
+    the caller to store. The compiled form may run a new graph twice (its backward probe) or
+    give it up after a first run, so the graph itself must not change the caller's buffers."""
+    running = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    out = _bn_then_gn(x, num_groups, eps, (weight, bias, bn_weight, bn_bias, bn_mean, bn_var),
+                      batch, *running, momentum)
+    return out, running
+
+
 class _BatchThenGroupNorm(torch.autograd.Function):
     """BCN's light training form: :func:`_bn_then_gn` run without a graph, and again in the
     backward to differentiate it. Only the input is saved, as for the other layers (the
@@ -310,9 +328,28 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         move = _move_estimates_light if light_serves() and not is_tracing() else _move_estimates
         bn_mean, bn_var = move(running_mean, running_var, input, rate)
         tensors = tensors[:4] + (bn_mean, bn_var)
-    result = compiled_rows(input, coefficients, tensors) if form == 'compiled' else None
-    if form == 'compiled' and result is None:  # it failed now: this call runs what later ones do
-        form = eager_form(input, coefficients)
+    result = None
+    if form == 'compiled':
+        # GN(BN(x)) as ATen's two normalizations where they serve, as torch.compile of a model
+        # traces it; else the plain form.
+        if _native_serves(input, batch, momentum, running_mean,
+                          running_mean if estimate else bn_mean, tensors[:4]):
+            update = batch and training and running_mean is not None
+            compiled = compiled_call(
+                'batch_channel_light', _batch_channel_light, input, *tensors,
+                *((running_mean, running_var) if update else (None, None)),
+                num_groups=num_groups, eps=eps, batch=batch, momentum=momentum if update else 0.0)
+            if compiled is not None:
+                out, (new_mean, new_var) = compiled
+                if update:
+                    with torch.no_grad():
+                        running_mean.copy_(new_mean)
+                        running_var.copy_(new_var)
+                return out
+        else:
+            result = compiled_rows(input, coefficients, tensors)
+        if result is None:  # it failed now: this call runs what later ones do
+            form = eager_form(input, coefficients)
     if result is None and light_serves():
         update = batch and training and running_mean is not None
         running = (running_mean, running_var) if update else (None, None)

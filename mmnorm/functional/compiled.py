@@ -357,8 +357,11 @@ class CompiledForm:
         x, args = _dynamic(x), tuple(_dynamic(a) for a in args)
         with self._lock:
             if name not in self._functions:
-                self._functions[name] = torch.compile(fn, backend=self.backend)
-            compiled = self._functions[name]
+                self._functions[name] = (fn, torch.compile(fn, backend=self.backend))
+            owner, compiled = self._functions[name]
+            if owner is not fn:  # a programming error: two computations under one name
+                raise ValueError(f'mmnorm: the compiled function {name!r} is '
+                                 f'{owner.__qualname__}, not {fn.__qualname__}')
             new = key not in self._graphs
         if new:
             with self._lock:  # one new graph at a time: compiled, probed, counted, reported

@@ -116,6 +116,27 @@ def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
         torch.testing.assert_close(grad, x.grad, **tol)
 
 
+@pytest.mark.parametrize('momentum, calls', [
+    (0.3, {'batch_channel_light': 4}),
+    (None, {'batch_channel': 3, 'batch_channel_light': 1})])
+def test_bcn_compiles_batch_then_group_normalization_where_it_serves(fresh, momentum, calls):
+    """BCN's compiled form is GN(BN(x)) by ATen's normalizations (what torch.compile of a model
+    traces), except for training steps with a tensor momentum (momentum=None: the cumulative
+    average), which compile the plain form; either way, outputs, gradients and running buffers
+    equal the eager forms' over three training steps and an eval forward."""
+    from mmnorm import BatchChannelNorm
+    reference = BatchChannelNorm(8, num_groups=4, momentum=momentum)
+    with torch.no_grad():
+        reference.bn_weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    layer = copy.deepcopy(reference)
+    inputs, grads = batches(3, shape=(3, 8, 5, 6)), batches(3, shape=(3, 8, 5, 6), seed=4)
+    ours = _run(layer, inputs, grads)
+    assert fresh.calls == calls
+    core.use_compiled(False)
+    torch.testing.assert_close(ours, _run(reference, inputs, grads), rtol=2e-5, atol=2e-5)
+
+
 def test_compiled_form_under_activation_checkpointing(compiled):
     plain = make_layer('BCN_est')
     checkpointed = copy.deepcopy(plain)
@@ -133,17 +154,20 @@ def _fell_back(records):
     return [r for r in records if FELL_BACK in r.getMessage()]
 
 
+@pytest.mark.parametrize('name', ['SN', 'BCN'])
 @pytest.mark.parametrize('backend, stage', [(failing_compiler, 'forward compile'),
                                             ('backward', 'backward compile'),
                                             (first_run_fails, 'first run')])
 def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage,
-                                                                      mmnorm_log):
+                                                                      name, mmnorm_log):
     """The compiled form fails (injected through the torch.compile backend) at each stage: one
     warning in mmengine's log (not a Python warning), the training step completes, including the
     caller's backward() (which would raise without the probe for a backward that fails to
-    compile), and equals the public-op form; later calls are silent and eager."""
+    compile), and equals the public-op form, running buffers included (a graph that ran before
+    its backward failed has not updated them: the eager rerun does, once); later calls are
+    silent and eager."""
     fresh.backend = backward_fails() if backend == 'backward' else backend
-    reference = make_layer('SN')
+    reference = make_layer(name)
     layer = copy.deepcopy(reference)
     x, g = batches(1)[0], batches(1, seed=5)[0]
     with warnings.catch_warnings(record=True) as caught:
@@ -158,6 +182,7 @@ def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, back
     core.use_compiled(False)
     torch.testing.assert_close(ours, train_step(reference, x, g))
     torch.testing.assert_close(ours_again, train_step(reference, x, g))
+    torch.testing.assert_close(list(layer.buffers()), list(reference.buffers()))
 
 
 def test_messages_once_per_run_on_rank_0(monkeypatch, mmnorm_log):
@@ -318,6 +343,22 @@ def test_compiled_calls_change_no_dynamo_setting(fresh, monkeypatch):
         with torch.no_grad():
             SwitchableNorm(8).eval()(torch.randn(2, 8, 5, 6))
         assert get_config_copy() == raised
+
+
+def test_one_compiled_function_per_name(fresh):
+    """Two computations under one name would run the first one's compiled function for the
+    second's calls: a programming error, raised at once (not taken for a compile failure)."""
+    def double(x):
+        return x * 2
+
+    def square(x):
+        return x * x
+
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(fresh.run('same name', double, 'double', x), x * 2)
+    with pytest.raises(ValueError, match='double, not .*square'):
+        fresh.run('same name', square, 'square', x)
+    assert fresh.failed is None
 
 
 def test_compiled_calls_from_two_threads(fresh):

@@ -177,7 +177,7 @@ class GroupwiseHardNorm(nn.Module):
             # The light form's policy (mmnorm.functional.row_affine): on the CPU simpler passes
             # are faster (two-pass moments, multiply then add); on accelerators and in traced
             # graphs the fewest ops (one var_mean, one addcmul).
-            simple = not is_tracing() and x.device.type in row_affine.FEW_LAUNCHES_NOT_NEEDED
+            simple = not is_tracing() and row_affine.simple_passes(x)
             if not dims:  # (N, C): one value per sample and channel
                 mean, var = x, torch.zeros_like(x)
             elif simple:

@@ -72,7 +72,7 @@ from torch import Tensor
 
 __all__ = ['MODES', 'COMPILE_AFTER_ITERS', 'RECOMPILE_LIMIT', 'CompiledForm', 'COMPILED',
            'use_compiled', 'auto_switch', 'compiled_enabled', 'compile_mode', 'resolve_mode',
-           'report']
+           'report', 'INDUCTOR_OPTIONS']
 
 #: What :func:`use_compiled` accepts (besides True / False).
 MODES = ('auto', 'always', 'never')
@@ -247,6 +247,15 @@ def _dynamic(value: Any) -> Any:
     return view
 
 
+#: Inductor options of every function mmnorm compiles (given to that ``torch.compile`` only,
+#: not to the process's Inductor config). Sizes are dynamic, so one graph serves every input
+#: size, but Inductor's C++ backend decides whether a loop runs on OpenMP threads from the sizes
+#: of the call it compiles at, and caches that code on disk: a graph first compiled at a small
+#: size (a short test, a nearly empty RoI batch) ran single-threaded at every size after, in
+#: every later process. ``cpp.dynamic_threads`` gives each loop a parallel region whose threads
+#: the OpenMP runtime sets when it runs. (Triton's grids are sized at run time anyway.)
+INDUCTOR_OPTIONS = {'cpp.dynamic_threads': True}
+
 _LIMIT_RAISED = False
 
 
@@ -357,7 +366,8 @@ class CompiledForm:
         x, args = _dynamic(x), tuple(_dynamic(a) for a in args)
         with self._lock:
             if name not in self._functions:
-                self._functions[name] = (fn, torch.compile(fn, backend=self.backend))
+                options = dict(options=INDUCTOR_OPTIONS) if self.backend == 'inductor' else {}
+                self._functions[name] = (fn, torch.compile(fn, backend=self.backend, **options))
             owner, compiled = self._functions[name]
             if owner is not fn:  # a programming error: two computations under one name
                 raise ValueError(f'mmnorm: the compiled function {name!r} is '

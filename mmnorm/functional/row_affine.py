@@ -41,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from .moments import LOW_PRECISION
 
 __all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
-           'FEW_LAUNCHES_NOT_NEEDED', 'instance_layer_batch_moments']
+           'FEW_LAUNCHES_NOT_NEEDED', 'instance_layer_batch_moments', 'simple_passes']
 
 def spatial_dims(x: Tensor) -> Tuple[int, ...]:
     """The dims after ``(N, C)``."""
@@ -56,7 +56,9 @@ def spatial_dims(x: Tensor) -> Tuple[int, ...]:
 FEW_LAUNCHES_NOT_NEEDED = ('cpu', )
 
 
-def _simple_passes(x: Tensor) -> bool:
+def simple_passes(x: Tensor) -> bool:
+    """Whether ``x``'s device favours more, simpler passes over fewer kernels
+    (:data:`FEW_LAUNCHES_NOT_NEEDED`)."""
     return x.device.type in FEW_LAUNCHES_NOT_NEEDED
 
 
@@ -65,7 +67,7 @@ def stat_moments(x: Tensor, dims: Sequence[int]) -> Tuple[Tensor, Tensor]:
     (``torch.var_mean``), or the two-pass algorithm (the mean, then the norm of the centered
     values) where simple passes are faster (:data:`FEW_LAUNCHES_NOT_NEEDED`)."""
     dims = tuple(dims)
-    if not _simple_passes(x):
+    if not simple_passes(x):
         var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
         return mean, var
     mean = x.mean(dims, keepdim=True)
@@ -89,7 +91,7 @@ def instance_layer_batch_moments(x: Tensor, layer: bool = True, batch: bool = Tr
     for wanted, dim, shape in ((layer, 1, (n, 1)), (batch, 0, (1, c))):
         if not wanted:
             continue
-        if _simple_passes(x):
+        if simple_passes(x):
             mean = inst[0].mean(dim, keepdim=True)
             deviation = inst[0] - mean
             result.append((mean, torch.addcmul(inst[1], deviation, deviation).mean(
@@ -101,7 +103,7 @@ def instance_layer_batch_moments(x: Tensor, layer: bool = True, batch: bool = Tr
 
 def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale * x + shift`` with per-row ``scale``, ``shift`` (a new tensor in ``x``'s layout)."""
-    if _simple_passes(x):
+    if simple_passes(x):
         return (x * scale).add_(shift)
     return torch.addcmul(shift, x, scale)
 
@@ -110,7 +112,7 @@ def _row_dot(a: Tensor, b: Tensor) -> Tensor:
     """``sum_l a * b`` per (n, c) row: one batched matrix-vector product on contiguous inputs
     where launches count, else a product and a sum."""
     n, c = a.shape[:2]
-    if not _simple_passes(a) and a.is_contiguous() and b.is_contiguous():
+    if not simple_passes(a) and a.is_contiguous() and b.is_contiguous():
         return torch.bmm(a.view(n * c, 1, -1), b.view(n * c, -1, 1)).view(n, c)
     return (a * b).sum(spatial_dims(a))
 
@@ -182,7 +184,7 @@ class _RowAffine(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _affine(wide, _rows(P, x), _rows(Q, x))
-            if _simple_passes(x):
+            if simple_passes(x):
                 grad_x.add_(dy * _rows(A, x))
             else:
                 grad_x.addcmul_(dy, _rows(A, x))

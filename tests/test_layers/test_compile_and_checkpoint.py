@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mmnorm.functional import row_affine
 from mmnorm.testing.layers import LAYERS, batches, make_layer
 
 #: Compiled graphs reorder float reductions: compare in float64, where that is ~1e-15.
@@ -73,8 +74,22 @@ def _assert_same(reference: nn.Module, other: nn.Module, ref_step, other_step, t
         torch.testing.assert_close(b1, b0, **tol, msg=lambda m, n=n: f'buffer {n}: {m}')
 
 
-@pytest.mark.parametrize('name', list(LAYERS))
-def test_compiled_training_step_equals_eager(name):
+#: A layer name with this suffix is traced with the op structure a GPU gets (compiled BCN is
+#: ATen's batch then group normalization there, the plain form on the CPU).
+ON_GPU = '@gpu-structure'
+
+
+def _structure(name: str, monkeypatch) -> str:
+    """The layer's name; with :data:`ON_GPU`, the GPU's op structure set for the test."""
+    if name.endswith(ON_GPU):
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+        return name[:-len(ON_GPU)]
+    return name
+
+
+@pytest.mark.parametrize('name', list(LAYERS) + ['BCN' + ON_GPU, 'BCN_est' + ON_GPU])
+def test_compiled_training_step_equals_eager(name, monkeypatch):
+    name = _structure(name, monkeypatch)
     eager = _block(name)
     compiled_model = copy.deepcopy(eager)
     # aot_eager runs Dynamo and AOTAutograd (functionalization of the buffer updates, the
@@ -88,11 +103,14 @@ def test_compiled_training_step_equals_eager(name):
                      _step(compiled_model, x, grad, forward=compiled), TOL)
 
 
-@pytest.mark.parametrize('name', ['BCN', 'BCN_est', 'SN', 'SSN_g8'])
-def test_inductor_training_step_equals_eager(name):
-    """Inductor's generated kernels (float32, the dtype users train in): BCN; estimated BCN, the
-    layer whose compiled graph once normalized with the estimates from before the update; SN
-    and group-wise SSN, whose light form (hand-written backward) Inductor compiles."""
+@pytest.mark.parametrize('name', ['BCN', 'BCN' + ON_GPU, 'BCN_est', 'BCN_est' + ON_GPU, 'SN',
+                                  'SSN_g8'])
+def test_inductor_training_step_equals_eager(name, monkeypatch):
+    """Inductor's generated kernels (float32, the dtype users train in): BCN, in both of its
+    compiled forms; estimated BCN, the layer whose compiled graph once normalized with the
+    estimates from before the update; SN and group-wise SSN, whose light form (hand-written
+    backward) Inductor compiles."""
+    name = _structure(name, monkeypatch)
     eager = _block(name, dtype=torch.float32)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, dynamic=False)
@@ -103,7 +121,8 @@ def test_inductor_training_step_equals_eager(name):
 
 #: The layers whose light eager form (hand-written backward, :mod:`mmnorm.functional.row_affine`)
 #: ``torch.compile`` traces (``mix='std'`` has no light kernel); BCN's light form is traced as
-#: ``F.batch_norm`` then ``F.group_norm``; every exporter traces the plain form.
+#: ``F.batch_norm`` then ``F.group_norm`` (with a GPU's op structure); every exporter traces the
+#: plain form.
 LIGHT_UNDER_COMPILE = [name for name in LAYERS if not name.startswith('BCN') and name != 'SN_std']
 
 
@@ -127,19 +146,23 @@ def _calls(graph_module, name: str) -> bool:
                for node in graph_module.graph.nodes)
 
 
-@pytest.mark.parametrize('name', LIGHT_UNDER_COMPILE + ['BCN', 'BCN_est'])
-def test_compile_traces_the_light_form_and_export_the_plain_one(name):
+@pytest.mark.parametrize('name', LIGHT_UNDER_COMPILE + [
+    'BCN', 'BCN_est', 'BCN' + ON_GPU, 'BCN_est' + ON_GPU])
+def test_compile_traces_the_light_form_and_export_the_plain_one(name, monkeypatch):
     """``torch.compile`` of a model (mmengine's ``compile=True``) traces the light form: the SN
-    family's autograd Function, BCN's two ATen norms, which Inductor turns into fewer kernels
-    than the plain form's autograd graph; ``torch.export`` (and the ONNX exporter built on it)
-    keeps plain ATen ops."""
+    family's autograd Function, and with a GPU's op structure BCN's two ATen norms, which
+    Inductor turns into fewer kernels than the plain form's autograd graph (on the CPU, BCN's
+    plain form, whose kernels run faster there); ``torch.export`` (and the ONNX exporter built
+    on it) keeps plain ATen ops."""
+    gpu_structure = name.endswith(ON_GPU)
+    name = _structure(name, monkeypatch)
     layer = make_layer(name, seed=0)
     x = torch.randn(4, 8, 5, 6)
     graphs = _dynamo_graphs(layer, x)
     light = 'group_norm' if name.startswith('BCN') else 'autograd_function_apply'
     # One graph (estimated BCN: two, around its update).
     assert len(graphs) == (2 if name == 'BCN_est' else 1)
-    assert _calls(graphs[-1], light)
+    assert _calls(graphs[-1], light) == (gpu_structure or not name.startswith('BCN'))
     exported, = _dynamo_graphs(layer.eval(), x, export=True)
     assert not _calls(exported, light)
 

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 import mmnorm.functional.compiled as core
 from mmnorm import SwitchableNorm
+from mmnorm.functional import row_affine
 from tests.helpers.compile_failures import backward_fails, failing_compiler, first_run_fails
 from tests.helpers.layers import LAYERS, batches, make_layer, train_step
 
@@ -116,15 +117,21 @@ def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
         torch.testing.assert_close(grad, x.grad, **tol)
 
 
-@pytest.mark.parametrize('momentum, calls', [
-    (0.3, {'batch_channel_light': 4}),
-    (None, {'batch_channel': 3, 'batch_channel_light': 1})])
-def test_bcn_compiles_batch_then_group_normalization_where_it_serves(fresh, momentum, calls):
-    """BCN's compiled form is GN(BN(x)) by ATen's normalizations (what torch.compile of a model
-    traces), except for training steps with a tensor momentum (momentum=None: the cumulative
-    average), which compile the plain form; either way, outputs, gradients and running buffers
-    equal the eager forms' over three training steps and an eval forward."""
+@pytest.mark.parametrize('momentum, calls, gpu_structure', [
+    (0.3, {'batch_channel_light': 4}, True),
+    (None, {'batch_channel': 3, 'batch_channel_light': 1}, True),
+    (0.3, {'batch_channel': 4}, False)])
+def test_bcn_compiles_batch_then_group_normalization_where_it_serves(fresh, monkeypatch,
+                                                                     momentum, calls,
+                                                                     gpu_structure):
+    """With a GPU's op structure, BCN's compiled form is GN(BN(x)) by ATen's normalizations
+    (what torch.compile of a model traces there), except for training steps with a tensor
+    momentum (momentum=None: the cumulative average), which compile the plain form; on the CPU
+    the plain form. Either way, outputs, gradients and running buffers equal the eager forms'
+    over three training steps and an eval forward."""
     from mmnorm import BatchChannelNorm
+    if gpu_structure:
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
     reference = BatchChannelNorm(8, num_groups=4, momentum=momentum)
     with torch.no_grad():
         reference.bn_weight.uniform_(0.5, 1.5)
@@ -158,8 +165,9 @@ def _fell_back(records):
 @pytest.mark.parametrize('backend, stage', [(failing_compiler, 'forward compile'),
                                             ('backward', 'backward compile'),
                                             (first_run_fails, 'first run')])
-def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, backend, stage,
-                                                                      name, mmnorm_log):
+def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, monkeypatch,
+                                                                      backend, stage, name,
+                                                                      mmnorm_log):
     """The compiled form fails (injected through the torch.compile backend) at each stage: one
     warning in mmengine's log (not a Python warning), the training step completes, including the
     caller's backward() (which would raise without the probe for a backward that fails to
@@ -167,6 +175,8 @@ def test_every_compile_failure_falls_back_once_with_the_same_results(fresh, back
     its backward failed has not updated them: the eager rerun does, once); later calls are
     silent and eager."""
     fresh.backend = backward_fails() if backend == 'backward' else backend
+    if name == 'BCN':  # its batch then group normalization, compiled with a GPU's op structure
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
     reference = make_layer(name)
     layer = copy.deepcopy(reference)
     x, g = batches(1)[0], batches(1, seed=5)[0]
@@ -343,6 +353,18 @@ def test_compiled_calls_change_no_dynamo_setting(fresh, monkeypatch):
         with torch.no_grad():
             SwitchableNorm(8).eval()(torch.randn(2, 8, 5, 6))
         assert get_config_copy() == raised
+
+
+def test_compiled_kernels_run_on_threads_whatever_size_compiles_first(fresh):
+    """Sizes are dynamic, so a graph compiled at a tiny input serves every later size:
+    Inductor's C++ code for it still has OpenMP parallel regions (it would decide from the tiny
+    size that one thread suffices, and cache that code for every size and later process)."""
+    from torch._inductor.utils import run_and_get_code
+    layer = SwitchableNorm(8).eval()
+    with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
+        _, codes = run_and_get_code(layer, torch.randn(2, 8, 2, 2))
+    assert fresh.compiled_calls == 1 and codes
+    assert all('#pragma omp parallel' in code for code in codes)
 
 
 def test_one_compiled_function_per_name(fresh):

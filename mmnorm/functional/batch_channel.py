@@ -192,20 +192,27 @@ def _bn_then_gn(x: Tensor, num_groups: int, eps: float, tensors, batch: bool,
 
 
 def _batch_channel_light(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                     bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-                     bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
-                     running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
-                     num_groups: int, eps: float, batch: bool, momentum: float
-                     ) -> Tuple[Tensor, list]:
+                         bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                         bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *,
+                         num_groups: int, eps: float, batch: bool
+                         ) -> Tuple[Tensor, Optional[list]]:
     """:func:`_bn_then_gn` without side effects, for mmnorm's compiled form
-    (:func:`~mmnorm.functional.moments.compiled_call`): the running buffers are updated on
-    copies, returned as ``[new running_mean, new running_var]`` (``None`` when not given) for
-    the caller to store. The compiled form may run a new graph twice (its backward probe) or
-    give it up after a first run, so the graph itself must not change the caller's buffers."""
-    running = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    (:func:`~mmnorm.functional.moments.compiled_call`). With ``batch``, also returns the batch's
+    ``[mean, unbiased variance]`` (from buffers made in the graph, which ``F.batch_norm`` fills
+    at momentum 1) for the caller to move the running buffers with.
+
+    The running buffers and the momentum stay out of the graph: the compiled form may run a new
+    graph twice (its backward probe) or give it up after a first run, and a training step and
+    its recomputation under activation checkpointing (which passes no buffers) must run one
+    graph, saving the same tensors; a momentum schedule would compile a graph per value."""
+    stats = None
+    if batch:
+        channels, dtype = x.shape[1], stat_dtype(x.dtype)
+        stats = [torch.zeros(channels, dtype=dtype, device=x.device),
+                 torch.ones(channels, dtype=dtype, device=x.device)]
     out = _bn_then_gn(x, num_groups, eps, (weight, bias, bn_weight, bn_bias, bn_mean, bn_var),
-                      batch, *running, momentum)
-    return out, running
+                      batch, *(stats or (None, None)), 1.0)
+    return out, stats
 
 
 class _BatchThenGroupNorm(torch.autograd.Function):
@@ -347,17 +354,14 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         if _compiles_to_norms(input) and _native_serves(
                 input, batch, momentum, running_mean, running_mean if estimate else bn_mean,
                 tensors[:4]):
-            update = batch and training and running_mean is not None
-            compiled = compiled_call(
-                'batch_channel_light', _batch_channel_light, input, *tensors,
-                *((running_mean, running_var) if update else (None, None)),
-                num_groups=num_groups, eps=eps, batch=batch, momentum=momentum if update else 0.0)
+            compiled = compiled_call('batch_channel_light', _batch_channel_light, input,
+                                     *tensors, num_groups=num_groups, eps=eps, batch=batch)
             if compiled is not None:
-                out, (new_mean, new_var) = compiled
-                if update:
+                out, stats = compiled
+                if batch and training and running_mean is not None:
                     with torch.no_grad():
-                        running_mean.copy_(new_mean)
-                        running_var.copy_(new_var)
+                        running_mean.lerp_(stats[0], momentum)
+                        running_var.lerp_(stats[1], momentum)
                 return out
         else:
             result = compiled_rows(input, coefficients, tensors)

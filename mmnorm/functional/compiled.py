@@ -1,7 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Which form an eager call of mmnorm's layers runs, in one place: the compiled form (a layer's
 computation compiled by ``torch.compile``, Inductor: C++ / OpenMP on CPU, Triton on GPUs; the
-light form of :mod:`.row_affine` for SN, SN_tied and SSN with ``mix='var'``, the plain form for
+light form of :mod:`.row_affine` for SN, SN_tied and SSN with ``mix='var'``; BCN's batch then
+group normalization where launches count (a GPU), its plain form on the CPU; the plain form for
 the others) or the eager forms (the light eager form, or public eager ops).
 
 The compiled form is **opt-in**, as timm's fast-norm switch is: the eager forms are about as
@@ -24,7 +25,8 @@ mmnorm is imported, and overrides the config of a :class:`~mmnorm.engine.Compile
   :func:`auto_switch` yourself at a step every process reaches at the same time.
 
 The whole model can be compiled instead, with mmengine's ``compile=True`` (``torch.compile`` of
-the model): the layers then trace as plain tensor ops, whatever the mode.
+the model): the layers are then traced into the model's graph, whatever the mode, in the same
+forms as above (:func:`~mmnorm.functional.moments.eager_form`).
 
 **Failures fall back loudly, once**: the compiled form is given up for the process, with one
 warning through mmengine's logger (rank 0's), and the call runs in the eager forms when
@@ -252,8 +254,9 @@ def _dynamic(value: Any) -> Any:
 #: size, but Inductor's C++ backend decides whether a loop runs on OpenMP threads from the sizes
 #: of the call it compiles at, and caches that code on disk: a graph first compiled at a small
 #: size (a short test, a nearly empty RoI batch) ran single-threaded at every size after, in
-#: every later process. ``cpp.dynamic_threads`` gives each loop a parallel region whose threads
-#: the OpenMP runtime sets when it runs. (Triton's grids are sized at run time anyway.)
+#: every later process. With ``cpp.dynamic_threads`` every loop nest gets at least its outermost
+#: loop in a parallel region, whose threads the OpenMP runtime sets when it runs (deeper loops
+#: are still parallelized from the first sizes). (Triton's grids are sized at run time anyway.)
 INDUCTOR_OPTIONS = {'cpp.dynamic_threads': True}
 
 _LIMIT_RAISED = False
@@ -292,7 +295,7 @@ class CompiledForm:
         self.backend = backend
         self.failed: Optional[str] = None
         self.switched = False
-        self._functions: Dict[str, Callable] = {}
+        self._functions: Dict[str, Tuple[Callable, Callable]] = {}  # name: (fn, compiled)
         self._graphs: set = set()
         self._groups: Dict[Tuple, int] = {}
         self._calls: Dict[str, int] = {}

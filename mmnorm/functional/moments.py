@@ -426,7 +426,8 @@ def _compiles(x: Tensor, coefficients: Optional[Coefficients]) -> bool:
 
 def eager_form(x: Tensor, coefficients: Coefficients) -> str:
     """The form of this call, decided once: ``'traced'`` (under tracing for export: the plain
-    form; ``torch.compile`` of a model traces the light form, ``compiling_to_run``),
+    form; ``torch.compile`` of a model traces the light form, ``compiling_to_run``, which a
+    layer may still trace in its plain form: BCN does on the CPU),
     ``'compiled'`` (:mod:`.compiled` wants it: the layer's form compiled), ``'light'`` (the light
     eager form of :mod:`.row_affine`, for this process's batch with a spatial dim and at least
     one value) or ``'public'`` (``_RowNormFunction`` / the plain form in eager ops: a

@@ -156,6 +156,41 @@ def test_compiled_form_under_activation_checkpointing(compiled):
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_bcn_runs_one_graph_per_step_and_recomputation(fresh, monkeypatch):
+    """BCN's batch then group normalization, compiled (a GPU's op structure), under
+    non-reentrant activation checkpointing and a momentum that changes every step: the forward
+    and its recomputation (which updates no buffer) run one graph, which saves the same tensors
+    (a second graph may not: torch.utils.checkpoint then raises), and no momentum makes a
+    graph of its own (a schedule would recompile every step). Outputs, gradients and buffers
+    are the eager forms'."""
+    from mmnorm import BatchChannelNorm
+    monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    fresh.backend = 'aot_eager'  # saves what the joint graph's partition says, as Inductor does
+    reference = BatchChannelNorm(8, num_groups=4, momentum=0.1)
+    with torch.no_grad():
+        reference.bn_weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    layer = copy.deepcopy(reference)
+    inputs, grads = batches(3, shape=(3, 8, 5, 6)), batches(3, shape=(3, 8, 5, 6), seed=4)
+
+    def steps(model, checkpointed):
+        results = []
+        for step, (x, g) in enumerate(zip(inputs, grads)):
+            model.momentum = 0.1 * (step + 1)
+            x = x.clone().requires_grad_()
+            y = checkpoint(model, x, use_reentrant=False) if checkpointed else model(x)
+            y.backward(g)
+            results.append((y.detach(), x.grad))
+        return results + [[p.grad for p in model.parameters()], list(model.buffers())]
+
+    ours = steps(layer, checkpointed=True)
+    # (A recomputation stops once it has saved what the backward needs: uncounted.)
+    assert fresh.failed is None and fresh.calls == {'batch_channel_light': 3}, fresh.calls
+    assert fresh.graphs == 1
+    core.use_compiled(False)
+    torch.testing.assert_close(ours, steps(reference, checkpointed=False))
+
+
 def _fell_back(records):
     """The fallback messages among mmnorm's reports."""
     return [r for r in records if FELL_BACK in r.getMessage()]

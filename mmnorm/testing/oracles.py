@@ -161,10 +161,11 @@ def one_hot_logits(index: int, size: int = 3, dtype=torch.float64) -> Tensor:
 def simplex_projection(v: Tensor, iterations: int = 200) -> Tensor:
     """Euclidean projection onto the probability simplex by bisection on the threshold ``tau``
     of ``max(v - tau, 0)`` (sums to 1), then tiny entries set to exactly 0 (float64)."""
-    low, high = float(v.min()) - 1.0, float(v.max())
+    values = v.detach()  # the threshold is found on values; the result stays differentiable
+    low, high = float(values.min()) - 1.0, float(values.max())
     for _ in range(iterations):
         tau = (low + high) / 2
-        if float(torch.clamp(v - tau, min=0).sum()) > 1:
+        if float(torch.clamp(values - tau, min=0).sum()) > 1:
             low = tau
         else:
             high = tau

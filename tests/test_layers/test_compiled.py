@@ -117,6 +117,17 @@ def test_compiled_form_in_half_precision_and_odd_shapes(compiled):
         torch.testing.assert_close(grad, x.grad, **tol)
 
 
+def _bcn_case(momentum):
+    """A BCN (non-trivial BN scale and GN shift) and its copy, three inputs and gradients."""
+    from mmnorm import BatchChannelNorm
+    reference = BatchChannelNorm(8, num_groups=4, momentum=momentum)
+    with torch.no_grad():
+        reference.bn_weight.uniform_(0.5, 1.5)
+        reference.bias.uniform_(-1, 1)
+    inputs, grads = batches(3, shape=(3, 8, 5, 6)), batches(3, shape=(3, 8, 5, 6), seed=4)
+    return reference, copy.deepcopy(reference), inputs, grads
+
+
 @pytest.mark.parametrize('momentum, calls, gpu_structure', [
     (0.3, {'batch_channel_light': 4}, True),
     (None, {'batch_channel': 3, 'batch_channel_light': 1}, True),
@@ -129,15 +140,9 @@ def test_bcn_compiles_batch_then_group_normalization_where_it_serves(fresh, monk
     momentum (momentum=None: the cumulative average), which compile the plain form; on the CPU
     the plain form. Either way, outputs, gradients and running buffers equal the eager forms'
     over three training steps and an eval forward."""
-    from mmnorm import BatchChannelNorm
     if gpu_structure:
         monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
-    reference = BatchChannelNorm(8, num_groups=4, momentum=momentum)
-    with torch.no_grad():
-        reference.bn_weight.uniform_(0.5, 1.5)
-        reference.bias.uniform_(-1, 1)
-    layer = copy.deepcopy(reference)
-    inputs, grads = batches(3, shape=(3, 8, 5, 6)), batches(3, shape=(3, 8, 5, 6), seed=4)
+    reference, layer, inputs, grads = _bcn_case(momentum)
     ours = _run(layer, inputs, grads)
     assert fresh.calls == calls
     core.use_compiled(False)
@@ -163,15 +168,9 @@ def test_compiled_bcn_runs_one_graph_per_step_and_recomputation(fresh, monkeypat
     (a second graph may not: torch.utils.checkpoint then raises), and no momentum makes a
     graph of its own (a schedule would recompile every step). Outputs, gradients and buffers
     are the eager forms'."""
-    from mmnorm import BatchChannelNorm
     monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
     fresh.backend = 'aot_eager'  # saves what the joint graph's partition says, as Inductor does
-    reference = BatchChannelNorm(8, num_groups=4, momentum=0.1)
-    with torch.no_grad():
-        reference.bn_weight.uniform_(0.5, 1.5)
-        reference.bias.uniform_(-1, 1)
-    layer = copy.deepcopy(reference)
-    inputs, grads = batches(3, shape=(3, 8, 5, 6)), batches(3, shape=(3, 8, 5, 6), seed=4)
+    reference, layer, inputs, grads = _bcn_case(momentum=0.1)
 
     def steps(model, checkpointed):
         results = []

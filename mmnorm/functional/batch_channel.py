@@ -42,7 +42,7 @@ from torch import Tensor
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       eager_channel_moments, eager_form, is_tracing, normalize_rows, pool,
                       stat_dtype)
-from .row_affine import simple_passes, stat_moments
+from .row_affine import CoefficientKernel, row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
 
@@ -216,10 +216,12 @@ def _batch_channel_light(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
 
 class _BatchThenGroupNorm(torch.autograd.Function):
-    """BCN's light training form: :func:`_bn_then_gn` run without a graph, and again in the
-    backward to differentiate it. Only the input is saved, as for the other layers (the
-    batch-normalized activation the group normalization's backward needs would double the
-    layer's saved memory); the second run costs one forward of two fused kernels."""
+    """BCN's light training form where launches count (on the CPU a training step with batch
+    statistics is :func:`~.row_affine.row_affine`'s per-row map instead):
+    :func:`_bn_then_gn` run without a graph, and again in the backward to differentiate it.
+    Only the input is saved, as for the other layers (the batch-normalized activation the
+    group normalization's backward needs would double the layer's saved memory); the second
+    run costs one forward of two fused kernels."""
 
     @staticmethod
     def forward(ctx, x: Tensor, spec: tuple, running_mean: Optional[Tensor],
@@ -368,15 +370,27 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         if result is None:  # it failed now: this call runs what later ones do
             form = eager_form(input, coefficients)
     if result is None and light_serves():
-        update = batch and training and running_mean is not None
-        running = (running_mean, running_var) if update else (None, None)
-        # Under torch.compile autograd differentiates F.batch_norm and F.group_norm itself:
-        # the Function's backward calls torch.autograd.grad, which Dynamo does not trace.
-        if not is_tracing() and torch.is_grad_enabled() and (input.requires_grad or any(
-                t is not None and t.requires_grad for t in tensors)):
-            return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
-                                             *running, *tensors)
-        return _bn_then_gn(input, num_groups, eps, tensors, batch, *running, momentum)
+        needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
+            t is not None and t.requires_grad for t in tensors))
+        if batch and simple_passes(input) and not is_tracing():
+            # The CPU, batch statistics: one per-row affine map in the SN family's passes
+            # (ATen's CPU batch normalization, and the backward's second run of both norms,
+            # cost 2-3x that), with or without a gradient (a reentrant checkpoint's first run
+            # has none): the same numbers either way. (Estimated BCN normalizes with its
+            # estimates in training and eval alike, and a checkpoint's recomputation passes
+            # training=False: one form, ATen's norms, serves both.)
+            result = row_affine(input, CoefficientKernel(coefficients, track=needs_grad),
+                                tensors)
+        else:
+            update = batch and training and running_mean is not None
+            running = (running_mean, running_var) if update else (None, None)
+            # Under torch.compile autograd differentiates F.batch_norm and F.group_norm
+            # itself: the Function's backward calls torch.autograd.grad, which Dynamo does
+            # not trace.
+            if needs_grad and not is_tracing():
+                return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
+                                                 *running, *tensors)
+            return _bn_then_gn(input, num_groups, eps, tensors, batch, *running, momentum)
     if result is None:
         result = normalize_rows(input, coefficients, tensors,
                                 'public' if form == 'light' else form)

@@ -32,15 +32,16 @@ tests hold the two to 1e-10 in float64. Statistics and :math:`(A, B)` are comput
 for float16/bfloat16 inputs, and the output is rounded once, at the end.
 """
 import math
-from typing import Any, Dict, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .moments import LOW_PRECISION
+from .moments import LOW_PRECISION, Coefficients
+from .moments import _centered_moments as corrected_moments
 
-__all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
+__all__ = ['RowAffineKernel', 'CoefficientKernel', 'row_affine', 'spatial_dims', 'stat_moments',
            'FEW_LAUNCHES_NOT_NEEDED', 'instance_layer_batch_moments', 'simple_passes']
 
 def spatial_dims(x: Tensor) -> Tuple[int, ...]:
@@ -62,31 +63,53 @@ def simple_passes(x: Tensor) -> bool:
     return x.device.type in FEW_LAUNCHES_NOT_NEEDED
 
 
+class Centering(NamedTuple):
+    """The CPU's first pass over a row: ``values = x - mean + delta`` (a new tensor, which the
+    caller may reuse), with ``delta`` the rounding error of the first-pass mean (corrected
+    moments) or None (0)."""
+    values: Tensor
+    delta: Optional[Tensor]
+
+
+def _centered_moments(x: Tensor, dims: Sequence[int]
+                      ) -> Tuple[Tensor, Tensor, Optional[Centering]]:
+    """``(mean, biased variance, centering)`` of ``x`` over ``dims`` (kept, size 1): one
+    reduction (``torch.var_mean``, no centering), or where simple passes are faster
+    (:data:`FEW_LAUNCHES_NOT_NEEDED`) the two-pass algorithm, the mean then the norm of the
+    centered values."""
+    dims = tuple(dims)
+    if not simple_passes(x):
+        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+        return mean, var, None
+    mean = x.mean(dims, keepdim=True)
+    centered = x - mean
+    norm = torch.linalg.vector_norm(centered, dim=dims, keepdim=True)
+    var = norm.square_().div_(x.numel() // max(mean.numel(), 1))
+    return mean, var, Centering(centered, None)
+
+
 def stat_moments(x: Tensor, dims: Sequence[int]) -> Tuple[Tensor, Tensor]:
     """``(mean, biased variance)`` of ``x`` over ``dims`` (kept, size 1): one reduction
     (``torch.var_mean``), or the two-pass algorithm (the mean, then the norm of the centered
     values) where simple passes are faster (:data:`FEW_LAUNCHES_NOT_NEEDED`)."""
-    dims = tuple(dims)
-    if not simple_passes(x):
-        var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-        return mean, var
-    mean = x.mean(dims, keepdim=True)
-    norm = torch.linalg.vector_norm(x - mean, dim=dims, keepdim=True)
-    return mean, norm.square_().div_(x.numel() // max(mean.numel(), 1))
+    return _centered_moments(x, dims)[:2]
 
 
-def instance_layer_batch_moments(x: Tensor, layer: bool = True, batch: bool = True
+def instance_layer_batch_moments(x: Tensor, layer: bool = True, batch: bool = True,
+                                 rows: Optional[Tuple[Tensor, Tensor]] = None
                                  ) -> Tuple[Tuple[Tensor, Tensor], ...]:
     """The ``(mean, biased variance)`` of ``x`` ``(N, C, *)`` per (sample, channel) ``(N, C)``,
     and if asked per sample ``(N, 1)`` (LN) and per channel ``(1, C)`` (BN), in that order.
 
     Each is one reduction of ``x`` (:func:`stat_moments`) where launches count; where simple
     passes are faster (:data:`FEW_LAUNCHES_NOT_NEEDED`) the LN and BN moments are pooled from
-    the per-row ones by the law of total variance, a few ops on ``(N, C)`` tensors.
+    the per-row ones by the law of total variance, a few ops on ``(N, C)`` tensors. ``rows``,
+    the per-row moments ``(N, C)`` when the caller has them (:func:`row_affine` does), are used
+    as they are.
     """
     n, c = x.shape[:2]
     dims = spatial_dims(x)
-    inst = tuple(t.view(n, c) for t in stat_moments(x, dims))
+    inst = rows if rows is not None else tuple(t.view(n, c) for t in stat_moments(x, dims))
     result = [inst]
     for wanted, dim, shape in ((layer, 1, (n, 1)), (batch, 0, (1, c))):
         if not wanted:
@@ -101,18 +124,43 @@ def instance_layer_batch_moments(x: Tensor, layer: bool = True, batch: bool = Tr
     return tuple(result)
 
 
-def _affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-    """``scale * x + shift`` with per-row ``scale``, ``shift`` (a new tensor in ``x``'s layout)."""
-    if simple_passes(x):
-        return (x * scale).add_(shift)
-    return torch.addcmul(shift, x, scale)
+def _row_moments(x: Tensor, corrected: bool
+                 ) -> Tuple[Tuple[Tensor, Tensor], Optional[Centering]]:
+    """The per-row ``(mean, biased variance)`` ``(N, C)`` of ``x`` and, where simple passes
+    are faster, its :class:`Centering`, else None. ``corrected``: the plain form's corrected
+    two-pass algorithm (:func:`~.moments.channel_moments`; one more reduction), whose mean is
+    exact for rows of equal values, as a shift about the mean needs."""
+    n, c = x.shape[:2]
+    if corrected and simple_passes(x):
+        mean, var, centered, delta = corrected_moments(x)
+        return (mean, var), Centering(centered, delta)
+    mean, var, centering = _centered_moments(x, spatial_dims(x))
+    return (mean.view(n, c), var.view(n, c)), centering
+
+
+def _output(x: Tensor, A: Tensor, B: Tensor, mean: Tensor, centering: Optional[Centering],
+            centered_shift: bool) -> Tensor:
+    """``A x + B`` per row (``A (x - mean) + B`` for a kernel's ``centered_shift``), a new
+    tensor in ``x``'s layout: one ``addcmul`` where launches count; else written over the
+    centering's values, ``x - mean + delta`` (no new full-size tensor: on the CPU a fresh one
+    costs page faults as well as a pass)."""
+    if centering is None:
+        shift = torch.addcmul(B, A, mean, value=-1) if centered_shift else B
+        return torch.addcmul(_rows(shift, x), x, _rows(A, x))
+    values, delta = centering
+    # y = A values + (B - A delta), and + A mean for a shift about 0
+    if not centered_shift:
+        B = torch.addcmul(B, A, mean)
+    if delta is not None:
+        B = torch.addcmul(B, A, delta, value=-1)
+    return values.mul_(_rows(A, x)).add_(_rows(B, x))
 
 
 def _row_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum_l a * b`` per (n, c) row: one batched matrix-vector product on contiguous inputs
-    where launches count, else a product and a sum."""
+    """``sum_l a * b`` per (n, c) row: one batched matrix-vector product on contiguous
+    inputs, else a product and a sum."""
     n, c = a.shape[:2]
-    if not simple_passes(a) and a.is_contiguous() and b.is_contiguous():
+    if a.is_contiguous() and b.is_contiguous():
         return torch.bmm(a.view(n * c, 1, -1), b.view(n * c, -1, 1)).view(n, c)
     return (a * b).sum(spatial_dims(a))
 
@@ -121,10 +169,17 @@ class RowAffineKernel(Protocol):
     """A normalizer's ``(N, C)`` math for :func:`row_affine`: ``f`` and its vector-Jacobian
     product, each a few vectorized tensor ops (no data-dependent Python control flow).
 
-    ``forward(x, *tensors)`` gets the input (float32 or wider) and the caller's tensors; it
-    computes the statistics it needs (:func:`stat_moments`) and returns ``(A, B, state, aux)``:
-    ``A``, ``B`` ``(N, C)``; ``state`` whatever ``backward`` needs (``None`` when no gradient
-    is wanted); ``aux`` a dict of detached tensors for the caller (batch statistics, ratios).
+    ``forward(x, rows, *tensors)`` gets the input (float32 or wider), its per-row ``(mean,
+    biased variance)`` ``(N, C)`` and the caller's tensors; it computes any other statistics
+    it needs (:func:`instance_layer_batch_moments`, :func:`stat_moments`) and returns
+    ``(A, B, state, aux)``: ``A``, ``B`` ``(N, C)``; ``state`` whatever ``backward`` needs
+    (``None`` when no gradient is wanted); ``aux`` a dict of detached tensors for the caller
+    (batch statistics, ratios).
+
+    A kernel whose attribute ``centered_shift`` is True gives the shift about the row's mean,
+    ``y = A (x - m) + B`` (a row of equal values then gets ``B`` exactly), and its backward
+    gets :math:`\\sum_l dy\\,(x - m)` for ``grad_A``; :func:`row_affine` adds the mean's own
+    share.
 
     ``backward(state, grad_A, grad_B, needs, length)`` gets :math:`\\sum_l dy\\,x` and
     :math:`\\sum_l dy` ``(N, C)`` and ``needs`` (which of ``tensors`` want a gradient); returns
@@ -133,7 +188,7 @@ class RowAffineKernel(Protocol):
     saved through autograd; ``length`` is the number of values per row.
     """
 
-    def forward(self, x: Tensor, *tensors: Optional[Tensor]
+    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]
                 ) -> Tuple[Tensor, Tensor, Any, Dict[str, Tensor]]:
         ...
 
@@ -141,6 +196,57 @@ class RowAffineKernel(Protocol):
                  needs: Sequence[bool], length: int
                  ) -> Tuple[Tensor, Tensor, Tuple[Optional[Tensor], ...]]:
         ...
+
+
+class CoefficientKernel:
+    r"""Any coefficient function (:class:`~mmnorm.functional.moments.Coefficients`: ``y =
+    scale (x - m) + shift`` from the per-row moments) as a :class:`RowAffineKernel` with a
+    centered shift: ``A = scale``, ``B = shift`` (a constant row gets ``shift`` exactly, as
+    BCN's zero-variance channels need), and the vector-Jacobian product by autograd on the
+    ``(N, C)`` tensors. A statistic's gradient reaches the input through the per-row moments,
+    :math:`dx \mathrel{+}= dm / L + 2\,dv\,(x - m) / L`, so ``P = 2 dv / L`` and ``Q = dm / L
+    - P m``.
+
+    For eager calls where simple passes are faster (:data:`FEW_LAUNCHES_NOT_NEEDED`): BCN's
+    training step on the CPU. With ``track`` (the call wants a gradient) the ``(N, C)`` graph
+    rides on the kernel, which one call owns (not saved through autograd: nothing traces this
+    kernel)."""
+
+    centered_shift = True
+
+    def __init__(self, coefficients: Coefficients, track: bool = True):
+        self.coefficients, self.track = coefficients, track
+        self.graph: Optional[tuple] = None
+
+    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
+        leaves = [t.detach().requires_grad_(self.track) for t in rows] + [
+            None if t is None else t.detach().requires_grad_(self.track and t.requires_grad)
+            for t in tensors]
+        with torch.set_grad_enabled(self.track):
+            scale, shift, aux = self.coefficients(*leaves, length=math.prod(x.shape[2:]))
+            A, B = scale.expand_as(rows[0]), shift.expand_as(rows[0])
+        self.graph = (leaves, A, B)
+        return A.detach(), B.detach(), (), {key: value.detach() for key, value in aux.items()}
+
+    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs: Sequence[bool],
+                 length: int):
+        leaves, A, B = self.graph
+        wanted = leaves[:2] + [t for t, need in zip(leaves[2:], needs) if need and t is not None]
+        # Retained: a graph kept by its caller (retain_graph=True) may be differentiated again.
+        found = torch.autograd.grad((A, B), wanted, (grad_A, grad_B), retain_graph=True,
+                                    allow_unused=True)
+        found = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, found)]
+        dm, dv = found[:2]
+        P = dv * (2.0 / length)
+        Q = torch.addcmul(dm / length, P, leaves[0].detach(), value=-1)
+        rest = iter(found[2:])
+        grads = tuple(next(rest) if need and t is not None else None
+                      for t, need in zip(leaves[2:], needs))
+        return P, Q, grads
+
+
+def _centered_shift(kernel) -> bool:
+    return getattr(kernel, 'centered_shift', False)
 
 
 def _rows(t: Tensor, x: Tensor) -> Tensor:
@@ -159,12 +265,14 @@ class _RowAffine(torch.autograd.Function):
                 *tensors: Optional[Tensor]):
         ctx.set_materialize_grads(False)  # the aux outputs get no gradient: make none
         wide = _wide(x)
-        A, B, state, aux = kernel.forward(wide, *tensors)
+        rows, centering = _row_moments(wide, _centered_shift(kernel))
+        A, B, state, aux = kernel.forward(wide, rows, *tensors)
         # A new tensor in the input's layout, never a view (callers may modify it in place).
-        out = _affine(wide, _rows(A, x), _rows(B, x))
+        out = _output(wide, A, B, rows[0], centering, _centered_shift(kernel))
         ctx.kernel = kernel
-        # Saved through autograd (not on ctx): torch.compile traces this Function too.
-        ctx.save_for_backward(x, A, *state)
+        # Saved through autograd (not on ctx): torch.compile traces this Function too. A
+        # centered shift's backward needs the mean.
+        ctx.save_for_backward(x, A, rows[0] if _centered_shift(kernel) else None, *state)
         aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
         ctx.mark_non_differentiable(*aux.values())
         return (out.to(x.dtype), *aux.values())
@@ -172,23 +280,32 @@ class _RowAffine(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor, *_):
-        x, A, *state = ctx.saved_tensors
+        x, A, mean, *state = ctx.saved_tensors
         if grad_out is None:
             return (None, None, None, *[None] * len(ctx.needs_input_grad[3:]))
         wide, dy = _wide(x), _wide(grad_out)
-        dims = spatial_dims(x)
+        dims, length = spatial_dims(x), math.prod(x.shape[2:])
+        centered_shift = _centered_shift(ctx.kernel)
         grad_B = dy.sum(dims)
-        grad_A = _row_dot(dy, wide)
+        if simple_passes(x):  # the product's buffer is reused for dx: no new full-size tensor
+            # (a centered shift: sum dy (x - m), exact for rows of equal values)
+            product = (wide - _rows(mean, x)).mul_(dy) if centered_shift else dy * wide
+            grad_A = product.sum(dims)
+        else:  # one batched matrix-vector product on contiguous inputs, else a product
+            product, grad_A = None, _row_dot(dy, wide)
+            if centered_shift:
+                grad_A = torch.addcmul(grad_A, mean, grad_B, value=-1)
         P, Q, grads = ctx.kernel.backward(state, grad_A, grad_B, ctx.needs_input_grad[3:],
-                                          math.prod(x.shape[2:]))
+                                          length)
+        if centered_shift:  # y = A (x - m) + B: the mean's own share, -A sum(dy) / L
+            Q = torch.addcmul(Q, A, grad_B, value=-1.0 / length)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = _affine(wide, _rows(P, x), _rows(Q, x))
-            if simple_passes(x):
-                grad_x.add_(dy * _rows(A, x))
+            if product is None:
+                grad_x = torch.addcmul(_rows(Q, x), wide, _rows(P, x))
             else:
-                grad_x.addcmul_(dy, _rows(A, x))
-            grad_x = grad_x.to(x.dtype)
+                grad_x = torch.mul(wide, _rows(P, x), out=product).add_(_rows(Q, x))
+            grad_x = grad_x.addcmul_(dy, _rows(A, x)).to(x.dtype)
         return (grad_x, None, None, *grads)
 
 
@@ -204,8 +321,10 @@ def row_affine(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Te
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
     if not needs_grad:
         wide = _wide(x)
-        A, B, _, aux = kernel.forward(wide, *tensors)
-        return _affine(wide, _rows(A, x), _rows(B, x)).to(x.dtype), aux
+        rows, centering = _row_moments(wide, _centered_shift(kernel))
+        A, B, _, aux = kernel.forward(wide, rows, *tensors)
+        out = _output(wide, A, B, rows[0], centering, _centered_shift(kernel))
+        return out.to(x.dtype), aux
     aux_keys: list = []
     out, *aux = _RowAffine.apply(x, kernel, aux_keys, *tensors)
     return out, dict(zip(aux_keys, aux))

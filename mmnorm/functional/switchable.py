@@ -351,12 +351,13 @@ class _SwitchableKernel:
     def __init__(self, eps: float, batch: bool):
         self.eps, self.batch = eps, batch
 
-    def forward(self, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                bn_mean: Optional[Tensor], bn_var: Optional[Tensor], ratios: Tensor):
+    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], weight: Optional[Tensor],
+                bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
+                ratios: Tensor):
         n, c = x.shape[:2]
         k = ratios.shape[-1]
         batch = k == 3 and self.batch
-        (m, v), (m_ln, v_ln), *bn = instance_layer_batch_moments(x, batch=batch)
+        (m, v), (m_ln, v_ln), *bn = instance_layer_batch_moments(x, batch=batch, rows=rows)
         aux: dict = {}
         means, variances = [m, m_ln], [v, v_ln]
         if k == 3:

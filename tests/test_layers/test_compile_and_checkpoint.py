@@ -51,15 +51,15 @@ def _step(model: nn.Module, x: torch.Tensor, grad: torch.Tensor, forward=None):
 EXACT, FLOAT32_GRADS = dict(rtol=0, atol=0), 1e-5
 
 
-def _assert_close_to_scale(actual, expected, rel=1e-5, msg=''):
-    """``max|actual - expected| <= rel * max|expected|``: float32 rounding of sums is relative
-    to the size of the summands, not of each (possibly tiny) result."""
+def _assert_close_to_scale(actual, expected, rel=1e-5, msg='', floor=0.0):
+    """``max|actual - expected| <= rel * max(max|expected|, floor)``: float32 rounding of sums
+    is relative to the size of the summands, not of each (possibly tiny) result."""
     error = float((actual - expected).abs().max())
-    assert error <= rel * float(expected.abs().max()), f'{msg}: {error}'
+    assert error <= rel * max(float(expected.abs().max()), floor), f'{msg}: {error}'
 
 
 def _assert_same(reference: nn.Module, other: nn.Module, ref_step, other_step, tol,
-                 grad_tol=None):
+                 grad_tol=None, grad_floor=0.0):
     (y0, gx0, gp0), (y1, gx1, gp1) = ref_step, other_step
     torch.testing.assert_close(y1, y0, **tol, msg=lambda m: f'output: {m}')
     if grad_tol is None:
@@ -67,9 +67,9 @@ def _assert_same(reference: nn.Module, other: nn.Module, ref_step, other_step, t
         for n in gp0:
             torch.testing.assert_close(gp1[n], gp0[n], **tol, msg=lambda m, n=n: f'{n}: {m}')
     else:
-        _assert_close_to_scale(gx1, gx0, grad_tol, msg='input grad')
+        _assert_close_to_scale(gx1, gx0, grad_tol, msg='input grad', floor=grad_floor)
         for n in gp0:
-            _assert_close_to_scale(gp1[n], gp0[n], grad_tol, msg=n)
+            _assert_close_to_scale(gp1[n], gp0[n], grad_tol, msg=n, floor=grad_floor)
     for (n, b0), (_, b1) in zip(reference.named_buffers(), other.named_buffers()):
         torch.testing.assert_close(b1, b0, **tol, msg=lambda m, n=n: f'buffer {n}: {m}')
 
@@ -109,14 +109,18 @@ def test_inductor_training_step_equals_eager(name, monkeypatch):
     """Inductor's generated kernels (float32, the dtype users train in): BCN, in both of its
     compiled forms; estimated BCN, the layer whose compiled graph once normalized with the
     estimates from before the update; SN and group-wise SSN, whose light form (hand-written
-    backward) Inductor compiles."""
+    backward) Inductor compiles. Gradients to float32 rounding relative to their scale (at
+    least 1): a ratio parameter's gradient sums many products with cancellation (group-wise
+    SSN's differ from a float64 step by up to 5e-5 of their largest entry, eager and compiled
+    alike), and a convolution bias before a norm gets only rounding errors."""
     name = _structure(name, monkeypatch)
     eager = _block(name, dtype=torch.float32)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, dynamic=False)
     for x, grad in zip(batches(2, shape=(4, 8, 5, 6)), batches(2, shape=(4, 8, 5, 6), seed=9)):
         _assert_same(eager, compiled_model, _step(eager, x, grad),
-                     _step(compiled_model, x, grad, forward=compiled), dict(rtol=1e-4, atol=1e-4))
+                     _step(compiled_model, x, grad, forward=compiled), dict(rtol=1e-4, atol=1e-4),
+                     grad_tol=2e-4, grad_floor=1.0)
 
 
 #: The layers whose light eager form (hand-written backward, :mod:`mmnorm.functional.row_affine`)

@@ -5,6 +5,7 @@ and modes the general tests do not reach."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmnorm.functional.moments as core
 from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
@@ -84,7 +85,12 @@ def _run(make, traced, monkeypatch, x, grad, train, steps=2):
 @pytest.mark.parametrize('shape, fmt', [
     ((3, 6, 7), None), ((2, 6, 3, 4, 5), None), ((1, 6, 4, 5), None), ((5, 6, 1, 1), None),
     ((1, 6, 1, 1), None), ((3, 6, 4, 5), torch.channels_last)])
-def test_light_form_equals_plain_form(name, train, shape, fmt, monkeypatch, eager):
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+def test_light_form_equals_plain_form(name, train, shape, fmt, structure, monkeypatch, eager):
+    # Both op structures: the CPU's passes (BCN's training step a per-row affine map there)
+    # and a GPU's (fewest ops; BCN as ATen's batch then group normalization).
+    if structure == 'gpu':
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1.5
     grad = torch.randn(shape, generator=gen, dtype=torch.float64)
@@ -95,6 +101,48 @@ def test_light_form_equals_plain_form(name, train, shape, fmt, monkeypatch, eage
     torch.testing.assert_close(light, plain, rtol=1e-10, atol=1e-10)
     if fmt is not None:  # the gradient keeps the input's layout
         assert light[0][0][1].is_contiguous(memory_format=fmt)
+
+
+class _FullSizeTensors(TorchDispatchMode):
+    """Counts the ops that create a new tensor of ``numel`` values (not views, not in place)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            outs = out if isinstance(out, (tuple, list)) else (out, )
+            self.count += sum(isinstance(t, torch.Tensor) and t.numel() == self.numel
+                              for t in outs)
+        return out
+
+
+def _full_size_tensors(layer, x, train):
+    layer.train(train)
+    x = x.clone().requires_grad_(train)
+    dy = torch.randn_like(x)
+    with _FullSizeTensors(x.numel()) as counter:
+        if train:
+            layer(x).backward(dy)
+        else:
+            with torch.no_grad():
+                layer(x)
+    return counter.count
+
+
+@pytest.mark.parametrize('name, train', [
+    (name, train) for name in ('SN', 'SN_tied', 'SSN') for train in (True, False)] + [
+    ('BCN', True)])
+def test_cpu_step_creates_no_more_full_size_tensors_than_group_norm(name, train, eager):
+    # On the CPU a fresh full-size tensor costs page faults besides its pass: the moments'
+    # centered input becomes the output, and the backward's product becomes dx. (BCN's eval
+    # forward, and estimated BCN, are ATen's batch then group normalization.)
+    x = torch.randn(4, 16, 7, 7)
+    native = _full_size_tensors(nn.GroupNorm(4, 16), x, train)
+    assert native == (2 if train else 1)  # the counter itself: output (and input gradient)
+    assert _full_size_tensors(LAYERS[name](16), x, train) <= native
 
 
 @pytest.mark.parametrize('slow', [(), ('cpu', )])

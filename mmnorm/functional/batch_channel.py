@@ -271,6 +271,23 @@ def _move_estimates_light(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor
     return new_mean, new_var
 
 
+class _EstimatingKernel(CoefficientKernel):
+    """Algorithm 1 in the CPU's per-row affine map (:func:`~.row_affine.row_affine`): the
+    estimates (the last two tensors) move from the per-row moments the map computes anyway
+    (:func:`update_estimates`: no pass over the input of its own), then normalize as
+    constants."""
+
+    def __init__(self, coefficients: Coefficients, track: bool, rate: Union[float, Tensor]):
+        check_rate(rate)
+        super().__init__(coefficients, track)
+        self.rate = rate
+
+    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
+        *params, estimate_mean, estimate_var = tensors
+        moved = update_estimates(estimate_mean, estimate_var, *rows, self.rate)
+        return super().forward(x, rows, *params, *moved)
+
+
 def check_rate(rate: Union[float, Tensor], name: str = 'rate') -> None:
     """Refuse an estimate update rate outside [0, 1]: beyond 1 the estimates overshoot the
     batch statistics and the variance can turn negative (NaN outputs); below 0 they move away.
@@ -342,7 +359,16 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
             input, batch, momentum, running_mean, running_mean if estimate else bn_mean,
             tensors[:4])
 
-    if estimate and training:
+    # The CPU, batch statistics or estimates: one per-row affine map in the SN family's passes
+    # (ATen's CPU batch normalization, and the backward's second run of both norms, cost 2-3x
+    # that), with or without a gradient (a reentrant checkpoint's first run has none): the same
+    # numbers either way. Estimated BCN takes it in training, its estimates moved from the
+    # per-row moments, and wherever a gradient may be taken (a checkpoint's recomputation of a
+    # training step passes training=False); an eval forward without autograd keeps ATen's norms
+    # (fewer passes than the map's moments when nothing is differentiated).
+    one_map = (form == 'light' and simple_passes(input) and not is_tracing() and light_serves()
+               and (batch or estimate and (training or torch.is_grad_enabled())))
+    if estimate and training and not one_map:
         # Algorithm 1 updates the estimates first and normalizes with the new values, which are
         # constants for autograd.
         # (_move_estimates leaves a compiled graph on purpose; see its docstring.)
@@ -372,15 +398,10 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     if result is None and light_serves():
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in tensors))
-        if batch and simple_passes(input) and not is_tracing():
-            # The CPU, batch statistics: one per-row affine map in the SN family's passes
-            # (ATen's CPU batch normalization, and the backward's second run of both norms,
-            # cost 2-3x that), with or without a gradient (a reentrant checkpoint's first run
-            # has none): the same numbers either way. (Estimated BCN normalizes with its
-            # estimates in training and eval alike, and a checkpoint's recomputation passes
-            # training=False: one form, ATen's norms, serves both.)
-            result = row_affine(input, CoefficientKernel(coefficients, track=needs_grad),
-                                tensors)
+        if one_map:
+            kernel = (_EstimatingKernel(coefficients, needs_grad, rate) if estimate and training
+                      else CoefficientKernel(coefficients, track=needs_grad))
+            result = row_affine(input, kernel, tensors)
         else:
             update = batch and training and running_mean is not None
             running = (running_mean, running_var) if update else (None, None)

@@ -134,11 +134,11 @@ def _full_size_tensors(layer, x, train):
 
 @pytest.mark.parametrize('name, train', [
     (name, train) for name in ('SN', 'SN_tied', 'SSN') for train in (True, False)] + [
-    ('BCN', True)])
+    ('BCN', True), ('BCN_est', True)])
 def test_cpu_step_creates_no_more_full_size_tensors_than_group_norm(name, train, eager):
     # On the CPU a fresh full-size tensor costs page faults besides its pass: the moments'
     # centered input becomes the output, and the backward's product becomes dx. (BCN's eval
-    # forward, and estimated BCN, are ATen's batch then group normalization.)
+    # forwards are ATen's batch then group normalization.)
     x = torch.randn(4, 16, 7, 7)
     native = _full_size_tensors(nn.GroupNorm(4, 16), x, train)
     assert native == (2 if train else 1)  # the counter itself: output (and input gradient)

@@ -31,9 +31,9 @@ from typing import Callable, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, normalize_rows,
-                      pool)
-from .row_affine import instance_layer_batch_moments, row_affine
+from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, is_tracing,
+                      normalize_rows, pool)
+from .row_affine import instance_layer_batch_moments, row_affine, simple_passes
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
 
@@ -341,11 +341,18 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
 class _SwitchableKernel:
     """SN's ``(N, C)`` math for the light eager form (:mod:`.row_affine`), ``mix='var'``.
 
-    Statistics ``S`` ``(N, C, 2, K)``: the means (row 0) and variances (row 1) of IN, LN (and
-    BN) broadcast to ``(N, C)``, each from one reduction of the input (BN's are the constant
-    ``bn_mean`` / ``bn_var`` in eval); ratios ``(2, K)``, or ``(C, 2, K)`` (one row per channel:
-    group-wise ratios); mixed ``(mu, s2) = sum_k S_k ratios_k``; ``A = w / sqrt(s2 + eps)``,
-    ``B = bias - A mu``.
+    Statistics: the means and variances of IN ``(N, C)``, LN ``(N, 1)`` (and BN ``(1, C)``),
+    each from one reduction of the input (BN's are the constant ``bn_mean`` / ``bn_var`` in
+    eval); ratios ``(2, K)``, or ``(C, 2, K)`` (one row per channel: group-wise ratios); mixed
+    ``(mu, s2) = sum_k S_k ratios_k``; ``A = w / sqrt(s2 + eps)``, ``B = bias - A mu``.
+
+    Two op structures of the same math. Where launches count, the statistics are broadcast and
+    stacked ``(N, C, 2, K)`` so that each step is one op over all normalizers. Where simple
+    passes are faster (:func:`~.row_affine.simple_passes`, the CPU), that stack is six times
+    the ``(N, C)`` bytes, which at RoI features (N·C = 131k rows) cost more than the passes over
+    the input: there eager calls add each normalizer's term at its own shape (LN ``(N, 1)``, BN
+    ``(1, C)``), a few more, smaller ops. (``torch.compile`` traces the stacked structure: it
+    fuses the stack away, and Dynamo refuses saved statistics that are views of the moments.)
     """
 
     def __init__(self, eps: float, batch: bool):
@@ -368,26 +375,45 @@ class _SwitchableKernel:
                 m_bn, v_bn = bn_mean.to(x.dtype).view(1, c), bn_var.to(x.dtype).view(1, c)
             means.append(m_bn)
             variances.append(v_bn)
-        flat = torch.stack(torch.broadcast_tensors(*means, *variances), -1)
-        stats = flat.view(n, c, 2, k)
-        mixed = (stats * ratios.to(x.dtype)).sum(-1)
-        mu, s2 = mixed.unbind(-1)
-        r = torch.rsqrt(s2 + self.eps)
+        ratios_x = ratios.to(x.dtype)
+        if simple_passes(x) and not is_tracing():
+            mu, s2 = (_mixed(stats, ratios_x[..., j, :]) for j, stats in
+                      enumerate((means, variances)))
+            r = torch.rsqrt(s2 + self.eps)
+            if k == 3 and not batch:  # saved: copies, not the running buffers themselves
+                means[2], variances[2] = means[2].clone(), variances[2].clone()
+            # Each normalizer's statistics at its own shape, means then variances.
+            stats = tuple(t for pair in zip(means, variances) for t in pair)
+            saved_mean = mu
+        else:
+            flat = torch.stack(torch.broadcast_tensors(*means, *variances), -1)
+            mixed = (flat.view(n, c, 2, k) * ratios_x).sum(-1)
+            mu, s2 = mixed.unbind(-1)
+            r = torch.rsqrt(s2 + self.eps)
+            stats = (flat, )
+            saved_mean = mixed  # not its view mu: saved as computed (see below)
         A = r * weight.to(x.dtype) if weight is not None else r
         B = torch.addcmul(bias.to(x.dtype), A, mu, value=-1) if bias is not None \
             else torch.mul(A, mu).neg_()
         # Saved as computed, not as views (torch.compile traces this too).
-        return A, B, (flat, ratios, r, A, mixed, weight), aux
+        return A, B, (ratios, r, A, weight, saved_mean, *stats), aux
 
     def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs, length: int):
-        flat, ratios, r, A, mixed, weight = state
+        ratios, r, A, weight, mu, *stats = state
         k = ratios.shape[-1]
-        stats, mu = flat.view(flat.shape[:2] + (2, k)), mixed[..., 0]
+        if len(stats) == 1:  # stacked: the mixed (mean, variance)
+            mu = mu[..., 0]
         grad_a = torch.addcmul(grad_A, grad_B, mu, value=-1)      # dL/dA through B = b - A mu
         t = grad_a * r
         g_weight = t.sum(0) if needs[0] else None
         g_bias = grad_B.sum(0) if needs[1] else None
         # G = (-dL/dmu, -2 dL/ds2): dL/dmu = -A gB; dL/ds2 = -0.5 gA w r^3 = -0.5 t A r.
+        bn_shared = k == 3 and self.batch
+        if len(stats) > 1:  # the CPU's: each normalizer's statistics at their own shape
+            return _unstacked_backward(stats, ratios, grad_B * A, t.mul_(r).mul_(A), needs,
+                                       length, bn_shared, g_weight, g_bias)
+        flat = stats[0]
+        stats = flat.view(flat.shape[:2] + (2, k))
         G = torch.stack([grad_B, t * r], -1).mul_(A.unsqueeze(-1))
         g_ratios = None
         if needs[4]:  # summed over the rows that share a ratio: all, or the samples
@@ -399,9 +425,46 @@ class _SwitchableKernel:
         # that is H_0k + H_1k (x - m_k) summed over the k and the values that share m_k.
         H = G.unsqueeze(-1) * (ratios.to(G.dtype) * (-1.0 / length))
         shared = [H[..., 0], H[..., 1].mean(1, keepdim=True)]
-        if k == 3 and self.batch:
+        if bn_shared:
             shared.append(H[..., 2].mean(0, keepdim=True))
         H = torch.stack(torch.broadcast_tensors(*shared), -1)   # (N, C, 2, K')
         H[..., 0, :].addcmul_(H[..., 1, :], stats[..., 0, :H.shape[-1]], value=-1)
         Q, P = H.sum(-1).unbind(-1)
         return P, Q, (g_weight, g_bias, None, None, g_ratios)
+
+
+def _mixed(stats: Sequence[Tensor], ratios: Tensor) -> Tensor:
+    """``sum_k stats[k] * ratios[..., k]`` as a new ``(N, C)`` tensor, each statistic at its
+    own shape (``(N, C)`` first, then ``(N, 1)``, ``(1, C)``); ``ratios`` ``(K,)`` or
+    ``(C, K)``."""
+    mixed = stats[0] * ratios[..., 0]
+    for i in range(1, len(stats)):
+        mixed = mixed + stats[i] * ratios[..., i]
+    return mixed
+
+
+def _unstacked_backward(stats, ratios: Tensor, G0: Tensor, G1: Tensor, needs, length: int,
+                        bn_shared: bool, g_weight, g_bias):
+    """:meth:`_SwitchableKernel.backward` where simple passes are faster: the same sums as the
+    stacked form's, each normalizer's term at its own shape. ``G0 = -dL/dmu``, ``G1 =
+    -2 dL/ds2``; ``stats`` the means and variances of IN, LN (and BN), interleaved."""
+    means, variances = stats[0::2], stats[1::2]
+    g_ratios = None
+    if needs[4]:  # summed over the rows that share a ratio: all, or the samples
+        dims = (0, 1) if ratios.dim() == 2 else 0
+        g_ratios = torch.stack([torch.stack([(G * s).sum(dims) for s in group], -1)
+                                for G, group in ((G0, means), (G1, variances))], -2)
+        g_ratios[..., 1, :].mul_(0.5)
+        g_ratios = g_ratios.neg_().to(ratios.dtype)
+    c = ratios.to(G0.dtype) * (-1.0 / length)
+    # H_jk = G_j c_jk over the values that share statistic k: IN per row, LN the sample's
+    # channels, BN (batch statistics only) the channel's samples; Q = sum_k H_0k - H_1k m_k,
+    # P = sum_k H_1k.
+    P = Q = None
+    for k, share in enumerate((lambda h: h, lambda h: h.mean(1, keepdim=True),
+                               lambda h: h.mean(0, keepdim=True))[:3 if bn_shared else 2]):
+        h0, h1 = share(G0 * c[..., 0, k]), share(G1 * c[..., 1, k])
+        q = torch.addcmul(h0, h1, means[k], value=-1)
+        P = h1 if P is None else P + h1
+        Q = q if Q is None else Q + q
+    return P, Q, (g_weight, g_bias, None, None, g_ratios)

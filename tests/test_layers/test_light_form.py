@@ -209,3 +209,19 @@ def test_eval_reuses_ratios_until_their_inputs_change(name, eager):
     # A cached forward skips the ratio function (SN: a softmax; SSN: SparsestMax).
     layer._ratio_cache = None
     assert sum(step_ops(layer, x, train=False).values()) > counted
+
+
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+def test_eval_step_keeps_its_statistics_when_buffers_move_before_backward(structure, eager,
+                                                                          monkeypatch):
+    # An eval forward saves the running statistics it normalized with; a training forward of
+    # the same layer before the backward moves the buffers in place, and must not reach (nor
+    # break) the first step's gradient.
+    if structure == 'gpu':
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    layer = SwitchableNorm(4, momentum=0.5).double().eval()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    expected = torch.autograd.grad(layer(x).square().sum(), x)[0]
+    y = layer(x)
+    layer.train()(torch.randn(2, 4, 3, 3, dtype=torch.float64) * 3 + 1)
+    torch.testing.assert_close(torch.autograd.grad(y.square().sum(), x)[0], expected)

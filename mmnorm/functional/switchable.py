@@ -391,11 +391,11 @@ class _SwitchableKernel:
             mu, s2 = mixed.unbind(-1)
             r = torch.rsqrt(s2 + self.eps)
             stats = (flat, )
-            saved_mean = mixed  # not its view mu: saved as computed (see below)
+            saved_mean = mixed  # not its view mu (see below)
         A = r * weight.to(x.dtype) if weight is not None else r
         B = torch.addcmul(bias.to(x.dtype), A, mu, value=-1) if bias is not None \
             else torch.mul(A, mu).neg_()
-        # Saved as computed, not as views (torch.compile traces this too).
+        # Where torch.compile traces it (the stacked structure), saved as computed, not as views.
         return A, B, (ratios, r, A, weight, saved_mean, *stats), aux
 
     def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs, length: int):

@@ -32,7 +32,7 @@ centered input (:mod:`.moments`): with :math:`\alpha_c = \gamma^b_c / \hat\sigma
 :math:`k_{ng} = \gamma^c_g / \sigma_{ng}`.
 """
 import math
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ from torch import Tensor
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       eager_channel_moments, eager_form, is_tracing, normalize_rows, pool,
                       stat_dtype)
-from .row_affine import CoefficientKernel, row_affine, simple_passes, stat_moments
+from .row_affine import row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
 
@@ -271,15 +271,111 @@ def _move_estimates_light(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor
     return new_mean, new_var
 
 
-class _EstimatingKernel(CoefficientKernel):
+class _BatchChannelKernel:
+    r"""BCN's ``(N, C)`` math for the CPU's per-row affine map (:func:`~.row_affine.row_affine`),
+    with its vector-Jacobian product written out (autograd over the same few dozen ``(N, C)``
+    ops costs more than the passes over the input at small maps and at RoI features).
+
+    Forward, as :func:`_coefficients` (module docstring): BN statistics :math:`\mu_c,
+    \sigma^2_c` (the batch's, pooled from the per-row moments, or constants),
+    :math:`\rho = (\sigma^2 + \epsilon)^{-1/2}`, :math:`\alpha = \gamma^b\rho`,
+    :math:`d = \alpha(m - \mu) + \beta^b`, :math:`e = \alpha^2 v`; group statistics
+    :math:`M, V` of :math:`(d, e)` (:func:`~.moments.pool`), :math:`r = (V + \epsilon)^{-1/2}`,
+    :math:`k = \gamma^c r`; ``A = k alpha``, ``B = k (d - M) + beta^c`` (a centered shift).
+
+    Backward, from :math:`g_A, g_B`: :math:`g_k = \sum_{c \in g} g_A\alpha + g_B(d - M)`,
+    :math:`g_V = -\tfrac12 g_k \gamma^c r^3`; :math:`g_d = k g_B + 2 g_V (d - M)/D - k
+    \sum_{c\in g} g_B / D` and :math:`g_e = g_V / D` (``D`` channels per group);
+    :math:`g_\alpha = \sum_n k g_A + 2 g_e \alpha v + g_d (m - \mu)`, :math:`g_m = \alpha
+    g_d`, :math:`g_v = \alpha^2 g_e`, :math:`g_\mu = -\sum_n g_m`, :math:`g_{\sigma^2} =
+    -\tfrac12 g_\alpha \gamma^b \rho^3`; the batch's statistics pass theirs on to every row,
+    :math:`g_m \mathrel{+}= (g_\mu + 2 g_{\sigma^2}(m - \mu))/N`, :math:`g_v
+    \mathrel{+}= g_{\sigma^2}/N`. ``P = 2 g_v / L``, ``Q = g_m / L - P m``. The tests hold it
+    to the plain form (autograd) to 1e-10 in float64.
+    """
+
+    centered_shift = True
+
+    def __init__(self, num_groups: int, eps: float, batch: bool, track: bool = True):
+        self.num_groups, self.eps, self.batch, self.track = num_groups, eps, batch, track
+
+    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], weight: Optional[Tensor],
+                bias: Optional[Tensor], bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                bn_mean: Optional[Tensor], bn_var: Optional[Tensor]):
+        m, v = rows
+        n, c = m.shape
+        g = self.num_groups
+        dtype = m.dtype
+        aux: dict = {}
+        if self.batch:
+            batch_stats = batch_statistics(m, v, math.prod(x.shape[2:]))
+            mu, var = batch_stats.mean, batch_stats.var
+            aux = batch_stats.as_aux()
+        else:
+            mu, var = bn_mean.to(dtype), bn_var.to(dtype)
+        rho = torch.rsqrt(var + self.eps)
+        alpha = rho * bn_weight.to(dtype) if bn_weight is not None else rho
+        centered = m - mu
+        dot = alpha * centered
+        if bn_bias is not None:
+            dot = dot + bn_bias.to(dtype)
+        dot = dot.view(n, g, c // g)
+        e = (alpha.square() * v).view(n, g, c // g)
+        group_mean, group_var = pool(dot, e, 2)
+        r = torch.rsqrt(group_var + self.eps)                              # (N, G, 1)
+        k = r * weight.to(dtype).view(1, g, 1) if weight is not None else r
+        deviation = dot - group_mean
+        A = (k * alpha.view(1, g, -1)).view(n, c)
+        B = k * deviation
+        if bias is not None:
+            B = B + bias.to(dtype).view(1, g, 1)
+        state = (m, v, centered, alpha, rho, deviation, r, k, weight, bn_weight) \
+            if self.track else None
+        return A, B.view(n, c), state, aux
+
+    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs: Sequence[bool],
+                 length: int):
+        m, v, centered, alpha, rho, deviation, r, k, weight, bn_weight = state
+        n, c = grad_A.shape
+        g = self.num_groups
+        d = c // g
+        ga, gb = grad_A.view(n, g, d), grad_B.view(n, g, d)
+        alpha3 = alpha.view(1, g, d)
+        gk = (ga * alpha3 + gb * deviation).sum(2, keepdim=True)          # (N, G, 1)
+        g_weight = (gk * r).sum((0, 2)) if needs[0] and weight is not None else None
+        g_bias = gb.sum((0, 2)) if needs[1] else None
+        gr = gk * weight.to(r.dtype).view(1, g, 1) if weight is not None else gk
+        gV = gr * r.pow(3) * -0.5                                          # (N, G, 1)
+        gd = (k * gb).add_(gV * (2.0 / d) * deviation) \
+            .sub_(k * gb.sum(2, keepdim=True) / d).view(n, c)
+        ge = (gV / d).expand(n, g, d).reshape(n, c)
+        g_alpha = (ga * k).view(n, c).addcmul_(ge * 2 * alpha, v).addcmul_(gd, centered).sum(0)
+        g_bn_bias = gd.sum(0) if needs[3] else None
+        gm = gd * alpha
+        gv = ge * alpha.square()
+        g_bn_weight = g_alpha * rho if needs[2] and bn_weight is not None else None
+        g_rho = g_alpha * bn_weight.to(rho.dtype) if bn_weight is not None else g_alpha
+        g_var = g_rho * rho.pow(3) * -0.5                                  # (C,)
+        g_mu = -gm.sum(0)
+        if self.batch:  # the batch's statistics, pooled from every row's moments
+            gm = gm + (g_mu + 2 * g_var * centered) / n
+            gv = gv + g_var / n
+        P = gv * (2.0 / length)
+        Q = torch.addcmul(gm / length, P, m, value=-1)
+        return P, Q, (g_weight, g_bias, g_bn_weight, g_bn_bias,
+                      g_mu if needs[4] and not self.batch else None,
+                      g_var if needs[5] and not self.batch else None)
+
+
+class _EstimatingKernel(_BatchChannelKernel):
     """Algorithm 1 in the CPU's per-row affine map (:func:`~.row_affine.row_affine`): the
     estimates (the last two tensors) move from the per-row moments the map computes anyway
     (:func:`update_estimates`: no pass over the input of its own), then normalize as
     constants."""
 
-    def __init__(self, coefficients: Coefficients, track: bool, rate: Union[float, Tensor]):
+    def __init__(self, num_groups: int, eps: float, track: bool, rate: Union[float, Tensor]):
         check_rate(rate)
-        super().__init__(coefficients, track)
+        super().__init__(num_groups, eps, False, track)
         self.rate = rate
 
     def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
@@ -399,8 +495,9 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
             t is not None and t.requires_grad for t in tensors))
         if one_map:
-            kernel = (_EstimatingKernel(coefficients, needs_grad, rate) if estimate and training
-                      else CoefficientKernel(coefficients, track=needs_grad))
+            kernel = (_EstimatingKernel(num_groups, eps, needs_grad, rate)
+                      if estimate and training
+                      else _BatchChannelKernel(num_groups, eps, batch, needs_grad))
             result = row_affine(input, kernel, tensors)
         else:
             update = batch and training and running_mean is not None

@@ -38,10 +38,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .moments import LOW_PRECISION, Coefficients
+from .moments import LOW_PRECISION
 from .moments import _centered_moments as corrected_moments
 
-__all__ = ['RowAffineKernel', 'CoefficientKernel', 'row_affine', 'spatial_dims', 'stat_moments',
+__all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
            'FEW_LAUNCHES_NOT_NEEDED', 'instance_layer_batch_moments', 'simple_passes']
 
 def spatial_dims(x: Tensor) -> Tuple[int, ...]:
@@ -196,53 +196,6 @@ class RowAffineKernel(Protocol):
                  needs: Sequence[bool], length: int
                  ) -> Tuple[Tensor, Tensor, Tuple[Optional[Tensor], ...]]:
         ...
-
-
-class CoefficientKernel:
-    r"""Any coefficient function (:class:`~mmnorm.functional.moments.Coefficients`: ``y =
-    scale (x - m) + shift`` from the per-row moments) as a :class:`RowAffineKernel` with a
-    centered shift: ``A = scale``, ``B = shift`` (a constant row gets ``shift`` exactly, as
-    BCN's zero-variance channels need), and the vector-Jacobian product by autograd on the
-    ``(N, C)`` tensors. A statistic's gradient reaches the input through the per-row moments,
-    :math:`dx \mathrel{+}= dm / L + 2\,dv\,(x - m) / L`, so ``P = 2 dv / L`` and ``Q = dm / L
-    - P m``.
-
-    For eager calls where simple passes are faster (:data:`FEW_LAUNCHES_NOT_NEEDED`): BCN's
-    training step on the CPU. With ``track`` (the call wants a gradient) the ``(N, C)`` graph
-    rides on the kernel, which one call owns (not saved through autograd: nothing traces this
-    kernel)."""
-
-    centered_shift = True
-
-    def __init__(self, coefficients: Coefficients, track: bool = True):
-        self.coefficients, self.track = coefficients, track
-        self.graph: Optional[tuple] = None
-
-    def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
-        leaves = [t.detach().requires_grad_(self.track) for t in rows] + [
-            None if t is None else t.detach().requires_grad_(self.track and t.requires_grad)
-            for t in tensors]
-        with torch.set_grad_enabled(self.track):
-            scale, shift, aux = self.coefficients(*leaves, length=math.prod(x.shape[2:]))
-            A, B = scale.expand_as(rows[0]), shift.expand_as(rows[0])
-        self.graph = (leaves, A, B)
-        return A.detach(), B.detach(), (), {key: value.detach() for key, value in aux.items()}
-
-    def backward(self, state, grad_A: Tensor, grad_B: Tensor, needs: Sequence[bool],
-                 length: int):
-        leaves, A, B = self.graph
-        wanted = leaves[:2] + [t for t, need in zip(leaves[2:], needs) if need and t is not None]
-        # Retained: a graph kept by its caller (retain_graph=True) may be differentiated again.
-        found = torch.autograd.grad((A, B), wanted, (grad_A, grad_B), retain_graph=True,
-                                    allow_unused=True)
-        found = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, found)]
-        dm, dv = found[:2]
-        P = dv * (2.0 / length)
-        Q = torch.addcmul(dm / length, P, leaves[0].detach(), value=-1)
-        rest = iter(found[2:])
-        grads = tuple(next(rest) if need and t is not None else None
-                      for t, need in zip(leaves[2:], needs))
-        return P, Q, grads
 
 
 def _centered_shift(kernel) -> bool:

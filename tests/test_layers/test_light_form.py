@@ -225,3 +225,32 @@ def test_eval_step_keeps_its_statistics_when_buffers_move_before_backward(struct
     y = layer(x)
     layer.train()(torch.randn(2, 4, 3, 3, dtype=torch.float64) * 3 + 1)
     torch.testing.assert_close(torch.autograd.grad(y.square().sum(), x)[0], expected)
+
+
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('estimate', [False, True])
+def test_bcn_cpu_map_gradcheck(affine, estimate, eager, monkeypatch):
+    # The CPU's per-row map writes BCN's vector-Jacobian product out: gradcheck it with batch
+    # statistics, and with estimates used under autograd, into the statistics too.
+    from mmnorm.functional import batch_channel, batch_channel_norm
+    used, backward = [], batch_channel._BatchChannelKernel.backward
+    monkeypatch.setattr(batch_channel._BatchChannelKernel, 'backward',
+                        lambda self, *args: used.append(1) or backward(self, *args))
+    gen = torch.Generator().manual_seed(4)
+
+    def leaf(*shape, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * 0.3 + shift
+                ).requires_grad_()
+
+    x = leaf(3, 8, 4, 3) * 6 + 1
+    x = x.detach().requires_grad_()
+    params = [leaf(2, shift=1), leaf(2), leaf(8, shift=1), leaf(8)] if affine else []
+    stats = [leaf(8), leaf(8, shift=1)] if estimate else []
+
+    def fn(x, *tensors):
+        affine_args = tensors[len(stats):] if affine else (None, ) * 4
+        return batch_channel_norm(x, 2, *affine_args, *(tensors[:len(stats)] or (None, None)),
+                                  training=not estimate, estimate=estimate)
+
+    assert torch.autograd.gradcheck(fn, (x, *stats, *params))
+    assert used  # the map's own backward ran

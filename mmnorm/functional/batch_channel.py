@@ -36,13 +36,12 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       eager_channel_moments, eager_form, is_tracing, normalize_rows, pool,
                       stat_dtype)
-from .row_affine import row_affine, simple_passes, stat_moments
+from .row_affine import differentiable_grads, row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
 
@@ -233,11 +232,15 @@ class _BatchThenGroupNorm(torch.autograd.Function):
                            momentum)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         num_groups, eps, batch, _ = ctx.spec
         x, *tensors = ctx.saved_tensors
         needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[4:])
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            grads = differentiable_grads(
+                lambda *inputs: _bn_then_gn(inputs[0], num_groups, eps, inputs[1:], batch),
+                (x, *tensors), needs, grad_out)
+            return (grads[0], None, None, None, *grads[1:])
         with torch.enable_grad():
             leaves = [None if t is None else t.detach().requires_grad_(need)
                       for t, need in zip((x, *tensors), needs)]
@@ -380,8 +383,13 @@ class _EstimatingKernel(_BatchChannelKernel):
 
     def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
         *params, estimate_mean, estimate_var = tensors
-        moved = update_estimates(estimate_mean, estimate_var, *rows, self.rate)
-        return super().forward(x, rows, *params, *moved)
+        self.moved = update_estimates(estimate_mean, estimate_var, *rows, self.rate)
+        return super().forward(x, rows, *params, *self.moved)
+
+    def recompute(self, x: Tensor, rows: Tuple[Tensor, Tensor], *tensors: Optional[Tensor]):
+        """The forward again, for a double backward: the estimates as the forward moved them
+        (constants), not moved a second time."""
+        return super().forward(x, rows, *tensors[:-2], *self.moved)
 
 
 def check_rate(rate: Union[float, Tensor], name: str = 'rate') -> None:

@@ -54,7 +54,6 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, T
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .compiled import COMPILED, compiled_enabled
 
@@ -303,8 +302,14 @@ class _RowNormFunction(torch.autograd.Function):
         return (out, *aux.values())
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor, *_):
+        if torch.is_grad_enabled():
+            # Its gradient would be a constant of the input (it keeps the centered input, not
+            # the input): refused rather than a second derivative silently wrong.
+            raise RuntimeError(
+                'mmnorm: a double backward (create_graph=True) is not supported by the '
+                'synchronized layers, nor for inputs without spatial dims; the other layers '
+                'support it in eager mode')
         saved, first, delta = ctx.saved_tensors
         leaves, scale, shift = ctx.graph
         centered = torch.sub(saved, _per_row(first, saved)) if ctx.recenter else saved

@@ -32,11 +32,10 @@ tests hold the two to 1e-10 in float64. Statistics and :math:`(A, B)` are comput
 for float16/bfloat16 inputs, and the output is rounded once, at the end.
 """
 import math
-from typing import Any, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .moments import LOW_PRECISION
 from .moments import _centered_moments as corrected_moments
@@ -84,7 +83,7 @@ def _centered_moments(x: Tensor, dims: Sequence[int]
     mean = x.mean(dims, keepdim=True)
     centered = x - mean
     norm = torch.linalg.vector_norm(centered, dim=dims, keepdim=True)
-    var = norm.square_().div_(x.numel() // max(mean.numel(), 1))
+    var = norm.square() / (x.numel() // max(mean.numel(), 1))  # (out of place: differentiable)
     return mean, var, Centering(centered, None)
 
 
@@ -223,6 +222,9 @@ class _RowAffine(torch.autograd.Function):
         # A new tensor in the input's layout, never a view (callers may modify it in place).
         out = _output(wide, A, B, rows[0], centering, _centered_shift(kernel))
         ctx.kernel = kernel
+        # For a double backward only (create_graph=True): the caller's tensors, to run the map
+        # again under autograd. Not under torch.compile (it does not differentiate twice).
+        ctx.tensors = None if torch.compiler.is_compiling() else tensors
         # Saved through autograd (not on ctx): torch.compile traces this Function too. A
         # centered shift's backward needs the mean.
         ctx.save_for_backward(x, A, rows[0] if _centered_shift(kernel) else None, *state)
@@ -231,11 +233,18 @@ class _RowAffine(torch.autograd.Function):
         return (out.to(x.dtype), *aux.values())
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor, *_):
         x, A, mean, *state = ctx.saved_tensors
         if grad_out is None:
             return (None, None, None, *[None] * len(ctx.needs_input_grad[3:]))
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            if ctx.tensors is None:
+                raise RuntimeError('mmnorm: a double backward (create_graph=True) through a '
+                                   'layer run under torch.compile is not supported')
+            grads = differentiable_grads(
+                lambda x, *tensors: _affine_map(x, ctx.kernel, tensors), (x, *ctx.tensors),
+                (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:]), grad_out)
+            return (grads[0], None, None, *grads[1:])
         wide, dy = _wide(x), _wide(grad_out)
         dims, length = spatial_dims(x), math.prod(x.shape[2:])
         centered_shift = _centered_shift(ctx.kernel)
@@ -260,6 +269,41 @@ class _RowAffine(torch.autograd.Function):
                 grad_x = torch.mul(wide, _rows(P, x), out=product).add_(_rows(Q, x))
             grad_x = grad_x.addcmul_(dy, _rows(A, x)).to(x.dtype)
         return (grad_x, None, None, *grads)
+
+
+def _affine_map(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Tensor]]
+                ) -> Tensor:
+    """The map of :class:`_RowAffine`'s forward in differentiable ops (out of place), the
+    statistics computed again, for a double backward. ``kernel.recompute`` (when it has one)
+    is its forward without side effects."""
+    wide = _wide(x)
+    centered_shift = _centered_shift(kernel)
+    rows, _ = _row_moments(wide, centered_shift)
+    forward = getattr(kernel, 'recompute', kernel.forward)
+    A, B = forward(wide, rows, *tensors)[:2]
+    if centered_shift:
+        B = torch.addcmul(B, A, rows[0], value=-1)
+    return torch.addcmul(_rows(B, x), wide, _rows(A, x)).to(x.dtype)
+
+
+def differentiable_grads(forward: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
+                         needs: Sequence[bool], grad_out: Tensor) -> list:
+    """A custom Function's input gradients for a backward that builds a graph
+    (``create_graph=True``: gradient penalties, second derivatives): ``forward(*inputs)`` run
+    again in differentiable ops on the original inputs and differentiated with
+    ``create_graph=True``, so that the gradients depend on the inputs as they should (a
+    hand-written backward's would be constants, and the second derivative silently wrong).
+    ``needs`` says which inputs want one; returns one gradient (or None) per input."""
+    with torch.enable_grad():
+        out = forward(*inputs)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                     allow_unused=True))
+    grads = []
+    for t, need in zip(inputs, needs):
+        g = next(found) if need else None
+        grads.append(torch.zeros_like(t) if need and g is None else g)
+    return grads
 
 
 def row_affine(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Tensor]]

@@ -134,15 +134,36 @@ class _FastSparsestMax(torch.autograd.Function):
             scale = alpha * ((result > 0).sum(-1, keepdim=True) != 1)
             jacobian = torch.baddbmm(rows[:, :k], unit.unsqueeze(2), unit.unsqueeze(1),
                                      alpha=-1).mul_(scale.unsqueeze(2))
-            ctx.save_for_backward(jacobian)
+            # The rest only for a double backward (create_graph=True): nothing computed for it.
+            ctx.save_for_backward(jacobian, scores, rows[:, :k], pushed, scale, alpha, n)
         return result.view(scores.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        jacobian, = ctx.saved_tensors
+        jacobian, scores, projector, pushed, scale, alpha, n = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            return _second_order_grad(scores, projector, pushed, scale, alpha, n, grad), None, \
+                None
         k = grad.shape[-1]
         g = torch.bmm(grad.reshape(-1, 1, k), jacobian)
         return g.view(grad.shape), None, None
+
+
+def _second_order_grad(scores: Tensor, projector: Tensor, pushed: Tensor, scale: Tensor,
+                       alpha: Tensor, n: Tensor, grad: Tensor) -> Tensor:
+    """The backward for a double backward: the result's dependence on ``scores`` on its final
+    face, run again in differentiable ops and differentiated with ``create_graph=True``.
+    There the result is ``u_F + alpha P_F z`` with ``alpha`` constant, or, pushed, ``u_F +
+    (alpha n) P_F z / |P_F z|`` (the pushed distance ``alpha n`` constant): its Jacobian is the
+    forward's (module docstring), and its derivative the Jacobian's."""
+    k = scores.shape[-1]
+    with torch.enable_grad():
+        d = torch.bmm(scores.reshape(-1, 1, k), projector).squeeze(1)
+        # (|d| of the pushed rows only: a norm's derivative at 0, a vertex's d, is 0/0)
+        norm = torch.linalg.vector_norm(torch.where(pushed, d, 1.0), dim=-1, keepdim=True)
+        factor = torch.where(pushed, alpha * n / norm, alpha)
+        result = d * factor * (scale != 0)
+    return torch.autograd.grad(result, scores, grad.reshape(-1, k), create_graph=True)[0]
 
 
 def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:

@@ -1,0 +1,141 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Double backward (``create_graph=True``: gradient penalties, second derivatives) through the
+eager layers: their hand-written backward passes would give gradients that are constants of
+the input, so a second derivative taken through them would be silently wrong. Checked with
+``gradgradcheck`` (finite differences of the first derivative, in float64) with respect to the
+input and every parameter, in both op structures."""
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+from torch.func import functional_call
+
+from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm.functional import compiled as compiled_form
+from mmnorm.functional import row_affine
+from mmnorm.functional.sparsestmax_fast import fast_sparsestmax
+from mmnorm.testing.layers import float64_oracle
+
+
+def _ssn(**kwargs):
+    layer = SparseSwitchableNorm(8, **kwargs)
+    layer.set_progress(0.4)  # pushed ratios: SparsestMax's second derivative is not 0
+    return layer
+
+
+def _estimated():
+    layer = BatchChannelNorm(8, num_groups=2, estimate=True)
+    layer.set_estimate_rate(0.0)  # estimates that stay put over gradgradcheck's many calls
+    return layer
+
+
+LAYERS = {
+    'SN': lambda: SwitchableNorm(8),
+    'SN_tied': lambda: SwitchableNormTied(8),
+    'SN_noBN': lambda: SwitchableNorm(8, using_bn=False),
+    'SN-G2': lambda: SwitchableNorm(8, ratio_groups=2),
+    'SSN': _ssn,
+    'SSN-G2': lambda: _ssn(ratio_groups=2),
+    'BCN': lambda: BatchChannelNorm(8, num_groups=2),
+    'BCN_est': _estimated,
+}
+
+
+@pytest.fixture
+def eager(monkeypatch):
+    """The eager form whatever the compiled-form mode."""
+    monkeypatch.setattr(compiled_form.COMPILED, 'mode', 'never')
+
+
+def _layer_fn(layer):
+    """``f(x, *params)``: the layer with its parameters as inputs (perturbed away from their
+    initial, symmetric values)."""
+    gen = torch.Generator().manual_seed(2)
+    names, params = [], []
+    for name, p in layer.named_parameters():
+        names.append(name)
+        params.append((p.detach() + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+                      .requires_grad_())
+
+    def fn(x, *values):
+        return functional_call(layer, dict(zip(names, values)), (x, ))
+
+    return fn, params
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+def test_second_derivatives(name, train, structure, eager, monkeypatch):
+    if structure == 'gpu':  # a GPU's op structure, run on the CPU
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double().train(train)
+    fn, params = _layer_fn(layer)
+    x = (torch.randn(2, 8, 2, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+    assert gradcheck(fn, (x, *params))
+    assert gradgradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize('name', ['SN', 'BCN'])
+def test_gradient_penalty_equals_oracle(name, eager):
+    # An R1-style penalty, ||d loss / d x||^2, differentiated again: the layer against the
+    # float64 oracle (plain torch ops, its own autograd) on the same parameters.
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 8, 4, 4, dtype=torch.float64) * 2 + 1
+    weights = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+
+    def penalty_grads(forward):
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        grad, = torch.autograd.grad((forward(xg).tanh() * weights).sum(), xg,
+                                    create_graph=True)
+        grad.square().sum().backward()
+        return [xg.grad] + [p.grad.clone() for p in layer.parameters()]
+
+    found = penalty_grads(layer)
+    expected = penalty_grads(lambda xg: float64_oracle(layer, xg, differentiable=True))
+    assert found[0].abs().max() > 0
+    torch.testing.assert_close(found, expected, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize('k', [2, 3])
+@pytest.mark.parametrize('radius', [0.0, 0.3, 0.6])
+def test_fast_sparsestmax_second_derivative(k, radius):
+    gen = torch.Generator().manual_seed(k)
+    choices = torch.tensor([-1, -1, 0, -1, -1, -1])  # a fixed choice: its vertex, no gradient
+    r = torch.tensor(radius, dtype=torch.float64)
+    for _ in range(5):
+        z = (0.3 * torch.randn(6, k, generator=gen, dtype=torch.float64)).requires_grad_()
+        assert gradgradcheck(lambda z: fast_sparsestmax(z, r, choices), (z, ))
+
+
+def test_double_backward_refused_where_not_supported(eager):
+    # Inputs without spatial dims take the public form, whose backward keeps the centered
+    # input only: refused with a message, not a silently constant gradient.
+    layer = SwitchableNorm(8).double()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=False)
+    assert grad.shape == x.shape
+    with pytest.raises(RuntimeError, match='double backward'):
+        torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_double_backward_moves_estimates_once(eager):
+    # Estimated BCN's map runs again for a double backward: with the estimates the forward
+    # moved, not moving them a second time.
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64) + 2
+    moved = []
+    for create_graph in (False, True):
+        layer = BatchChannelNorm(8, num_groups=2, estimate=True).double()
+        layer.set_estimate_rate(0.5)
+        xg = x.clone().requires_grad_()
+        grad, = torch.autograd.grad(layer(xg).square().sum(), xg, create_graph=create_graph)
+        if create_graph:
+            grad.square().sum().backward()
+        moved.append([layer.running_mean.clone(), layer.running_var.clone()])
+    torch.testing.assert_close(moved[0], moved[1], rtol=0, atol=0)
+    assert (moved[0][0] != 0).all()

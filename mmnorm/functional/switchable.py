@@ -281,8 +281,10 @@ def _light_form(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     # Grouped ratios (2, G, K) reach the kernel as one row per channel (C, 2, K).
     per_channel = ratios if ratios.dim() == 2 else \
         ratios_per_channel(ratios, x.shape[1]).transpose(0, 1)
-    out, aux = row_affine(x, _SwitchableKernel(eps, batch),
-                          (weight, bias, bn_mean, bn_var, per_channel))
+    tensors = (weight, bias, bn_mean, bn_var, per_channel)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, *tensors))
+    out, aux = row_affine(x, _SwitchableKernel(eps, batch, needs_grad), tensors)
     return out, {**aux, 'ratios': ratios.detach()}
 
 
@@ -355,8 +357,9 @@ class _SwitchableKernel:
     fuses the stack away, and Dynamo refuses saved statistics that are views of the moments.)
     """
 
-    def __init__(self, eps: float, batch: bool):
-        self.eps, self.batch = eps, batch
+    def __init__(self, eps: float, batch: bool, track: bool = True):
+        # track: a gradient will be taken (the state for the backward is wanted)
+        self.eps, self.batch, self.track = eps, batch, track
 
     def forward(self, x: Tensor, rows: Tuple[Tensor, Tensor], weight: Optional[Tensor],
                 bias: Optional[Tensor], bn_mean: Optional[Tensor], bn_var: Optional[Tensor],
@@ -380,7 +383,7 @@ class _SwitchableKernel:
             mu, s2 = (_mixed(stats, ratios_x[..., j, :]) for j, stats in
                       enumerate((means, variances)))
             r = torch.rsqrt(s2 + self.eps)
-            if k == 3 and not batch:  # saved: copies, not the running buffers themselves
+            if k == 3 and not batch and self.track:  # saved: copies, not the buffers themselves
                 means[2], variances[2] = means[2].clone(), variances[2].clone()
             # Each normalizer's statistics at its own shape, means then variances.
             stats = tuple(t for pair in zip(means, variances) for t in pair)
@@ -439,7 +442,7 @@ def _mixed(stats: Sequence[Tensor], ratios: Tensor) -> Tensor:
     ``(C, K)``."""
     mixed = stats[0] * ratios[..., 0]
     for i in range(1, len(stats)):
-        mixed = mixed + stats[i] * ratios[..., i]
+        mixed = torch.addcmul(mixed, stats[i], ratios[..., i])
     return mixed
 
 

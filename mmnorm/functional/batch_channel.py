@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
-                      eager_channel_moments, eager_form, is_tracing, normalize_rows, pool,
-                      stat_dtype)
+                      eager_channel_moments, eager_form, is_tracing, needs_grad, normalize_rows,
+                      pool, stat_dtype)
 from .row_affine import differentiable_grads, row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import check_norm_input, check_param_sizes, check_unit_interval
@@ -500,12 +500,11 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         if result is None:  # it failed now: this call runs what later ones do
             form = eager_form(input, coefficients)
     if result is None and light_serves():
-        needs_grad = torch.is_grad_enabled() and (input.requires_grad or any(
-            t is not None and t.requires_grad for t in tensors))
+        track = needs_grad(input, tensors)
         if one_map:
-            kernel = (_EstimatingKernel(num_groups, eps, needs_grad, rate)
+            kernel = (_EstimatingKernel(num_groups, eps, track, rate)
                       if estimate and training
-                      else _BatchChannelKernel(num_groups, eps, batch, needs_grad))
+                      else _BatchChannelKernel(num_groups, eps, batch, track))
             result = row_affine(input, kernel, tensors)
         else:
             update = batch and training and running_mean is not None
@@ -513,7 +512,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
             # Under torch.compile autograd differentiates F.batch_norm and F.group_norm
             # itself: the Function's backward calls torch.autograd.grad, which Dynamo does
             # not trace.
-            if needs_grad and not is_tracing():
+            if track and not is_tracing():
                 return _BatchThenGroupNorm.apply(input, (num_groups, eps, batch, momentum),
                                                  *running, *tensors)
             return _bn_then_gn(input, num_groups, eps, tensors, batch, *running, momentum)

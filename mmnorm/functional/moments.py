@@ -202,6 +202,13 @@ def pool(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     return pooled_mean, pooled_var
 
 
+def needs_grad(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a call on ``x`` with ``tensors`` (``None`` allowed) builds a graph: grad mode on
+    and any of them requiring grad."""
+    return torch.is_grad_enabled() and (
+        x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
 def is_tracing() -> bool:
     """True under ``torch.compile`` / ``torch.export`` and TorchScript tracing: no host reads,
     no Python-side state; exporters get the plain form of :func:`normalize_rows`."""
@@ -494,9 +501,7 @@ def normalize_rows(x: Tensor, coefficients: Coefficients, tensors: Sequence[Opti
         result = compiled_rows(x, coefficients, tensors)
         if result is not None:
             return result
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
-    if not needs_grad or is_tracing():
+    if not needs_grad(x, tensors) or is_tracing():
         out, aux, _ = _forward(x, coefficients, tensors)
         return out, aux
     aux_keys: list = []

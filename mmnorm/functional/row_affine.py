@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from .moments import LOW_PRECISION
+from .moments import LOW_PRECISION, needs_grad
 from .moments import _centered_moments as corrected_moments
 
 __all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
@@ -314,9 +314,7 @@ def row_affine(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Te
     one value. Returns ``y`` (a new tensor shaped, typed and laid out like ``x``) and the
     kernel's ``aux`` dict (detached).
     """
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
-    if not needs_grad:
+    if not needs_grad(x, tensors):
         wide = _wide(x)
         rows, centering = _row_moments(wide, _centered_shift(kernel))
         A, B, _, aux = kernel.forward(wide, rows, *tensors)

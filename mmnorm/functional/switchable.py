@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, is_tracing,
-                      normalize_rows, pool)
+                      needs_grad, normalize_rows, pool)
 from .row_affine import instance_layer_batch_moments, row_affine, simple_passes
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
@@ -282,9 +282,7 @@ def _light_form(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     per_channel = ratios if ratios.dim() == 2 else \
         ratios_per_channel(ratios, x.shape[1]).transpose(0, 1)
     tensors = (weight, bias, bn_mean, bn_var, per_channel)
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, *tensors))
-    out, aux = row_affine(x, _SwitchableKernel(eps, batch, needs_grad), tensors)
+    out, aux = row_affine(x, _SwitchableKernel(eps, batch, needs_grad(x, tensors)), tensors)
     return out, {**aux, 'ratios': ratios.detach()}
 
 

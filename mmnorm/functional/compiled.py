@@ -209,8 +209,8 @@ def _graph_key(what: str, x: Tensor, args: tuple, kwargs: Optional[dict] = None)
         normalizers).
     """
     device = x.device.type
-    autocast = (torch.is_autocast_enabled(device),
-                torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+    enabled = torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    autocast = (enabled, torch.get_autocast_dtype(device) if enabled else None)
     options = tuple(sorted((k, _option_key(v)) for k, v in (kwargs or {}).items()))
     return (what, x.dtype, x.dim(), device, torch.is_grad_enabled(), _ones(x), _layout(x),
             autocast, x.device.index, x.requires_grad, tuple(_tensor_key(a) for a in args),

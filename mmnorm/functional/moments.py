@@ -54,6 +54,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, T
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .compiled import COMPILED, compiled_enabled
 
@@ -211,8 +212,23 @@ def needs_grad(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
 
 def is_tracing() -> bool:
     """True under ``torch.compile`` / ``torch.export`` and TorchScript tracing: no host reads,
-    no Python-side state; exporters get the plain form of :func:`normalize_rows`."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+    no Python-side state; exporters get the plain form of :func:`normalize_rows`. Also under
+    a ``transforms_active()`` transform, whose wrapped tensors allow neither."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or transforms_active()
+
+
+def transforms_active() -> bool:
+    """True under a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ``jacrev``,
+    ``hessian``, ...) or inside ``torch.autograd.forward_ad.dual_level()``.
+
+    There the light form's autograd Functions cannot run (a transform needs a Function's
+    ``setup_context`` and forward-mode AD its ``jvp``, and a batched tensor has no host value):
+    the layers take their plain form, public ops that every transform supports, as
+    ``nn.BatchNorm2d`` does. PyTorch has no public query for either: these are the checks its
+    own ``autograd.Function`` makes before refusing.
+    """
+    return (torch._C._are_functorch_transforms_active()
+            or getattr(forward_ad, '_current_level', -1) >= 0)
 
 
 def compiling_to_run() -> bool:

@@ -231,7 +231,7 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                          'one vector (K,) or one row per group of channels (G, K); got shape '
                          f'{tuple(first.shape)}')
     if first.dim() == 2:
-        check_ratio_groups(channels, first.shape[0])
+        check_ratio_groups(int(channels), int(first.shape[0]))  # (tensors under jit.trace)
     using_bn = num_ratios == 3
     batch = using_bn and (training or running_mean is None)
     bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)

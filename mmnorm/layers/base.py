@@ -109,9 +109,9 @@ def full_precision(input: Tensor):
     """Context that turns autocast off for ``input``'s device if it is on: the layers compute
     their statistics and affine map in float32 (or wider) themselves, and autocast would run the
     ``(N, C)`` coefficient math in half precision. A no-op otherwise, so traced graphs carry no
-    autocast regions."""
+    autocast regions (nor on devices without autocast, such as ``meta``)."""
     device = input.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device_type=device, enabled=False)
     return contextlib.nullcontext()
 

@@ -122,8 +122,13 @@ class BatchChannelNorm(BatchStatsNorm):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """All scales 1, shifts 0; running buffers (estimates) reset to 0 and 1."""
+        """All scales 1, shifts 0; running buffers (estimates) reset to 0 and 1; the
+        ``estimate_rate`` buffer written again from the rate last set (after ``to_empty()``, a
+        layer built on the ``meta`` device, it holds garbage)."""
         self.reset_running_stats()
+        if self.estimate:
+            with torch.no_grad():
+                self.estimate_rate.fill_(self._estimate_rate)
         if self.affine:
             for p in (self.bn_weight, self.weight):
                 nn.init.ones_(p)

@@ -132,8 +132,11 @@ class SwitchableNorm(BatchStatsNorm):
         self.var_logits = nn.Parameter(torch.empty(self._ratio_shape(num_ratios), **factory))
 
     def reset_parameters(self) -> None:
-        """γ = 1, β = 0, equal ratios (all logits 0); running buffers reset."""
+        """γ = 1, β = 0, equal ratios (all logits 0); running buffers reset. The
+        ``in_var_unbiased`` buffer is written again from the option (after ``to_empty()``, a
+        layer built on the ``meta`` device, it holds garbage that a checkpoint would save)."""
         self.reset_running_stats()
+        self.in_unbiased = self.in_unbiased
         if self.affine:
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)

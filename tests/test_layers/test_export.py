@@ -104,3 +104,22 @@ def test_synchronized_layers_export_in_eval(cls, kwargs, tmp_path):
         x = torch.randn(n, 3, 5, 6)
         (actual, ) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         assert _relative_error(torch.from_numpy(actual), block(x)) <= 1e-4, (cls, n)
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_legacy_onnx_exporter_and_jit_trace(name, tmp_path):
+    # The TorchScript-based routes (torch.onnx.export(dynamo=False), which mmdeploy takes, and
+    # torch.jit.trace): the same plain form, dynamic batch and spatial sizes in ONNX Runtime.
+    layer = train_steps(make_layer(name)).eval()
+    example = batches(1, shape=(3, 8, 5, 6), seed=3)[0]
+    traced = torch.jit.trace(layer, (example, ))
+    torch.testing.assert_close(traced(example), layer(example), rtol=1e-5, atol=1e-5)
+    path = str(tmp_path / f'{name}.onnx')
+    torch.onnx.export(layer, (example, ), path, dynamo=False, opset_version=17,
+                      input_names=['x'], dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}})
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for shape in ((3, 8, 5, 6), (1, 8, 7, 4), (5, 8, 2, 9)):
+        x = batches(1, shape=shape, seed=4)[0]
+        (actual, ) = session.run(None, {'x': x.numpy()})
+        assert _relative_error(torch.from_numpy(actual), layer(x)) <= 1e-5, (name, shape)

@@ -138,3 +138,25 @@ def test_layer_called_twice_before_backward(cls):
         x_ref = x.detach().clone().requires_grad_()
         loss(float64_oracle(layer, x_ref)).backward()
         assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_meta_device_shapes_and_deferred_initialisation(name):
+    # Shape inference on the meta device (no data), and the deferred initialisation of sharded
+    # training (build on meta, to_empty(), reset_parameters()): a layer equal to a fresh one.
+    with torch.device('meta'):
+        layer = LAYERS[name]()
+    x = torch.empty(2, 8, 5, 6, device='meta', requires_grad=True)
+    out = layer.train()(x)
+    out.sum().backward()
+    assert out.shape == x.shape and out.device.type == 'meta' and x.grad.shape == x.shape
+    assert layer.eval()(x).shape == x.shape
+    layer = layer.to_empty(device='cpu')
+    with torch.no_grad():
+        for t in [*layer.parameters(), *layer.buffers()]:
+            t.fill_(7)  # what uninitialised memory may hold
+    layer.reset_parameters()
+    fresh = LAYERS[name]()
+    fresh.reset_parameters()  # (SSN's reset returns the radius to 0, as for a new run)
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(layer.state_dict()[key], value), key

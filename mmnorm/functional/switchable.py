@@ -209,9 +209,10 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
             (if 2-d) the number of groups.
         ratios (Tensor, optional): ``ratio_fn(*ratio_inputs)`` already computed, stacked
             ``(2, |Omega|)`` or ``(2, G, |Omega|)``
-            (:func:`~mmnorm.functional.switchable.stacked_ratios`; a layer's
-            eval forwards reuse them while the ratio inputs are unchanged). Defaults to None
-            (computed here).
+            (:func:`~mmnorm.functional.switchable.stacked_ratios`), for a caller that knows
+            they have not changed since it computed them (PyTorch's version counters do not
+            say: fused optimizers and ``.data`` updates leave them, so the layers compute
+            their ratios every call). Defaults to None (computed here).
 
     Returns:
         tuple: the output, and the ``(mean_ratios, var_ratios)`` it used (detached).

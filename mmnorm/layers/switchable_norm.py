@@ -17,9 +17,9 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from ..functional import (MIX_MODES, NORMALIZERS, check_norm_input, is_tracing, mix_normalizers,
+from ..functional import (MIX_MODES, NORMALIZERS, check_norm_input, mix_normalizers,
                           softmax_ratios)
-from ..functional.switchable import check_ratio_groups, stacked_ratios
+from ..functional.switchable import check_ratio_groups
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
 
@@ -178,27 +178,7 @@ class SwitchableNorm(BatchStatsNorm):
             return mix_normalizers(input, self.ratio_fn, self.ratio_inputs(), self.weight,
                                    self.bias, running_mean, running_var, use_batch_stats,
                                    momentum, self.eps, self.mix, self.in_unbiased,
-                                   self._sync_group() if use_batch_stats else None,
-                                   self._inference_ratios())
-
-    def _inference_ratios(self) -> Optional[Tensor]:
-        """The stacked ratios of an inference forward (eval, no gradient), computed once and
-        reused while the ratio inputs are unchanged, or None (compute them in the forward).
-
-        They depend only on parameters and buffers, so an evaluation computes them once per
-        layer. The key is each input's storage and version counter: any in-place change (an
-        optimizer or EMA step, ``load_state_dict``, ``set_progress``, moving the module)
-        recomputes them.
-        """
-        if self.training or torch.is_grad_enabled() or is_tracing():
-            return None
-        inputs = self.ratio_inputs()
-        key = tuple((t.data_ptr(), t._version, t.dtype) for t in inputs)
-        cached = getattr(self, '_ratio_cache', None)
-        if cached is None or cached[0] != key:
-            cached = (key, stacked_ratios(self.ratio_fn, inputs))
-            self._ratio_cache = cached
-        return cached[1]
+                                   self._sync_group() if use_batch_stats else None)
 
     @property
     def in_unbiased(self) -> bool:

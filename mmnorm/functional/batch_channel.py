@@ -39,11 +39,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
-                      eager_channel_moments, eager_form, is_tracing, needs_grad, normalize_rows,
-                      pool, stat_dtype)
-from .row_affine import differentiable_grads, row_affine, simple_passes, stat_moments
+                      differentiable_grads, eager_channel_moments, eager_form, is_tracing,
+                      needs_grad, normalize_rows, pool, stat_dtype)
+from .row_affine import row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
-from .switchable import check_norm_input, check_param_sizes, check_unit_interval
+from .switchable import (check_norm_input, check_param_sizes, check_running_stats,
+                         check_unit_interval)
 
 __all__ = ['batch_channel_norm', 'batch_norm_step', 'check_num_groups', 'check_rate',
            'update_estimates']
@@ -447,7 +448,9 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
                       bn_bias=(bn_bias, channels, per_channel),
                       running_mean=(running_mean, channels, per_channel),
                       running_var=(running_var, channels, per_channel))
-    if estimate and (running_mean is None or running_var is None):
+    check_running_stats('batch_channel_norm', running_mean, running_var,
+                        momentum if training and not estimate else 0.0)
+    if estimate and running_mean is None:
         raise ValueError('estimate=True needs the running_mean/running_var estimate buffers')
     batch = not estimate and (training or running_mean is None)
     bn_mean, bn_var = (None, None) if batch else (running_mean, running_var)
@@ -477,7 +480,11 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         # constants for autograd.
         # (_move_estimates leaves a compiled graph on purpose; see its docstring.)
         move = _move_estimates_light if light_serves() and not is_tracing() else _move_estimates
-        bn_mean, bn_var = move(running_mean, running_var, input, rate)
+        if input.numel() == 0:  # no values (no samples, or empty maps): the estimates stay
+            check_rate(rate)
+            bn_mean, bn_var = running_mean.clone(), running_var.clone()
+        else:
+            bn_mean, bn_var = move(running_mean, running_var, input, rate)
         tensors = tensors[:4] + (bn_mean, bn_var)
     result = None
     if form == 'compiled':

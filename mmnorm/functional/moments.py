@@ -173,8 +173,18 @@ def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     centered = torch.sub(input, _per_row(first, input))  # type promotion: one pass for halves
     rows = as_rows(centered)
     delta = rows.mean(-1)
-    mean_square = torch.linalg.vector_norm(rows, dim=-1).square() / rows.shape[-1]
+    mean_square = sum_of_squares(rows, (-1, ), keepdim=False) / rows.shape[-1]
     return first + delta, (mean_square - delta.square()).clamp(min=0), centered, delta
+
+
+def sum_of_squares(centered: Tensor, dims: Sequence[int], keepdim: bool = True) -> Tensor:
+    """``sum(centered ** 2)`` over ``dims``: the square of the norm (one read, no temporary)
+    when no graph is built, else the sum of the squares. The norm's second derivative is 0/0 at
+    a zero row (a constant channel, H·W = 1), so a double backward through it (a gradient
+    penalty) was NaN there; the squares' is 2 everywhere."""
+    if needs_grad(centered, ()):
+        return centered.square().sum(tuple(dims), keepdim=keepdim)
+    return torch.linalg.vector_norm(centered, dim=tuple(dims), keepdim=keepdim).square()
 
 
 def channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
@@ -208,6 +218,26 @@ def needs_grad(x: Tensor, tensors: Sequence[Optional[Tensor]]) -> bool:
     and any of them requiring grad."""
     return torch.is_grad_enabled() and (
         x.requires_grad or any(t is not None and t.requires_grad for t in tensors))
+
+
+def differentiable_grads(forward: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
+                         needs: Sequence[bool], grad_out: Tensor) -> list:
+    """A custom Function's input gradients for a backward that builds a graph
+    (``create_graph=True``: gradient penalties, second derivatives): ``forward(*inputs)`` run
+    again in differentiable ops on the original inputs and differentiated with
+    ``create_graph=True``, so that the gradients depend on the inputs as they should (a
+    hand-written backward's would be constants, and the second derivative silently wrong).
+    ``needs`` says which inputs want one; returns one gradient (or None) per input."""
+    with torch.enable_grad():
+        out = forward(*inputs)
+    wanted = [t for t, need in zip(inputs, needs) if need]
+    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
+                                     allow_unused=True))
+    grads = []
+    for t, need in zip(inputs, needs):
+        g = next(found) if need else None
+        grads.append(torch.zeros_like(t) if need and g is None else g)
+    return grads
 
 
 def is_tracing() -> bool:
@@ -315,9 +345,14 @@ class _RowNormFunction(torch.autograd.Function):
         out, aux, (leaves, scale, shift, centered, delta) = _forward(x, coefficients, tensors,
                                                                      track=True)
         ctx.graph = (leaves, scale, shift)
-        # Half precision: the centered input is wider than the input; the first-pass mean
-        # recenters the input in backward (the same numbers).
-        ctx.recenter = centered.dtype != x.dtype
+        # The input is kept (the first-pass mean recenters it in backward: the same numbers)
+        # where the centered input is wider (half precision), and wherever a double backward
+        # can run the forward again on it: all but the synchronized layers, whose statistics
+        # come from a collective that a backward must not run again. Those keep the centered
+        # input (one pass less in their backward).
+        ctx.coefficients = coefficients
+        ctx.tensors = None if coefficients.process_group is not None else tensors
+        ctx.recenter = centered.dtype != x.dtype or ctx.tensors is not None
         ctx.save_for_backward(x if ctx.recenter else centered, leaves[0].detach() - delta,
                               delta)
         aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
@@ -326,14 +361,20 @@ class _RowNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, *_):
-        if torch.is_grad_enabled():
-            # Its gradient would be a constant of the input (it keeps the centered input, not
-            # the input): refused rather than a second derivative silently wrong.
-            raise RuntimeError(
-                'mmnorm: a double backward (create_graph=True) is not supported by the '
-                'synchronized layers, nor for inputs without spatial dims; the other layers '
-                'support it in eager mode')
         saved, first, delta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            if ctx.tensors is None:
+                # Its gradient would be a constant of the input (it keeps the centered input):
+                # refused rather than a second derivative silently wrong.
+                raise RuntimeError(
+                    'mmnorm: a double backward (create_graph=True) is not supported by the '
+                    'synchronized layers while they synchronize (training in a process group); '
+                    'the other layers support it in eager mode')
+            grads = differentiable_grads(
+                lambda x, *tensors: _forward(x, ctx.coefficients, tensors)[0],
+                (saved, *ctx.tensors), ctx.needs_input_grad[:1] + ctx.needs_input_grad[3:],
+                grad_out)
+            return (grads[0], None, None, *grads[1:])
         leaves, scale, shift = ctx.graph
         centered = torch.sub(saved, _per_row(first, saved)) if ctx.recenter else saved
         rows = as_rows(centered.contiguous())

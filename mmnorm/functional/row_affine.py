@@ -32,12 +32,12 @@ tests hold the two to 1e-10 in float64. Statistics and :math:`(A, B)` are comput
 for float16/bfloat16 inputs, and the output is rounded once, at the end.
 """
 import math
-from typing import Any, Callable, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .moments import LOW_PRECISION, needs_grad
+from .moments import LOW_PRECISION, differentiable_grads, needs_grad, sum_of_squares
 from .moments import _centered_moments as corrected_moments
 
 __all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
@@ -82,8 +82,7 @@ def _centered_moments(x: Tensor, dims: Sequence[int]
         return mean, var, None
     mean = x.mean(dims, keepdim=True)
     centered = x - mean
-    norm = torch.linalg.vector_norm(centered, dim=dims, keepdim=True)
-    var = norm.square() / (x.numel() // max(mean.numel(), 1))  # (out of place: differentiable)
+    var = sum_of_squares(centered, dims) / (x.numel() // max(mean.numel(), 1))
     return mean, var, Centering(centered, None)
 
 
@@ -284,26 +283,6 @@ def _affine_map(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[T
     if centered_shift:
         B = torch.addcmul(B, A, rows[0], value=-1)
     return torch.addcmul(_rows(B, x), wide, _rows(A, x)).to(x.dtype)
-
-
-def differentiable_grads(forward: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]],
-                         needs: Sequence[bool], grad_out: Tensor) -> list:
-    """A custom Function's input gradients for a backward that builds a graph
-    (``create_graph=True``: gradient penalties, second derivatives): ``forward(*inputs)`` run
-    again in differentiable ops on the original inputs and differentiated with
-    ``create_graph=True``, so that the gradients depend on the inputs as they should (a
-    hand-written backward's would be constants, and the second derivative silently wrong).
-    ``needs`` says which inputs want one; returns one gradient (or None) per input."""
-    with torch.enable_grad():
-        out = forward(*inputs)
-    wanted = [t for t, need in zip(inputs, needs) if need]
-    found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
-                                     allow_unused=True))
-    grads = []
-    for t, need in zip(inputs, needs):
-        g = next(found) if need else None
-        grads.append(torch.zeros_like(t) if need and g is None else g)
-    return grads
 
 
 def row_affine(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Tensor]]

@@ -50,7 +50,8 @@ from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
-           'update_choices', 'update_choice_pair', 'fixed_choices', 'check_radius']
+           'update_choices', 'update_choice_pair', 'fixed_choices', 'check_radius',
+           'check_choices']
 
 
 def sparsemax(scores: Tensor) -> Tensor:
@@ -79,7 +80,17 @@ def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
     """SparsestMax (see the module docstring) of ``scores`` ``(..., K)`` at ``radius`` (a
     tensor broadcastable to ``(..., 1)``, in [0, 1]). Differentiable in ``scores``; the radius
     is a constant of the step."""
+    if not isinstance(scores, Tensor) or scores.dim() == 0 or scores.shape[-1] == 0:
+        raise ValueError('sparsestmax: scores must be a tensor shaped (..., K) with K >= 1, got '
+                         f'{getattr(scores, "shape", scores)!r}')
+    if not scores.is_floating_point():
+        raise TypeError(f'sparsestmax: scores must be floating point, got {scores.dtype}')
+    if not isinstance(radius, Tensor):
+        check_radius(radius)  # (a tensor's value is checked where it is set)
     radius = torch.as_tensor(radius, dtype=scores.dtype, device=scores.device)
+    if radius.dim() and radius.shape[-1] != 1:
+        raise ValueError('sparsestmax: radius must be a number or broadcastable to (..., 1) (one '
+                         f'per vector), got shape {tuple(radius.shape)}')
     point, centre, result, done = scores, None, None, None
     for _ in range(scores.shape[-1]):  # each round shrinks the support: K rounds suffice
         projected = sparsemax(point)
@@ -178,6 +189,23 @@ def check_radius(radius) -> None:
     check_unit_interval(radius, 'the SparsestMax radius', 'the training progress')
 
 
+def check_choices(choice: Tensor, shape: Tuple[int, ...], size: int, name: str) -> None:
+    """Refuse fixed choices that are not integers shaped ``shape`` in ``[-1, size - 1]`` (-1:
+    free). Their values are read where they live on the CPU (a load, the functional form on the
+    CPU); an accelerator's are not (that would synchronize)."""
+    if not isinstance(choice, Tensor) or choice.is_floating_point() or choice.is_complex() \
+            or choice.dtype == torch.bool:
+        raise TypeError(f'{name} must be an integer tensor (the index of the fixed normalizer, '
+                        f'-1 while free), got {choice!r}')
+    if tuple(choice.shape) != tuple(shape):
+        raise ValueError(f'{name} must have shape {tuple(shape)} (one per ratio vector), got '
+                         f'{tuple(choice.shape)}')
+    if choice.device.type == 'cpu' and choice.numel() and not is_tracing() and not (
+            bool((choice >= -1).all()) and bool((choice < size).all())):
+        raise ValueError(f'{name} must hold -1 (free) or the index of one of the {size} '
+                         f'normalizers, got {choice.tolist()}')
+
+
 def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tensor,
                            radius: Tensor, mean_choice: Optional[Tensor] = None,
                            var_choice: Optional[Tensor] = None,
@@ -216,6 +244,8 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
     free = torch.full(mean_scores.shape[:-1], -1, dtype=torch.long, device=mean_scores.device)
     mean_choice = free if mean_choice is None else mean_choice
     var_choice = free.clone() if var_choice is None else var_choice
+    for name, choice in (('mean_choice', mean_choice), ('var_choice', var_choice)):
+        check_choices(choice, mean_scores.shape[:-1], mean_scores.shape[-1], name)
     radius = torch.as_tensor(radius, dtype=torch.float32, device=mean_scores.device)
     out, (mean_ratios, var_ratios) = mix_normalizers(
         input, sparsest_ratios, (mean_scores, var_scores, radius, mean_choice, var_choice),

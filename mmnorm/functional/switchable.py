@@ -39,7 +39,7 @@ from .running_stats import (BatchStats, batch_statistics, update_running_stats,
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
            'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS',
-           'stacked_ratios', 'check_ratio_groups', 'ratios_per_channel']
+           'stacked_ratios', 'check_ratio_groups', 'ratios_per_channel', 'check_running_stats']
 
 MIX_MODES = ('var', 'std')
 
@@ -87,11 +87,30 @@ def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) ->
     accelerator's value would synchronize every step: layers and hooks check where they set it).
     """
     if isinstance(value, Tensor):
-        if value.device.type != 'cpu' or value.numel() != 1:
+        if value.numel() != 1:  # (its shape is known without reading it)
+            raise ValueError(f'{name} must be a number or a one-element tensor ({meaning}), got '
+                             f'a tensor shaped {tuple(value.shape)}')
+        if value.device.type != 'cpu':
             return
         value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number ({meaning}), got {value!r}')
     if not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be in [0, 1] ({meaning}), got {value!r}')
+
+
+def check_running_stats(function: str, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], momentum) -> None:
+    """Refuse running statistics given without their partner (both or neither, as
+    ``F.batch_norm``), and a momentum (pass 0.0 where none is used) that is neither a number in
+    [0, 1] nor a tensor (the layers' ``momentum=None``, a cumulative average, arrives as the
+    tensor ``1 / steps``)."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f'{function}: running_mean and running_var must both be given or both '
+                         'be None')
+    if running_mean is not None and not isinstance(momentum, Tensor):
+        check_unit_interval(momentum, 'momentum', 'the weight of the new batch in the running '
+                            'statistics; for a cumulative average pass 1 / steps')
 
 
 def check_ratio_groups(channels: int, groups: int) -> None:
@@ -223,6 +242,8 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                       bias=(bias, channels, 'one per channel C'),
                       running_mean=(running_mean, channels, 'one per channel C'),
                       running_var=(running_var, channels, 'one per channel C'))
+    check_running_stats('switchable_norm', running_mean, running_var,
+                        momentum if training else 0.0)
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
     first = ratio_inputs[0]

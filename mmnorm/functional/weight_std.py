@@ -35,6 +35,8 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
     """
     if weight.dim() < 2:
         raise ValueError(f'expected a conv weight with >= 2 dims, got shape {tuple(weight.shape)}')
+    if not eps >= 0:
+        raise ValueError(f'eps must be >= 0, got {eps!r}')
     flat = weight.flatten(1)
     if flat.dtype in LOW_PRECISION:
         flat = flat.float()

@@ -290,10 +290,10 @@ class BatchStatsNorm(nn.Module):
         """
         group = self._sync_group()
         update = self.training and self.track_running_stats and not in_recomputation()
-        # An empty batch changes nothing, except in a synchronized layer, whose statistics are
-        # the global batch's (and the same on every process).
+        # An empty batch (no samples, or empty maps) changes nothing, except in a synchronized
+        # layer, whose statistics are the global batch's (and the same on every process).
         momentum: Union[float, Tensor] = 0.0
-        if update and (input.shape[0] > 0 or group is not None):
+        if update and (input.numel() > 0 or group is not None):
             self.num_batches_tracked.add_(1)
             # momentum=None: cumulative average, 1 / steps (a tensor: no host sync).
             momentum = (self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()

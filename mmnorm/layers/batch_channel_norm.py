@@ -141,7 +141,7 @@ class BatchChannelNorm(BatchStatsNorm):
         if not self.estimate:
             raise RuntimeError('set_estimate_rate() applies to BCN layers with estimate=True')
         check_rate(rate, 'the estimate rate')
-        self.estimate_rate.fill_(rate)
+        self.estimate_rate.fill_(rate.reshape(()) if isinstance(rate, Tensor) else rate)
         self._estimate_rate = float(rate)
 
     def _check_rate(self) -> None:
@@ -166,7 +166,8 @@ class BatchChannelNorm(BatchStatsNorm):
             update = self.training and not in_recomputation()
             if update:
                 self._check_rate()
-                self.num_batches_tracked.add_(1)
+                if input.numel() > 0:  # (an empty batch moves nothing, as in _batch_stats_state)
+                    self.num_batches_tracked.add_(1)
             running_mean, running_var = self.running_mean, self.running_var
             use_batch_stats, momentum = update, 0.0
         else:

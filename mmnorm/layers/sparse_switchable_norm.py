@@ -152,7 +152,7 @@ class SparseSwitchableNorm(SwitchableNorm):
     def set_progress(self, progress: float) -> None:
         """Set the SparsestMax radius to the training progress ``progress`` in [0, 1]."""
         check_radius(progress)
-        self.radius.fill_(progress)
+        self.radius.fill_(progress.reshape(()) if isinstance(progress, Tensor) else progress)
         self._progress_set = True
 
     @torch.no_grad()
@@ -165,6 +165,34 @@ class SparseSwitchableNorm(SwitchableNorm):
         self.var_choice.copy_(var_ratios.argmax(-1))
         for scores in self._logits():
             scores.requires_grad_(False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A choice out of range would index past the normalizers in the forward, or (negative)
+        # free a fixed vector; a radius outside [0, 1] is no training progress. Refused and not
+        # copied, as loading treats a wrong shape (loading is not a forward: reading values is
+        # fine).
+        size = self.mean_scores.shape[-1]
+        refused = {}
+        for name in ('mean_choice', 'var_choice'):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, Tensor) and saved.numel() and (
+                    saved.is_floating_point() or not bool(((saved >= -1) & (saved < size)).all())):
+                refused[prefix + name] = (
+                    f'{prefix}{name}: a fixed choice must be -1 (free) or the index of one of the '
+                    f'{size} normalizers, got {saved.tolist()}')
+        radius = state_dict.get(prefix + 'radius')
+        if isinstance(radius, Tensor) and radius.numel() == 1 and not 0 <= float(radius) <= 1:
+            refused[prefix + 'radius'] = (f'{prefix}radius: the SparsestMax radius must be in '
+                                          f'[0, 1] (the training progress), got {float(radius)}')
+        kept = {key: state_dict.pop(key) for key in refused}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        finally:
+            state_dict.update(kept)
+        missing_keys[:] = [key for key in missing_keys if key not in refused]
+        error_msgs.extend(refused.values())
 
     def ratio_details(self) -> Dict[str, Any]:
         # 'fixed': one bool per ratio vector (μ, σ), a list of one per group with ratio groups.

@@ -32,6 +32,10 @@ LAYERS = {
     'SN': lambda: SwitchableNorm(8),
     'SN_tied': lambda: SwitchableNormTied(8),
     'SN_noBN': lambda: SwitchableNorm(8, using_bn=False),
+    # The public-op form (mix='std', and the authors' IN variance of converted models).
+    'SN_std': lambda: SwitchableNorm(8, mix='std'),
+    'SN_unbiased': lambda: SwitchableNorm(8, in_unbiased=True),
+    'SSN_std': lambda: _ssn(mix='std'),
     'SN-G2': lambda: SwitchableNorm(8, ratio_groups=2),
     'SSN': _ssn,
     'SSN-G2': lambda: _ssn(ratio_groups=2),
@@ -113,15 +117,71 @@ def test_fast_sparsestmax_second_derivative(k, radius):
         assert gradgradcheck(lambda z: fast_sparsestmax(z, r, choices), (z, ))
 
 
-def test_double_backward_refused_where_not_supported(eager):
-    # Inputs without spatial dims take the public form, whose backward keeps the centered
-    # input only: refused with a message, not a silently constant gradient.
-    layer = SwitchableNorm(8).double()
-    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
-    grad, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=False)
+@pytest.mark.parametrize('name', ['SN', 'SN_std', 'BCN'])
+def test_inputs_without_spatial_dims(name, eager):
+    # (N, C) inputs take the public-op form: its double backward runs the forward again too.
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double()
+    fn, params = _layer_fn(layer)
+    x = (torch.randn(5, 8, dtype=torch.float64) * 2 + 1).requires_grad_()
+    assert gradgradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+@pytest.mark.parametrize('name', ['SN', 'SN_std', 'SSN', 'BCN'])
+@pytest.mark.parametrize('case', ['constant channel', 'H*W = 1'])
+def test_gradient_penalty_where_a_row_has_zero_variance(name, case, structure, eager,
+                                                        monkeypatch):
+    # A dead feature map (a channel constant per sample) or 1x1 maps: rows of zero variance,
+    # where the norm of the centered row has a 0/0 second derivative. The penalty's gradients
+    # are finite and those of the float64 oracle.
+    if structure == 'gpu':
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    shape = (3, 8, 4, 4) if case == 'constant channel' else (3, 8, 1, 1)
+    x = torch.randn(shape, dtype=torch.float64) * 2 + 1
+    if case == 'constant channel':
+        x[:, 2] = torch.arange(3, dtype=torch.float64).view(3, 1, 1)
+
+    # (The oracle's SparsestMax finds its threshold on detached values: its gradient in the
+    # scores is not SparsestMax's, so SSN's scores are checked by gradgradcheck instead.)
+    names = [n for n, _ in layer.named_parameters() if not n.endswith('_scores')]
+
+    def penalty_grads(forward):
+        xg = x.clone().requires_grad_()
+        layer.zero_grad()
+        grad, = torch.autograd.grad(forward(xg).tanh().sum(), xg, create_graph=True)
+        grad.square().sum().backward()
+        return [xg.grad] + [p.grad.clone() for n, p in layer.named_parameters() if n in names]
+
+    found = penalty_grads(layer)
+    expected = penalty_grads(lambda xg: float64_oracle(layer, xg, differentiable=True))
+    assert all(g.isfinite().all() for g in found)
+    torch.testing.assert_close(found, expected, rtol=1e-7, atol=1e-9)
+    if name == 'SSN':
+        fn, params = _layer_fn(layer)
+        assert gradgradcheck(fn, (x.clone().requires_grad_(), *params))
+
+
+def _sync_refuses(rank, world, out_dir):
+    from mmnorm import SyncSwitchableNorm
+    layer = SyncSwitchableNorm(8).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, requires_grad=True)
+    grad, = torch.autograd.grad(layer(x).square().sum(), x)  # first order: fine
     assert grad.shape == x.shape
-    with pytest.raises(RuntimeError, match='double backward'):
+    with pytest.raises(RuntimeError, match='synchronized layers while they synchronize'):
         torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+
+
+def test_double_backward_refused_by_synchronizing_layers():
+    # Their statistics come from a collective, which a backward must not run again: refused
+    # with a message, not a second derivative silently wrong. Two gloo processes.
+    from mmnorm.testing.distributed import run_on_gloo
+    run_on_gloo(_sync_refuses)
 
 
 def test_double_backward_moves_estimates_once(eager):

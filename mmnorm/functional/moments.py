@@ -254,8 +254,9 @@ def transforms_active() -> bool:
     There the light form's autograd Functions cannot run (a transform needs a Function's
     ``setup_context`` and forward-mode AD its ``jvp``, and a batched tensor has no host value):
     the layers take their plain form, public ops that every transform supports, as
-    ``nn.BatchNorm2d`` does. PyTorch has no public query for either: these are the checks its
-    own ``autograd.Function`` makes before refusing.
+    ``nn.BatchNorm2d`` does, also where ``torch.compile`` traces the transform
+    (:func:`compiling_to_run` is False there). PyTorch has no public query for either: these
+    are the checks its own ``autograd.Function`` makes before refusing.
     """
     return (torch._C._are_functorch_transforms_active()
             or getattr(forward_ad, '_current_level', -1) >= 0)
@@ -271,7 +272,7 @@ def compiling_to_run() -> bool:
     plain form: ONNX and ``torch.export`` graphs of plain ATen ops, without custom Functions.
     """
     return (torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
-            and not torch.jit.is_tracing())
+            and not torch.jit.is_tracing() and not transforms_active())
 
 
 def in_recomputation() -> bool:
@@ -281,9 +282,10 @@ def in_recomputation() -> bool:
     Both kinds of activation checkpointing re-run the forward from inside the backward pass, and
     a forward never otherwise runs there. The layers use this to leave their running statistics
     and BCN's estimates alone the second time (``torch.autograd.graph`` uses the same graph-task
-    query for the same purpose). Always False while tracing.
+    query for the same purpose). Always False under ``torch.compile`` and TorchScript tracing
+    (not under ``transforms_active()``: forward-mode AD runs checkpointed forwards again too).
     """
-    if is_tracing():
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     return torch._C._current_graph_task_id() != -1
 

@@ -141,7 +141,7 @@ def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
 def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
                              mean_choice: Tensor, var_choice: Tensor) -> Tensor:
     """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
-    tensors. Only the light eager form calls it (and a layer's cached eval ratios): for 2 or 3
+    tensors. Only the light eager form calls it: for 2 or 3
     normalizers in float32/float64 it takes :func:`~.sparsestmax_fast.fast_sparsestmax`, the
     same values and gradients in a few ops; the plain form, and a light form traced by
     ``torch.compile``, keep :func:`sparsestmax` (the fast form's Function saves a Jacobian it

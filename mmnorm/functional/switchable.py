@@ -26,6 +26,7 @@ The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
 \mu_z) + \beta`, the output at the row mean (the IN term of the mixed mean cancels).
 """
 import math
+import numbers
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -93,7 +94,7 @@ def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) ->
         if value.device.type != 'cpu':
             return
         value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f'{name} must be a number ({meaning}), got {value!r}')
     if not 0.0 <= value <= 1.0:
         raise ValueError(f'{name} must be in [0, 1] ({meaning}), got {value!r}')
@@ -242,7 +243,7 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                       bias=(bias, channels, 'one per channel C'),
                       running_mean=(running_mean, channels, 'one per channel C'),
                       running_var=(running_var, channels, 'one per channel C'))
-    check_running_stats('switchable_norm', running_mean, running_var,
+    check_running_stats('switchable_norm / sparse_switchable_norm', running_mean, running_var,
                         momentum if training else 0.0)
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")

@@ -3,6 +3,7 @@
 argument and what it should be (instead of an IndexError or AttributeError from deep inside, or
 a silently wrong result), where ``F.batch_norm`` and ``nn.Module.load_state_dict`` refuse the
 same kind of mistake."""
+import numpy as np
 import pytest
 import torch
 
@@ -86,6 +87,8 @@ def test_one_hot_radius_per_vector_and_one_element_tensors_are_accepted():
     layer = SparseSwitchableNorm(4)
     layer.set_progress(torch.tensor([0.5]))
     assert float(layer.radius) == 0.5
+    layer.set_progress(np.float32(0.75))  # (a hook's value may be a NumPy scalar)
+    assert float(layer.radius) == 0.75
     bcn = BatchChannelNorm(4, num_groups=2, estimate=True)
     bcn.set_estimate_rate(torch.tensor([0.25]))
     assert float(bcn.estimate_rate) == 0.25

@@ -117,3 +117,35 @@ def test_ws_conv_under_transforms():
     x = _input()
     expected = torch.autograd.functional.jacobian(conv, x)
     torch.testing.assert_close(jacrev(conv)(x), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('reentrant', [False, True])
+@pytest.mark.parametrize('name', ['SN', 'BCN_est'])
+def test_checkpointed_step_under_forward_mode_ad_updates_buffers_once(name, reentrant):
+    # Activation checkpointing runs the forward again inside the backward; inside a dual level
+    # too, that second run must leave the running statistics and estimates alone.
+    from torch.utils.checkpoint import checkpoint
+    layer = make_layer(name, dtype=torch.float64)
+    x = _input().requires_grad_()
+    with fwAD.dual_level():
+        checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    assert int(layer.num_batches_tracked) == 1
+    plain = make_layer(name, dtype=torch.float64)
+    plain(_input())
+    torch.testing.assert_close(list(layer.buffers()), list(plain.buffers()), rtol=1e-12,
+                               atol=1e-12)  # (the plain form there, the light form here)
+
+
+@pytest.mark.parametrize('transform', ['jacrev', 'vmap'])
+def test_transforms_inside_torch_compile(transform):
+    # A transform traced by torch.compile takes the plain form too (the light form's Functions
+    # cannot be transformed there either).
+    torch._dynamo.reset()
+    layer = _trained_eval('SN')
+    x = _input()
+    if transform == 'jacrev':
+        fn, expected = (lambda v: jacrev(layer)(v)), torch.autograd.functional.jacobian(layer, x)
+    else:
+        fn, expected = (lambda v: vmap(lambda xi: layer(xi[None])[0])(v)), layer(x)
+    torch.testing.assert_close(torch.compile(fn, backend='aot_eager')(x), expected,
+                               rtol=1e-10, atol=1e-12)

@@ -143,6 +143,8 @@ def _move_estimates(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor,
     mutates.
     """
     check_rate(rate)
+    if x.numel() == 0:  # no values (no samples, or empty maps): the estimates stay
+        return estimate_mean.clone(), estimate_var.clone()
     with torch.no_grad():
         return update_estimates(estimate_mean, estimate_var, *eager_channel_moments(x), rate)
 
@@ -261,6 +263,8 @@ def _move_estimates_light(estimate_mean: Tensor, estimate_var: Tensor, x: Tensor
     moved estimates as new tensors (what normalizes: nothing mutates them before backward) and
     updates the buffers in place."""
     check_rate(rate)
+    if x.numel() == 0:  # (as _move_estimates)
+        return estimate_mean.clone(), estimate_var.clone()
     wide = x.float() if x.dtype in LOW_PRECISION else x
     if isinstance(rate, Tensor):
         rate = rate.to(wide.dtype)
@@ -480,11 +484,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         # constants for autograd.
         # (_move_estimates leaves a compiled graph on purpose; see its docstring.)
         move = _move_estimates_light if light_serves() and not is_tracing() else _move_estimates
-        if input.numel() == 0:  # no values (no samples, or empty maps): the estimates stay
-            check_rate(rate)
-            bn_mean, bn_var = running_mean.clone(), running_var.clone()
-        else:
-            bn_mean, bn_var = move(running_mean, running_var, input, rate)
+        bn_mean, bn_var = move(running_mean, running_var, input, rate)
         tensors = tensors[:4] + (bn_mean, bn_var)
     result = None
     if form == 'compiled':

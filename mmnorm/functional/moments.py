@@ -254,9 +254,10 @@ def transforms_active() -> bool:
     There the light form's autograd Functions cannot run (a transform needs a Function's
     ``setup_context`` and forward-mode AD its ``jvp``, and a batched tensor has no host value):
     the layers take their plain form, public ops that every transform supports, as
-    ``nn.BatchNorm2d`` does, also where ``torch.compile`` traces the transform
-    (:func:`compiling_to_run` is False there). PyTorch has no public query for either: these
-    are the checks its own ``autograd.Function`` makes before refusing.
+    ``nn.BatchNorm2d`` does. PyTorch has no public query for either: these are the checks its
+    own ``autograd.Function`` makes before refusing. (Not where ``torch.compile`` traces the
+    transform: :func:`compiling_to_run` does not ask, since the functorch query costs estimated
+    BCN's compiled graph one more break.)
     """
     return (torch._C._are_functorch_transforms_active()
             or getattr(forward_ad, '_current_level', -1) >= 0)
@@ -272,7 +273,7 @@ def compiling_to_run() -> bool:
     plain form: ONNX and ``torch.export`` graphs of plain ATen ops, without custom Functions.
     """
     return (torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting()
-            and not torch.jit.is_tracing() and not transforms_active())
+            and not torch.jit.is_tracing())
 
 
 def in_recomputation() -> bool:

@@ -135,17 +135,3 @@ def test_checkpointed_step_under_forward_mode_ad_updates_buffers_once(name, reen
     torch.testing.assert_close(list(layer.buffers()), list(plain.buffers()), rtol=1e-12,
                                atol=1e-12)  # (the plain form there, the light form here)
 
-
-@pytest.mark.parametrize('transform', ['jacrev', 'vmap'])
-def test_transforms_inside_torch_compile(transform):
-    # A transform traced by torch.compile takes the plain form too (the light form's Functions
-    # cannot be transformed there either).
-    torch._dynamo.reset()
-    layer = _trained_eval('SN')
-    x = _input()
-    if transform == 'jacrev':
-        fn, expected = (lambda v: jacrev(layer)(v)), torch.autograd.functional.jacobian(layer, x)
-    else:
-        fn, expected = (lambda v: vmap(lambda xi: layer(xi[None])[0])(v)), layer(x)
-    torch.testing.assert_close(torch.compile(fn, backend='aot_eager')(x), expected,
-                               rtol=1e-10, atol=1e-12)

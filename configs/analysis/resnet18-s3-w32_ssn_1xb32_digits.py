@@ -12,4 +12,5 @@ custom_hooks = [
     dict(type='SSNRadiusHook'),
     dict(type='SNRatioLoggerHook', interval=25),
     dict(type='BatchAverageStatsHook', num_iters=50, log_interval=1000),
+    dict(type='FrozenRatiosHook'),  # the ratios once per validation / test epoch
 ]

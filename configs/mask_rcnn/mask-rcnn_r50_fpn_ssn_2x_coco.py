@@ -27,4 +27,5 @@ custom_hooks = [
     dict(type='SSNRadiusHook'),
     dict(type='BatchAverageStatsHook', num_iters=200),
     dict(type='SNRatioLoggerHook', interval=500),
+    dict(type='FrozenRatiosHook'),  # the ratios once per validation / test epoch
 ]

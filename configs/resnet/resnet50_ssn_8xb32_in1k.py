@@ -19,4 +19,5 @@ optim_wrapper = dict(
     constructor='NormAwareOptimWrapperConstructor',
     paramwise_cfg=dict(ratio_lr_mult=0.1, ratio_decay_mult=0.0,
                        ratio_clip_grad=dict(max_norm=1.0)))
-custom_hooks = [dict(type='SSNRadiusHook'), dict(type='SNRatioLoggerHook', interval=1000)]
+custom_hooks = [dict(type='SSNRadiusHook'), dict(type='SNRatioLoggerHook', interval=1000),
+                dict(type='FrozenRatiosHook')]

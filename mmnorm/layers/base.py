@@ -39,9 +39,10 @@ from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
 from ..functional.compiled import report
+from ..functional.switchable import stacked_ratios
 
-__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'full_precision', 'has_ratios',
-           'log_once', 'runner_training']
+__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'frozen_ratios', 'full_precision',
+           'has_ratios', 'log_once', 'runner_training']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -239,6 +240,25 @@ class BatchStatsNorm(nn.Module):
         """The tensors :attr:`ratio_fn` takes (:attr:`ratio_state`, in order)."""
         return tuple(getattr(self, name) for name in self.ratio_state)
 
+    #: Inside a :func:`frozen_ratios` scope, the stacked ratios its inference forwards computed,
+    #: by the ratio inputs' device and dtype; None outside one.
+    _frozen_ratios: Optional[Dict[tuple, Tensor]] = None
+
+    def _scoped_ratios(self) -> Optional[Tensor]:
+        """The stacked ratios of an inference forward (eval, no gradient, not traced) inside a
+        :func:`frozen_ratios` scope: computed by the first such forward, reused by the others;
+        None otherwise (the forward computes them)."""
+        if is_tracing():  # first: a compiled model's graph does not depend on the scope
+            return None
+        cache = self._frozen_ratios
+        if cache is None or self.training or torch.is_grad_enabled():
+            return None
+        inputs = self.ratio_inputs()
+        key = (inputs[0].device, inputs[0].dtype)
+        if key not in cache:
+            cache[key] = stacked_ratios(self.ratio_fn, inputs)
+        return cache[key]
+
     @torch.no_grad()
     def ratios(self) -> Optional[Tuple[Tensor, Tensor]]:
         """``(mean_ratios, var_ratios)`` over :attr:`normalizers` now, or None."""
@@ -342,6 +362,40 @@ class BatchStatsNorm(nn.Module):
 def has_ratios(module: nn.Module) -> bool:
     """Whether ``module`` is a normalizer that mixes others by ratios (SN and its variants)."""
     return isinstance(module, BatchStatsNorm) and module.ratio_fn is not None
+
+
+@contextlib.contextmanager
+def frozen_ratios(model: nn.Module):
+    """A scope in which ``model``'s parameters do not change, so that each of its ratio layers
+    (:func:`has_ratios`) computes its ratios once, at its first inference forward (eval mode,
+    no gradient), and reuses them until the scope ends.
+
+    The ratios depend only on parameters and buffers, but a layer cannot see every update:
+    fused optimizers and in-place updates through ``.data`` (an EMA teacher) leave PyTorch's
+    version counters alone, and comparing values would be a host sync per forward. So eval
+    forwards compute them every call (SSN: SparsestMax's rounds, about 25 small ops per
+    layer), except inside this scope, whose caller promises that nothing changes the ratio
+    parameters, SSN's radius or its choices until it ends. Training forwards, forwards with
+    gradients and traced ones compute them as always. ``FrozenRatiosHook`` opens the scope
+    for each validation and test epoch of an mmengine runner. Scopes nest (the outer one's
+    ratios are kept); the ratios are dropped when the outermost ends, also on an error.
+
+    Example:
+        >>> import torch
+        >>> from mmnorm import SparseSwitchableNorm, frozen_ratios
+        >>> model = torch.nn.Sequential(SparseSwitchableNorm(8)).eval()
+        >>> with frozen_ratios(model), torch.no_grad():
+        ...     outputs = [model(torch.randn(2, 8, 5, 5)) for _ in range(3)]
+    """
+    layers = [m for m in model.modules() if has_ratios(m)]
+    outer = [m._frozen_ratios for m in layers]
+    for layer, cache in zip(layers, outer):
+        layer._frozen_ratios = {} if cache is None else cache
+    try:
+        yield model
+    finally:
+        for layer, cache in zip(layers, outer):
+            layer._frozen_ratios = cache
 
 
 def _sync_active(group) -> bool:

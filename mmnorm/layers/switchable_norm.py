@@ -178,7 +178,8 @@ class SwitchableNorm(BatchStatsNorm):
             return mix_normalizers(input, self.ratio_fn, self.ratio_inputs(), self.weight,
                                    self.bias, running_mean, running_var, use_batch_stats,
                                    momentum, self.eps, self.mix, self.in_unbiased,
-                                   self._sync_group() if use_batch_stats else None)
+                                   self._sync_group() if use_batch_stats else None,
+                                   self._scoped_ratios())
 
     @property
     def in_unbiased(self) -> bool:

@@ -351,3 +351,78 @@ class TestCompiledFormHook:
     def test_bad_mode_fails_when_built(self):
         with pytest.raises(ValueError, match='expected one of'):
             HOOKS.build(dict(type='CompiledFormHook', mode='sometimes'))
+
+
+class TestFrozenRatiosHook:
+
+    @staticmethod
+    def _counted(layer):
+        """Count the calls of ``layer``'s ratio function (per forward, or once per scope)."""
+        calls = []
+        ratio_fn = type(layer).ratio_fn
+
+        def counting(*inputs):
+            calls.append(1)
+            return ratio_fn(*inputs)
+        layer.ratio_fn = counting
+        return calls
+
+    @pytest.mark.parametrize('with_hook', [True, False])
+    def test_once_per_validation_and_test_epoch(self, tmp_path, with_hook):
+        """Validation after iterations 3 and 6 (2 batches each) and a test run: with the hook
+        each epoch computes the ratios once, without it once per batch; training iterations
+        always compute them, and no scope is left open."""
+        layer = mmnorm.SparseSwitchableNorm(8)
+        calls = self._counted(layer)
+        per_epoch = []
+
+        class Record(Hook):
+            priority = 'LOWEST'
+
+            def before_val_epoch(self, runner):
+                self.start = len(calls)
+
+            def after_val_epoch(self, runner, metrics=None):
+                per_epoch.append(len(calls) - self.start)
+
+            before_test_epoch = before_val_epoch
+            after_test_epoch = after_val_epoch
+
+            def before_train_iter(self, runner, batch_idx, data_batch=None):
+                self.start_iter = len(calls)
+                assert layer._frozen_ratios is None
+
+            def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+                assert len(calls) - self.start_iter == 1
+
+        hooks = [dict(type='SSNRadiusHook'), Record()]
+        if with_hook:
+            hooks.insert(0, dict(type='FrozenRatiosHook'))
+        optim = dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4),
+                     constructor='NormAwareOptimWrapperConstructor',
+                     paramwise_cfg=dict(ratio_lr_mult=0.1, ratio_decay_mult=0.,
+                                        ratio_clip_grad=dict(max_norm=1.0)))
+        runner = _runner(tmp_path, ToyModel(norm1=layer), max_iters=6, custom_hooks=hooks,
+                         val=True, optim=optim)
+        runner.train()
+        tester = Runner(model=runner.model, work_dir=str(tmp_path / 'test'),
+                        test_dataloader=loader(size=8), test_cfg=dict(),
+                        test_evaluator=dict(type='ToyAccuracy'), custom_hooks=hooks,
+                        experiment_name=f'test_{with_hook}')
+        tester.test()
+        assert per_epoch == ([1, 1, 1] if with_hook else [2, 2, 2])
+        assert layer._frozen_ratios is None
+
+    def test_a_scope_an_error_left_open_closes_before_training(self):
+        """A validation that raised skips after_val_epoch: the next training iteration (or the
+        end of the run) closes the scope, so training-time evals see new parameters."""
+        from types import SimpleNamespace
+
+        from mmnorm.engine import FrozenRatiosHook
+        runner = SimpleNamespace(model=ToyModel(norm1=mmnorm.SparseSwitchableNorm(8)))
+        for close in ('before_train_iter', 'after_run'):
+            hook = FrozenRatiosHook()
+            hook.before_val_epoch(runner)
+            assert runner.model.norm1._frozen_ratios == {}
+            getattr(hook, close)(runner, *((0, ) if close == 'before_train_iter' else ()))
+            assert runner.model.norm1._frozen_ratios is None

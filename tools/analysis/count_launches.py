@@ -3,7 +3,9 @@
 by one training step (forward + backward) and one eval forward in the eager form (with the
 ops as on CUDA, and as on the CPU, which takes simpler passes), and with
 ``--compiled`` the kernels Inductor generates for the compiled form (forward + backward), next
-to ``nn.BatchNorm2d`` and ``nn.GroupNorm``.
+to ``nn.BatchNorm2d`` and ``nn.GroupNorm``. The eval forward is counted twice: as every
+forward computes it, and inside :func:`mmnorm.frozen_ratios` (``FrozenRatiosHook``'s
+validation and test epochs), where the SN family's ratios are computed once per epoch.
 
     python tools/analysis/count_launches.py                   # (8, 64, 28, 28), eager form
     python tools/analysis/count_launches.py --compiled        # + Inductor's kernel count
@@ -20,7 +22,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from mmnorm import (BatchChannelNorm, SparseSwitchableNorm,  # noqa: E402
-                    SwitchableNorm, SwitchableNormTied)
+                    SwitchableNorm, SwitchableNormTied, frozen_ratios)
 from mmnorm.analysis.launches import step_ops  # noqa: E402
 from mmnorm.functional import compiled as compiled_form  # noqa: E402
 from mmnorm.functional import row_affine  # noqa: E402
@@ -74,8 +76,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     compiled_form.use_compiled(False)  # the eager form, whatever MMNORM_COMPILE says
     x = torch.randn(*args.shape)
-    header = ('| layer | eager train step | eager eval forward | train step, CPU passes '
-              '| eval forward, CPU passes |') + (
+    header = ('| layer | eager train step | eager eval forward | eval forward, frozen ratios '
+              '| train step, CPU passes | eval forward, CPU passes |') + (
         ' compiled kernels (train step) |' if args.compiled else '')
     print(f'Non-view ATen ops dispatched, input {tuple(args.shape)}, torch {torch.__version__}')
     print()
@@ -91,6 +93,10 @@ def main(argv=None) -> int:
             step_ops(layer, x, train=False)  # (the first computes what eval forwards reuse)
             evaluation = step_ops(layer, x, train=False)
             counts += [sum(train.values()), sum(evaluation.values())]
+            if not slow:  # in a validation / test epoch with FrozenRatiosHook
+                with frozen_ratios(layer):
+                    step_ops(layer, x, train=False)  # (the first computes the ratios)
+                    counts.append(sum(step_ops(layer, x, train=False).values()))
         row = '| ' + ' | '.join([name] + [str(c) for c in counts]) + ' |'
         if args.compiled:  # traced with the op structure a GPU gets
             row_affine.FEW_LAUNCHES_NOT_NEEDED = ()

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       differentiable_grads, eager_channel_moments, eager_form, is_tracing,
-                      needs_grad, normalize_rows, pool, stat_dtype)
+                      needs_grad, normalize_rows, pool, stat_dtype, static_shape_checks)
 from .row_affine import row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
 from .switchable import (check_norm_input, check_param_sizes, check_running_stats,
@@ -50,6 +50,7 @@ __all__ = ['batch_channel_norm', 'batch_norm_step', 'check_num_groups', 'check_r
            'update_estimates']
 
 
+@static_shape_checks
 def check_num_groups(num_channels: int, num_groups: int) -> None:
     """Raise a clear error unless ``num_groups`` is a positive divisor of ``num_channels``."""
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:

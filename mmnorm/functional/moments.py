@@ -47,6 +47,7 @@ Statistics, coefficients and the affine map are computed in float32 for float16/
 """
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple
@@ -135,6 +136,24 @@ class Coefficients:
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+def static_shape_checks(fn: Callable) -> Callable:
+    """Quiet ``torch.jit.trace``'s ``TracerWarning`` inside ``fn``, a check or a branch on sizes
+    that are fixed for a model (channels, ratio shapes; a batch that is not empty).
+
+    Under ``torch.jit.trace`` (and the TorchScript ONNX exporter, mmdeploy's route) sizes are
+    tensors, and each Python comparison of one warns that the trace bakes its outcome in: for
+    these sizes that is what is meant, and a dozen warnings per layer kind only hide the ones
+    that matter. Eager calls run ``fn`` as it is."""
+    @functools.wraps(fn)
+    def checked(*args, **kwargs):
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+    return checked
+
+
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32 for float16/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in LOW_PRECISION else dtype
@@ -150,6 +169,11 @@ def as_rows(input: Tensor) -> Tensor:
     return input.reshape(input.shape[0], input.shape[1], math.prod(input.shape[2:]))
 
 
+@static_shape_checks
+def _no_values(input: Tensor) -> bool:
+    return bool(input.numel() == 0)
+
+
 def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(mean, var, centered, delta)`` of an ``(N, C, *)`` input; differentiable.
 
@@ -162,7 +186,7 @@ def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     ``x - mean + delta``; consumers fold ``delta`` into their ``(N, C)`` coefficients.
     """
     dtype = stat_dtype(input.dtype)
-    if input.dim() == 2 or input.numel() == 0:  # one value per row, or no rows
+    if input.dim() == 2 or _no_values(input):  # one value per row, or no rows
         if input.dim() == 2:
             first = input.to(dtype)
         else:
@@ -196,6 +220,7 @@ def channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     return _centered_moments(input)[:2]
 
 
+@static_shape_checks  # (a traced graph pools over the sizes it is given)
 def pool(mean: Tensor, var: Tensor, dim: int) -> Tuple[Tensor, Tensor]:
     """Mean and biased variance of the union of equally sized groups, reduced over ``dim``
     (kept, size 1), by the law of total variance: ``Var = E[var] + E[(mean - E[mean])^2]``.

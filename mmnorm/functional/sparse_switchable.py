@@ -45,7 +45,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .moments import is_tracing
+from .moments import is_tracing, static_shape_checks
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
@@ -76,10 +76,10 @@ def sparsemax(scores: Tensor) -> Tensor:
     return torch.where(support == 1, winner, projected)
 
 
-def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
-    """SparsestMax (see the module docstring) of ``scores`` ``(..., K)`` at ``radius`` (a
-    tensor broadcastable to ``(..., 1)``, in [0, 1]). Differentiable in ``scores``; the radius
-    is a constant of the step."""
+@static_shape_checks
+def _checked_radius(scores: Tensor, radius) -> Tensor:
+    """:func:`sparsestmax`'s arguments checked; the radius as a tensor of ``scores``' dtype and
+    device."""
     if not isinstance(scores, Tensor) or scores.dim() == 0 or scores.shape[-1] == 0:
         raise ValueError('sparsestmax: scores must be a tensor shaped (..., K) with K >= 1, got '
                          f'{getattr(scores, "shape", scores)!r}')
@@ -87,10 +87,19 @@ def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
         raise TypeError(f'sparsestmax: scores must be floating point, got {scores.dtype}')
     if not isinstance(radius, Tensor):
         check_radius(radius)  # (a tensor's value is checked where it is set)
-    radius = torch.as_tensor(radius, dtype=scores.dtype, device=scores.device)
+    radius = radius.to(scores) if isinstance(radius, Tensor) else torch.as_tensor(
+        radius, dtype=scores.dtype, device=scores.device)
     if radius.dim() and radius.shape[-1] != 1:
         raise ValueError('sparsestmax: radius must be a number or broadcastable to (..., 1) (one '
                          f'per vector), got shape {tuple(radius.shape)}')
+    return radius
+
+
+def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
+    """SparsestMax (see the module docstring) of ``scores`` ``(..., K)`` at ``radius`` (a
+    tensor broadcastable to ``(..., 1)``, in [0, 1]). Differentiable in ``scores``; the radius
+    is a constant of the step."""
+    radius = _checked_radius(scores, radius)
     point, centre, result, done = scores, None, None, None
     for _ in range(scores.shape[-1]):  # each round shrinks the support: K rounds suffice
         projected = sparsemax(point)

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, is_tracing,
-                      needs_grad, normalize_rows, pool)
+                      needs_grad, normalize_rows, pool, static_shape_checks)
 from .row_affine import instance_layer_batch_moments, row_affine, simple_passes
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
@@ -54,6 +54,7 @@ NORMALIZERS = ('IN', 'LN', 'BN')
 RatioFn = Callable[..., Tuple[Tensor, Tensor]]
 
 
+@static_shape_checks
 def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
     """Raise a clear error for an input that is not ``(N, C, *)`` with ``C == num_features``."""
     if not isinstance(input, Tensor):
@@ -68,6 +69,7 @@ def check_norm_input(input: Tensor, num_features: Optional[int] = None) -> None:
         raise TypeError(f'expected a floating-point input, got {input.dtype}')
 
 
+@static_shape_checks
 def check_param_sizes(function: str, **sizes) -> None:
     """Raise a clear error for a parameter or buffer whose shape is not ``(size,)``.
 
@@ -206,6 +208,20 @@ def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
     return scale, shift, aux
 
 
+@static_shape_checks
+def _num_ratios(first: Tensor, channels: int) -> int:
+    """The number of normalizers (2 or 3) that ratio parameters ``first`` mix, refusing a
+    shape that is neither ``(K,)`` nor ``(G, K)`` with ``G`` dividing ``channels``."""
+    num_ratios = int(first.shape[-1]) if first.dim() in (1, 2) else None
+    if num_ratios not in (2, 3) or (first.dim() == 2 and first.shape[0] < 1):
+        raise ValueError('the ratio parameters must have 3 entries (IN, LN, BN) or 2 (IN, LN), '
+                         'one vector (K,) or one row per group of channels (G, K); got shape '
+                         f'{tuple(first.shape)}')
+    if first.dim() == 2:
+        check_ratio_groups(int(channels), int(first.shape[0]))  # (tensors under jit.trace)
+    return num_ratios
+
+
 def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor],
                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
@@ -247,15 +263,7 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                         momentum if training else 0.0)
     if mix not in MIX_MODES:
         raise ValueError(f"mix must be one of {MIX_MODES}, got {mix!r}")
-    first = ratio_inputs[0]
-    num_ratios = first.shape[-1] if first.dim() in (1, 2) else None
-    if num_ratios not in (2, 3) or (first.dim() == 2 and first.shape[0] < 1):
-        raise ValueError('the ratio parameters must have 3 entries (IN, LN, BN) or 2 (IN, LN), '
-                         'one vector (K,) or one row per group of channels (G, K); got shape '
-                         f'{tuple(first.shape)}')
-    if first.dim() == 2:
-        check_ratio_groups(int(channels), int(first.shape[0]))  # (tensors under jit.trace)
-    using_bn = num_ratios == 3
+    using_bn = _num_ratios(ratio_inputs[0], channels) == 3
     batch = using_bn and (training or running_mean is None)
     bn_mean, bn_var = (running_mean, running_var) if using_bn and not batch else (None, None)
     coefficients = Coefficients(_coefficients, dict(

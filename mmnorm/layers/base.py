@@ -254,10 +254,22 @@ class BatchStatsNorm(nn.Module):
         if cache is None or self.training or torch.is_grad_enabled():
             return None
         inputs = self.ratio_inputs()
-        key = (inputs[0].device, inputs[0].dtype)
-        if key not in cache:
-            cache[key] = stacked_ratios(self.ratio_fn, inputs)
-        return cache[key]
+        # Also keyed on the inputs' storages and version counters: a load_state_dict, a
+        # functional_call with other tensors or a dtype round trip inside the scope computes
+        # them again. (What the counters miss, fused optimizer steps and .data updates, is what
+        # the scope's caller promises not to do.)
+        slot = (inputs[0].device, inputs[0].dtype)
+        key = tuple((t.data_ptr(), t._version) for t in inputs)
+        cached = cache.get(slot)
+        if cached is None or cached[0] != key:
+            cached = cache[slot] = (key, stacked_ratios(self.ratio_fn, inputs))
+        return cached[1]
+
+    def __getstate__(self):
+        # A copy or a pickle made inside a frozen_ratios scope starts outside one.
+        state = dict(super().__getstate__())
+        state.pop('_frozen_ratios', None)
+        return state
 
     @torch.no_grad()
     def ratios(self) -> Optional[Tuple[Tensor, Tensor]]:
@@ -375,10 +387,14 @@ def frozen_ratios(model: nn.Module):
     version counters alone, and comparing values would be a host sync per forward. So eval
     forwards compute them every call (SSN: SparsestMax's rounds, about 25 small ops per
     layer), except inside this scope, whose caller promises that nothing changes the ratio
-    parameters, SSN's radius or its choices until it ends. Training forwards, forwards with
-    gradients and traced ones compute them as always. ``FrozenRatiosHook`` opens the scope
-    for each validation and test epoch of an mmengine runner. Scopes nest (the outer one's
-    ratios are kept); the ratios are dropped when the outermost ends, also on an error.
+    parameters, SSN's radius or its choices in place behind the version counters' back until
+    it ends (what bumps a counter or brings other tensors, ``load_state_dict``,
+    ``torch.func.functional_call``, ``.half()``, is seen). Training forwards, forwards with
+    gradients and traced ones compute them as always, and so do layers whose form takes no
+    ratios (SN with ``mix='std'`` or the authors' unbiased IN variance). ``FrozenRatiosHook``
+    opens the scope for each validation and test epoch of an mmengine runner. Scopes nest (the
+    outer one's ratios are kept); the ratios are dropped when the outermost ends, also on an
+    error, and a copy or pickle made inside a scope starts outside one.
 
     Example:
         >>> import torch

@@ -179,7 +179,9 @@ class SwitchableNorm(BatchStatsNorm):
                                    self.bias, running_mean, running_var, use_batch_stats,
                                    momentum, self.eps, self.mix, self.in_unbiased,
                                    self._sync_group() if use_batch_stats else None,
-                                   self._scoped_ratios())
+                                   # (only the light form, mix='var', takes them)
+                                   self._scoped_ratios() if self.mix == 'var'
+                                   and not self.in_unbiased else None)
 
     @property
     def in_unbiased(self) -> bool:

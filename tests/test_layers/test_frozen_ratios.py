@@ -2,6 +2,8 @@
 """``mmnorm.frozen_ratios``: inference forwards inside the scope compute each layer's ratios
 once; everything else (training, gradients, tracing, after the scope) computes them as
 always."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -112,6 +114,83 @@ def test_scopes_nest_end_on_errors_and_follow_dtype():
         with frozen_ratios(model):
             raise RuntimeError('boom')
     assert model[0]._frozen_ratios is None and model[2]._frozen_ratios is None
+
+
+def _scaled(layer, factor=-1.5):
+    with torch.no_grad():
+        for p in layer.ratio_inputs():
+            if p.is_floating_point() and p.dim() >= 1:
+                p.mul_(factor)
+    return layer
+
+
+@pytest.mark.usefixtures('eager')
+@pytest.mark.parametrize('change', ['load_state_dict', 'functional_call', 'deepcopy',
+                                    'half and back'])
+def test_changes_the_scope_can_see_compute_the_ratios_again(change):
+    # Updates through the public routes bump a version counter or bring other tensors: inside a
+    # scope they are seen (the key holds the inputs' storages and counters).
+    x = torch.randn(2, 8, 4, 5)
+    layer, other = _layer('SSN'), _scaled(_layer('SSN'))
+    with frozen_ratios(layer), torch.no_grad():
+        before = layer(x)
+        expected = other(x)
+        if change == 'load_state_dict':
+            layer.load_state_dict(other.state_dict())
+            out = layer(x)
+        elif change == 'functional_call':
+            state = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+            out = torch.func.functional_call(layer, state, (x, ))
+        elif change == 'deepcopy':  # the copy starts outside the scope
+            twin = copy.deepcopy(layer)
+            assert twin._frozen_ratios is None and layer._frozen_ratios
+            twin.load_state_dict(other.state_dict())
+            out = twin(x)
+        else:  # the parameters rounded to half precision and back
+            layer.half().float()
+            reference = LAYERS['SSN'](8).eval()
+            reference.load_state_dict(layer.state_dict())
+            out, expected = layer(x), reference(x)
+    assert not torch.equal(out, before)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures('eager')
+@pytest.mark.parametrize('option', [dict(mix='std'), dict(in_unbiased=True)])
+def test_layers_whose_form_takes_no_ratios_compute_them_once_per_forward(option):
+    # mix='std' and the authors' unbiased IN variance run the plain form, which computes its
+    # ratios itself: the scope must not compute them besides.
+    layer = _layer('SN')
+    for key, value in option.items():
+        setattr(layer, key, value)
+    calls = []
+
+    def counting(*inputs):
+        calls.append(1)
+        return SwitchableNorm.ratio_fn(*inputs)
+    layer.ratio_fn = counting
+    with frozen_ratios(layer), torch.no_grad():
+        for _ in range(3):
+            layer(torch.randn(2, 8, 3, 3))
+    assert len(calls) == 3
+
+
+@pytest.mark.usefixtures('eager')
+def test_a_model_compiled_by_torch_compile_reads_its_parameters_in_scope():
+    # torch.compile of a whole model (mmengine's compile=True) traces the layers: the graph
+    # computes the ratios from the parameters, never from a scope's cache.
+    torch._dynamo.reset()
+    layer = _layer('SSN')
+    x = torch.randn(2, 8, 4, 5)
+    compiled = torch.compile(layer, backend='eager')
+    with frozen_ratios(layer), torch.no_grad():
+        before = compiled(x)
+        _scaled(layer)
+        reference = LAYERS['SSN'](8).eval()
+        reference.load_state_dict(layer.state_dict())
+        after = compiled(x)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, reference(x), rtol=1e-6, atol=1e-6)
 
 
 def test_traced_forwards_in_scope_keep_the_ratio_computation():

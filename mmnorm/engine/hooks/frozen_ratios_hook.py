@@ -23,8 +23,9 @@ class FrozenRatiosHook(Hook):
     Nothing changes a model's parameters during mmengine's validation and test loops; the
     scope opens at ``before_val_epoch`` / ``before_test_epoch`` and closes at the matching
     ``after_*_epoch`` hook, so an EMA hook that swaps its averaged weights in before the epoch
-    (at any priority) is seen by the first forward. A scope an error left open is closed
-    before the next training iteration and at the end of the run.
+    (at any priority) is seen by the first forward. A scope an error left open (mmengine
+    calls no ``after_*`` hook then) is closed before the next training iteration; meanwhile a
+    ``load_state_dict`` or an optimizer step that bumps the version counters is seen anyway.
 
     Example:
         ``custom_hooks = [dict(type='FrozenRatiosHook')]``

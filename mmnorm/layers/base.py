@@ -248,10 +248,10 @@ class BatchStatsNorm(nn.Module):
         """The stacked ratios of an inference forward (eval, no gradient, not traced) inside a
         :func:`frozen_ratios` scope: computed by the first such forward, reused by the others;
         None otherwise (the forward computes them)."""
-        if is_tracing():  # first: a compiled model's graph does not depend on the scope
-            return None
-        cache = self._frozen_ratios
-        if cache is None or self.training or torch.is_grad_enabled():
+        # torch.compile first (a constant there): a compiled graph does not depend on the scope.
+        # Then the cheap tests, so that forwards outside a scope pay one attribute read.
+        cache = None if torch.compiler.is_compiling() else self._frozen_ratios
+        if cache is None or self.training or torch.is_grad_enabled() or is_tracing():
             return None
         inputs = self.ratio_inputs()
         # Also keyed on the inputs' storages and version counters: a load_state_dict, a

@@ -205,8 +205,10 @@ def sum_of_squares(centered: Tensor, dims: Sequence[int], keepdim: bool = True) 
     """``sum(centered ** 2)`` over ``dims``: the square of the norm (one read, no temporary)
     when no graph is built, else the sum of the squares. The norm's second derivative is 0/0 at
     a zero row (a constant channel, H·W = 1), so a double backward through it (a gradient
-    penalty) was NaN there; the squares' is 2 everywhere."""
-    if needs_grad(centered, ()):
+    penalty) was NaN there; the squares' is 2 everywhere. Under ``torch.jit.trace`` always the
+    squares: a traced graph must not depend on the grad mode (``torch.jit.trace`` checks its
+    trace again under ``no_grad``, where a layer fed by another layer's output differed)."""
+    if needs_grad(centered, ()) or torch.jit.is_tracing():
         return centered.square().sum(tuple(dims), keepdim=keepdim)
     return torch.linalg.vector_norm(centered, dim=tuple(dims), keepdim=keepdim).square()
 

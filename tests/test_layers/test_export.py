@@ -130,3 +130,15 @@ def test_legacy_onnx_exporter_and_jit_trace(name, tmp_path):
         x = batches(1, shape=shape, seed=4)[0]
         (actual, ) = session.run(None, {'x': x.numpy()})
         assert _relative_error(torch.from_numpy(actual), layer(x)) <= 1e-5, (name, shape)
+
+
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_jit_trace_of_a_block_passes_its_own_check(name):
+    # torch.jit.trace traces a model again under no_grad and compares the graphs
+    # (check_trace=True, its default): a layer fed by the parameters' output (which requires
+    # grad while tracing, not while checking) must trace the same graph both times.
+    torch.manual_seed(0)
+    block = Block(train_steps(make_layer(name))).eval()
+    x = torch.randn(2, 3, 5, 6)
+    traced = torch.jit.trace(block, (x, ))
+    torch.testing.assert_close(traced(x), block(x), rtol=1e-5, atol=1e-5)

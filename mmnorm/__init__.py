@@ -10,8 +10,8 @@ changes").
 from . import functional, layers
 from .layers import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
                      SyncBatchChannelNorm, SyncSparseSwitchableNorm, SyncSwitchableNorm,
-                     SyncSwitchableNormTied, WSConv2d, convert_sync_norm, frozen_ratios,
-                     revert_sync_norm)
+                     SyncSwitchableNormTied, WSConv2d, batched_ratios, convert_sync_norm,
+                     frozen_ratios, revert_sync_norm)
 from .version import __version__, version_info
 
 try:
@@ -31,7 +31,7 @@ __all__ = [
     'SwitchableNorm', 'SwitchableNormTied', 'SparseSwitchableNorm', 'BatchChannelNorm',
     'WSConv2d', 'SyncSwitchableNorm', 'SyncSwitchableNormTied', 'SyncSparseSwitchableNorm',
     'SyncBatchChannelNorm', 'convert_sync_norm', 'revert_sync_norm', 'frozen_ratios',
-    'WITH_OPENMMLAB'
+    'batched_ratios', 'WITH_OPENMMLAB'
 ]
 if not WITH_OPENMMLAB:  # the OpenMMLab parts were not imported
     __all__ = [name for name in __all__ if name in globals()]

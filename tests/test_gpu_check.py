@@ -198,3 +198,13 @@ def test_benchmark_norms_variants_and_ratios_to_bn(capsys):
     results = benchmark_norms.measure(layers, (2, 8, 6, 6), rounds=1, inner=1,
                                       reference='GN', variant='bf16')
     assert set(results) == {'BN', 'GN', 'SN'}
+
+
+def test_benchmark_norms_batched_ratios_rows():
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark_norms
+    results = benchmark_norms.measure_batched(3, (2, 8, 4, 4), rounds=2, inner=1)
+    assert set(results) == {'SN', 'SSN'}
+    for row in results.values():
+        assert set(row) == {'train_own_ms', 'train_ratio', 'eval_own_ms', 'eval_ratio'}
+        assert all(value > 0 for value in row.values())

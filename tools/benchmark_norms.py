@@ -20,6 +20,12 @@ at the first (untimed, warm-up) call.
     python tools/benchmark_norms.py --deploy         # + ResNet-50 soft / hard / deploy SN
     python tools/benchmark_norms.py --onnx --no-model --shapes   # ResNet-50s in ONNX Runtime only
     python tools/benchmark_norms.py --no-model       # layers only (no Mask R-CNN row)
+    python tools/benchmark_norms.py --batched --no-model --shapes  # mmnorm.batched_ratios only
+
+``--batched`` times a deep stack of small blocks (1x1 conv, then SN or SSN) whose layers compute
+their own ratios against the same stack under :func:`mmnorm.batched_ratios` (one ratio
+computation per forward for all layers): small maps, where the ops' count (on a GPU, the kernel
+launches) rather than the arithmetic bounds a step.
 """
 import argparse
 import contextlib
@@ -341,6 +347,42 @@ def measure_demo_model(rounds: int, num_batches: int = 4) -> Dict[str, Dict[str,
     return {k: {'train_ms': t, 'train_ratio': r} for k, (t, r) in timings.items()}
 
 
+def measure_batched(blocks: int, shape: Tuple[int, ...], rounds: int, inner: int
+                    ) -> Dict[str, Dict[str, float]]:
+    """Per kind (SN, SSN): a stack of ``blocks`` (1x1 conv, layer) blocks under
+    :func:`mmnorm.batched_ratios` against the same stack computing each layer's ratios itself,
+    training step and eval forward, as ratios (batched / own)."""
+    import copy
+    from mmnorm import batched_ratios
+    x = torch.randn(*shape)
+    results = {}
+    for kind, make in (('SN', lambda c: SwitchableNorm(c)), ('SSN', _ssn)):
+        own = nn.Sequential(*[m for _ in range(blocks)
+                              for m in (nn.Conv2d(shape[1], shape[1], 1, bias=False),
+                                        make(shape[1]))])
+        batched = copy.deepcopy(own)
+        batched_ratios(batched)
+
+        def train(model):
+            return lambda: model(x).sum().backward()
+
+        def evaluate(model):
+            def forward():
+                with torch.no_grad():
+                    model(x)
+            return forward
+        row = {}
+        for mode, step in (('train', train), ('eval', evaluate)):
+            for model in (own, batched):
+                model.train(mode == 'train')
+            timings = time_rounds({'own': step(own), 'batched': step(batched)}, rounds, inner,
+                                  'own')
+            row[f'{mode}_own_ms'] = timings['own'][0]
+            row[f'{mode}_ratio'] = timings['batched'][1]
+        results[kind] = row
+    return results
+
+
 def _detector_step(model: nn.Module, optimizer, batches) -> Callable[[], None]:
     state = {'i': 0}
 
@@ -382,6 +424,11 @@ def main() -> None:
     parser.add_argument('--variants', nargs='+', choices=list(VARIANTS), default=None,
                         help='input variants of the layer tables: fp32, fp16 / bf16 (autocast), '
                         'channels_last (default: fp32 on the CPU, all of them on CUDA)')
+    parser.add_argument('--batched', action='store_true',
+                        help='also time a deep stack of small SN / SSN blocks under '
+                        'mmnorm.batched_ratios against its layers computing their own ratios')
+    parser.add_argument('--batched-shape', default='2,16,8,8',
+                        help='N,C,H,W of that run (50 blocks)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--json', help='write all numbers to this JSON file')
     args = parser.parse_args()
@@ -419,6 +466,15 @@ def main() -> None:
         for name, r in results.items():
             print(f'{name:<9} {r["train_ms"]:>9.1f} {r["train_ratio"]:>7.2f}')
         report['model'] = results
+    if args.batched:
+        shape = tuple(int(v) for v in args.batched_shape.split(','))
+        results = measure_batched(50, shape, args.rounds, args.inner)
+        print(f'\n50 blocks (1x1 conv, layer), input {shape}: batched_ratios / own ratios')
+        print(f'{"layer":<6} {"train ms":>9} {"x own":>7} {"eval ms":>9} {"x own":>7}')
+        for name, r in results.items():
+            print(f'{name:<6} {r["train_own_ms"]:>9.1f} {r["train_ratio"]:>7.2f} '
+                  f'{r["eval_own_ms"]:>9.1f} {r["eval_ratio"]:>7.2f}')
+        report['batched'] = results
     if args.deploy:
         shape = tuple(int(v) for v in args.deploy_shape.split(','))
         results = measure_deploy(shape, max(5, args.rounds // 3))

@@ -18,6 +18,9 @@ cases it had no time for are listed as not run):
   memory format.
 - ``amp``: training steps of a small ConvNet with SN, SSN and BCN+WS in fp16 autocast with a
   ``GradScaler``, and in bf16 autocast: finite losses that fall, steps not all skipped.
+- ``batched``: the SN and SSN ConvNets under ``mmnorm.batched_ratios`` (one ratio computation
+  per forward for all layers) against the same nets computing their own, in fp32 and fp16
+  autocast: outputs, gradients and SSN's fixed choices after SGD steps.
 - ``fallbacks``: compile failures injected through ``torch.compile`` backends (forward compile,
   backward compile, first run): one warning, the step completes, the public-op result.
 - ``distributed``: the synchronized layers in a one-process NCCL group (gloo on the CPU), and
@@ -78,10 +81,10 @@ EXIT_PASSED, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 3
 
 #: Section -> time budget in seconds: full mode on a GPU (under 8 minutes in all), and the short
 #: mode (CPU, CI: fewer cases, which compile with Inductor's C++ backend on a cold cache).
-BUDGETS = {'environment': 20, 'parity': 150, 'amp': 60, 'fallbacks': 45, 'distributed': 60,
-           'recompiles': 75, 'benchmark': 60}
-SHORT_BUDGETS = {'environment': 10, 'parity': 90, 'amp': 45, 'fallbacks': 30, 'distributed': 30,
-                 'recompiles': 60, 'benchmark': 60}
+BUDGETS = {'environment': 20, 'parity': 150, 'amp': 60, 'batched': 30, 'fallbacks': 45,
+           'distributed': 60, 'recompiles': 75, 'benchmark': 60}
+SHORT_BUDGETS = {'environment': 10, 'parity': 90, 'amp': 45, 'batched': 20, 'fallbacks': 30,
+                 'distributed': 30, 'recompiles': 60, 'benchmark': 60}
 #: Input variants of the parity section: (dtype, memory format, shape).
 VARIANTS = {
     'fp32': (torch.float32, torch.contiguous_format, (4, CHANNELS, 6, 7)),
@@ -334,6 +337,44 @@ def _amp_case(net: str, precision: str, device: torch.device, steps: int) -> Dic
                 ok=finite and losses[-1] < losses[0] and skipped < steps // 2)
 
 
+def batched(section: Section, device: torch.device, short: bool) -> None:
+    cases = [(net, p) for net in ('SN', 'SSN') for p in ('fp32', 'fp16 autocast')]
+    for net, precision in section.cases(cases, lambda c: f'{c[0]} {c[1]}'):
+        section.run(f'{net} {precision}', lambda: _batched_case(net, precision, device))
+
+
+def _batched_case(net: str, precision: str, device: torch.device) -> Dict[str, Any]:
+    torch.manual_seed(0)
+    own = NETS[net]().to(device)
+    if net == 'SSN':  # radii at which choices are fixed along the steps
+        for i, layer in enumerate(m for m in own.modules() if mmnorm.layers.has_ratios(m)):
+            layer.set_progress(0.6 + 0.4 * i)
+    twin = copy.deepcopy(own)
+    mmnorm.batched_ratios(twin)
+    gen = torch.Generator().manual_seed(1)
+    autocast = precision != 'fp32'
+    worst = 0.0
+    for _ in range(4):
+        x = torch.randn(8, 3, 16, 16, generator=gen).to(device)
+        grads = []
+        for model in (own, twin):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=autocast):
+                out = model(x)
+            out.float().square().mean().backward()
+            grads.append([out.float()] + [p.grad for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.05 * p.grad
+                    p.grad = None
+        worst = max([worst] + [_relative(b, a) for a, b in zip(*grads)])
+    pairs = [(a.cpu(), b.cpu()) for (name, a), b in zip(own.named_buffers(), twin.buffers())
+             if name.endswith('_choice')]
+    equal = all(bool((a == b).all()) for a, b in pairs)
+    return dict(worst_relative=float(worst), choices_equal=equal,
+                choices_fixed=sum(int((a >= 0).sum()) for a, _ in pairs),
+                ok=worst <= 1e-4 and equal)
+
+
 def fallbacks(section: Section, device: torch.device, short: bool) -> None:
     for stage in section.cases(FAILURES):
         section.run(stage, lambda: _fallback_case(stage, device))
@@ -480,8 +521,9 @@ def benchmark(section: Section, device: torch.device, short: bool) -> None:
         compiled_form.use_compiled('never')
 
 
-SECTIONS = {'environment': environment, 'parity': parity, 'amp': amp, 'fallbacks': fallbacks,
-            'distributed': distributed, 'recompiles': recompiles, 'benchmark': benchmark}
+SECTIONS = {'environment': environment, 'parity': parity, 'amp': amp, 'batched': batched,
+            'fallbacks': fallbacks, 'distributed': distributed, 'recompiles': recompiles,
+            'benchmark': benchmark}
 
 
 # ------------------------------------------------------------------------------------ report

@@ -13,4 +13,5 @@ custom_hooks = [
     dict(type='SNRatioLoggerHook', interval=25),
     dict(type='BatchAverageStatsHook', num_iters=50, log_interval=1000),
     dict(type='FrozenRatiosHook'),  # the ratios once per validation / test epoch
+    dict(type='BatchedRatiosHook'),  # all layers' ratios in one computation per forward
 ]

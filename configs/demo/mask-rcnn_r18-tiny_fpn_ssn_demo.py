@@ -16,4 +16,5 @@ custom_hooks = [
     dict(type='BatchAverageStatsHook', num_iters=50, before_val=True, before_test=False),
     dict(type='SNRatioLoggerHook', interval=100),
     dict(type='FrozenRatiosHook'),  # the ratios once per validation / test epoch
+    dict(type='BatchedRatiosHook'),  # all layers' ratios in one computation per forward
 ]

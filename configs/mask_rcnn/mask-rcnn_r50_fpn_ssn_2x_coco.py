@@ -28,4 +28,5 @@ custom_hooks = [
     dict(type='BatchAverageStatsHook', num_iters=200),
     dict(type='SNRatioLoggerHook', interval=500),
     dict(type='FrozenRatiosHook'),  # the ratios once per validation / test epoch
+    dict(type='BatchedRatiosHook'),  # all layers' ratios in one computation per forward
 ]

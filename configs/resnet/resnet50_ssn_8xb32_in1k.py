@@ -20,4 +20,4 @@ optim_wrapper = dict(
     paramwise_cfg=dict(ratio_lr_mult=0.1, ratio_decay_mult=0.0,
                        ratio_clip_grad=dict(max_norm=1.0)))
 custom_hooks = [dict(type='SSNRadiusHook'), dict(type='SNRatioLoggerHook', interval=1000),
-                dict(type='FrozenRatiosHook')]
+                dict(type='FrozenRatiosHook'), dict(type='BatchedRatiosHook')]

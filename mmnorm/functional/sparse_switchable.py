@@ -40,7 +40,7 @@ along the rounding error) stays where it is.
 buffers ``mean_choice`` / ``var_choice`` (the index of the chosen normalizer, ``-1`` while free)
 and is saved with the weights.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -165,6 +165,38 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
 
 
 sparsest_ratios.stacked = _stacked_sparsest_ratios
+
+
+def _batched_sparsest_ratios(inputs: Sequence[Sequence[Tensor]],
+                             training: Sequence[bool]) -> List[Tensor]:
+    """:func:`_stacked_sparsest_ratios` of many layers at once: every layer's score vectors
+    (means', then variances', each group's row) as the rows of one tensor, each row with its
+    layer's radius and choice, through one SparsestMax; then the choices of the layers in
+    ``training`` mode are updated as their training step would (:func:`update_choice_pair`),
+    from one :func:`fixed_choices` of all rows. ``inputs`` holds each layer's
+    ``(mean_scores, var_scores, radius, mean_choice, var_choice)``, all with the same number of
+    normalizers, dtype and device."""
+    k = inputs[0][0].shape[-1]
+    rows = torch.cat([scores.reshape(-1, k) for layer in inputs for scores in layer[:2]])
+    sizes = [2 * layer[0].numel() // k for layer in inputs]
+    radius = torch.cat([layer[2].reshape(1, 1).expand(size, 1)
+                        for layer, size in zip(inputs, sizes)]).to(rows.dtype)
+    choices = torch.cat([choice.reshape(-1) for layer in inputs for choice in layer[3:]])
+    if k in (2, 3) and rows.dtype in FAST_DTYPES:
+        ratios = fast_sparsestmax(rows, radius, choices)
+    else:
+        ratios = _frozen(sparsestmax(rows, radius), choices)
+    if any(training):
+        new = fixed_choices(ratios.detach(), choices).split(sizes)
+        for layer, fixed, train in zip(inputs, new, training):
+            if train:
+                fixed = fixed.view(2, *layer[3].shape)
+                layer[3].copy_(fixed[0])
+                layer[4].copy_(fixed[1])
+    return [r.view(2, *layer[0].shape) for r, layer in zip(ratios.split(sizes), inputs)]
+
+
+sparsest_ratios.batched = _batched_sparsest_ratios
 
 
 def fixed_choices(ratios: Tensor, choice: Tensor) -> Tensor:

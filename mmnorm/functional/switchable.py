@@ -27,7 +27,7 @@ The layer is a per-(n, c) affine map of the centered input (:mod:`.moments`):
 """
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -154,6 +154,24 @@ def _stacked_softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = 
 
 
 softmax_ratios.stacked = _stacked_softmax_ratios
+
+
+def _batched_softmax_ratios(inputs: Sequence[Sequence[Tensor]],
+                            training: Sequence[bool]) -> List[Tensor]:
+    """:func:`_stacked_softmax_ratios` of many layers at once (one ``cat`` and one softmax for
+    all of them): ``inputs`` holds each layer's logits (one tensor for SN_tied, two for SN), all
+    with the same number of normalizers, dtype and device. ``training`` is unused (softmax
+    ratios keep no state)."""
+    k = inputs[0][0].shape[-1]
+    rows = torch.cat([logits.reshape(-1, k) for layer in inputs for logits in layer])
+    sizes = [sum(logits.numel() for logits in layer) // k for layer in inputs]
+    ratios = torch.softmax(rows, -1).split(sizes)
+    return [r.view(2, *layer[0].shape) if len(layer) == 2
+            else r.view(layer[0].shape).expand(2, *layer[0].shape)
+            for r, layer in zip(ratios, inputs)]
+
+
+softmax_ratios.batched = _batched_softmax_ratios
 
 
 def stacked_ratios(ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor]) -> Tensor:

@@ -6,7 +6,8 @@ Each normalizer lives in its own file with its synchronized twin; :mod:`.base` h
 contract every normalizer follows (what tools read from the layer), :mod:`.sync` the module-tree
 conversions.
 """
-from .base import EVAL_STATS_MODES, BatchStatsNorm, SyncNorm, frozen_ratios, has_ratios
+from .base import (EVAL_STATS_MODES, BatchedRatios, BatchStatsNorm, SyncNorm, batched_ratios,
+                   frozen_ratios, has_ratios)
 from .batch_channel_norm import BatchChannelNorm, SyncBatchChannelNorm
 from .conv_ws import WSConv2d
 from .sparse_switchable_norm import SparseSwitchableNorm, SyncSparseSwitchableNorm
@@ -15,7 +16,8 @@ from .switchable_norm import (NORMALIZERS, SwitchableNorm, SwitchableNormTied,
 from .sync import convert_sync_norm, revert_sync_norm
 
 __all__ = [
-    'BatchStatsNorm', 'SyncNorm', 'frozen_ratios', 'has_ratios', 'SwitchableNorm',
+    'BatchStatsNorm', 'SyncNorm', 'frozen_ratios', 'batched_ratios', 'BatchedRatios',
+    'has_ratios', 'SwitchableNorm',
     'SwitchableNormTied',
     'BatchChannelNorm', 'WSConv2d', 'NORMALIZERS', 'EVAL_STATS_MODES', 'SyncSwitchableNorm',
     'SyncSwitchableNormTied', 'SyncBatchChannelNorm', 'SparseSwitchableNorm',

@@ -38,11 +38,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
-from ..functional.compiled import report
+from ..functional.compiled import compiled_enabled, report
 from ..functional.switchable import stacked_ratios
 
-__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'frozen_ratios', 'full_precision',
-           'has_ratios', 'log_once', 'runner_training']
+__all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'BatchedRatios', 'batched_ratios',
+           'frozen_ratios', 'full_precision', 'has_ratios', 'log_once', 'runner_training']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -243,16 +243,58 @@ class BatchStatsNorm(nn.Module):
     #: Inside a :func:`frozen_ratios` scope, the stacked ratios its inference forwards computed,
     #: by the ratio inputs' device and dtype; None outside one.
     _frozen_ratios: Optional[Dict[tuple, Tensor]] = None
+    #: During a forward of a model under :func:`batched_ratios`: the stacked ratios its
+    #: pre-hook computed for this layer and whether gradients were on then; None otherwise.
+    _step_ratios: Optional[Tuple[Tensor, bool]] = None
+    #: The step ratios a forward with gradients used, for the same call recomputed by
+    #: non-reentrant activation checkpointing (which must save what the first pass saved).
+    _recompute_ratios: Optional[Tensor] = None
+
+    def takes_ratios(self) -> bool:
+        """Whether this layer's form takes its stacked ratios computed elsewhere
+        (:func:`frozen_ratios`, :func:`batched_ratios`); a form that computes them in its own
+        way (SN with ``mix='std'``) overrides this with False."""
+        return self.ratio_fn is not None
 
     def _scoped_ratios(self) -> Optional[Tensor]:
-        """The stacked ratios of an inference forward (eval, no gradient, not traced) inside a
-        :func:`frozen_ratios` scope: computed by the first such forward, reused by the others;
-        None otherwise (the forward computes them)."""
-        # torch.compile first (a constant there): a compiled graph does not depend on the scope.
-        # Then the cheap tests, so that forwards outside a scope pay one attribute read.
-        cache = None if torch.compiler.is_compiling() else self._frozen_ratios
-        if cache is None or self.training or torch.is_grad_enabled() or is_tracing():
+        """The stacked ratios computed for this forward by a scope, or None (the forward
+        computes them):
+
+        - an inference forward (eval, no gradient) inside a :func:`frozen_ratios` scope: those
+          its first such forward computed;
+        - a forward of a model under :func:`batched_ratios`: those its pre-hook computed for
+          every layer at once (unless gradients are on now and were off then);
+        - a forward that activation checkpointing recomputes: the step ratios its first pass
+          used, if any.
+
+        Never under tracing (``torch.compile``, export, ``torch.func`` transforms)."""
+        # torch.compile first (a constant there): a compiled graph does not depend on a scope.
+        # Then the cheap tests, so that forwards outside a scope pay two attribute reads.
+        if torch.compiler.is_compiling():
             return None
+        cache, step = self._frozen_ratios, self._step_ratios
+        if cache is None and step is None and self._recompute_ratios is None:
+            return None
+        if is_tracing():
+            return None
+        if in_recomputation():
+            return self._recompute_ratios
+        grad = torch.is_grad_enabled()
+        if cache is not None and not self.training and not grad:
+            ratios = self._frozen_cached(cache)
+        elif step is not None and not (grad and not step[1]):
+            ratios = step[0]
+        else:
+            ratios = None
+        # What a recomputation of this call must use: the step ratios a forward with gradients
+        # used (a non-reentrant checkpoint must save what its first pass saved); nothing
+        # otherwise (reentrant checkpointing runs its first pass without gradients and lets
+        # the recomputation compute the ratios, with gradients).
+        self._recompute_ratios = ratios if grad and step is not None else None
+        return ratios
+
+    def _frozen_cached(self, cache: Dict[tuple, Tensor]) -> Tensor:
+        """:func:`frozen_ratios`' ratios of this layer, computed on the first call."""
         inputs = self.ratio_inputs()
         # Also keyed on the inputs' storages and version counters: a load_state_dict, a
         # functional_call with other tensors or a dtype round trip inside the scope computes
@@ -266,9 +308,11 @@ class BatchStatsNorm(nn.Module):
         return cached[1]
 
     def __getstate__(self):
-        # A copy or a pickle made inside a frozen_ratios scope starts outside one.
+        # A copy or a pickle made inside a scope (frozen_ratios, batched_ratios) starts
+        # outside one.
         state = dict(super().__getstate__())
-        state.pop('_frozen_ratios', None)
+        for name in ('_frozen_ratios', '_step_ratios', '_recompute_ratios'):
+            state.pop(name, None)
         return state
 
     @torch.no_grad()
@@ -412,6 +456,106 @@ def frozen_ratios(model: nn.Module):
     finally:
         for layer, cache in zip(layers, outer):
             layer._frozen_ratios = cache
+
+
+class BatchedRatios:
+    """What :func:`batched_ratios` returns: the handle of its two hooks on the model.
+    ``remove()`` takes them off (also at the end of a ``with`` block)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # Per forward of the model (nested ones too): the layers whose step ratios were set,
+        # with what they had before.
+        self._frames: list = []
+        self._handles = [model.register_forward_pre_hook(self._before),
+                         model.register_forward_hook(self._after, always_call=True)]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> 'BatchedRatios':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _before(self, model: nn.Module, args) -> None:
+        if is_tracing():  # a traced graph does not depend on the hooks: each layer's own ratios
+            return
+        frame: list = []
+        self._frames.append(frame)  # before anything can fail: _after pops it
+        if compiled_enabled():  # the compiled form computes its ratios in its graph
+            return
+        grad = torch.is_grad_enabled()
+        groups: Dict[tuple, list] = {}
+        for layer in model.modules():
+            if not has_ratios(layer) or not layer.takes_ratios() or getattr(
+                    layer.ratio_fn, 'batched', None) is None:
+                continue
+            if layer._frozen_ratios is not None and not layer.training and not grad:
+                continue  # a frozen_ratios scope serves it
+            inputs = layer.ratio_inputs()
+            # (SN and SN_tied share a group: one softmax for both)
+            key = (layer.ratio_fn, inputs[0].shape[-1], inputs[0].dtype, inputs[0].device)
+            groups.setdefault(key, []).append((layer, inputs))
+        for (ratio_fn, *_), members in groups.items():
+            with full_precision(members[0][1][0]):
+                ratios = ratio_fn.batched([inputs for _, inputs in members],
+                                          [layer.training for layer, _ in members])
+            for (layer, _), stacked in zip(members, ratios):
+                frame.append((layer, layer._step_ratios))
+                layer._step_ratios = (stacked, grad)
+
+    def _after(self, model: nn.Module, args, output) -> None:
+        if is_tracing() or not self._frames:
+            return
+        for layer, previous in reversed(self._frames.pop()):
+            layer._step_ratios = previous
+
+
+def batched_ratios(model: nn.Module) -> BatchedRatios:
+    """Compute the ratios of all of ``model``'s ratio layers (:func:`has_ratios`) together, once
+    per forward of ``model``, instead of in each layer at each call.
+
+    A ratio layer's ratios depend only on its parameters (and SSN's radius and choices), and
+    each layer computes them in a few small ops: a softmax for SN, SparsestMax's rounds for SSN
+    (about 45 ops per training step, forward and backward, a kernel launch each on a GPU). With
+    this, a forward pre-hook on ``model`` stacks every layer's ratio parameters and computes all
+    their ratios in one such computation, before the layers run; each layer then takes its own
+    (a view: its gradient flows back through the shared computation, whose backward is one
+    pass for all layers). SSN's choices are fixed there too, as each layer's training step
+    would fix them. A layer called several times per forward (a head shared by the pyramid's
+    levels) takes the same ratios each time. The values and gradients are those of the layers'
+    own computation.
+
+    What is left as it was: forwards of the layers outside ``model``'s forward, traced ones
+    (``torch.compile``, export, ``torch.func`` transforms), layers whose form takes no ratios
+    (SN with ``mix='std'`` or the authors' unbiased IN variance), inference forwards inside a
+    :func:`frozen_ratios` scope (those use the scope's), and a forward with gradients inside a
+    model's forward without them. Under activation checkpointing, a non-reentrant recomputation
+    uses the ratios its first pass used and a reentrant one computes them (as its first pass
+    runs without gradients). Not for forwards of one model running concurrently in several
+    threads (the ratios of a forward are kept on its layers until it ends).
+    ``BatchedRatiosHook`` does this for an mmengine runner's model.
+
+    Args:
+        model (nn.Module): the model whose forward computes the ratios (the model a runner
+            calls, not a wrapper such as DDP: its forward calls the model's).
+
+    Returns:
+        BatchedRatios: the hooks' handle; ``remove()`` or a ``with`` block takes them off.
+
+    Example:
+        >>> import torch
+        >>> from mmnorm import SparseSwitchableNorm, batched_ratios
+        >>> model = torch.nn.Sequential(SparseSwitchableNorm(8), SparseSwitchableNorm(8))
+        >>> with batched_ratios(model):
+        ...     model(torch.randn(2, 8, 5, 5)).sum().backward()
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f'batched_ratios: model must be an nn.Module, got {type(model).__name__}')
+    return BatchedRatios(model)
 
 
 def _sync_active(group) -> bool:

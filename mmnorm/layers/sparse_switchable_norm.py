@@ -209,7 +209,8 @@ class SparseSwitchableNorm(SwitchableNorm):
                 and not is_tracing() and not in_recomputation()):
             _check_training_setup(self)
         out, (mean_ratios, var_ratios) = self._mix(input)
-        if self.training and not in_recomputation():
+        # (Under batched_ratios the model's pre-hook fixed the choices of this step.)
+        if self.training and not in_recomputation() and self._step_ratios is None:
             update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
         return out
 

@@ -179,9 +179,11 @@ class SwitchableNorm(BatchStatsNorm):
                                    self.bias, running_mean, running_var, use_batch_stats,
                                    momentum, self.eps, self.mix, self.in_unbiased,
                                    self._sync_group() if use_batch_stats else None,
-                                   # (only the light form, mix='var', takes them)
-                                   self._scoped_ratios() if self.mix == 'var'
-                                   and not self.in_unbiased else None)
+                                   self._scoped_ratios() if self.takes_ratios() else None)
+
+    def takes_ratios(self) -> bool:
+        # Only the light form (mix='var', biased IN variance) takes computed ratios.
+        return self.mix == 'var' and not self.in_unbiased
 
     @property
     def in_unbiased(self) -> bool:

@@ -353,6 +353,47 @@ class TestCompiledFormHook:
             HOOKS.build(dict(type='CompiledFormHook', mode='sometimes'))
 
 
+class TestBatchedRatiosHook:
+
+    def test_one_ratio_computation_per_forward_and_the_same_training(self, tmp_path,
+                                                                     monkeypatch):
+        """Two SSN layers trained with validations: with the hook each forward computes their
+        ratios in one SparsestMax of all their rows and no layer computes its own; the weights,
+        running statistics and fixed choices at the end are exactly those of the run without
+        it; the hooks come off at the end of the run."""
+        from mmnorm.functional import sparse_switchable
+        rows = []
+        fast = sparse_switchable.fast_sparsestmax
+
+        def counting(scores, *args):
+            rows.append(scores.numel() // scores.shape[-1])
+            return fast(scores, *args)
+        monkeypatch.setattr(sparse_switchable, 'fast_sparsestmax', counting)
+        optim = dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9, weight_decay=1e-4),
+                     constructor='NormAwareOptimWrapperConstructor',
+                     paramwise_cfg=dict(ratio_lr_mult=0.1, ratio_decay_mult=0.,
+                                        ratio_clip_grad=dict(max_norm=1.0)))
+        states = {}
+        for with_hook in (False, True):
+            torch.manual_seed(0)
+            model = ToyModel(norm1=mmnorm.SparseSwitchableNorm(8),
+                             norm2=mmnorm.SparseSwitchableNorm(8, ratio_groups=2))
+            hooks = [dict(type='SSNRadiusHook')] + (
+                [dict(type='BatchedRatiosHook')] if with_hook else [])
+            rows.clear()
+            runner = _runner(tmp_path / str(with_hook), model, max_iters=6, custom_hooks=hooks,
+                             val=True, optim=optim)
+            runner.train()
+            # 6 training iterations and 2 validations of 2 batches: 10 forwards, each
+            # computing the rows of both layers (2 and 2 x 2) at once, or each layer its own.
+            assert rows == ([6] * 10 if with_hook else [2, 4] * 10)
+            assert not model._forward_pre_hooks and not model._forward_hooks
+            states[with_hook] = model.state_dict()
+        assert int(states[True]['norm1.mean_choice']) >= 0  # a choice was fixed (radius 1)
+        for key, value in states[False].items():
+            assert torch.equal(states[True][key], value), key
+
+
 class TestFrozenRatiosHook:
 
     @staticmethod

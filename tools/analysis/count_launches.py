@@ -5,13 +5,17 @@ ops as on CUDA, and as on the CPU, which takes simpler passes), and with
 ``--compiled`` the kernels Inductor generates for the compiled form (forward + backward), next
 to ``nn.BatchNorm2d`` and ``nn.GroupNorm``. The eval forward is counted twice: as every
 forward computes it, and inside :func:`mmnorm.frozen_ratios` (``FrozenRatiosHook``'s
-validation and test epochs), where the SN family's ratios are computed once per epoch.
+validation and test epochs), where the SN family's ratios are computed once per epoch. The
+last column counts a model of such layers under :func:`mmnorm.batched_ratios`
+(``BatchedRatiosHook``): each layer's own ops, plus the ops of the one ratio computation that
+every forward of the model runs for all its layers (train step / eval forward).
 
     python tools/analysis/count_launches.py                   # (8, 64, 28, 28), eager form
     python tools/analysis/count_launches.py --compiled        # + Inductor's kernel count
     python tools/analysis/count_launches.py --shape 2 256 50 68 --ops SN   # op names too
 """
 import argparse
+import copy
 import math
 import os
 import sys
@@ -22,8 +26,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from mmnorm import (BatchChannelNorm, SparseSwitchableNorm,  # noqa: E402
-                    SwitchableNorm, SwitchableNormTied, frozen_ratios)
+                    SwitchableNorm, SwitchableNormTied, batched_ratios, frozen_ratios)
 from mmnorm.analysis.launches import step_ops  # noqa: E402
+from mmnorm.layers import has_ratios  # noqa: E402
 from mmnorm.functional import compiled as compiled_form  # noqa: E402
 from mmnorm.functional import row_affine  # noqa: E402
 
@@ -44,6 +49,25 @@ def layers(channels: int) -> dict:
         f'SSN-G{groups}': ssn_groups,
         'BCN': BatchChannelNorm(channels, num_groups=min(32, channels)), 'BCN_est': est,
     }
+
+
+def batched_ops(layer: nn.Module, x: torch.Tensor) -> str:
+    """``'L + S / l + s'``: the ops of each layer (``L``) and of the shared ratio computation
+    (``S``, once per forward) in a training step of a model of copies of ``layer`` under
+    :func:`batched_ratios`, and the same for an eval forward (``l``, ``s``); from models of
+    one and two layers (``L = two - one``, ``S = one - L``)."""
+    counts = {}
+    for size in (1, 2):
+        model = nn.Sequential(*[copy.deepcopy(layer) for _ in range(size)])
+        batched_ratios(model)
+        for train in (True, False):
+            step_ops(model, x, train)  # the first may set up state; count the second
+            counts[size, train] = sum(step_ops(model, x, train).values())
+    parts = []
+    for train in (True, False):
+        per_layer = counts[2, train] - counts[1, train]
+        parts.append(f'{per_layer} + {counts[1, train] - per_layer}')
+    return ' / '.join(parts)
 
 
 def inductor_kernels(layer: nn.Module, x: torch.Tensor) -> str:
@@ -77,7 +101,8 @@ def main(argv=None) -> int:
     compiled_form.use_compiled(False)  # the eager form, whatever MMNORM_COMPILE says
     x = torch.randn(*args.shape)
     header = ('| layer | eager train step | eager eval forward | eval forward, frozen ratios '
-              '| train step, CPU passes | eval forward, CPU passes |') + (
+              '| train step, CPU passes | eval forward, CPU passes '
+              '| batched ratios: per layer + per forward, train / eval |') + (
         ' compiled kernels (train step) |' if args.compiled else '')
     print(f'Non-view ATen ops dispatched, input {tuple(args.shape)}, torch {torch.__version__}')
     print()
@@ -97,9 +122,10 @@ def main(argv=None) -> int:
                 with frozen_ratios(layer):
                     step_ops(layer, x, train=False)  # (the first computes the ratios)
                     counts.append(sum(step_ops(layer, x, train=False).values()))
+        row_affine.FEW_LAUNCHES_NOT_NEEDED = ()  # as on CUDA
+        counts.append(batched_ops(layer, x) if has_ratios(layer) else '')
         row = '| ' + ' | '.join([name] + [str(c) for c in counts]) + ' |'
         if args.compiled:  # traced with the op structure a GPU gets
-            row_affine.FEW_LAUNCHES_NOT_NEEDED = ()
             row += f' {inductor_kernels(layer, x)} |'
         print(row)
         if name in args.ops:

@@ -318,6 +318,15 @@ def in_recomputation() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def saved_tensors_hooks_active() -> bool:
+    """True while ``torch.autograd.graph.saved_tensors_hooks`` are active: the first pass of a
+    non-reentrant activation checkpoint (``torch.utils.checkpoint(..., use_reentrant=False)``),
+    whose recomputation must save what the first pass saved, or activation offloading
+    (``save_on_cpu``). PyTorch has no public query; this is the one its own checkpoint and
+    AOTAutograd code make."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
+
+
 def _row_affine(rows: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale * rows + shift`` per row of contiguous ``(N, C, L)`` rows (a new tensor, viewed).
 

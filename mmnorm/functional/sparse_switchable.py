@@ -167,15 +167,16 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
 sparsest_ratios.stacked = _stacked_sparsest_ratios
 
 
-def _batched_sparsest_ratios(inputs: Sequence[Sequence[Tensor]],
-                             training: Sequence[bool]) -> List[Tensor]:
+def _batched_sparsest_ratios(inputs: Sequence[Sequence[Tensor]], training: Sequence[bool]
+                             ) -> List[Tuple[Tensor, Optional[Tensor]]]:
     """:func:`_stacked_sparsest_ratios` of many layers at once: every layer's score vectors
     (means', then variances', each group's row) as the rows of one tensor, each row with its
-    layer's radius and choice, through one SparsestMax; then the choices of the layers in
-    ``training`` mode are updated as their training step would (:func:`update_choice_pair`),
-    from one :func:`fixed_choices` of all rows. ``inputs`` holds each layer's
+    layer's radius and choice, through one SparsestMax. ``inputs`` holds each layer's
     ``(mean_scores, var_scores, radius, mean_choice, var_choice)``, all with the same number of
-    normalizers, dtype and device."""
+    normalizers, dtype and device. Returns each layer's stacked ratios and, for the layers in
+    ``training`` mode, the choices ``(2, ...)`` its training step fixes with them
+    (:func:`fixed_choices`, of all rows at once; the layer writes them if it takes the ratios).
+    """
     k = inputs[0][0].shape[-1]
     rows = torch.cat([scores.reshape(-1, k) for layer in inputs for scores in layer[:2]])
     sizes = [2 * layer[0].numel() // k for layer in inputs]
@@ -186,14 +187,11 @@ def _batched_sparsest_ratios(inputs: Sequence[Sequence[Tensor]],
         ratios = fast_sparsestmax(rows, radius, choices)
     else:
         ratios = _frozen(sparsestmax(rows, radius), choices)
-    if any(training):
-        new = fixed_choices(ratios.detach(), choices).split(sizes)
-        for layer, fixed, train in zip(inputs, new, training):
-            if train:
-                fixed = fixed.view(2, *layer[3].shape)
-                layer[3].copy_(fixed[0])
-                layer[4].copy_(fixed[1])
-    return [r.view(2, *layer[0].shape) for r, layer in zip(ratios.split(sizes), inputs)]
+    fixed = fixed_choices(ratios.detach(), choices).split(sizes) if any(training) else \
+        [None] * len(inputs)
+    return [(r.view(2, *layer[0].shape),
+             new.view(2, *layer[3].shape) if train else None)
+            for r, new, layer, train in zip(ratios.split(sizes), fixed, inputs, training)]
 
 
 sparsest_ratios.batched = _batched_sparsest_ratios

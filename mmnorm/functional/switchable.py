@@ -156,18 +156,18 @@ def _stacked_softmax_ratios(mean_logits: Tensor, var_logits: Optional[Tensor] = 
 softmax_ratios.stacked = _stacked_softmax_ratios
 
 
-def _batched_softmax_ratios(inputs: Sequence[Sequence[Tensor]],
-                            training: Sequence[bool]) -> List[Tensor]:
+def _batched_softmax_ratios(inputs: Sequence[Sequence[Tensor]], training: Sequence[bool]
+                            ) -> List[Tuple[Tensor, None]]:
     """:func:`_stacked_softmax_ratios` of many layers at once (one ``cat`` and one softmax for
     all of them): ``inputs`` holds each layer's logits (one tensor for SN_tied, two for SN), all
-    with the same number of normalizers, dtype and device. ``training`` is unused (softmax
-    ratios keep no state)."""
+    with the same number of normalizers, dtype and device. Returns each layer's stacked ratios
+    and no state (``training`` is unused: softmax ratios keep none)."""
     k = inputs[0][0].shape[-1]
     rows = torch.cat([logits.reshape(-1, k) for layer in inputs for logits in layer])
     sizes = [sum(logits.numel() for logits in layer) // k for layer in inputs]
     ratios = torch.softmax(rows, -1).split(sizes)
-    return [r.view(2, *layer[0].shape) if len(layer) == 2
-            else r.view(layer[0].shape).expand(2, *layer[0].shape)
+    return [(r.view(2, *layer[0].shape) if len(layer) == 2
+             else r.view(layer[0].shape).expand(2, *layer[0].shape), None)
             for r, layer in zip(ratios, inputs)]
 
 

@@ -31,13 +31,14 @@ import contextlib
 import logging
 import sys
 import warnings
-from typing import Any, Callable, ClassVar, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type, Union
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
+from ..functional.moments import saved_tensors_hooks_active
 from ..functional.compiled import compiled_enabled, report
 from ..functional.switchable import stacked_ratios
 
@@ -115,6 +116,27 @@ def full_precision(input: Tensor):
     if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.autocast(device_type=device, enabled=False)
     return contextlib.nullcontext()
+
+
+class StepRatios(NamedTuple):
+    """What :func:`batched_ratios`' pre-hook leaves on a layer for one forward of the model."""
+
+    #: The layer's stacked ratios ``(2, [G,] K)``, a view of the computation shared by all.
+    ratios: Tensor
+    #: Whether gradients were on when they were computed (a forward with gradients does not
+    #: take ratios computed without).
+    with_grad: bool
+    #: :func:`_ratio_key` of the inputs they were computed from.
+    key: tuple
+    #: What the layer's training step writes besides (SSN: its new choices), or None.
+    state: Optional[Tensor]
+
+
+def _ratio_key(inputs) -> tuple:
+    """The identity of ratio inputs' values as far as PyTorch tracks it: each floating-point
+    input's storage and version counter (integer state such as SSN's choices is the layer's
+    own bookkeeping)."""
+    return tuple((t.data_ptr(), t._version) for t in inputs if t.is_floating_point())
 
 
 class BatchStatsNorm(nn.Module):
@@ -243,12 +265,9 @@ class BatchStatsNorm(nn.Module):
     #: Inside a :func:`frozen_ratios` scope, the stacked ratios its inference forwards computed,
     #: by the ratio inputs' device and dtype; None outside one.
     _frozen_ratios: Optional[Dict[tuple, Tensor]] = None
-    #: During a forward of a model under :func:`batched_ratios`: the stacked ratios its
-    #: pre-hook computed for this layer and whether gradients were on then; None otherwise.
-    _step_ratios: Optional[Tuple[Tensor, bool]] = None
-    #: The step ratios a forward with gradients used, for the same call recomputed by
-    #: non-reentrant activation checkpointing (which must save what the first pass saved).
-    _recompute_ratios: Optional[Tensor] = None
+    #: During a forward of a model under :func:`batched_ratios`: what its pre-hook computed for
+    #: this layer (:class:`StepRatios`); None otherwise.
+    _step_ratios: Optional['StepRatios'] = None
 
     def takes_ratios(self) -> bool:
         """Whether this layer's form takes its stacked ratios computed elsewhere
@@ -263,9 +282,10 @@ class BatchStatsNorm(nn.Module):
         - an inference forward (eval, no gradient) inside a :func:`frozen_ratios` scope: those
           its first such forward computed;
         - a forward of a model under :func:`batched_ratios`: those its pre-hook computed for
-          every layer at once (unless gradients are on now and were off then);
-        - a forward that activation checkpointing recomputes: the step ratios its first pass
-          used, if any.
+          every layer at once, if the ratio inputs are still those it read, and unless
+          gradients are on and activation checkpointing records or recomputes this forward
+          (a non-reentrant recomputation must save what the first pass saved, and a reentrant
+          one backpropagates on its own: both compute the ratios themselves, each time).
 
         Never under tracing (``torch.compile``, export, ``torch.func`` transforms)."""
         # torch.compile first (a constant there): a compiled graph does not depend on a scope.
@@ -273,25 +293,15 @@ class BatchStatsNorm(nn.Module):
         if torch.compiler.is_compiling():
             return None
         cache, step = self._frozen_ratios, self._step_ratios
-        if cache is None and step is None and self._recompute_ratios is None:
+        if (cache is None and step is None) or is_tracing():
             return None
-        if is_tracing():
-            return None
-        if in_recomputation():
-            return self._recompute_ratios
         grad = torch.is_grad_enabled()
         if cache is not None and not self.training and not grad:
-            ratios = self._frozen_cached(cache)
-        elif step is not None and not (grad and not step[1]):
-            ratios = step[0]
-        else:
-            ratios = None
-        # What a recomputation of this call must use: the step ratios a forward with gradients
-        # used (a non-reentrant checkpoint must save what its first pass saved); nothing
-        # otherwise (reentrant checkpointing runs its first pass without gradients and lets
-        # the recomputation compute the ratios, with gradients).
-        self._recompute_ratios = ratios if grad and step is not None else None
-        return ratios
+            return self._frozen_cached(cache)
+        if step is None or (grad and (not step.with_grad or in_recomputation()
+                                      or saved_tensors_hooks_active())):
+            return None
+        return step.ratios if step.key == _ratio_key(self.ratio_inputs()) else None
 
     def _frozen_cached(self, cache: Dict[tuple, Tensor]) -> Tensor:
         """:func:`frozen_ratios`' ratios of this layer, computed on the first call."""
@@ -311,7 +321,7 @@ class BatchStatsNorm(nn.Module):
         # A copy or a pickle made inside a scope (frozen_ratios, batched_ratios) starts
         # outside one.
         state = dict(super().__getstate__())
-        for name in ('_frozen_ratios', '_step_ratios', '_recompute_ratios'):
+        for name in ('_frozen_ratios', '_step_ratios'):
             state.pop(name, None)
         return state
 
@@ -458,14 +468,66 @@ def frozen_ratios(model: nn.Module):
             layer._frozen_ratios = cache
 
 
+class _SharedRatios(torch.autograd.Function):
+    """``ratio_fn.batched`` of many layers' ratio inputs as one autograd node whose backward
+    gives gradients only to the layers whose ratios were used: a layer not called in a forward
+    keeps ``grad=None`` (no weight decay or momentum step from a zero gradient), as it would
+    computing its own. The batched computation runs on detached leaves in the forward, and its
+    graph is differentiated in the backward (one pass for all the used layers); a backward that
+    builds a graph (``create_graph=True``) differentiates each used layer's own ratio function
+    of its inputs instead. Returns each layer's stacked ratios; the states it computes (SSN's new
+    choices) are appended to ``states``."""
+
+    @staticmethod
+    def forward(ctx, ratio_fn, training, counts, states, *tensors):
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
+            layers = [leaves[a:b] for a, b in zip(bounds, bounds[1:])]
+            results = ratio_fn.batched(layers, training)
+        states.extend(state for _, state in results)
+        ctx.ratio_fn, ctx.layers = ratio_fn, layers
+        ctx.outputs = [ratios for ratios, _ in results]
+        # (Integer state, SSN's choices, which the layers' steps write, is kept as it is.)
+        ctx.save_for_backward(*[t if t.is_floating_point() else None for t in tensors])
+        ctx.state = [None if t.is_floating_point() else t for t in tensors]
+        ctx.set_materialize_grads(False)
+        return tuple(ratios.detach() for ratios in ctx.outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        tensors = [t if s is None else s for t, s in zip(ctx.saved_tensors, ctx.state)]
+        used = [i for i, g in enumerate(grads) if g is not None]
+        bounds = [sum(len(layer) for layer in ctx.layers[:i]) for i in range(len(ctx.layers))]
+        wanted = [bounds[i] + j for i in used for j, leaf in enumerate(ctx.layers[i])
+                  if leaf.requires_grad]
+        result = [None] * (4 + len(tensors))
+        if not wanted:
+            return tuple(result)
+        if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable
+            outputs = [stacked_ratios(ctx.ratio_fn, tensors[bounds[i]:bounds[i] + len(
+                ctx.layers[i])]) for i in used]
+            inputs = [tensors[k] for k in wanted]
+        else:
+            outputs = [ctx.outputs[i] for i in used]
+            leaves = [leaf for layer in ctx.layers for leaf in layer]
+            inputs = [leaves[k] for k in wanted]
+        found = torch.autograd.grad(outputs, inputs, [grads[i] for i in used],
+                                    retain_graph=True, create_graph=torch.is_grad_enabled(),
+                                    allow_unused=True)
+        for k, g in zip(wanted, found):
+            result[4 + k] = g
+        return tuple(result)
+
+
 class BatchedRatios:
     """What :func:`batched_ratios` returns: the handle of its two hooks on the model.
     ``remove()`` takes them off (also at the end of a ``with`` block)."""
 
     def __init__(self, model: nn.Module) -> None:
-        # Per forward of the model (nested ones too): the layers whose step ratios were set,
-        # with what they had before.
-        self._frames: list = []
+        # The layers given ratios by the running forward of each model (by id: replicas of a
+        # DataParallel model run their copies of the hooks in threads).
+        self._given: Dict[int, list] = {}
         self._handles = [model.register_forward_pre_hook(self._before),
                          model.register_forward_hook(self._after, always_call=True)]
 
@@ -481,11 +543,9 @@ class BatchedRatios:
         self.remove()
 
     def _before(self, model: nn.Module, args) -> None:
-        if is_tracing():  # a traced graph does not depend on the hooks: each layer's own ratios
-            return
-        frame: list = []
-        self._frames.append(frame)  # before anything can fail: _after pops it
-        if compiled_enabled():  # the compiled form computes its ratios in its graph
+        # A traced graph does not depend on the hooks, and the compiled form computes the
+        # ratios in its graph: each layer its own.
+        if is_tracing() or compiled_enabled():
             return
         grad = torch.is_grad_enabled()
         groups: Dict[tuple, list] = {}
@@ -496,22 +556,36 @@ class BatchedRatios:
             if layer._frozen_ratios is not None and not layer.training and not grad:
                 continue  # a frozen_ratios scope serves it
             inputs = layer.ratio_inputs()
-            # (SN and SN_tied share a group: one softmax for both)
-            key = (layer.ratio_fn, inputs[0].shape[-1], inputs[0].dtype, inputs[0].device)
+            if not inputs[0].numel() or any(type(t) not in (Tensor, nn.Parameter)
+                                            for t in inputs):
+                continue  # sharded or wrapped parameters (FSDP, DTensor): its own
+            needs_grad = grad and any(t.requires_grad for t in inputs)
+            # (SN and SN_tied share a group: one softmax for both; frozen layers get no graph)
+            key = (layer.ratio_fn, inputs[0].shape[-1], inputs[0].dtype, inputs[0].device,
+                   needs_grad)
             groups.setdefault(key, []).append((layer, inputs))
-        for (ratio_fn, *_), members in groups.items():
-            with full_precision(members[0][1][0]):
-                ratios = ratio_fn.batched([inputs for _, inputs in members],
-                                          [layer.training for layer, _ in members])
-            for (layer, _), stacked in zip(members, ratios):
-                frame.append((layer, layer._step_ratios))
-                layer._step_ratios = (stacked, grad)
+        given = []
+        for (ratio_fn, *_, needs_grad), members in groups.items():
+            layers, inputs = zip(*members)
+            training = [layer.training for layer in layers]
+            with full_precision(inputs[0][0]):
+                if needs_grad:
+                    states: list = []
+                    ratios = _SharedRatios.apply(ratio_fn, training, [len(i) for i in inputs],
+                                                 states, *[t for i in inputs for t in i])
+                else:  # no graph to keep: the batched computation as it is
+                    ratios, states = zip(*ratio_fn.batched(inputs, training))
+            for layer, layer_inputs, layer_ratios, state in zip(layers, inputs, ratios, states):
+                layer._step_ratios = StepRatios(layer_ratios, grad, _ratio_key(layer_inputs),
+                                                state)
+                given.append(layer)
+        self._given[id(model)] = given
 
     def _after(self, model: nn.Module, args, output) -> None:
-        if is_tracing() or not self._frames:
+        if is_tracing():
             return
-        for layer, previous in reversed(self._frames.pop()):
-            layer._step_ratios = previous
+        for layer in self._given.pop(id(model), ()):
+            layer._step_ratios = None
 
 
 def batched_ratios(model: nn.Module) -> BatchedRatios:
@@ -521,23 +595,31 @@ def batched_ratios(model: nn.Module) -> BatchedRatios:
     A ratio layer's ratios depend only on its parameters (and SSN's radius and choices), and
     each layer computes them in a few small ops: a softmax for SN, SparsestMax's rounds for SSN
     (about 45 ops per training step, forward and backward, a kernel launch each on a GPU). With
-    this, a forward pre-hook on ``model`` stacks every layer's ratio parameters and computes all
-    their ratios in one such computation, before the layers run; each layer then takes its own
-    (a view: its gradient flows back through the shared computation, whose backward is one
-    pass for all layers). SSN's choices are fixed there too, as each layer's training step
-    would fix them. A layer called several times per forward (a head shared by the pyramid's
-    levels) takes the same ratios each time. The values and gradients are those of the layers'
-    own computation.
+    this, a forward pre-hook on ``model`` concatenates the ratio inputs of all its layers of
+    one kind and computes their ratios in one such computation, before the layers run; each
+    layer takes its own (a view), and the backward of the shared computation is one pass for
+    all the layers that used theirs (a layer not called keeps ``grad=None``). SSN's new choices
+    are computed there too; a layer writes them when it takes its ratios. A layer called
+    several times per forward (a head shared by the pyramid's levels) takes the same ratios
+    each time. Values, gradients (also with ``create_graph=True``) and choices are those of the
+    layers' own computation, bit for bit but for the order in which a shared layer's gradients
+    add up.
 
-    What is left as it was: forwards of the layers outside ``model``'s forward, traced ones
-    (``torch.compile``, export, ``torch.func`` transforms), layers whose form takes no ratios
-    (SN with ``mix='std'`` or the authors' unbiased IN variance), inference forwards inside a
-    :func:`frozen_ratios` scope (those use the scope's), and a forward with gradients inside a
-    model's forward without them. Under activation checkpointing, a non-reentrant recomputation
-    uses the ratios its first pass used and a reentrant one computes them (as its first pass
-    runs without gradients). Not for forwards of one model running concurrently in several
-    threads (the ratios of a forward are kept on its layers until it ends).
-    ``BatchedRatiosHook`` does this for an mmengine runner's model.
+    A layer computes its own ratios, as without this: outside ``model``'s forward; when its
+    ratio inputs changed after the pre-hook read them (a submodule reparametrized inside the
+    forward with ``torch.func.functional_call``, ``set_progress`` called by the forward:
+    PyTorch's storages and version counters tell); in a forward with gradients that activation
+    checkpointing records or recomputes (a non-reentrant recomputation must save what its
+    first pass saved; also under other saved-tensor hooks such as ``save_on_cpu``), or whose
+    model's forward ran without gradients; when traced (``torch.compile``, export,
+    ``torch.func`` transforms) or in mmnorm's compiled form; when its form takes no ratios (SN
+    with ``mix='std'`` or the authors' unbiased IN variance); and in inference forwards inside
+    a :func:`frozen_ratios` scope (it uses the scope's). Parameters that are not plain tensors
+    (FSDP shards, DTensors) are left to their layers. The ratios stay on the layers until the
+    model's forward ends, also on an error (an interrupt, which skips PyTorch's
+    ``always_call`` hooks, leaves them until the model's next forward): not for forwards of one
+    model running concurrently in several threads. ``BatchedRatiosHook`` does this for an
+    mmengine runner's model.
 
     Args:
         model (nn.Module): the model whose forward computes the ratios (the model a runner

@@ -209,9 +209,16 @@ class SparseSwitchableNorm(SwitchableNorm):
                 and not is_tracing() and not in_recomputation()):
             _check_training_setup(self)
         out, (mean_ratios, var_ratios) = self._mix(input)
-        # (Under batched_ratios the model's pre-hook fixed the choices of this step.)
-        if self.training and not in_recomputation() and self._step_ratios is None:
-            update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
+        if self.training and not in_recomputation():
+            step = self._step_ratios
+            # The form used batched_ratios' ratios (what it returns are views of them), which
+            # came with the choices they fix, computed for all layers at once.
+            if (step is not None and step.state is not None
+                    and mean_ratios.data_ptr() == step.ratios.data_ptr()):
+                self.mean_choice.copy_(step.state[0])
+                self.var_choice.copy_(step.state[1])
+            else:
+                update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
         return out
 
 

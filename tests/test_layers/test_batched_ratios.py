@@ -214,7 +214,7 @@ def test_errors_remove_and_functional_call():
     x = torch.randn(2, 8, 3, 3)
     with pytest.raises(ValueError, match='channels'):
         model(torch.randn(2, 5, 3, 3))
-    assert model[0]._step_ratios is None and not handle._frames  # nothing left by the error
+    assert model[0]._step_ratios is None and not handle._given  # nothing left by the error
     # functional_call: the pre-hook reads the parameters the call brings.
     other = copy.deepcopy(model)
     with torch.no_grad():
@@ -287,3 +287,119 @@ def test_one_softmax_for_sn_and_sn_tied_and_none_under_the_compiled_form(monkeyp
     ssn[0].register_forward_pre_hook(lambda m, args: seen.append(m._step_ratios))
     ssn(x)
     assert seen == [None] and int(ssn[0].mean_choice) >= 0
+
+
+class _Uses(nn.Module):
+    """A model whose forward runs ``body`` (a conv, SN, SSN) as ``how`` says; ``unused`` is a
+    ratio branch it never calls."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.body = nn.Sequential(nn.Conv2d(8, 8, 1), SwitchableNorm(8), _ssn(0.6))
+        self.unused = nn.Sequential(SwitchableNorm(8), _ssn(0.9))
+
+    def forward(self, x):
+        if self.how == 'checkpoint, then without gradients':
+            y = checkpoint(self.body, x, use_reentrant=False)
+            with torch.no_grad():
+                target = self.body(x.flip(0))
+            return y - target
+        if self.how == 'reentrant checkpoint, then outside':
+            y = checkpoint(self.body, x.detach().requires_grad_(), use_reentrant=True)
+            return y + self.body(y)
+        if self.how == 'a submodule reparametrized':  # MAML-style fast weights
+            fast = {name: p * 1.5 for name, p in self.body.named_parameters()}
+            return torch.func.functional_call(self.body, fast, (x, ))
+        if self.how == 'progress set in the forward':
+            self.body[2].set_progress(0.95)
+            return self.body(x)
+        return self.body(x)
+
+
+@pytest.mark.usefixtures('eager')
+@pytest.mark.parametrize('how', ['checkpoint, then without gradients',
+                                 'reentrant checkpoint, then outside',
+                                 'a submodule reparametrized', 'progress set in the forward'])
+def test_what_changes_inside_a_forward_is_seen(how):
+    # A layer whose ratio inputs changed after the pre-hook read them, or whose forward
+    # activation checkpointing records or recomputes, computes its own ratios; a branch the
+    # forward never calls is left alone (no gradients, no weight decay, choices unchanged).
+    torch.manual_seed(0)
+    own = _Uses(how).double()
+    with torch.no_grad():
+        for p in own.parameters():
+            p.add_(torch.randn(p.shape, dtype=p.dtype) * 0.4)
+    batched = copy.deepcopy(own)
+    batched_ratios(batched)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, weight_decay=0.1)
+                  for m in (own, batched)]
+    for step in range(3):
+        x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+        outs = []
+        for model, optimizer in zip((own, batched), optimizers):
+            optimizer.zero_grad()
+            outs.append(model(x))
+            outs[-1].square().mean().backward()
+            optimizer.step()
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-12, atol=1e-12)
+    for (name, a), b in zip(own.state_dict().items(), batched.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12, msg=name)
+    for (name, a), b in zip(own.named_parameters(), batched.parameters()):
+        assert (a.grad is None) == (b.grad is None), name
+    assert int(batched.unused[1].mean_choice) == -1
+
+
+@pytest.mark.usefixtures('eager')
+def test_layers_after_an_interrupted_forward_and_frozen_layers():
+    # KeyboardInterrupt skips always_call hooks: a layer called on its own afterwards must not
+    # take the interrupted forward's ratios once its parameters changed, and the model's next
+    # forward leaves nothing behind.
+    class Interrupted(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.norm, self.stem = SwitchableNorm(8), SwitchableNorm(8)
+
+        def forward(self, x):
+            self.norm(x)
+            raise KeyboardInterrupt
+    model = Interrupted()
+    handle = batched_ratios(model)
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    assert model.norm._step_ratios is not None
+    with torch.no_grad():
+        model.norm.mean_logits.add_(torch.tensor([2.0, -1.0, 0.0]))
+    reference = copy.deepcopy(model.norm)
+    reference._step_ratios = None
+    torch.testing.assert_close(model.norm(x), reference(x), rtol=0, atol=0)
+    model.forward = lambda x: model.norm(x)
+    model(x)
+    assert model.norm._step_ratios is None and model.stem._step_ratios is None
+    assert not handle._given
+    # Layers whose ratio parameters are frozen (frozen stages) get ratios without a graph.
+    frozen = nn.Sequential(SwitchableNorm(8), nn.Conv2d(8, 8, 1), SwitchableNorm(8))
+    frozen[0].requires_grad_(False)
+    outputs = []
+    frozen[0].register_forward_hook(lambda m, args, out: outputs.append(out))
+    batched_ratios(frozen)
+    frozen(x).sum().backward()
+    assert not outputs[0].requires_grad and frozen[2].mean_logits.grad is not None
+
+
+@pytest.mark.usefixtures('eager')
+def test_a_gradient_penalty_differentiates_the_ratios_twice():
+    # create_graph=True (a penalty on the parameters' gradients): the shared computation's
+    # backward builds a graph from each used layer's own ratio function, so the ratio
+    # functions' second derivatives reach the parameters.
+    own, batched, _ = _twins([SwitchableNorm(8), _ssn(0.3), SwitchableNorm(8, ratio_groups=2)])
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    for model in (own, batched):
+        params = list(model.parameters())
+        grads = torch.autograd.grad(model(x).sin().sum(), params, create_graph=True)
+        sum(g.square().sum() for g in grads).backward()
+    for (name, a), b in zip(own.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
+    assert batched.layers[0].mean_logits.grad.abs().sum() > 0

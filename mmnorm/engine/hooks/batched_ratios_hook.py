@@ -18,11 +18,13 @@ class BatchedRatiosHook(Hook):
     (training, validation and test steps) computes the ratios of every SN, SN_tied and SSN layer
     in one computation per kind of layer, instead of a few small ops per layer and call (SSN:
     about 45 per layer and training step, a kernel launch each on a GPU). Values, gradients
-    and SSN's choices are those of the layers' own computation.
+    and SSN's choices are those of the layers' own computation; :func:`mmnorm.batched_ratios`
+    says when a layer still computes its own.
 
     The hooks go on the model without its DDP wrapper at ``before_run`` and come off at
-    ``after_run``. With ``FrozenRatiosHook`` as well, validation and test epochs use the frozen
-    ratios (computed once per epoch).
+    ``after_run`` (mmengine calls none after a run that raised: they stay on the model, which
+    computes the same with them). With ``FrozenRatiosHook`` as well, validation and test
+    epochs use the frozen ratios (computed once per epoch).
 
     Example:
         ``custom_hooks = [dict(type='BatchedRatiosHook')]``

@@ -254,10 +254,18 @@ def differentiable_grads(forward: Callable[..., Tensor], inputs: Sequence[Option
     again in differentiable ops on the original inputs and differentiated with
     ``create_graph=True``, so that the gradients depend on the inputs as they should (a
     hand-written backward's would be constants, and the second derivative silently wrong).
-    ``needs`` says which inputs want one; returns one gradient (or None) per input."""
+    ``needs`` says which inputs want one; returns one gradient (or None) per input.
+
+    The forward runs on aliases of the inputs (``view_as``), so that the gradients are this
+    call's own: with the inputs themselves, a layer called twice (a head shared by the
+    pyramid's levels), whose second input depends on the first call's parameters, got the
+    total derivative through its input as well, and the outer backward added that path again.
+    """
     with torch.enable_grad():
-        out = forward(*inputs)
-    wanted = [t for t, need in zip(inputs, needs) if need]
+        aliases = [t.view_as(t) if t is not None and need else t
+                   for t, need in zip(inputs, needs)]
+        out = forward(*aliases)
+    wanted = [t for t, need in zip(aliases, needs) if need]
     found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True,
                                      allow_unused=True))
     grads = []

@@ -123,19 +123,21 @@ class StepRatios(NamedTuple):
 
     #: The layer's stacked ratios ``(2, [G,] K)``, a view of the computation shared by all.
     ratios: Tensor
-    #: Whether gradients were on when they were computed (a forward with gradients does not
-    #: take ratios computed without).
-    with_grad: bool
+    #: Whether they were computed with a graph (gradients on, inputs requiring them): a forward
+    #: with gradients takes ratios without one only for inputs that require none.
+    has_graph: bool
     #: :func:`_ratio_key` of the inputs they were computed from.
     key: tuple
     #: What the layer's training step writes besides (SSN: its new choices), or None.
     state: Optional[Tensor]
 
 
-def _ratio_key(inputs) -> tuple:
+def _ratio_key(inputs) -> Optional[tuple]:
     """The identity of ratio inputs' values as far as PyTorch tracks it: each floating-point
     input's storage and version counter (integer state such as SSN's choices is the layer's
-    own bookkeeping)."""
+    own bookkeeping); None for inference tensors, which have no version counter."""
+    if any(t.is_inference() for t in inputs):
+        return None
     return tuple((t.data_ptr(), t._version) for t in inputs if t.is_floating_point())
 
 
@@ -282,8 +284,9 @@ class BatchStatsNorm(nn.Module):
         - an inference forward (eval, no gradient) inside a :func:`frozen_ratios` scope: those
           its first such forward computed;
         - a forward of a model under :func:`batched_ratios`: those its pre-hook computed for
-          every layer at once, if the ratio inputs are still those it read, and unless
-          gradients are on and activation checkpointing records or recomputes this forward
+          every layer at once, if the ratio inputs are still those it read (and, with
+          gradients on, come with a graph if they need one), and unless gradients are on and
+          activation checkpointing records or recomputes this forward
           (a non-reentrant recomputation must save what the first pass saved, and a reentrant
           one backpropagates on its own: both compute the ratios themselves, each time).
 
@@ -298,10 +301,13 @@ class BatchStatsNorm(nn.Module):
         grad = torch.is_grad_enabled()
         if cache is not None and not self.training and not grad:
             return self._frozen_cached(cache)
-        if step is None or (grad and (not step.with_grad or in_recomputation()
-                                      or saved_tensors_hooks_active())):
+        if step is None or (grad and (in_recomputation() or saved_tensors_hooks_active())):
             return None
-        return step.ratios if step.key == _ratio_key(self.ratio_inputs()) else None
+        inputs = self.ratio_inputs()
+        if grad and not step.has_graph and any(t.requires_grad for t in inputs):
+            return None
+        key = _ratio_key(inputs)
+        return step.ratios if key is not None and step.key == key else None
 
     def _frozen_cached(self, cache: Dict[tuple, Tensor]) -> Tensor:
         """:func:`frozen_ratios`' ratios of this layer, computed on the first call."""
@@ -310,8 +316,11 @@ class BatchStatsNorm(nn.Module):
         # functional_call with other tensors or a dtype round trip inside the scope computes
         # them again. (What the counters miss, fused optimizer steps and .data updates, is what
         # the scope's caller promises not to do.)
+        key = _ratio_key(inputs)
+        if key is None:  # inference tensors: nothing tells a change, so no reuse
+            return stacked_ratios(self.ratio_fn, inputs)
         slot = (inputs[0].device, inputs[0].dtype)
-        key = tuple((t.data_ptr(), t._version) for t in inputs)
+        key += tuple((t.data_ptr(), t._version) for t in inputs if not t.is_floating_point())
         cached = cache.get(slot)
         if cached is None or cached[0] != key:
             cached = cache[slot] = (key, stacked_ratios(self.ratio_fn, inputs))
@@ -496,15 +505,17 @@ class _SharedRatios(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        tensors = [t if s is None else s for t, s in zip(ctx.saved_tensors, ctx.state)]
         used = [i for i, g in enumerate(grads) if g is not None]
         bounds = [sum(len(layer) for layer in ctx.layers[:i]) for i in range(len(ctx.layers))]
         wanted = [bounds[i] + j for i in used for j, leaf in enumerate(ctx.layers[i])
                   if leaf.requires_grad]
-        result = [None] * (4 + len(tensors))
+        result = [None] * (4 + sum(len(layer) for layer in ctx.layers))
         if not wanted:
             return tuple(result)
         if torch.is_grad_enabled():  # create_graph=True: gradients that are differentiable
+            # (the inputs read only here: a plain backward allows them changed in place since,
+            # as the layers' own computation does, e.g. a momentum encoder's update)
+            tensors = [t if s is None else s for t, s in zip(ctx.saved_tensors, ctx.state)]
             outputs = [stacked_ratios(ctx.ratio_fn, tensors[bounds[i]:bounds[i] + len(
                 ctx.layers[i])]) for i in used]
             inputs = [tensors[k] for k in wanted]
@@ -544,10 +555,10 @@ class BatchedRatios:
 
     def _before(self, model: nn.Module, args) -> None:
         # A traced graph does not depend on the hooks, and the compiled form computes the
-        # ratios in its graph: each layer its own.
-        if is_tracing() or compiled_enabled():
-            return
+        # ratios in its graph: each layer its own (also where no layer would take them).
         grad = torch.is_grad_enabled()
+        if is_tracing() or compiled_enabled() or (grad and saved_tensors_hooks_active()):
+            return
         groups: Dict[tuple, list] = {}
         for layer in model.modules():
             if not has_ratios(layer) or not layer.takes_ratios() or getattr(
@@ -557,8 +568,8 @@ class BatchedRatios:
                 continue  # a frozen_ratios scope serves it
             inputs = layer.ratio_inputs()
             if not inputs[0].numel() or any(type(t) not in (Tensor, nn.Parameter)
-                                            for t in inputs):
-                continue  # sharded or wrapped parameters (FSDP, DTensor): its own
+                                            or t.is_inference() for t in inputs):
+                continue  # sharded or wrapped parameters (FSDP, DTensor), inference tensors
             needs_grad = grad and any(t.requires_grad for t in inputs)
             # (SN and SN_tied share a group: one softmax for both; frozen layers get no graph)
             key = (layer.ratio_fn, inputs[0].shape[-1], inputs[0].dtype, inputs[0].device,
@@ -576,8 +587,8 @@ class BatchedRatios:
                 else:  # no graph to keep: the batched computation as it is
                     ratios, states = zip(*ratio_fn.batched(inputs, training))
             for layer, layer_inputs, layer_ratios, state in zip(layers, inputs, ratios, states):
-                layer._step_ratios = StepRatios(layer_ratios, grad, _ratio_key(layer_inputs),
-                                                state)
+                layer._step_ratios = StepRatios(layer_ratios, needs_grad,
+                                                _ratio_key(layer_inputs), state)
                 given.append(layer)
         self._given[id(model)] = given
 
@@ -611,15 +622,18 @@ def batched_ratios(model: nn.Module) -> BatchedRatios:
     PyTorch's storages and version counters tell); in a forward with gradients that activation
     checkpointing records or recomputes (a non-reentrant recomputation must save what its
     first pass saved; also under other saved-tensor hooks such as ``save_on_cpu``), or whose
-    model's forward ran without gradients; when traced (``torch.compile``, export,
-    ``torch.func`` transforms) or in mmnorm's compiled form; when its form takes no ratios (SN
-    with ``mix='std'`` or the authors' unbiased IN variance); and in inference forwards inside
-    a :func:`frozen_ratios` scope (it uses the scope's). Parameters that are not plain tensors
-    (FSDP shards, DTensors) are left to their layers. The ratios stay on the layers until the
-    model's forward ends, also on an error (an interrupt, which skips PyTorch's
-    ``always_call`` hooks, leaves them until the model's next forward): not for forwards of one
-    model running concurrently in several threads. ``BatchedRatiosHook`` does this for an
-    mmengine runner's model.
+    ratio parameters did not require gradients, or gradients were off, when the model's
+    forward began; when its parameters are inference tensors (no version counter); when
+    traced (``torch.compile``, export, ``torch.func`` transforms) or in mmnorm's compiled form;
+    when its form takes no ratios (SN with ``mix='std'`` or the authors' unbiased IN
+    variance); and in inference forwards inside a :func:`frozen_ratios` scope (it uses the
+    scope's). Parameters that are not plain tensors (FSDP shards, DTensors) are left to their
+    layers. Not seen: SSN choices set by hand inside the model's forward (``harden_ratios_``
+    there), which the layer's own bookkeeping, not a version counter, tracks. The ratios stay
+    on the layers until the model's forward ends, also on an error (an interrupt, which skips
+    PyTorch's ``always_call`` hooks, leaves them until the model's next forward): not for
+    forwards of one model running concurrently in several threads. ``BatchedRatiosHook`` does
+    this for an mmengine runner's model.
 
     Args:
         model (nn.Module): the model whose forward computes the ratios (the model a runner

@@ -403,3 +403,61 @@ def test_a_gradient_penalty_differentiates_the_ratios_twice():
     for (name, a), b in zip(own.named_parameters(), batched.parameters()):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-10, atol=1e-12, msg=name)
     assert batched.layers[0].mean_logits.grad.abs().sum() > 0
+
+
+@pytest.mark.usefixtures('eager')
+def test_gradients_of_a_shared_layer_under_create_graph():
+    # A layer called twice per forward: a backward that builds a graph gives the gradients of
+    # a plain one, batched or not.
+    own, batched, _ = _twins([SwitchableNorm(8), _ssn(0.3)], share=True)
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    for model in (own, batched):
+        params = list(model.parameters())
+        plain = torch.autograd.grad(model(x).sin().sum(), params)
+        built = torch.autograd.grad(model(x).sin().sum(), params, create_graph=True)
+        for a, b in zip(plain, built):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.usefixtures('eager')
+def test_changes_between_forward_and_backward_and_inference_tensors():
+    # A momentum encoder updates ratio parameters in place after its forward, before the
+    # backward (as the layers' own computation allows); SSN's radius may be set there too.
+    own, batched, _ = _twins([SwitchableNorm(8), _ssn(0.3)])
+    x = torch.randn(3, 8, 4, 5, dtype=torch.float64)
+    for model in (own, batched):
+        loss = model(x).sin().sum()
+        with torch.no_grad():
+            model.layers[0].mean_logits.mul_(0.9)
+            model.layers[1].set_progress(0.5)
+        loss.backward()
+    for (name, a), b in zip(own.named_parameters(), batched.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=name)
+    # Parameters that are inference tensors (a model built under inference_mode) have no
+    # version counter: their layers compute their own ratios, in and out of frozen_ratios.
+    with torch.inference_mode():
+        model = nn.Sequential(SwitchableNorm(8), _ssn(0.3)).eval()
+        reference = copy.deepcopy(model)
+    batched_ratios(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x.float()), reference(x.float()), rtol=0, atol=0)
+        with frozen_ratios(model):
+            torch.testing.assert_close(model(x.float()), reference(x.float()), rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures('eager')
+def test_parameters_unfrozen_inside_the_forward_get_gradients():
+    class Unfreezing(nn.Module):
+
+        def __init__(self):
+            super().__init__()
+            self.norm = SwitchableNorm(8)
+            self.norm.requires_grad_(False)
+
+        def forward(self, x):
+            self.norm.requires_grad_(True)  # after the pre-hook computed ratios without a graph
+            return self.norm(x)
+    model = Unfreezing()
+    batched_ratios(model)
+    model(torch.randn(2, 8, 3, 3)).sin().sum().backward()
+    assert model.norm.mean_logits.grad is not None

@@ -106,6 +106,33 @@ def test_gradient_penalty_equals_oracle(name, eager):
     torch.testing.assert_close(found, expected, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize('name', ['SN', 'SSN', 'SN-G2', 'BCN'])
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+def test_a_layer_called_twice_keeps_its_gradients_under_create_graph(name, structure, eager,
+                                                                      monkeypatch):
+    # A head shared by the pyramid's levels: its second call's input depends on its own
+    # parameters through the first call. The gradients of a backward that builds a graph are
+    # those of a plain backward (each call's own, not the total derivative through its input,
+    # which the outer backward adds again).
+    monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', (
+        'cpu', ) if structure == 'cpu' else ())
+    torch.manual_seed(0)
+    layer = LAYERS[name]().double()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    params = list(layer.parameters())
+
+    def grads(create_graph):
+        y = layer(x)
+        out = (layer(y * 1.5 + 0.2).sin() * y).sum()
+        return torch.autograd.grad(out, params, create_graph=create_graph)
+
+    for found, expected in zip(grads(True), grads(False)):
+        torch.testing.assert_close(found, expected, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize('k', [2, 3])
 @pytest.mark.parametrize('radius', [0.0, 0.3, 0.6])
 def test_fast_sparsestmax_second_derivative(k, radius):

@@ -58,15 +58,17 @@ def _faces(k: int):
     return sorted(subsets, key=lambda s: (len(s), s))
 
 
-def _tables(k: int, dtype: torch.dtype, device: torch.device):
+def _tables(k: int, dtype: torch.dtype, device: torch.device, cache: bool = True):
     """For ``k`` entries: ``W`` ``(k, M)`` and ``c`` ``(M,)`` with ``z @ W + c`` each face's
     threshold; ``table`` ``(k + 1, M, k + 3, k)``: each face's projector (rows ``:k``), centre
     (row ``k``), centre minus 1 off the face (row ``k + 1``) and ``1/k - 1/|F|`` (row
     ``k + 2``), first in ``k`` blocks of vertex ``c`` only
     (a fixed choice ``c`` indexes block ``c``), then the free block (choice ``-1``); and the
-    scalar 0. Built once per dtype and device."""
+    scalar 0. Built once per dtype and device; with ``cache=False`` (scores that are a tensor
+    subclass: a fake tensor's values, a tracer's) built for this call and not kept, so that a
+    real run never gets another mode's tensors, nor such a run real ones it refuses."""
     key = (k, dtype, device)
-    if key not in _TABLES:
+    if key not in _TABLES or not cache:
         faces = _faces(k)
         m = len(faces)
         w = torch.zeros(k, m, dtype=torch.float64)
@@ -84,8 +86,11 @@ def _tables(k: int, dtype: torch.dtype, device: torch.device):
                     rows[f, i, j] = float(i == j) - 1.0 / size
         blocks = [rows[v].expand(m, k + 3, k) for v in range(k)] + [rows]
         table = torch.stack(blocks)
-        _TABLES[key] = tuple(t.to(dtype=dtype, device=device).contiguous() for t in (
+        tables = tuple(t.to(dtype=dtype, device=device).contiguous() for t in (
             w, c, table, torch.zeros(())))
+        if not cache:
+            return tables
+        _TABLES[key] = tables
     return _TABLES[key]
 
 
@@ -119,7 +124,8 @@ class _FastSparsestMax(torch.autograd.Function):
         k = scores.shape[-1]
         z = scores.reshape(-1, k)
         choices = choices.reshape(-1)
-        tables = _tables(k, z.dtype, z.device)
+        # (FakeTensorMode, as memory estimators run a model, makes every tensor a subclass.)
+        tables = _tables(k, z.dtype, z.device, cache=type(z) is Tensor)
         alpha, d, n, rows, moved = _round(z, z, choices, tables, None, radius, True)
         if k == 3:  # a push from the full face may leave it: the face of the pushed point,
             # with -1 off the first face (ties of a point on it go to it, not to a larger face)

@@ -146,3 +146,23 @@ def test_other_shapes_take_the_specification():
     radius = torch.tensor(0.3)
     choices = torch.full((2, ), -1)
     torch.testing.assert_close(_fast(scores, radius, choices), _spec(scores, radius, choices))
+
+
+def test_a_fake_tensor_run_and_a_real_one_do_not_share_tables():
+    """The face tables are cached per dtype and device. A run under ``FakeTensorMode`` (as
+    memory estimators run a model) neither leaves fake tables behind for the real runs, whose
+    results would silently become fake tensors, nor gets the cached real ones, which fake mode
+    refuses. Both orders, in float32 and float64."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    radius, choices = torch.tensor(0.3), torch.full((2, ), -1)
+    for dtype in (torch.float32, F64):
+        scores = torch.tensor([[0.2, 0.5, 0.3], [1.0, 0.0, -1.0]], dtype=dtype)
+        expected = _spec(scores, radius.to(dtype), choices)
+        for _ in range(2):  # fake first (nothing cached for dtype yet), then real first
+            with FakeTensorMode():
+                fake = _fast(torch.randn(2, 3, dtype=dtype), torch.tensor(0.3),
+                             torch.full((2, ), -1))
+            assert isinstance(fake, FakeTensor) and fake.shape == (2, 3)
+            real = _fast(scores, radius, choices)
+            assert type(real) is torch.Tensor
+            torch.testing.assert_close(real, expected)

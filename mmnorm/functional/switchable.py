@@ -327,10 +327,10 @@ def _light_form(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
     (``ratios``, already computed, only in eager calls)."""
     if ratios is None:
         ratios = stacked_ratios(ratio_fn, ratio_inputs)
-    # Grouped ratios (2, G, K) reach the kernel as one row per channel (C, 2, K).
-    per_channel = ratios if ratios.dim() == 2 else \
-        ratios_per_channel(ratios, x.shape[1]).transpose(0, 1)
-    tensors = (weight, bias, bn_mean, bn_var, per_channel)
+    # Grouped ratios (2, G, K) reach the kernel as (G, 2, K), a view: the kernel broadcasts
+    # each group's row over its channels (no (C, 2, K) copy, nor its gradient's sum).
+    tensors = (weight, bias, bn_mean, bn_var,
+               ratios if ratios.dim() == 2 else ratios.transpose(0, 1))
     out, aux = row_affine(x, _SwitchableKernel(eps, batch, needs_grad(x, tensors)), tensors)
     return out, {**aux, 'ratios': ratios.detach()}
 
@@ -392,8 +392,9 @@ class _SwitchableKernel:
 
     Statistics: the means and variances of IN ``(N, C)``, LN ``(N, 1)`` (and BN ``(1, C)``),
     each from one reduction of the input (BN's are the constant ``bn_mean`` / ``bn_var`` in
-    eval); ratios ``(2, K)``, or ``(C, 2, K)`` (one row per channel: group-wise ratios); mixed
-    ``(mu, s2) = sum_k S_k ratios_k``; ``A = w / sqrt(s2 + eps)``, ``B = bias - A mu``.
+    eval); ratios ``(2, K)``, or ``(G, 2, K)`` (group-wise ratios: group ``g``'s row for its
+    ``C / G`` contiguous channels); mixed ``(mu, s2) = sum_k S_k ratios_k``;
+    ``A = w / sqrt(s2 + eps)``, ``B = bias - A mu``.
 
     Two op structures of the same math. Where launches count, the statistics are broadcast and
     stacked ``(N, C, 2, K)`` so that each step is one op over all normalizers. Where simple
@@ -427,6 +428,8 @@ class _SwitchableKernel:
             variances.append(v_bn)
         ratios_x = ratios.to(x.dtype)
         if simple_passes(x) and not is_tracing():
+            if ratios.dim() == 3:  # the CPU's passes take one row per channel
+                ratios_x = _per_channel(ratios_x, c)
             mu, s2 = (_mixed(stats, ratios_x[..., j, :]) for j, stats in
                       enumerate((means, variances)))
             r = torch.rsqrt(s2 + self.eps)
@@ -437,11 +440,13 @@ class _SwitchableKernel:
             saved_mean = mu
         else:
             flat = torch.stack(torch.broadcast_tensors(*means, *variances), -1)
-            mixed = (flat.view(n, c, 2, k) * ratios_x).sum(-1)
-            mu, s2 = mixed.unbind(-1)
+            # (N, C, 2), or (N, G, C / G, 2) with group-wise ratios
+            mixed = _by_group(flat.view(n, c, 2, k), ratios_x, lambda t, r: (t * r).sum(-1),
+                              keep=True)
+            mu, s2 = mixed.view(n, c, 2).unbind(-1)
             r = torch.rsqrt(s2 + self.eps)
             stats = (flat, )
-            saved_mean = mixed  # not its view mu (see below)
+            saved_mean = mixed  # not a view of it (see below)
         A = r * weight.to(x.dtype) if weight is not None else r
         B = torch.addcmul(bias.to(x.dtype), A, mu, value=-1) if bias is not None \
             else torch.mul(A, mu).neg_()
@@ -452,7 +457,7 @@ class _SwitchableKernel:
         ratios, r, A, weight, mu, *stats = state
         k = ratios.shape[-1]
         if len(stats) == 1:  # stacked: the mixed (mean, variance)
-            mu = mu[..., 0]
+            mu = mu.view(A.shape + (2, ))[..., 0]
         grad_a = torch.addcmul(grad_A, grad_B, mu, value=-1)      # dL/dA through B = b - A mu
         t = grad_a * r
         g_weight = t.sum(0) if needs[0] else None
@@ -460,20 +465,26 @@ class _SwitchableKernel:
         # G = (-dL/dmu, -2 dL/ds2): dL/dmu = -A gB; dL/ds2 = -0.5 gA w r^3 = -0.5 t A r.
         bn_shared = k == 3 and self.batch
         if len(stats) > 1:  # the CPU's: each normalizer's statistics at their own shape
-            return _unstacked_backward(stats, ratios, grad_B * A, t.mul_(r).mul_(A), needs,
-                                       length, bn_shared, g_weight, g_bias)
+            P, Q, grads = _unstacked_backward(
+                stats, ratios if ratios.dim() == 2 else _per_channel(ratios, A.shape[1]),
+                grad_B * A, t.mul_(r).mul_(A), needs, length, bn_shared, g_weight, g_bias)
+            if grads[4] is not None and ratios.dim() == 3:  # each group's channels' sum
+                grads = grads[:4] + (grads[4].view(ratios.shape[0], -1, 2, k).sum(1), )
+            return P, Q, grads
         flat = stats[0]
         stats = flat.view(flat.shape[:2] + (2, k))
         G = torch.stack([grad_B, t * r], -1).mul_(A.unsqueeze(-1))
         g_ratios = None
-        if needs[4]:  # summed over the rows that share a ratio: all, or the samples
-            g_ratios = (G.unsqueeze(-1) * stats).sum((0, 1) if ratios.dim() == 2 else 0)
+        if needs[4]:  # summed over the rows that share a ratio: all, or a group's
+            g_ratios = _by_group(G.unsqueeze(-1) * stats, ratios, lambda t, _: t.sum(
+                (0, 1) if ratios.dim() == 2 else (0, 2)), keep=True)
             g_ratios[..., 1, :].mul_(0.5)
             g_ratios = g_ratios.neg_().to(ratios.dtype)
         # dL/dS_jk = dL/dmixed_j ratios_jk. A statistic k (mean m_k, variance v_k over L_k
         # values) adds (dL/dm_k + 2 dL/dv_k (x - m_k)) / L_k to dx; with H = G ratios / L,
         # that is H_0k + H_1k (x - m_k) summed over the k and the values that share m_k.
-        H = G.unsqueeze(-1) * (ratios.to(G.dtype) * (-1.0 / length))
+        H = _by_group(G.unsqueeze(-1), ratios.to(G.dtype) * (-1.0 / length),
+                      lambda t, r: t * r)
         shared = [H[..., 0], H[..., 1].mean(1, keepdim=True)]
         if bn_shared:
             shared.append(H[..., 2].mean(0, keepdim=True))
@@ -481,6 +492,24 @@ class _SwitchableKernel:
         H[..., 0, :].addcmul_(H[..., 1, :], stats[..., 0, :H.shape[-1]], value=-1)
         Q, P = H.sum(-1).unbind(-1)
         return P, Q, (g_weight, g_bias, None, None, g_ratios)
+
+
+def _per_channel(ratios: Tensor, channels: int) -> Tensor:
+    """Group-wise ratios ``(G, 2, K)`` as ``(C, 2, K)``, one row per channel (a copy)."""
+    return ratios_per_channel(ratios.transpose(0, 1), channels).transpose(0, 1)
+
+
+def _by_group(t: Tensor, ratios: Tensor, fn, keep: bool = False) -> Tensor:
+    """``fn(t, ratios)`` for ``t`` ``(N, C, 2, K)`` (or ``K = 1``) and ratios ``(2, K)``; for
+    group-wise ratios ``(G, 2, K)``, ``fn`` of ``t`` seen as ``(N, G, C / G, 2, K)`` and the
+    ratios as ``(G, 1, 2, K)``, its result seen again with ``C`` channels (``keep``: as
+    ``fn`` returns it)."""
+    if ratios.dim() == 2:
+        return fn(t, ratios)
+    n, c = t.shape[:2]
+    g = ratios.shape[0]
+    out = fn(t.view(n, g, c // g, *t.shape[2:]), ratios.unsqueeze(1))
+    return out if keep else out.reshape(n, c, *out.shape[3:])
 
 
 def _mixed(stats: Sequence[Tensor], ratios: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .moments import is_tracing, static_shape_checks
-from .sparsestmax_fast import FAST_DTYPES, TIE_MARGIN, fast_sparsestmax
+from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
@@ -65,25 +65,13 @@ def sparsemax(scores: Tensor) -> Tensor:
     a normalizer that is a handful of elementwise ops, which an exporter folds into constants
     where the scores are (an exported graph with a sort per layer made ONNX's optimizer take
     minutes for a ResNet-50).
-
-    **Ties.** An entry equal to the threshold (``z = [0.1, 0.5, 0.7]``: ``tau = 0.1``) is out of
-    the support in exact arithmetic, as the strict test says, but rounding decides it either
-    way (these scores are not exact in binary). The test therefore asks for a margin above
-    rounding, ``r_i (r_i - 1) * 32 eps`` (``sparsestmax_fast.TIE_MARGIN``): an entry that is
-    within rounding of the threshold is left out. That is the exact answer for such decimal
-    scores, and the same tie-break the fast form's face thresholds make, so that both forms
-    agree there: SparsestMax's push after the projection is discontinuous at these points.
     """
     at_least = (scores.unsqueeze(-2) >= scores.unsqueeze(-1)).to(scores.dtype)  # [.., i, j]
     rank = at_least.sum(-1)
-    # (Half precision: float32's epsilon, as the fast form's; bf16's would be a distortion.)
-    eps = torch.finfo(torch.promote_types(scores.dtype, torch.float32)).eps
-    margin = rank * (rank - 1) * (TIE_MARGIN * eps)
-    in_support = 1 + rank * scores > (at_least * scores.unsqueeze(-2)).sum(-1) + margin
+    in_support = 1 + rank * scores > (at_least * scores.unsqueeze(-2)).sum(-1)
     support = in_support.sum(-1, keepdim=True)
     tau = ((scores * in_support).sum(-1, keepdim=True) - 1) / support.to(scores.dtype)
-    # (An entry left out within rounding of tau is 0, not what the subtraction rounds to.)
-    projected = torch.where(in_support, scores - tau, 0.0).clamp(min=0)
+    projected = torch.clamp(scores - tau, min=0)
     winner = (scores == scores.amax(-1, keepdim=True)).to(scores.dtype)
     return torch.where(support == 1, winner, projected)
 

@@ -13,15 +13,9 @@ closed-form backward (one ``bmm``).
 (:math:`(P_F z)_i = z_i - \bar z_F` on ``F``, 0 elsewhere). Sparsemax's threshold is
 :math:`\tau = \max_F (\sum_F z - 1)/|F|` (for the support ``S`` equality holds, and any other
 ``F`` gives no more since :math:`\sum_F (z_i - \tau) \le \sum_i \max(z_i - \tau, 0) = 1`), so
-the face of ``sparsemax(z)`` is an argmax over the ``2^K - 1`` faces (one ``addmm``) and
-:math:`\mathrm{sparsemax}(z) = u_S + P_S z`. At a tie (an entry equal to :math:`\tau`, as for
-``z = [0, 0.4, 0.6]``) every face between the support and the support plus the tied entries
-attains the max; the specification's strict support test, and the authors' sorted one, take the
-smallest. ``addmm`` rounds differently per face, so each face's threshold is lowered by
-:math:`|F| \cdot 32\epsilon` (``TIE_MARGIN``): a face wins only by more than rounding, and ties
-go to the smaller face (vertices come first among equals). Without it, one hand-picked float32
-input in 300 took a larger face than the specification, and the push that follows moved its
-ratios by up to 0.18.
+the face of ``sparsemax(z)`` is an argmax over the ``2^K - 1`` faces (one ``addmm``; vertices
+come first, so an exact tie goes to the smaller face, as the specification's strict support
+test does) and :math:`\mathrm{sparsemax}(z) = u_S + P_S z`.
 
 **Rounds.** Every later point of SparsestMax is :math:`u_F + \alpha P_F z` on its face ``F``:
 a push out to radius :math:`r_F` sets :math:`\alpha = r_F/\|P_F z\|`, and projecting a pushed
@@ -50,14 +44,10 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ['fast_sparsestmax', 'FAST_DTYPES', 'TIE_MARGIN']
+__all__ = ['fast_sparsestmax', 'FAST_DTYPES']
 
 #: The dtypes of the fast form; others (half precision) take the specification.
 FAST_DTYPES = (torch.float32, torch.float64)
-
-#: How much each entry of a face lowers its threshold, in units of the dtype's epsilon (module
-#: docstring: ties go to the smaller face); the specification's support test has the same.
-TIE_MARGIN = 32
 
 _TABLES: Dict[tuple, Tuple[Tensor, Tensor, Tensor, Tensor]] = {}
 
@@ -86,7 +76,7 @@ def _tables(k: int, dtype: torch.dtype, device: torch.device, cache: bool = True
         rows = torch.zeros(m, k + 3, k, dtype=torch.float64)
         for f, face in enumerate(faces):
             size = len(face)
-            c[f] = -1.0 / size - size * TIE_MARGIN * torch.finfo(dtype).eps
+            c[f] = -1.0 / size
             rows[f, k + 1] = -1.0
             rows[f, k + 2, 0] = 1.0 / k - 1.0 / size
             for i in face:

@@ -117,12 +117,21 @@ def _round(z: Tensor, point: Tensor, choices: Tensor, tables, alpha, radius, fir
     return alpha, d, n, rows, moved
 
 
+def _shifted(z: Tensor) -> Tensor:
+    """Rows ``(R, k)`` minus their first entry."""
+    return z - z[:, :1]
+
+
 class _FastSparsestMax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
         k = scores.shape[-1]
-        z = scores.reshape(-1, k)
+        # Shifted by each row's first entry (SparsestMax is shift-invariant): near the centre,
+        # P_F z of nearly equal large scores is all rounding (of |z|, not of their spread),
+        # which the push scales by r / |d|, off the simplex (equal scores [5, 5, 5] in float64
+        # gave [0.39, 0.39, 0.39]); differences of nearly equal numbers are exact.
+        z = _shifted(scores.reshape(-1, k))
         choices = choices.reshape(-1)
         # (FakeTensorMode, as memory estimators run a model, makes every tensor a subclass.)
         tables = _tables(k, z.dtype, z.device, cache=type(z) is Tensor)
@@ -163,8 +172,8 @@ def _second_order_grad(scores: Tensor, projector: Tensor, pushed: Tensor, scale:
     (alpha n) P_F z / |P_F z|`` (the pushed distance ``alpha n`` constant): its Jacobian is the
     forward's (module docstring), and its derivative the Jacobian's."""
     k = scores.shape[-1]
-    with torch.enable_grad():
-        d = torch.bmm(scores.reshape(-1, 1, k), projector).squeeze(1)
+    with torch.enable_grad():  # (the shift's derivative vanishes under P_F: P_F 1 = 0)
+        d = torch.bmm(_shifted(scores.reshape(-1, k)).unsqueeze(1), projector).squeeze(1)
         # (|d| of the pushed rows only: a norm's derivative at 0, a vertex's d, is 0/0)
         norm = torch.linalg.vector_norm(torch.where(pushed, d, 1.0), dim=-1, keepdim=True)
         factor = torch.where(pushed, alpha * n / norm, alpha)

@@ -166,3 +166,23 @@ def test_a_fake_tensor_run_and_a_real_one_do_not_share_tables():
             real = _fast(scores, radius, choices)
             assert type(real) is torch.Tensor
             torch.testing.assert_close(real, expected)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, F64])
+def test_nearly_equal_scores_stay_on_the_simplex(dtype):
+    """Near the centre the push direction ``P_F z`` of nearly equal scores is small, and the
+    push scales it by ``r / |P_F z|``: computed from the scores as they are, its rounding (of
+    the scores' size, not of their spread) was scaled too, off the simplex (float32 scores
+    1 + 1e-5 noise at r = 0.3, as an SSN layer's early in training: sums up to 1.009; equal
+    float64 scores of 5: [0.39, 0.39, 0.39]). Against the specification in float64 on the same
+    values."""
+    gen = torch.Generator().manual_seed(3)
+    noisy = 1 + 1e-5 * torch.randn(2, 200, 3, generator=gen, dtype=F64)
+    equal = torch.tensor([0.5, 1.0, 5.0, 7.0, 50.0], dtype=F64).view(1, -1, 1).expand(2, 5, 3)
+    for scores in (noisy.to(dtype), equal.to(dtype)):
+        choices = torch.full(scores.shape[:-1], -1)
+        for radius in (0.05, 0.3, 0.6):
+            actual = _fast(scores, torch.tensor(radius, dtype=dtype), choices)
+            expected = _spec(scores.double(), torch.tensor(radius, dtype=F64), choices)
+            torch.testing.assert_close(actual.double(), expected, rtol=0, atol=1e-5)
+            torch.testing.assert_close(actual.sum(-1), torch.ones_like(actual[..., 0]))

@@ -16,15 +16,18 @@ from mmnorm.functional import row_affine
 #: Ops of one training step / one eval forward (issue 26's budget; native BN: 3 / 1).
 BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12), 'BCN': (40, 12),
           'BCN_est': (50, 12),
-          # Issue 26 asks 50 / 12: 86 now (353 before the closed-form SparsestMax), of which
+          # Group-wise ratios broadcast per group in the kernel: as layer-wise SN.
+          'SN_G2': (40, 12),
+          # Issue 26 asks 50 / 12: 87 now (353 before the closed-form SparsestMax), of which
           # the two SparsestMax rounds are ~25, its Jacobian 10 and the choices' update 11; an
           # eval forward runs the rounds too (a cache of the ratios cannot see every update;
           # inside mmnorm.frozen_ratios every layer is within 12, test_frozen_ratios.py).
-          'SSN': (86, 37)}
+          'SSN': (87, 38)}
 
 LAYERS = {
     'SN': lambda c: SwitchableNorm(c, momentum=0.3),
     'SN_tied': lambda c: SwitchableNormTied(c),
+    'SN_G2': lambda c: SwitchableNorm(c, ratio_groups=2),
     'SN_noBN': lambda c: SwitchableNorm(c, using_bn=False),
     'SSN': lambda c: _ssn(c),
     'BCN': lambda c: BatchChannelNorm(c, num_groups=2, momentum=0.3),

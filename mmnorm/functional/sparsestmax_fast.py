@@ -131,14 +131,14 @@ class _FastSparsestMax(torch.autograd.Function):
         # P_F z of nearly equal large scores is all rounding (of |z|, not of their spread),
         # which the push scales by r / |d|, off the simplex (equal scores [5, 5, 5] in float64
         # gave [0.39, 0.39, 0.39]); differences of nearly equal numbers are exact.
-        # The face is still chosen from the scores as they are: at exact ties (module
-        # docstring) that rounds as before the shift, closer to the specification.
-        unshifted = scores.reshape(-1, k)
-        z = _shifted(unshifted)
+        # The face is chosen from the shifted scores too: its thresholds' rounding is then of
+        # the scores' spread, not of their size (scores near 1000 in float32 took the wrong
+        # face up to 3e-4 from a boundary, 0.18 off the float64 specification).
+        z = _shifted(scores.reshape(-1, k))
         choices = choices.reshape(-1)
         # (FakeTensorMode, as memory estimators run a model, makes every tensor a subclass.)
         tables = _tables(k, z.dtype, z.device, cache=type(z) is Tensor)
-        alpha, d, n, rows, moved = _round(z, unshifted, choices, tables, None, radius, True)
+        alpha, d, n, rows, moved = _round(z, z, choices, tables, None, radius, True)
         if k == 3:  # a push from the full face may leave it: the face of the pushed point,
             # with -1 off the first face (ties of a point on it go to it, not to a larger face)
             point = torch.addcmul(rows[:, k + 1], alpha, d)

@@ -476,8 +476,9 @@ class _SwitchableKernel:
         G = torch.stack([grad_B, t * r], -1).mul_(A.unsqueeze(-1))
         g_ratios = None
         if needs[4]:  # summed over the rows that share a ratio: all, or a group's
-            g_ratios = _by_group(G.unsqueeze(-1) * stats, ratios, lambda t, _: t.sum(
-                (0, 1) if ratios.dim() == 2 else (0, 2)), keep=True)
+            products = G.unsqueeze(-1) * stats
+            g_ratios = products.sum((0, 1)) if ratios.dim() == 2 else \
+                products.view(products.shape[0], ratios.shape[0], -1, 2, k).sum((0, 2))
             g_ratios[..., 1, :].mul_(0.5)
             g_ratios = g_ratios.neg_().to(ratios.dtype)
         # dL/dS_jk = dL/dmixed_j ratios_jk. A statistic k (mean m_k, variance v_k over L_k

@@ -77,6 +77,27 @@ _graphs_since_reset = 0
 _tests_compiled = []
 
 
+def _manager_classes(cls):
+    yield cls
+    for sub in cls.__subclasses__():
+        yield from _manager_classes(sub)
+
+
+@pytest.fixture(autouse=True)
+def _no_visualizer_of_an_earlier_test():
+    """mmengine keeps each Visualizer by name, and a Runner names it by the second it was built:
+    a Runner built in the same second as an earlier test's reused that test's visualizer, whose
+    directory (a passing test's tmp_path) is gone by then (setup.cfg). Each test starts without
+    them, as each run does."""
+    yield
+    try:
+        from mmengine.visualization import Visualizer
+    except ImportError:
+        return
+    for cls in _manager_classes(Visualizer):
+        cls._instance_dict.clear()
+
+
 @pytest.fixture(autouse=True)
 def _default_form():
     global _graphs_since_reset

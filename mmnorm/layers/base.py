@@ -309,6 +309,13 @@ class BatchStatsNorm(nn.Module):
         key = _ratio_key(inputs)
         return step.ratios if key is not None and step.key == key else None
 
+    def _holds_ratios(self) -> bool:
+        """Whether this forward's ratios come without computing them for every layer at once
+        (:func:`batched_ratios` leaves the layer out): an inference forward (eval, no
+        gradient) inside a :func:`frozen_ratios` scope."""
+        return (self._frozen_ratios is not None and not self.training
+                and not torch.is_grad_enabled())
+
     def _frozen_cached(self, cache: Dict[tuple, Tensor]) -> Tensor:
         """:func:`frozen_ratios`' ratios of this layer, computed on the first call."""
         inputs = self.ratio_inputs()
@@ -326,11 +333,15 @@ class BatchStatsNorm(nn.Module):
             cached = cache[slot] = (key, stacked_ratios(self.ratio_fn, inputs))
         return cached[1]
 
+    #: Attributes that hold what a scope or a check computed for this process's tensors: a copy
+    #: or a pickle starts without them.
+    _transient: Tuple[str, ...] = ('_frozen_ratios', '_step_ratios')
+
     def __getstate__(self):
         # A copy or a pickle made inside a scope (frozen_ratios, batched_ratios) starts
         # outside one.
         state = dict(super().__getstate__())
-        for name in ('_frozen_ratios', '_step_ratios'):
+        for name in self._transient:
             state.pop(name, None)
         return state
 
@@ -449,7 +460,8 @@ def frozen_ratios(model: nn.Module):
     fused optimizers and in-place updates through ``.data`` (an EMA teacher) leave PyTorch's
     version counters alone, and comparing values would be a host sync per forward. So eval
     forwards compute them every call (SSN: SparsestMax's rounds, about 25 small ops per
-    layer), except inside this scope, whose caller promises that nothing changes the ratio
+    layer; a trained SSN layer, every choice fixed, takes its one-hot ratios without this
+    scope), except inside this scope, whose caller promises that nothing changes the ratio
     parameters, SSN's radius or its choices in place behind the version counters' back until
     it ends (what bumps a counter or brings other tensors, ``load_state_dict``,
     ``torch.func.functional_call``, ``.half()``, is seen). Training forwards, forwards with
@@ -564,8 +576,8 @@ class BatchedRatios:
             if not has_ratios(layer) or not layer.takes_ratios() or getattr(
                     layer.ratio_fn, 'batched', None) is None:
                 continue
-            if layer._frozen_ratios is not None and not layer.training and not grad:
-                continue  # a frozen_ratios scope serves it
+            if layer._holds_ratios():
+                continue  # a frozen_ratios scope (or the layer's own state) serves it
             inputs = layer.ratio_inputs()
             if not inputs[0].numel() or any(type(t) not in (Tensor, nn.Parameter)
                                             or t.is_inference() for t in inputs):

@@ -13,15 +13,16 @@ Reference::
 Implemented from the paper and the description of the authors' released layer
 (switchablenorms/Sparse_SwitchNorm); none of their code is used.
 """
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
 from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choice_pair
+from ..functional.switchable import stacked_ratios
 from ..registry import MODELS, register
-from .base import SyncNorm, log_once, runner_training
+from .base import SyncNorm, full_precision, log_once, runner_training
 from .switchable_norm import SwitchableNorm
 
 __all__ = ['SparseSwitchableNorm', 'SyncSparseSwitchableNorm']
@@ -120,6 +121,13 @@ class SparseSwitchableNorm(SwitchableNorm):
     ratio_state = ('mean_scores', 'var_scores', 'radius', 'mean_choice', 'var_choice')
     ratio_params = ('mean_scores', 'var_scores')
     follows_progress = True
+    #: ``(key, stacked ratios)`` when the last check (:meth:`_check_fixed`) found every choice
+    #: fixed: the one-hot ratios, which depend on neither the scores nor the radius then; None
+    #: otherwise (:meth:`_scoped_ratios`).
+    _fixed_ratios: Optional[Tuple[tuple, Tensor]] = None
+    #: The choices' key at the last check, whatever it found.
+    _checked_key: Optional[tuple] = None
+    _transient = SwitchableNorm._transient + ('_fixed_ratios', '_checked_key')
 
     def _create_logits(self, num_ratios: int, factory: dict) -> None:
         shape = self._ratio_shape(num_ratios)
@@ -165,6 +173,7 @@ class SparseSwitchableNorm(SwitchableNorm):
         self.var_choice.copy_(var_ratios.argmax(-1))
         for scores in self._logits():
             scores.requires_grad_(False)
+        self._check_fixed()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -191,6 +200,7 @@ class SparseSwitchableNorm(SwitchableNorm):
                                           missing_keys, unexpected_keys, error_msgs)
         finally:
             state_dict.update(kept)
+            self._check_fixed()
         missing_keys[:] = [key for key in missing_keys if key not in refused]
         error_msgs.extend(refused.values())
 
@@ -198,6 +208,70 @@ class SparseSwitchableNorm(SwitchableNorm):
         # 'fixed': one bool per ratio vector (μ, σ), a list of one per group with ratio groups.
         return {'radius': float(self.radius),
                 'fixed': [(self.mean_choice >= 0).tolist(), (self.var_choice >= 0).tolist()]}
+
+    def train(self, mode: bool = True) -> 'SparseSwitchableNorm':
+        """``nn.Module.train``; ``.eval()`` also checks whether every choice is fixed
+        (:meth:`_scoped_ratios`) when the choices changed since the last check, as their
+        storages and version counters tell (a training step writes them; a layer kept in eval,
+        a teacher or a layer under ``norm_eval`` put in eval every iteration, does not)."""
+        super().train(mode)
+        if not mode and (self._checked_key is None or self._checked_key != self._choice_key()):
+            self._check_fixed()
+        return self
+
+    def _choice_key(self) -> Optional[tuple]:
+        """What PyTorch tracks of the choices and the ratios' type: storages, version
+        counters, the scores' dtype and device (None for inference tensors, which have no
+        counter, and tensor subclasses, fake ones among them, which have no storage)."""
+        choices = (self.mean_choice, self.var_choice)
+        if any(type(t) is not Tensor or t.is_inference() for t in choices):
+            return None
+        scores = self.mean_scores
+        return tuple((t.data_ptr(), t._version) for t in choices) + (scores.dtype, scores.device)
+
+    @torch.no_grad()
+    def _check_fixed(self) -> None:
+        """In eval mode, outside tracing, on real tensors: when every choice is fixed, keep the
+        one-hot ratios with the choices' key. Reads the choices (a host sync on an
+        accelerator): called on ``.eval()``, a load and a hardening, never in a forward."""
+        self._fixed_ratios = self._checked_key = None
+        if 'var_choice' not in self._buffers:  # (not built yet)
+            return
+        choices = (self.mean_choice, self.var_choice)
+        if (self.training or is_tracing() or torch.compiler.is_compiling()
+                or any(type(t) is not Tensor or t.device.type == 'meta' for t in choices)):
+            return
+        key = self._checked_key = self._choice_key()
+        size = self.mean_scores.shape[-1]
+        both = torch.cat([t.reshape(-1) for t in choices])
+        # One read of both; a choice out of range (memory not loaded yet) is not fixed.
+        if key is not None and bool(((both >= 0) & (both < size)).all()):
+            with full_precision(self.mean_scores):  # (.eval() may be called under autocast)
+                self._fixed_ratios = key, stacked_ratios(self.ratio_fn, self.ratio_inputs())
+
+    def _scoped_ratios(self) -> Optional[Tensor]:
+        """SN's (a scope's ratios), and in an inference forward (eval, no gradient) of a layer
+        whose every choice was fixed at the last check (a trained layer: the radius reached the
+        vertices), its one-hot ratios, not computed again: SparsestMax's rounds are about 25
+        small ops, and the layer is then one plain normalizer. Any change the version
+        counters see (an in-place update, a load outside eval mode), another storage (a move
+        to another device) or another dtype computes them as usual until the next check; an
+        update through ``.data`` in eval mode is not seen (mmengine's ``EMAHook`` swaps before
+        the loop calls ``.eval()``)."""
+        fixed = self._fixed_now()
+        return fixed if fixed is not None else super()._scoped_ratios()
+
+    def _fixed_now(self) -> Optional[Tensor]:
+        """The one-hot ratios of the last check, if they serve this forward."""
+        fixed = self._fixed_ratios
+        if (fixed is not None and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and not is_tracing()
+                and fixed[0] == self._choice_key()):
+            return fixed[1]
+        return None
+
+    def _holds_ratios(self) -> bool:
+        return super()._holds_ratios() or self._fixed_now() is not None
 
     def forward(self, input: Tensor) -> Tensor:
         # The first step that trains the layer (its ratio parameters train in eval mode too, e.g.

@@ -26,9 +26,35 @@ def test_training_step_and_eval_do_not_sync(name, device):
     with no_host_sync(device):
         y = layer(x)
         y.backward(grad)
-        layer.eval()
+    # Entering eval mode from training reads SSN's choices once (is every one fixed? then its
+    # eval forwards take the one-hot ratios, test_trained_ssn_eval.py); never a forward.
+    layer.eval()
+    with no_host_sync(device):
+        layer.eval()  # again, nothing changed: a teacher put in eval every iteration
         with torch.no_grad():
             layer(x)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize('trained', [False, True])
+def test_iterations_in_eval_mode_do_not_sync(trained, device):
+    """``norm_eval=True`` under mmengine's IterBasedTrainLoop: ``model.train()`` every
+    iteration, then the layer back in ``.eval()``, a step with gradients. SSN reads its choices
+    on ``.eval()`` only when they changed (a training step writes them; these steps do not)."""
+    layer = make_layer('SSN', device=device)
+    x, grad = (t.to(device) for t in batches(2))
+    if trained:
+        with torch.no_grad():
+            layer.mean_choice.fill_(1)
+            layer.var_choice.fill_(0)
+    layer.eval()  # the first check reads
+    with no_host_sync(device):
+        for _ in range(3):
+            layer.train()
+            layer.eval()
+            layer(x.requires_grad_()).backward(grad)
+            with torch.no_grad():
+                layer(x)
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 

@@ -22,7 +22,9 @@ BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12), 'BCN': (40, 
           # the two SparsestMax rounds are ~25, its Jacobian 10 and the choices' update 11; an
           # eval forward runs the rounds too (a cache of the ratios cannot see every update;
           # inside mmnorm.frozen_ratios every layer is within 12, test_frozen_ratios.py).
-          'SSN': (87, 38)}
+          'SSN': (87, 38),
+          # Trained (every choice fixed): the one-hot ratios kept at .eval(), not computed.
+          'SSN_trained': (87, 12)}
 
 LAYERS = {
     'SN': lambda c: SwitchableNorm(c, momentum=0.3),
@@ -30,6 +32,7 @@ LAYERS = {
     'SN_G2': lambda c: SwitchableNorm(c, ratio_groups=2),
     'SN_noBN': lambda c: SwitchableNorm(c, using_bn=False),
     'SSN': lambda c: _ssn(c),
+    'SSN_trained': lambda c: _trained_ssn(c),
     'BCN': lambda c: BatchChannelNorm(c, num_groups=2, momentum=0.3),
     'BCN_est': lambda c: _estimated(BatchChannelNorm(c, num_groups=2, estimate=True)),
 }
@@ -43,6 +46,17 @@ def _estimated(layer):
 def _ssn(c):
     layer = SparseSwitchableNorm(c)
     layer.set_progress(0.3)
+    return layer
+
+
+def _trained_ssn(c):
+    layer = SparseSwitchableNorm(c)
+    with torch.no_grad():
+        layer.mean_scores.copy_(torch.tensor([0.6, 0.3, 0.2]))
+        layer.var_scores.copy_(torch.tensor([0.1, 0.3, 0.9]))
+        layer.set_progress(1.0)
+        layer.mean_choice.fill_(0)  # fixed, as training fixes them at radius 1 (the argmax)
+        layer.var_choice.fill_(2)
     return layer
 
 

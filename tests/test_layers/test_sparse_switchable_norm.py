@@ -82,6 +82,43 @@ class TestSparsestMax:
             result = sparsestmax(torch.ones(3, dtype=dtype), torch.tensor(0.5, dtype=dtype))
             torch.testing.assert_close(result, torch.full((3, ), 1 / 3, dtype=dtype))
 
+    def test_huge_scores_stay_on_the_simplex(self):
+        # 1 + z rounds to z past 2^24 in float32 (256 in bfloat16): the support test failed
+        # for the top entry, the support was empty and the result infinite; huge tied scores
+        # rounded tau onto them (zeros). Expected from the float64 oracle of the shifted scores
+        # (the projection is shift-invariant) and by hand.
+        cases = [([3e8, 0.0, -1.0], torch.float32), ([3e8, 3e8, 0.0], torch.float32),
+                 ([3e8, 3e8 + 0.25, 3e8 - 0.5], torch.float64), ([300.0, 0.0, 0.0], torch.bfloat16),
+                 ([3000.0, 1.0, 0.0], torch.float16), ([1e30, 1e30], torch.float32)]
+        for values, dtype in cases:
+            scores = torch.tensor(values, dtype=dtype)
+            top = torch.tensor(values, dtype=torch.float64).max()
+            expected = oracles.simplex_projection(torch.tensor(values, dtype=torch.float64) - top)
+            for radius in (0.0, 0.3):
+                result = sparsestmax(scores, torch.tensor(radius))
+                oracle = oracles.sparsestmax(torch.tensor(values, dtype=torch.float64) - top,
+                                             radius)
+                assert result.dtype == dtype
+                torch.testing.assert_close(result.double(), oracle, rtol=0, atol=1e-6)
+            torch.testing.assert_close(sparsemax(scores).double(), expected, rtol=0, atol=1e-6)
+        assert sparsemax(torch.tensor([3e8, 3e8, 0.0])).tolist() == [0.5, 0.5, 0.0]
+
+    @pytest.mark.parametrize('dtype, tolerance', [(torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+    def test_half_precision_scores_are_computed_in_float32(self, dtype, tolerance):
+        # In their own precision the rounds moved results by up to 0.67 (the centre's
+        # tolerance, 8 epsilons, was 0.06 in bfloat16); against the float64 oracle of the same
+        # (rounded) scores, each result within a rounding of the output.
+        for scores, radius in _random_cases(200, seed=5):
+            low = scores.to(dtype)
+            result = sparsestmax(low, torch.tensor(radius, dtype=dtype))
+            assert result.dtype == dtype
+            expected = oracles.sparsestmax(low.double(), float(torch.tensor(radius).to(dtype)))
+            torch.testing.assert_close(result.double(), expected, rtol=0, atol=tolerance,
+                                       msg=lambda m: f'{low.tolist()} r={radius}: {m}')
+            torch.testing.assert_close(sparsemax(low).double(),
+                                       oracles.simplex_projection(low.double()), rtol=0,
+                                       atol=tolerance)
+
     def test_gradcheck(self):
         for scores, radius in list(_random_cases(40, seed=3)):
             scores = scores.clone().requires_grad_()

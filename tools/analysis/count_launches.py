@@ -6,6 +6,8 @@ ops as on CUDA, and as on the CPU, which takes simpler passes), and with
 to ``nn.BatchNorm2d`` and ``nn.GroupNorm``. The eval forward is counted twice: as every
 forward computes it, and inside :func:`mmnorm.frozen_ratios` (``FrozenRatiosHook``'s
 validation and test epochs), where the SN family's ratios are computed once per epoch. The
+rows "SSN, trained" count an SSN layer whose every choice is fixed (the end of training, and
+every trained checkpoint): in eval it takes its one-hot ratios without computing them. The
 last column counts a model of such layers under :func:`mmnorm.batched_ratios`
 (``BatchedRatiosHook``): each layer's own ops, plus the ops of the one ratio computation that
 every forward of the model runs for all its layers (train step / eval forward).
@@ -45,10 +47,24 @@ def layers(channels: int) -> dict:
     return {
         'BN': nn.BatchNorm2d(channels), 'GN': nn.GroupNorm(min(32, channels), channels),
         'SN': SwitchableNorm(channels), 'SN_tied': SwitchableNormTied(channels), 'SSN': ssn,
+        'SSN, trained': trained(ssn),
         f'SN-G{groups}': SwitchableNorm(channels, ratio_groups=groups),
-        f'SSN-G{groups}': ssn_groups,
+        f'SSN-G{groups}': ssn_groups, f'SSN-G{groups}, trained': trained(ssn_groups),
         'BCN': BatchChannelNorm(channels, num_groups=min(32, channels)), 'BCN_est': est,
     }
+
+
+def trained(ssn: SparseSwitchableNorm) -> SparseSwitchableNorm:
+    """A copy of ``ssn`` at the end of training: distinct scores, radius 1 and one training
+    forward, after which every choice is fixed (the layer is one plain normalizer)."""
+    layer = copy.deepcopy(ssn)
+    with torch.no_grad():
+        for scores in (layer.mean_scores, layer.var_scores):
+            scores.copy_(torch.rand(scores.shape, generator=torch.Generator().manual_seed(0)))
+        layer.set_progress(1.0)
+        layer.train()(torch.randn(2, layer.num_features, 4, 4))
+    assert bool((layer.mean_choice >= 0).all() and (layer.var_choice >= 0).all())
+    return layer
 
 
 def batched_ops(layer: nn.Module, x: torch.Tensor) -> str:

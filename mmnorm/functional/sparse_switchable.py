@@ -129,11 +129,14 @@ def sparsestmax(scores: Tensor, radius: Tensor) -> Tensor:
         # (1 on the support), which is removed so that the push stays on the face.
         offset = projected - face_centre
         offset = offset - in_support * (offset.sum(-1, keepdim=True) / size)
-        distance = torch.linalg.vector_norm(offset, dim=-1, keepdim=True)
-        # At the centre (up to rounding) there is no direction to push: the point stays.
-        centred = distance <= 8 * torch.finfo(scores.dtype).eps
-        stays = (size == 1) | (distance >= radius) | centred
-        pushed = face_centre + radius * offset / torch.where(centred, 1.0, distance)
+        # At the centre (up to rounding) there is no direction to push: the point stays. The
+        # norm is taken of 1 there: a norm's derivatives at 0 are 0/0, and a double backward
+        # multiplied them by the zero a later round's unused branch gets (NaN).
+        square = offset.square().sum(-1, keepdim=True)
+        centred = square <= (8 * torch.finfo(scores.dtype).eps) ** 2
+        safe = torch.where(centred, 1.0, square).sqrt()
+        stays = (size == 1) | (safe >= radius) | centred
+        pushed = face_centre + radius * offset / safe
         inside = pushed.amin(-1, keepdim=True) >= 0
         here = torch.where(stays, projected, pushed.clamp(0, 1))
         finished = stays | inside

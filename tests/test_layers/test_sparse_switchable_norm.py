@@ -125,6 +125,29 @@ class TestSparsestMax:
             torch.autograd.gradcheck(
                 lambda s: sparsestmax(s, torch.tensor(radius, dtype=torch.float64)), (scores, ))
 
+    def test_second_derivatives(self):
+        # A double backward (create_graph=True) through the specification, which the plain
+        # form, converted authors' models and half precision run: a later round's unused
+        # branch at the face's centre took a norm's derivative at 0 (NaN) times 0, NaN at
+        # radius 0 for every row with more than one entry in the support.
+        for scores, radius in list(_random_cases(24, seed=6)):
+            for r in (0.0, radius):
+                scores = scores.clone().requires_grad_()
+                torch.autograd.gradgradcheck(
+                    lambda s: sparsestmax(s, torch.tensor(r, dtype=torch.float64)), (scores, ))
+        # At a centre (equal scores, an edge's midpoint) nothing is differentiable, but nothing
+        # is NaN either.
+        for values in ([0.2, 0.2, 0.2], [0.2, 0.2, -0.5], [0.3, 0.3]):
+            for r in (0.0, 0.4):
+                scores = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+                out = sparsestmax(scores, torch.tensor(r, dtype=torch.float64))
+                grad, = torch.autograd.grad(out, scores, torch.linspace(-1, 1, len(values),
+                                                                        dtype=torch.float64),
+                                            create_graph=True)
+                if grad.requires_grad:
+                    second, = torch.autograd.grad(grad.square().sum(), scores)
+                    assert torch.isfinite(second).all(), (values, r)
+
     def test_one_graph_for_every_branch(self):
         """No data-dependent Python control flow: one exported graph, with the radius as an
         input, computes every case (sparsemax, pushed, smaller face, one-hot)."""

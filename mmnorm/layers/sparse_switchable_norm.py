@@ -210,10 +210,11 @@ class SparseSwitchableNorm(SwitchableNorm):
                 'fixed': [(self.mean_choice >= 0).tolist(), (self.var_choice >= 0).tolist()]}
 
     def train(self, mode: bool = True) -> 'SparseSwitchableNorm':
-        """``nn.Module.train``; ``.eval()`` also checks whether every choice is fixed
-        (:meth:`_scoped_ratios`) when the choices changed since the last check, as their
-        storages and version counters tell (a training step writes them; a layer kept in eval,
-        a teacher or a layer under ``norm_eval`` put in eval every iteration, does not)."""
+        """``nn.Module.train``; ``.eval()`` also checks whether every choice is fixed (then
+        inference forwards take the one-hot ratios without computing them) when the choices
+        changed since the last check, as their storages and version counters tell (a training
+        step writes them; a layer kept in eval, a teacher or a layer under ``norm_eval`` put in
+        eval every iteration, does not)."""
         super().train(mode)
         if not mode and (self._checked_key is None or self._checked_key != self._choice_key()):
             self._check_fixed()

@@ -257,9 +257,13 @@ def _parity_case(name: str, variant: str, device: torch.device) -> Dict[str, Any
                                           if e is not None])
             row[f'{key}_grad_format_kept'] = (memory_format == torch.contiguous_format
                                               or x_grad.is_contiguous(memory_format=memory_format))
-            # A warm step and eval with every host-device sync an error (CUDA).
+            # A warm step and eval with every host-device sync an error (CUDA). Entering eval
+            # after training reads SSN's choices once, by design (are they all fixed?); a
+            # second .eval() with nothing changed reads nothing, and no forward does.
             with no_host_sync(device):
                 train_step(layer, xd, grad.to(device))
+            layer.eval()
+            with no_host_sync(device):
                 layer.eval()
                 with torch.no_grad():
                     layer(xd)

@@ -69,9 +69,8 @@ def sparsemax(scores: Tensor) -> Tensor:
     The scores are shifted so that the largest is 0, and the largest entries are always in the
     support (``tau`` is below them): unshifted, ``1 + z`` is ``z`` for a top score past
     ``2^24`` in float32 (256 in bfloat16), which left the support empty and the result
-    infinite. Float16 and bfloat16 scores are
-    projected in float32 and the result rounded once (in their own precision the rounding of
-    ``tau`` moved results by up to 0.67).
+    infinite. Float16 and bfloat16 scores are projected in float32 and the result rounded once
+    (in their own precision the rounding of ``tau`` moved results by up to 0.67).
     """
     if scores.dtype in LOW_PRECISION:
         return sparsemax(scores.float()).to(scores.dtype)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..functional import NORMALIZERS, check_norm_input, is_tracing, row_affine
 from ..layers import BatchStatsNorm
 from ..layers.base import full_precision
+from ..layers.fx import fx_leaf
 
 __all__ = ['GroupwiseHardNorm', 'choice_label']
 
@@ -168,6 +169,7 @@ class GroupwiseHardNorm(nn.Module):
                    layer.running_mean, layer.running_var, layer.eps,
                    getattr(layer, 'in_unbiased', False))
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_tracing():  # a traced graph has its shapes fixed
             check_norm_input(input, self.num_features)

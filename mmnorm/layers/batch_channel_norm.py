@@ -20,6 +20,7 @@ from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
                           check_num_groups, check_rate, in_recomputation, is_tracing)
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision, log_once
+from .fx import fx_leaf
 
 __all__ = ['BatchChannelNorm', 'SyncBatchChannelNorm']
 
@@ -157,6 +158,7 @@ class BatchChannelNorm(BatchStatsNorm):
         if self.estimate:  # loading is not a forward: the one read of the buffer
             self._estimate_rate = float(self.estimate_rate)
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         check_norm_input(input, self.num_features)  # before any bookkeeping
         if self.estimate:

@@ -4,6 +4,7 @@ from torch import Tensor, nn
 
 from ..functional import standardize_weight
 from ..registry import MODELS, register
+from .fx import fx_leaf
 
 __all__ = ['WSConv2d']
 
@@ -55,6 +56,7 @@ class WSConv2d(nn.Conv2d):
         """The weight the convolution actually uses."""
         return standardize_weight(self.weight, self.eps)
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return self._conv_forward(input, self.standardized_weight(), self.bias)
 

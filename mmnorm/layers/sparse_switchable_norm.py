@@ -23,6 +23,7 @@ from ..functional.sparse_switchable import check_radius, sparsest_ratios, update
 from ..functional.switchable import stacked_ratios
 from ..registry import MODELS, register
 from .base import SyncNorm, full_precision, log_once, runner_training
+from .fx import fx_leaf
 from .switchable_norm import SwitchableNorm
 
 __all__ = ['SparseSwitchableNorm', 'SyncSparseSwitchableNorm']
@@ -274,6 +275,7 @@ class SparseSwitchableNorm(SwitchableNorm):
     def _holds_ratios(self) -> bool:
         return super()._holds_ratios() or self._fixed_now() is not None
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         # The first step that trains the layer (its ratio parameters train in eval mode too, e.g.
         # under norm_eval=True) checks what the run provides, once, before anything changes; a

@@ -22,6 +22,7 @@ from ..functional import (MIX_MODES, NORMALIZERS, check_norm_input, mix_normaliz
 from ..functional.switchable import check_ratio_groups
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
+from .fx import fx_leaf
 
 __all__ = ['SwitchableNorm', 'SwitchableNormTied', 'SyncSwitchableNorm', 'SyncSwitchableNormTied',
            'NORMALIZERS']
@@ -166,6 +167,7 @@ class SwitchableNorm(BatchStatsNorm):
             logits.scatter_(-1, winner, 0.0)
             logits.requires_grad_(False)
 
+    @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
         return self._mix(input)[0]
 

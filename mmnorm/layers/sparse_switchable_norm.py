@@ -79,6 +79,22 @@ def _check_training_setup(layer: 'SparseSwitchableNorm') -> None:
         layer._eval_checked = True
 
 
+class _FixedRatios(torch.autograd.Function):
+    """A layer's kept one-hot ratios in a graph: a copy (the kept tensor stays outside every
+    graph), whose backward gives the scores zero gradients."""
+
+    @staticmethod
+    def forward(ctx, ratios: Tensor, *scores: Tensor) -> Tensor:
+        ctx.scores = [(t.shape, t.dtype, t.device) for t in scores]
+        return ratios.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return (None, *[torch.zeros(shape, dtype=dtype, device=device) if needed else None
+                        for (shape, dtype, device), needed in zip(ctx.scores,
+                                                                   ctx.needs_input_grad[1:])])
+
+
 @register(MODELS, 'SSN')
 class SparseSwitchableNorm(SwitchableNorm):
     r"""Sparse Switchable Normalization (registered as ``SSN``): SN whose ratios are
@@ -212,10 +228,11 @@ class SparseSwitchableNorm(SwitchableNorm):
 
     def train(self, mode: bool = True) -> 'SparseSwitchableNorm':
         """``nn.Module.train``; ``.eval()`` also checks whether every choice is fixed (then
-        inference forwards take the one-hot ratios without computing them) when the choices
-        changed since the last check, as their storages and version counters tell (a training
-        step writes them; a layer kept in eval, a teacher or a layer under ``norm_eval`` put in
-        eval every iteration, does not)."""
+        forwards take the one-hot ratios without computing them, and training steps have no
+        choice to update) when the choices changed since the last check, as their storages and
+        version counters tell (a training step that computes the ratios writes them; a layer
+        kept in eval, a teacher or a layer under ``norm_eval`` put in eval every iteration,
+        does not)."""
         super().train(mode)
         if not mode and (self._checked_key is None or self._checked_key != self._choice_key()):
             self._check_fixed()
@@ -233,14 +250,15 @@ class SparseSwitchableNorm(SwitchableNorm):
 
     @torch.no_grad()
     def _check_fixed(self) -> None:
-        """In eval mode, outside tracing, on real tensors: when every choice is fixed, keep the
-        one-hot ratios with the choices' key. Reads the choices (a host sync on an
-        accelerator): called on ``.eval()``, a load and a hardening, never in a forward."""
+        """Outside tracing, on real tensors: when every choice is fixed, keep the one-hot ratios
+        with the choices' key. Reads the choices (a host sync on an accelerator): called on
+        ``.eval()``, a load and a hardening (in either mode: a finetuning run loads its trained
+        checkpoint in training mode), never in a forward."""
         self._fixed_ratios = self._checked_key = None
         if 'var_choice' not in self._buffers:  # (not built yet)
             return
         choices = (self.mean_choice, self.var_choice)
-        if (self.training or is_tracing() or torch.compiler.is_compiling()
+        if (is_tracing() or torch.compiler.is_compiling()
                 or any(type(t) is not Tensor or t.device.type == 'meta' for t in choices)):
             return
         key = self._checked_key = self._choice_key()
@@ -248,32 +266,47 @@ class SparseSwitchableNorm(SwitchableNorm):
         both = torch.cat([t.reshape(-1) for t in choices])
         # One read of both; a choice out of range (memory not loaded yet) is not fixed.
         if key is not None and bool(((both >= 0) & (both < size)).all()):
-            with full_precision(self.mean_scores):  # (.eval() may be called under autocast)
+            # (.eval() may be called under autocast, or under inference_mode: the kept ratios
+            # must not be an inference tensor, which a later step's graph could not save; and
+            # leaving inference mode turns gradients on, so off again)
+            with full_precision(self.mean_scores), torch.inference_mode(False), \
+                    torch.no_grad():
                 self._fixed_ratios = key, stacked_ratios(self.ratio_fn, self.ratio_inputs())
 
     def _scoped_ratios(self) -> Optional[Tensor]:
-        """SN's (a scope's ratios), and in an inference forward (eval, no gradient) of a layer
-        whose every choice was fixed at the last check (a trained layer: the radius reached the
-        vertices), its one-hot ratios, not computed again: SparsestMax's rounds are about 25
-        small ops, and the layer is then one plain normalizer. Any change the version
-        counters see (an in-place update, a load outside eval mode), another storage (a move
-        to another device) or another dtype computes them as usual until the next check; an
-        update through ``.data`` in eval mode is not seen (mmengine's ``EMAHook`` swaps before
-        the loop calls ``.eval()``)."""
+        """SN's (a scope's ratios), and in any forward of a layer whose every choice was fixed
+        at the last check (a trained layer: the radius reached the vertices, or a finetuning
+        run loaded its trained checkpoint), its one-hot ratios, not computed again: SparsestMax's
+        rounds and the choice update are about 50 small ops a training step, and the layer is
+        one plain normalizer. Any change the version counters see (an in-place update, a load
+        outside eval mode), another storage (a move to another device) or another dtype
+        computes them as usual until the next check; an update through ``.data`` is not seen
+        (mmengine's ``EMAHook`` swaps before the loop calls ``.eval()``)."""
         fixed = self._fixed_now()
         return fixed if fixed is not None else super()._scoped_ratios()
 
-    def _fixed_now(self) -> Optional[Tensor]:
-        """The one-hot ratios of the last check, if they serve this forward."""
+    def _fixed_holds(self) -> bool:
+        """Whether the one-hot ratios of the last check serve this forward: not traced or
+        compiled, and the choices' key unchanged since (every choice still fixed, so a
+        training step would not change them either)."""
         fixed = self._fixed_ratios
-        if (fixed is not None and not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and not is_tracing()
-                and fixed[0] == self._choice_key()):
-            return fixed[1]
-        return None
+        return (fixed is not None and not torch.compiler.is_compiling() and not is_tracing()
+                and fixed[0] == self._choice_key())
+
+    def _fixed_now(self) -> Optional[Tensor]:
+        """The one-hot ratios of the last check, if they serve this forward; with gradients
+        on, through a node that gives the scores zero gradients, as SparsestMax's fixed rows
+        do (DDP expects a gradient for every parameter that requires one)."""
+        if not self._fixed_holds():
+            return None
+        ratios = self._fixed_ratios[1]
+        scores = (self.mean_scores, self.var_scores)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in scores):
+            return _FixedRatios.apply(ratios, *scores)
+        return ratios
 
     def _holds_ratios(self) -> bool:
-        return super()._holds_ratios() or self._fixed_now() is not None
+        return super()._holds_ratios() or self._fixed_holds()
 
     @fx_leaf
     def forward(self, input: Tensor) -> Tensor:
@@ -286,16 +319,22 @@ class SparseSwitchableNorm(SwitchableNorm):
                 and not is_tracing() and not in_recomputation()):
             _check_training_setup(self)
         out, (mean_ratios, var_ratios) = self._mix(input)
-        if self.training and not in_recomputation():
-            step = self._step_ratios
-            # The form used batched_ratios' ratios (what it returns are views of them), which
-            # came with the choices they fix, computed for all layers at once.
-            if (step is not None and step.state is not None
-                    and mean_ratios.data_ptr() == step.ratios.data_ptr()):
-                self.mean_choice.copy_(step.state[0])
-                self.var_choice.copy_(step.state[1])
-            else:
-                update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
+        if not self.training or in_recomputation():
+            return out
+        if self._fixed_holds():
+            # Every choice fixed: nothing to update. The next .eval() checks them again, as
+            # after a step that wrote them: a swap through .data (EMAHook's) is seen there.
+            self._checked_key = None
+            return out
+        step = self._step_ratios
+        # The form used batched_ratios' ratios (what it returns are views of them), which
+        # came with the choices they fix, computed for all layers at once.
+        if (step is not None and step.state is not None
+                and mean_ratios.data_ptr() == step.ratios.data_ptr()):
+            self.mean_choice.copy_(step.state[0])
+            self.var_choice.copy_(step.state[1])
+        else:
+            update_choice_pair(mean_ratios, var_ratios, self.mean_choice, self.var_choice)
         return out
 
 

@@ -23,8 +23,9 @@ BUDGET = {'SN': (40, 12), 'SN_tied': (40, 12), 'SN_noBN': (40, 12), 'BCN': (40, 
           # eval forward runs the rounds too (a cache of the ratios cannot see every update;
           # inside mmnorm.frozen_ratios every layer is within 12, test_frozen_ratios.py).
           'SSN': (87, 38),
-          # Trained (every choice fixed): the one-hot ratios kept at .eval(), not computed.
-          'SSN_trained': (87, 12)}
+          # Trained (every choice fixed): the one-hot ratios kept at its load (a finetuning
+          # run's checkpoint) or .eval(), not computed, and no choice to update.
+          'SSN_trained': (40, 12)}
 
 LAYERS = {
     'SN': lambda c: SwitchableNorm(c, momentum=0.3),
@@ -57,6 +58,7 @@ def _trained_ssn(c):
         layer.set_progress(1.0)
         layer.mean_choice.fill_(0)  # fixed, as training fixes them at radius 1 (the argmax)
         layer.var_choice.fill_(2)
+    layer.load_state_dict(layer.state_dict())  # as a trained checkpoint is loaded
     return layer
 
 
@@ -89,6 +91,9 @@ def _run(make, traced, monkeypatch, x, grad, train, steps=2):
     with torch.no_grad():
         for p in layer.parameters():
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.3)
+    # A load (a checkpoint's, here its own state): a trained SSN layer keeps its one-hot
+    # ratios for this dtype, in training mode too (the plain form computes them).
+    layer.load_state_dict(layer.state_dict())
     layer.train(train)
     results = []
     for _ in range(steps):

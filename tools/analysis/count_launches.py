@@ -56,7 +56,8 @@ def layers(channels: int) -> dict:
 
 def trained(ssn: SparseSwitchableNorm) -> SparseSwitchableNorm:
     """A copy of ``ssn`` at the end of training: distinct scores, radius 1 and one training
-    forward, after which every choice is fixed (the layer is one plain normalizer)."""
+    forward, after which every choice is fixed (the layer is one plain normalizer), then the
+    check of its choices that loading it (a finetuning run) or evaluating it makes."""
     layer = copy.deepcopy(ssn)
     with torch.no_grad():
         for scores in (layer.mean_scores, layer.var_scores):
@@ -64,6 +65,7 @@ def trained(ssn: SparseSwitchableNorm) -> SparseSwitchableNorm:
         layer.set_progress(1.0)
         layer.train()(torch.randn(2, layer.num_features, 4, 4))
     assert bool((layer.mean_choice >= 0).all() and (layer.var_choice >= 0).all())
+    layer.load_state_dict(layer.state_dict())
     return layer
 
 
@@ -75,6 +77,7 @@ def batched_ops(layer: nn.Module, x: torch.Tensor) -> str:
     counts = {}
     for size in (1, 2):
         model = nn.Sequential(*[copy.deepcopy(layer) for _ in range(size)])
+        model.load_state_dict(model.state_dict())  # (a copy keeps no check: as after a load)
         batched_ratios(model)
         for train in (True, False):
             step_ops(model, x, train)  # the first may set up state; count the second

@@ -162,6 +162,13 @@ def _native_serves(x: Tensor, batch: bool, momentum, running_mean: Optional[Tens
     return all(t.dtype == dtype for t in tensors)
 
 
+def _group_norm_serves(x: Tensor, num_groups: int) -> bool:
+    """Whether ``F.group_norm`` takes ``x``: it refuses groups of one value (``N = 1``, one
+    channel per group, ``H·W = 1``: "Expected more than 1 value per channel"), which the plain
+    form maps to the group's shift."""
+    return (x.shape[1] // num_groups) * math.prod(x.shape[2:]) > 1
+
+
 def _compiles_to_norms(x: Tensor) -> bool:
     """Whether a compiled BCN (``torch.compile`` of a model, and mmnorm's compiled form) is
     ATen's batch then group normalization (:func:`_bn_then_gn`) rather than the plain form:
@@ -491,9 +498,9 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     if form == 'compiled':
         # GN(BN(x)) as ATen's two normalizations where they serve, as torch.compile of a model
         # traces it; else the plain form.
-        if _compiles_to_norms(input) and _native_serves(
-                input, batch, momentum, running_mean, running_mean if estimate else bn_mean,
-                tensors[:4]):
+        if _compiles_to_norms(input) and _group_norm_serves(input, num_groups) and \
+                _native_serves(input, batch, momentum, running_mean,
+                               running_mean if estimate else bn_mean, tensors[:4]):
             compiled = compiled_call('batch_channel_light', _batch_channel_light, input,
                                      *tensors, num_groups=num_groups, eps=eps, batch=batch)
             if compiled is not None:
@@ -507,7 +514,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
             result = compiled_rows(input, coefficients, tensors)
         if result is None:  # it failed now: this call runs what later ones do
             form = eager_form(input, coefficients)
-    if result is None and light_serves():
+    if result is None and light_serves() and (one_map or _group_norm_serves(input, num_groups)):
         track = needs_grad(input, tensors)
         if one_map:
             kernel = (_EstimatingKernel(num_groups, eps, track, rate)

@@ -45,7 +45,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .moments import LOW_PRECISION, is_tracing, static_shape_checks
+from .moments import LOW_PRECISION, is_tracing, stat_dtype, static_shape_checks
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
@@ -303,7 +303,8 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
     var_choice = free.clone() if var_choice is None else var_choice
     for name, choice in (('mean_choice', mean_choice), ('var_choice', var_choice)):
         check_choices(choice, mean_scores.shape[:-1], mean_scores.shape[-1], name)
-    radius = torch.as_tensor(radius, dtype=torch.float32, device=mean_scores.device)
+    radius = torch.as_tensor(radius, dtype=stat_dtype(mean_scores.dtype),
+                             device=mean_scores.device)
     out, (mean_ratios, var_ratios) = mix_normalizers(
         input, sparsest_ratios, (mean_scores, var_scores, radius, mean_choice, var_choice),
         weight, bias, running_mean, running_var, training, momentum, eps, mix, in_unbiased,

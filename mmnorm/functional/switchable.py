@@ -32,15 +32,16 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import (Coefficients, compiled_call, compiled_rows, eager_form, is_tracing,
-                      needs_grad, normalize_rows, pool, static_shape_checks)
+from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows, eager_form,
+                      is_tracing, needs_grad, normalize_rows, pool, static_shape_checks)
 from .row_affine import instance_layer_batch_moments, row_affine, simple_passes
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
            'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS',
-           'stacked_ratios', 'check_ratio_groups', 'ratios_per_channel', 'check_running_stats']
+           'stacked_ratios', 'wide_ratio_inputs', 'check_ratio_groups', 'ratios_per_channel',
+           'check_running_stats']
 
 MIX_MODES = ('var', 'std')
 
@@ -174,10 +175,20 @@ def _batched_softmax_ratios(inputs: Sequence[Sequence[Tensor]], training: Sequen
 softmax_ratios.batched = _batched_softmax_ratios
 
 
+def wide_ratio_inputs(ratio_inputs: Sequence[Tensor]) -> Tuple[Tensor, ...]:
+    """``ratio_inputs`` with float16/bfloat16 tensors as float32 (differentiable casts; others
+    as they are): the ratios of a half-precision layer are computed in float32, as its
+    statistics are. Rounded to half precision, they no longer sum to 1 (softmax's bfloat16
+    ratios summed to 0.999 or 1.001), and the mixed mean is off by that times the input's
+    mean (4.0 on outputs of size 1 for inputs near 1000)."""
+    return tuple(t.float() if t.dtype in LOW_PRECISION else t for t in ratio_inputs)
+
+
 def stacked_ratios(ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor]) -> Tensor:
     """``ratio_fn(*ratio_inputs)`` as one ``(2, |Omega|)`` (or ``(2, G, |Omega|)``) tensor
     (means, variances), by the function's own ``stacked`` form where it has one (fewer ops),
-    else stacked."""
+    else stacked; in float32 for half-precision inputs (:func:`wide_ratio_inputs`)."""
+    ratio_inputs = wide_ratio_inputs(ratio_inputs)
     stacked = getattr(ratio_fn, 'stacked', None)
     if stacked is not None:
         return stacked(*ratio_inputs)

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from ..functional import in_recomputation, is_tracing
 from ..functional.moments import saved_tensors_hooks_active
 from ..functional.compiled import compiled_enabled, report
-from ..functional.switchable import stacked_ratios
+from ..functional.switchable import stacked_ratios, wide_ratio_inputs
 
 __all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'BatchedRatios', 'batched_ratios',
            'frozen_ratios', 'full_precision', 'has_ratios', 'log_once', 'runner_training']
@@ -505,7 +505,7 @@ class _SharedRatios(torch.autograd.Function):
             leaves = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
             bounds = [sum(counts[:i]) for i in range(len(counts) + 1)]
             layers = [leaves[a:b] for a, b in zip(bounds, bounds[1:])]
-            results = ratio_fn.batched(layers, training)
+            results = ratio_fn.batched([wide_ratio_inputs(layer) for layer in layers], training)
         states.extend(state for _, state in results)
         ctx.ratio_fn, ctx.layers = ratio_fn, layers
         ctx.outputs = [ratios for ratios, _ in results]
@@ -597,7 +597,8 @@ class BatchedRatios:
                     ratios = _SharedRatios.apply(ratio_fn, training, [len(i) for i in inputs],
                                                  states, *[t for i in inputs for t in i])
                 else:  # no graph to keep: the batched computation as it is
-                    ratios, states = zip(*ratio_fn.batched(inputs, training))
+                    ratios, states = zip(*ratio_fn.batched(
+                        [wide_ratio_inputs(i) for i in inputs], training))
             for layer, layer_inputs, layer_ratios, state in zip(layers, inputs, ratios, states):
                 layer._step_ratios = StepRatios(layer_ratios, needs_grad,
                                                 _ratio_key(layer_inputs), state)

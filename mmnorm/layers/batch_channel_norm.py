@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
                           check_num_groups, check_rate, in_recomputation, is_tracing)
+from ..functional.moments import stat_dtype
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision, log_once
 from .fx import fx_leaf
@@ -113,8 +114,9 @@ class BatchChannelNorm(BatchStatsNorm):
             for name in ('bn_weight', 'bn_bias', 'weight', 'bias'):
                 self.register_parameter(name, None)
         if estimate:
-            self.register_buffer('estimate_rate',
-                                 torch.zeros((), device=device, dtype=torch.float32))
+            # (float32 for a half-precision layer, float64 for a float64 one: the rate exact)
+            self.register_buffer('estimate_rate', torch.zeros((), device=device, dtype=stat_dtype(
+                dtype or torch.get_default_dtype())))
         # A host copy of the rate, for the zero-rate check of the first step: reading the
         # buffer there would be a host-device sync. Written by set_estimate_rate(), read back
         # from the buffer on loading.

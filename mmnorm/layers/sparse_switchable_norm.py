@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
+from ..functional.moments import stat_dtype
 from ..functional.sparse_switchable import check_radius, sparsest_ratios, update_choice_pair
 from ..functional.switchable import stacked_ratios
 from ..registry import MODELS, register
@@ -151,7 +152,9 @@ class SparseSwitchableNorm(SwitchableNorm):
         self.mean_scores = nn.Parameter(torch.empty(shape, **factory))
         self.var_scores = nn.Parameter(torch.empty(shape, **factory))
         device = factory['device']
-        self.register_buffer('radius', torch.zeros((), device=device))
+        # (float32 for a half-precision layer, float64 for a float64 one: the progress exact)
+        self.register_buffer('radius', torch.zeros((), device=device, dtype=stat_dtype(
+            factory['dtype'] or torch.get_default_dtype())))
         # One choice per ratio vector: 0-dim, or (G,) with ratio groups.
         self.register_buffer('mean_choice',
                              torch.full(shape[:-1], -1, dtype=torch.long, device=device))

@@ -196,6 +196,21 @@ class TestEstimated:
         assert_close(bcn(x), _oracle(bcn, x, bn_stats=(est_mean, est_var)))
         assert_close(bcn.running_mean, est_mean)  # eval does not update
 
+    def test_float64_layer_keeps_the_rate_exact(self):
+        # Built in float64 (dtype=), the rate buffer is float64 too: 0.1 in float32 moved the
+        # estimates by 1e-9. A half-precision layer keeps it in float32.
+        assert BatchChannelNorm(8, num_groups=4, estimate=True,
+                                dtype=torch.bfloat16).estimate_rate.dtype == torch.float32
+        bcn = BatchChannelNorm(8, num_groups=4, estimate=True, dtype=torch.float64)
+        assert bcn.estimate_rate.dtype == torch.float64
+        bcn.set_estimate_rate(0.1)
+        x = make_input((4, 8, 3, 3), offset=3.0)
+        bcn(x)
+        mean, var = oracles.algorithm1_step(x, torch.zeros(8, dtype=torch.float64),
+                                            torch.ones(8, dtype=torch.float64), 0.1)
+        torch.testing.assert_close(bcn.running_mean, mean, rtol=0, atol=1e-13)
+        torch.testing.assert_close(bcn.running_var, var, rtol=0, atol=1e-13)
+
     def test_micro_batch_of_one(self):
         bcn = _bcn(estimate=True)
         bcn.set_estimate_rate(0.1)
@@ -232,6 +247,35 @@ class TestEdgeCases:
         y = bcn(x)
         y.square().sum().backward()
         assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+
+    @pytest.mark.parametrize('estimate', [False, True])
+    @pytest.mark.parametrize('shape', [(1, 4, 1, 1), (1, 4, 1), (3, 4, 1, 1)])
+    @pytest.mark.parametrize('grad', [False, True])
+    def test_eval_with_groups_of_one_value(self, estimate, shape, grad):
+        # One channel per group and one value per channel and sample: GN maps every group to
+        # its shift, whatever the input (F.group_norm refuses such groups: the layer must not
+        # hand them to it).
+        bcn = BatchChannelNorm(4, num_groups=4, estimate=estimate)
+        if estimate:
+            bcn.set_estimate_rate(0.1)
+        with torch.no_grad():
+            bcn.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 3.0]))
+        bcn(torch.randn(shape))
+        bcn.eval()
+        x = torch.randn(shape, requires_grad=grad)
+        with torch.set_grad_enabled(grad):
+            y = bcn(x)
+            functional = batch_channel_norm(
+                x, 4, bcn.weight, bcn.bias, bcn.bn_weight, bcn.bn_bias, bcn.running_mean,
+                bcn.running_var, training=False, eps=bcn.eps)
+        expected = bcn.bias.detach().view(1, 4, *[1] * (len(shape) - 2)).expand(shape)
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)
+        torch.testing.assert_close(functional, expected, rtol=0, atol=0)
+        if grad:  # 0; estimated BCN's per-row map gets it up to the rounding of terms of
+            # size 1/sqrt(eps) (its backward sums A dy + P x + Q)
+            y.backward(torch.randn(shape))
+            torch.testing.assert_close(x.grad, torch.zeros(shape), rtol=0,
+                                       atol=1e-4 if estimate else 0)
 
     def test_constant_input(self):
         # BN maps a constant channel to its shift bn_bias; GN then normalizes those shifts.

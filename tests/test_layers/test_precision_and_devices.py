@@ -1,13 +1,16 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Accuracy against torch's own norms (half precision, zero-variance channels), exact zeros,
 empty batches, agreement of the two forms of the core, and every available device."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import mmnorm.functional.moments as core
-from mmnorm import BatchChannelNorm, SwitchableNorm, SwitchableNormTied
+from mmnorm import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, batched_ratios,
+                    frozen_ratios)
 from mmnorm.testing import oracles
 from mmnorm.testing.layers import LAYERS, batches, float64_oracle, make_layer, train_steps
 from tests.conftest import assert_close
@@ -32,6 +35,35 @@ def test_half_precision_error_within_twice_torch_norms(name, dtype, job):
     assert ours <= 2 * torch_error, (ours, torch_error)
     with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast does not change the result
         torch.testing.assert_close(layer.float()(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SSN', 'SN_g4', 'SSN_g8'])
+def test_half_precision_parameters_mix_with_float32_ratios(name, dtype):
+    # A layer cast to half precision (model.half(), .to(torch.bfloat16)) on inputs far from 0:
+    # ratios rounded to its precision do not sum to 1, and the mixed mean misses by that times
+    # the input's mean (4.0 in bfloat16 at 1000). Computed in float32, the output is the exact
+    # result rounded once, whether the layer computes its ratios or batched_ratios does.
+    layer = make_layer(name)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for param_name, param in layer.named_parameters():
+            if param_name.endswith(('logits', 'scores')):
+                param.copy_(torch.randn(param.shape, generator=gen))
+    layer = layer.to(dtype)
+    x = (1000 + torch.randn(4, layer.num_features, 5, 6, generator=gen)).to(dtype)
+    exact = float64_oracle(layer, x.double())
+    rounding = _max_error(exact.to(dtype), exact)
+    with torch.no_grad():
+        assert _max_error(layer(x), exact) <= 1.5 * rounding
+    with batched_ratios(layer):  # (with a graph: the shared ratio node)
+        assert _max_error(layer(x).detach(), exact) <= 1.5 * rounding
+    layer.eval()  # running statistics; the same layer in float64 as the reference
+    reference = copy.deepcopy(layer).double()(x.double())
+    with torch.no_grad(), frozen_ratios(layer):
+        for _ in range(2):  # computing, then reusing the ratios
+            assert _max_error(layer(x), reference) <= 1.5 * _max_error(reference.to(dtype),
+                                                                       reference)
 
 
 def _bn_then_gn(bcn: BatchChannelNorm, x: torch.Tensor) -> torch.Tensor:

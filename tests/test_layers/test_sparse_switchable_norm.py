@@ -193,6 +193,26 @@ class TestLayer:
         assert repr(layer).startswith('SparseSwitchableNorm(8, eps=1e-05')
         assert type(build_norm_layer(dict(type='SyncSSN'), 8)[1]) is SyncSparseSwitchableNorm
 
+    def test_float64_layer_and_function_keep_the_radius_exact(self):
+        # Built in float64 (dtype=), the radius buffer is float64 too, and so is the
+        # functional form's radius for float64 scores: 0.3 in float32 moved the ratios by 4e-9.
+        # A half-precision layer keeps it in float32, where its ratios are computed.
+        assert SparseSwitchableNorm(6, dtype=torch.bfloat16).radius.dtype == torch.float32
+        torch.manual_seed(0)
+        layer = SparseSwitchableNorm(6, momentum=0.3, dtype=torch.float64)
+        assert layer.radius.dtype == torch.float64
+        with torch.no_grad():
+            layer.mean_scores.copy_(torch.tensor([0.1, 0.2, 0.15]))
+            layer.var_scores.copy_(torch.tensor([0.3, -0.1, 0.05]))
+        layer.set_progress(0.3)
+        x = make_input((4, 6, 3, 3))
+        ratios = [oracles.sparsestmax(s.detach(), 0.3) for s in (layer.mean_scores,
+                                                                  layer.var_scores)]
+        expected = oracles.mixture(x, *ratios)
+        torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-12)
+        functional = sparse_switchable_norm(x, layer.mean_scores, layer.var_scores, 0.3)
+        torch.testing.assert_close(functional, expected, rtol=0, atol=1e-12)
+
     @pytest.mark.parametrize('using_bn', [True, False])
     @pytest.mark.parametrize('shape', [(4, 6, 5), (3, 6, 4, 5), (2, 6, 3, 2, 3)])
     @pytest.mark.parametrize('in_unbiased', [False, True])

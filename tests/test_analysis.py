@@ -311,6 +311,10 @@ class TestStudyPlumbing:
         assert replace_norms(cfg, dict(type='GN', num_groups=8), ws=True) == 1
         assert cfg.model.backbone.norm_cfg.type == 'GN'
         assert cfg.model.backbone.conv_cfg == dict(type='WSConv')
+        for epochs in (0, -1):  # (0 ran the config's whole schedule)
+            with pytest.raises(ValueError, match='--epochs must be >= 1'):
+                set_length(cfg, epochs=epochs)
+        assert set_length(cfg) == '4 epoch(s)'  # none given: the config's
         set_length(cfg, iters=2)
         assert cfg.train_cfg == dict(by_epoch=False, max_iters=2, val_interval=3)
 

@@ -56,6 +56,8 @@ def test_benchmark_times_every_form_against_the_baselines(benchmark, shapes, tmp
 def test_benchmark_errors(benchmark, shapes):
     with pytest.raises(SystemExit, match="unknown baseline 'LN'"):
         benchmark.main([SEG_DEMO, '--baselines', 'LN', *_options(shapes)])
+    with pytest.raises(SystemExit, match=r"unknown baseline 'GN:0'.*groups > 0"):
+        benchmark.main([SEG_DEMO, '--baselines', 'GN:0', *_options(shapes)])
     with pytest.raises(SystemExit, match='no CUDA device'):
         if benchmark.torch.cuda.is_available():
             pytest.skip('this machine has CUDA')

@@ -239,3 +239,20 @@ def test_onnx_runtime_evaluates_other_image_sizes_through_a_dynamic_shape_export
     with pytest.raises(SystemExit, match='exported for 96x80 images and the test data gives '
                        '128x128; export it with --dynamic-shape'):
         test_onnx.main([config, str(tmp_path / 'static.onnx'), '--cfg-options', *options])
+
+
+def test_one_channel_model_exports_with_its_own_channels(tmp_path, capsys):
+    # The digits configs take 1-channel images: the example input and the synthetic batch of
+    # --shape have the model's channels, not 3 (a conv refused (1, 3, 8, 8)).
+    from mmengine.config import Config
+
+    from mmnorm.deploy import synthetic_batch
+    from mmnorm.utils.model import build_model
+    config = osp.join(ROOT, 'configs', 'analysis', 'resnet18-s3-w32_sn_1xb32_digits.py')
+    model = build_model(Config.fromfile(config))
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'model.pth')
+    result = export_onnx.main([config, str(tmp_path / 'model.pth'), str(tmp_path / 'm.onnx'),
+                               '--shape', '8', '8', '--verify'])
+    assert 'input (N, 1, 8, 8)' in capsys.readouterr().out
+    assert result['relative_difference'] <= 1e-4
+    assert synthetic_batch(model, (8, 8))['inputs'].shape == (1, 1, 8, 8)

@@ -3,6 +3,7 @@
 own input above all, unless given --overwrite; writes are atomic (mmnorm.utils.files)."""
 import hashlib
 import importlib
+import json
 import os
 import os.path as osp
 import sys
@@ -10,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from mmnorm.utils import OutputExistsError, atomic_write, check_output, save_checkpoint
+from mmnorm.utils import (OutputExistsError, atomic_write, check_output, prepare_output_file,
+                          save_checkpoint, write_json)
 from tests.conftest import ROOT
 
 CONFIG = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
@@ -143,3 +145,75 @@ def test_publish_model_keeps_weights_and_meta_and_names_the_hash(tmp_path):
     with pytest.raises(SystemExit, match='_NotAllowListed'):
         publish.main([str(unsafe), str(tmp_path / 'y.pth')])
     assert sorted(p for p in os.listdir(tmp_path) if p.startswith('.')) == []  # no temporaries
+
+
+def test_publish_model_is_reproducible(tmp_path):
+    # The same checkpoint published twice: the same bytes, so the same name, which a second
+    # run then refuses to replace (torch.save given the temporary's random path named the
+    # archive's folder after it: a new hash every run).
+    source = tmp_path / 'iter_9.pth'
+    torch.save({'state_dict': {'w': torch.arange(4.)}, 'meta': {'iter': 9}}, source)
+    publish = _tool('publish_model')
+    first = publish.main([str(source), str(tmp_path / 'a' / 'model.pth')])
+    second = publish.main([str(source), str(tmp_path / 'b' / 'model.pth')])
+    assert osp.basename(first) == osp.basename(second)
+    assert _digest(first) == _digest(second)
+    with pytest.raises(SystemExit, match='exists; pass --overwrite'):
+        publish.main([str(source), str(tmp_path / 'a' / 'model.pth')])
+    assert publish.main([str(source), str(tmp_path / 'a' / 'model.pth'), '--overwrite']) == first
+    for name in ('x.pth', 'y.pth'):
+        save_checkpoint({'w': torch.arange(3.)}, str(tmp_path / name))
+    assert _digest(tmp_path / 'x.pth') == _digest(tmp_path / 'y.pth')
+
+
+def test_directories_are_not_output_files(tmp_path):
+    folder = tmp_path / 'out'
+    folder.mkdir()
+    for call in (lambda: check_output(str(folder)), lambda: check_output(str(folder),
+                                                                          overwrite=True),
+                 lambda: save_checkpoint({}, str(folder)), lambda: prepare_output_file(
+                     str(folder)), lambda: write_json(str(folder), {})):
+        with pytest.raises(IsADirectoryError, match='is a directory'):
+            call()
+    assert os.listdir(folder) == []
+    with pytest.raises(SystemExit, match='is a directory'):
+        _tool('convert_checkpoint').main([str(tmp_path / 'missing.pth'), str(folder),
+                                          '--format', 'sn', '--overwrite'])
+    with pytest.raises(SystemExit, match='is a directory, not a checkpoint file'):
+        _tool('convert_checkpoint').main([str(folder), str(tmp_path / 'out.pth'), '--format',
+                                          'sn'])
+
+
+def test_json_outputs_create_their_folder_before_the_work(tmp_path):
+    path = tmp_path / 'new' / 'deeper' / 'metrics.json'
+    prepare_output_file(str(path))  # what tools/test.py runs before evaluating
+    assert path.parent.is_dir() and not path.exists()
+    write_json(str(tmp_path / 'other' / 'm.json'), {'mAP': 0.5}, indent=2)
+    assert json.load(open(tmp_path / 'other' / 'm.json')) == {'mAP': 0.5}
+    test_tool = _tool('test')
+    with pytest.raises(SystemExit, match='checkpoint .*missing.pth does not exist'):
+        test_tool.main([CONFIG, str(tmp_path / 'missing.pth')])
+    checkpoint = tmp_path / 'model.pth'
+    torch.save({}, checkpoint)
+    with pytest.raises(SystemExit, match='is not a config.*config comes first'):
+        test_tool.main([str(checkpoint), CONFIG])
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--iters', '1'], '--iters must be >= 2, got 1'),  # (no iteration left to warm up in)
+    (['--quick', '--iters', '0'], '--iters must be >= 2, got 0'),  # (ran the default length)
+    (['--stats-iters', '0'], '--stats-iters must be >= 1'),
+])
+def test_demo_refuses_bad_lengths_before_any_work(argv, match, tmp_path):
+    with pytest.raises(SystemExit, match=match):
+        _tool('demo').main(argv + ['--work-dir', str(tmp_path / 'work'), '--data-root',
+                                   str(tmp_path / 'data')])
+    assert os.listdir(tmp_path) == []
+
+
+def test_convert_refuses_an_empty_verification_before_any_work(source, tmp_path):
+    for flag in ('--verify-size', '--verify-batch'):
+        with pytest.raises(SystemExit, match='--verify-size and --verify-batch must be >= 1'):
+            _tool('convert_checkpoint').main([source, str(tmp_path / 'out.pth'), '--format',
+                                              'sn', '--verify', flag, '0'])
+    assert not (tmp_path / 'out.pth').exists()

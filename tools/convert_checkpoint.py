@@ -100,6 +100,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--verify-batch', type=int, default=2)
     parser.add_argument('--overwrite', action='store_true', help='replace an existing dst')
     args = parser.parse_args(argv)
+    if args.verify and min(args.verify_size, args.verify_batch) < 1:
+        raise SystemExit('error: --verify-size and --verify-batch must be >= 1')
     try:
         check_output(args.dst, [args.src], args.overwrite)
     except OutputExistsError as error:

@@ -189,6 +189,12 @@ def main(argv=None) -> dict:
     parser.add_argument('--num-val', type=int, default=DEFAULTS['num_val'])
     parser.add_argument('--work-dir', default=None)
     args = parser.parse_args(argv)
+    # (--iters 1 left no iteration to warm up in; 0 ran the default length)
+    for flag, value, least in (('--iters', args.iters, 2), ('--stats-iters', args.stats_iters, 1),
+                               ('--num-train', args.num_train, 1),
+                               ('--num-val', args.num_val, 1)):
+        if value is not None and value < least:
+            raise SystemExit(f'error: {flag} must be >= {least}, got {value}')
     if args.norm not in CONFIGS[args.task]:
         raise SystemExit(f'--norm {args.norm} is not available for --task {args.task}; '
                          f'choose one of {sorted(CONFIGS[args.task])}')
@@ -208,7 +214,7 @@ def main(argv=None) -> dict:
     ensure_data(data_root, args.quick, args)
     data_options = [f'{k}={v}' for k, v in _data_options(data_root, args.task).items()]
 
-    iters = args.iters or (QUICK['iters'] if args.quick else None)
+    iters = args.iters if args.iters is not None else (QUICK['iters'] if args.quick else None)
     train_options = list(data_options)
     if iters is not None:
         train_options += [f'max_iters={iters}', f'train_cfg.max_iters={iters}',

@@ -20,7 +20,7 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
 from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
                           UnsafeCheckpointError, atomic_write, check_output, load_checkpoint_file,
-                          sha256_file)
+                          sha256_file, torch_save)
 
 KEPT = ('state_dict', 'meta')
 
@@ -56,10 +56,8 @@ def main(argv=None) -> str:
     kept = {key: checkpoint[key] for key in (*KEPT, *args.keep) if key in checkpoint}
     dropped = sorted(set(checkpoint) - set(kept))
 
-    import torch
-
     def save_and_name(tmp: str) -> str:
-        torch.save(kept, tmp)
+        torch_save(kept, tmp)  # (the same bytes for the same checkpoint: a reproducible name)
         return published_name(args.out_file, sha256_file(tmp))
 
     def refuse_existing(name: str) -> str:

@@ -15,7 +15,6 @@ mmpretrain do, to flip test-time augmentation (``DetTTAModel`` merging boxes wit
 """
 import argparse
 import copy
-import json
 import numbers
 import os.path as osp
 import sys
@@ -28,7 +27,9 @@ from mmengine.config import Config  # noqa: E402
 from mmengine.dist import get_rank  # noqa: E402
 
 from mmnorm.utils import (add_common_arguments, apply_common_options, build_runner,  # noqa: E402
-                          parse_with_common_arguments, prepare_distributed)
+                          parse_with_common_arguments, prepare_distributed, prepare_output_file,
+                          write_json)
+from mmnorm.utils.model import load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -145,7 +146,11 @@ def setup_tta(cfg: Config) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config)
+    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):  # (URLs: mmengine's)
+        raise SystemExit(f'error: checkpoint {args.checkpoint} does not exist')
+    if args.metrics_out:  # a wrong path fails now, not after the evaluation
+        prepare_output_file(args.metrics_out)
     apply_common_options(cfg, args)
     cfg.load_from = args.checkpoint
     if args.show_dir:
@@ -163,8 +168,7 @@ def main(argv=None) -> dict:
     metrics = runner.test()
     plain = {k: float(v) if isinstance(v, numbers.Real) else v for k, v in metrics.items()}
     if args.metrics_out and get_rank() == 0:
-        with open(args.metrics_out, 'w') as f:
-            json.dump(plain, f, indent=2)
+        write_json(args.metrics_out, plain, indent=2)
         print(f'metrics written to {args.metrics_out}')
     if args.out and args.out_item == 'metrics' and get_rank() == 0:
         import mmengine

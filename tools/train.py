@@ -24,6 +24,7 @@ from mmengine.runner import Runner  # noqa: E402
 from mmnorm.utils import (add_common_arguments, apply_common_options, build_runner,  # noqa: E402
                           find_resume_checkpoint, parse_with_common_arguments,
                           prepare_distributed)
+from mmnorm.utils.model import load_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -65,7 +66,7 @@ def enable_amp(cfg: Config) -> None:
 
 def main(argv=None) -> Runner:
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
+    cfg = load_config(args.config)
     apply_common_options(cfg, args)
     if args.amp:
         enable_amp(cfg)

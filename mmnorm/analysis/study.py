@@ -99,7 +99,7 @@ def set_length(cfg: Config, epochs: Optional[int] = None, iters: Optional[int] =
         raise ValueError('the studies train for a number of epochs: the config trains by '
                          'iterations (train_cfg.max_iters); pass --iters N instead')
     old = train_cfg.max_epochs
-    epochs = epochs or old
+    epochs = old if epochs is None else epochs
     if epochs < 1:
         raise ValueError(f'--epochs must be >= 1, got {epochs}')
     train_cfg.max_epochs = epochs

@@ -10,7 +10,8 @@ from mmengine.config import Config
 from mmengine.runner import Runner
 from torch import Tensor, nn
 
-__all__ = ['test_dataloader', 'preprocessed_batches', 'fit_to', 'real_inputs', 'synthetic_batch']
+__all__ = ['test_dataloader', 'preprocessed_batches', 'fit_to', 'real_inputs', 'synthetic_batch',
+           'input_channels']
 
 
 def test_dataloader(cfg: Config, batch_size: Optional[int] = None):
@@ -61,15 +62,23 @@ def real_inputs(cfg: Config, model: nn.Module, count: int,
     return torch.cat(images)
 
 
+def input_channels(model: nn.Module) -> int:
+    """The channels of the images ``model`` takes: its first convolution's input channels (3
+    for a model without one). The digits configs take 1."""
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    return 3 if first is None else first.in_channels
+
+
 def synthetic_batch(model: nn.Module, size: Tuple[int, int], count: int = 1,
                     seed: int = 0) -> dict:
     """A batch as ``model.data_preprocessor`` returns it, of ``count`` random ``size`` images:
-    ``inputs`` ``(count, 3, H, W)`` and the data samples the codebase's ``mode='tensor'`` /
-    ``predict`` forwards read (image, pad and batch shapes; scale factor 1), ``None`` for a
-    classifier."""
+    ``inputs`` ``(count, C, H, W)`` (:func:`input_channels`) and the data samples the
+    codebase's ``mode='tensor'`` / ``predict`` forwards read (image, pad and batch shapes;
+    scale factor 1), ``None`` for a classifier."""
     from .onnx import model_kind
     kind = model_kind(model)
-    inputs = torch.randn(count, 3, *size, generator=torch.Generator().manual_seed(seed))
+    inputs = torch.randn(count, input_channels(model), *size,
+                         generator=torch.Generator().manual_seed(seed))
     if kind == 'classifier':
         return {'inputs': inputs, 'data_samples': None}
     if kind == 'detector':

@@ -43,7 +43,7 @@ from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       needs_grad, normalize_rows, pool, stat_dtype, static_shape_checks)
 from .row_affine import row_affine, simple_passes, stat_moments
 from .running_stats import BatchStats, batch_statistics, update_running_stats
-from .switchable import (check_norm_input, check_param_sizes, check_running_stats,
+from .switchable import (check_eps, check_norm_input, check_param_sizes, check_running_stats,
                          check_unit_interval)
 
 __all__ = ['batch_channel_norm', 'batch_norm_step', 'check_num_groups', 'check_rate',
@@ -452,6 +452,7 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
         Tensor: normalized input, same shape and dtype.
     """
     check_norm_input(input)
+    check_eps(eps, 'batch_channel_norm')
     check_num_groups(input.shape[1], num_groups)
     channels, per_channel, per_group = input.shape[1], 'one per channel C', 'one per group G'
     check_param_sizes('batch_channel_norm', weight=(weight, num_groups, per_group),

@@ -39,7 +39,7 @@ from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
 
 __all__ = ['switchable_norm', 'mix_normalizers', 'softmax_ratios', 'check_norm_input',
-           'check_param_sizes', 'check_unit_interval', 'MIX_MODES', 'NORMALIZERS',
+           'check_param_sizes', 'check_unit_interval', 'check_eps', 'MIX_MODES', 'NORMALIZERS',
            'stacked_ratios', 'wide_ratio_inputs', 'check_ratio_groups', 'ratios_per_channel',
            'check_running_stats']
 
@@ -82,6 +82,13 @@ def check_param_sizes(function: str, **sizes) -> None:
         if tensor is not None and tuple(tensor.shape) != (size, ):
             raise ValueError(f'{function}: {name} should have shape ({size},) ({meaning}), got '
                              f'{tuple(tensor.shape)}')
+
+
+def check_eps(eps: float, function: str) -> None:
+    """Refuse an ``eps`` below 0 (or NaN), as the layers' constructors do: the functional
+    forms returned NaN for it."""
+    if not isinstance(eps, Tensor) and not eps >= 0:
+        raise ValueError(f'{function}: eps must be >= 0, got {eps!r}')
 
 
 def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) -> None:
@@ -283,6 +290,7 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
         tuple: the output, and the ``(mean_ratios, var_ratios)`` it used (detached).
     """
     check_norm_input(input)
+    check_eps(eps, 'switchable_norm / sparse_switchable_norm')
     channels = input.shape[1]
     check_param_sizes('switchable_norm', weight=(weight, channels, 'one per channel C'),
                       bias=(bias, channels, 'one per channel C'),

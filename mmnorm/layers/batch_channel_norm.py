@@ -155,8 +155,26 @@ class BatchChannelNorm(BatchStatsNorm):
         if getattr(self, '_estimate_rate', None) == 0.0:
             log_once(_ZERO_RATE_MSG)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A rate outside [0, 1] is no learning rate of Algorithm 1: refused and not copied, as
+        # loading treats a wrong shape (the first training step refused it, naming neither the
+        # layer nor the buffer).
+        key = prefix + 'estimate_rate'
+        saved = state_dict.get(key) if self.estimate else None
+        refused = (isinstance(saved, Tensor) and saved.numel() == 1
+                   and not 0.0 <= float(saved) <= 1.0)
+        kept = state_dict.pop(key) if refused else None
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                          missing_keys, unexpected_keys, error_msgs)
+        finally:
+            if refused:
+                state_dict[key] = kept
+        if refused:
+            missing_keys[:] = [k for k in missing_keys if k != key]
+            error_msgs.append(f'{key}: the estimates\' update rate must be in [0, 1] (the '
+                              f'learning rate), got {float(saved)}')
         if self.estimate:  # loading is not a forward: the one read of the buffer
             self._estimate_rate = float(self.estimate_rate)
 

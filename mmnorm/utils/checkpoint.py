@@ -143,6 +143,8 @@ def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
         CheckpointFileError: not a checkpoint, or a damaged one (torch's own cause is kept).
         UnsafeCheckpointError: an intact checkpoint with objects outside the allow-list (named).
     """
+    if osp.isdir(osp.expanduser(filename)):
+        raise CheckpointFileError(f'{filename!r} is a directory, not a checkpoint file')
     if not osp.isfile(osp.expanduser(filename)):
         raise FileNotFoundError(
             f'checkpoint {filename!r} not found. Configs that start from ImageNet weights expect '

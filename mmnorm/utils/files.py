@@ -12,16 +12,23 @@ Two rules, so that no run loses a file:
   (or none) and never a partial one; the source files are only read.
 """
 import hashlib
+import json
 import os
 import os.path as osp
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ['OutputExistsError', 'check_output', 'atomic_write', 'save_checkpoint', 'sha256_file']
+__all__ = ['OutputExistsError', 'OutputIsDirectoryError', 'check_output', 'prepare_output_file',
+           'atomic_write', 'save_checkpoint', 'torch_save', 'write_json', 'sha256_file']
 
 
 class OutputExistsError(FileExistsError):
     """The output exists (or is one of the inputs) and ``overwrite`` was not given."""
+
+
+class OutputIsDirectoryError(OutputExistsError, IsADirectoryError):
+    """The output path is a directory (with or without ``overwrite``): the tools that report
+    an existing output in one line report this one too."""
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -43,6 +50,7 @@ def check_output(path: str, inputs: Iterable[Optional[str]] = (), overwrite: boo
     Raises:
         OutputExistsError: naming the file and the option that allows it.
     """
+    _refuse_directory(path)
     if overwrite:
         return
     for source in inputs:
@@ -52,6 +60,20 @@ def check_output(path: str, inputs: Iterable[Optional[str]] = (), overwrite: boo
                 f'the source. Choose another output, or pass {flag} to replace it anyway')
     if osp.lexists(path):
         raise OutputExistsError(f'{path} exists; pass {flag} to replace it')
+
+
+def _refuse_directory(path: str) -> None:
+    if osp.isdir(path):
+        raise OutputIsDirectoryError(f'{path} is a directory; give the path of the file to '
+                                     'write')
+
+
+def prepare_output_file(path: str) -> None:
+    """Before a long run whose result goes to ``path`` at its end (metrics of an evaluation):
+    refuse a directory and create the parent directory now, so that a wrong path fails at the
+    start, not after the work."""
+    _refuse_directory(path)
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
 
 
 def _umask() -> int:
@@ -70,6 +92,7 @@ def atomic_write(path: str, write: Callable[[str], Any],
     the path to rename to instead of ``path`` (and may raise to refuse it); that path is
     returned.
     """
+    _refuse_directory(path)
     directory = osp.dirname(osp.abspath(path))
     os.makedirs(directory, exist_ok=True)
     base, ext = osp.splitext(osp.basename(path))
@@ -89,10 +112,30 @@ def atomic_write(path: str, write: Callable[[str], Any],
     return result
 
 
-def save_checkpoint(checkpoint: Any, path: str) -> None:
-    """``torch.save(checkpoint, path)`` through :func:`atomic_write`."""
+def torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` through a file object: given a path, ``torch.save``
+    names the archive's folder after the file, which for :func:`atomic_write`'s random
+    temporary name made the same checkpoint differ in its bytes from one save to the next (a
+    published model's hash could not be reproduced)."""
     import torch
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    with open(path, 'wb') as f:
+        torch.save(obj, f)
+
+
+def save_checkpoint(checkpoint: Any, path: str) -> None:
+    """:func:`torch_save` of ``checkpoint`` through :func:`atomic_write`."""
+    atomic_write(path, lambda tmp: torch_save(checkpoint, tmp))
+
+
+def write_json(path: str, obj: Any, **dump_options) -> None:
+    """``json.dump(obj)`` to ``path`` through :func:`atomic_write` (the parent directory
+    created, never a partial file); ``dump_options`` go to ``json.dump``."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, **dump_options)
+
+    atomic_write(path, write)
 
 
 def sha256_file(path: str) -> str:

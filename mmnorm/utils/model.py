@@ -83,11 +83,20 @@ def build_model(cfg: Config, checkpoint: Optional[str] = None, strict: bool = Tr
     return model.to(device)
 
 
+#: The config files mmengine reads.
+CONFIG_SUFFIXES = ('.py', '.yml', '.yaml', '.json')
+
+
 def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     """``Config.fromfile(path)`` with the tool's ``--cfg-options`` merged in; a missing file ends
     the tool with one line (``SystemExit``) instead of a traceback."""
     if not osp.isfile(path):
         raise SystemExit(f'error: config {path} does not exist')
+    if not path.endswith(CONFIG_SUFFIXES):
+        hint = ('; the config comes first, then the checkpoint' if path.endswith(
+            ('.pth', '.pt', '.ckpt')) else '')
+        raise SystemExit(f'error: {path} is not a config (a {", ".join(CONFIG_SUFFIXES)} '
+                         f'file){hint}')
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)

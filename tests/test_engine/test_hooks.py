@@ -98,6 +98,8 @@ class TestBatchAverageStatsHook:
             BatchAverageStatsHook(estimator='ema')
         with pytest.raises(ValueError, match='num_iters'):
             BatchAverageStatsHook(num_iters=0)
+        with pytest.raises(ValueError, match='log_interval must be >= 1'):
+            BatchAverageStatsHook(log_interval=0)  # (a ZeroDivisionError after training)
 
 
 @HOOKS.register_module(force=True)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmnorm import BatchChannelNorm
-from mmnorm.functional import batch_channel_norm
+from mmnorm.functional import batch_channel_norm, sparse_switchable_norm, switchable_norm
 from mmnorm.testing import oracles
 from tests.conftest import logged, assert_close, make_input
 
@@ -96,6 +96,29 @@ class TestExceptions:
         with pytest.raises(ValueError, match=rf'batch_channel_norm: {name} should have shape '
                            rf'\({expected},\) \(one per {meaning}'):
             batch_channel_norm(torch.randn(2, 8, 3), 4, estimate=estimate, rate=0.1, **args)
+
+    @pytest.mark.parametrize('rate', [5.0, -0.1, float('nan')])
+    def test_load_refuses_a_rate_outside_the_unit_interval(self, rate):
+        bcn = BatchChannelNorm(8, num_groups=4, estimate=True)
+        bcn.set_estimate_rate(0.25)
+        state = bcn.state_dict()
+        state['estimate_rate'] = torch.tensor(rate)
+        with pytest.raises(RuntimeError, match=r"estimate_rate: the estimates' update rate must "
+                                               r'be in \[0, 1\]'):
+            bcn.load_state_dict(state)
+        assert float(bcn.estimate_rate) == 0.25 and bcn._estimate_rate == 0.25  # not copied
+        assert 'estimate_rate' in state  # the caller's dict as it was
+
+    @pytest.mark.parametrize('eps', [-1.0, float('nan')])
+    def test_functional_forms_refuse_a_negative_eps(self, eps):
+        # (as the layers' constructors do; they returned NaN)
+        x = torch.randn(2, 8, 3, 3)
+        with pytest.raises(ValueError, match='batch_channel_norm: eps must be >= 0'):
+            batch_channel_norm(x, 4, eps=eps)
+        with pytest.raises(ValueError, match='switchable_norm.*eps must be >= 0'):
+            switchable_norm(x, torch.zeros(3), torch.zeros(3), eps=eps)
+        with pytest.raises(ValueError, match='switchable_norm.*eps must be >= 0'):
+            sparse_switchable_norm(x, torch.ones(3), torch.ones(3), 0.5, eps=eps)
 
     def test_bad_input(self):
         bcn = BatchChannelNorm(8, num_groups=4)

@@ -31,7 +31,6 @@ ones (speed only; the hard choices are then the argmax of equal logits).
 """
 import argparse
 import copy
-import json
 import os.path as osp
 import sys
 import warnings
@@ -46,6 +45,7 @@ from mmnorm.convert import hard_choices, harden_ratios, to_deploy  # noqa: E402
 from mmnorm.deploy import test_dataloader  # noqa: E402
 from mmnorm.functional import compile_mode, use_compiled  # noqa: E402
 from mmnorm.utils.config import plain_layers_config  # noqa: E402
+from mmnorm.utils.files import prepare_output_file, write_json  # noqa: E402
 from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
 from mmnorm.utils.timing import device_synchronizer, time_rounds  # noqa: E402
 
@@ -76,9 +76,10 @@ def baseline_norm(text: str) -> dict:
     name, _, groups = text.partition(':')
     if name == 'BN' and not groups:
         return dict(type='BN', requires_grad=True)
-    if name == 'GN' and (not groups or groups.isdigit()):
+    if name == 'GN' and (not groups or groups.isdigit() and int(groups) > 0):
         return dict(type='GN', num_groups=int(groups or 32), requires_grad=True)
-    raise SystemExit(f'error: unknown baseline {text!r}; use BN, GN or GN:<groups>')
+    raise SystemExit(f'error: unknown baseline {text!r}; use BN, GN or GN:<groups> (groups > 0 '
+                     'dividing every normalized layer\'s channels)')
 
 
 def build_models(cfg, args) -> dict:
@@ -140,6 +141,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if min(args.num_images, args.batch_size, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit('error: --num-images, --batch-size and --rounds must be >= 1')
+    if args.json:  # a wrong path fails now, not after the timing
+        prepare_output_file(args.json)
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda, but torch sees no CUDA device')
     if compile_mode() == 'auto':
@@ -166,9 +169,8 @@ def main(argv=None) -> dict:
         print(f'{name:<10} {r["images_per_s"]:>9.2f} {r["ms_per_image"]:>9.1f} '
               f'{r["ratio"]:>9.2f}')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(dict(config=args.config, device=args.device, images=images,
-                           reference=reference, results=results), f, indent=2)
+        write_json(args.json, dict(config=args.config, device=args.device, images=images,
+                                   reference=reference, results=results), indent=2)
         print(f'wrote {args.json}')
     return results
 

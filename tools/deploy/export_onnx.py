@@ -43,6 +43,7 @@ from mmengine.config import DictAction  # noqa: E402
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
 from mmnorm.deploy import (TensorForward, compare, export_onnx, ort_session,  # noqa: E402
                            real_inputs, run_session)
+from mmnorm.deploy.data import input_channels  # noqa: E402
 from mmnorm.utils import OutputExistsError, check_output  # noqa: E402
 from mmnorm.utils.model import build_model_for_tool, load_config  # noqa: E402
 
@@ -136,7 +137,7 @@ def main(argv=None) -> dict:
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f'error: {error} (or give the input size with --shape H W)')
     dynamic_batch = args.dynamic_batch or args.dynamic_shape
-    example = torch.randn(2 if dynamic_batch else 1, 3, *shape,
+    example = torch.randn(2 if dynamic_batch else 1, input_channels(model), *shape,
                           generator=torch.Generator().manual_seed(0))
     start = time.time()
     try:
@@ -146,9 +147,9 @@ def main(argv=None) -> dict:
         raise SystemExit(f'error: {error}')
     size_mb = osp.getsize(args.out) / 2**20
     if args.dynamic_shape:
-        described = f'(batch, 3, height, width), example {tuple(example.shape)}'
+        described = f'(batch, {example.shape[1]}, height, width), example {tuple(example.shape)}'
     else:
-        described = (f'(N, 3, {shape[0]}, {shape[1]}) with '
+        described = (f'(N, {example.shape[1]}, {shape[0]}, {shape[1]}) with '
                      f'{"dynamic" if dynamic_batch else "static"} N')
     print(f'wrote {args.out}: {module.kind}, input {described}, outputs '
           f'{module.output_names}, {size_mb:.1f} MiB, {time.time() - start:.1f} s')

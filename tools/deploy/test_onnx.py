@@ -14,7 +14,6 @@ to the original image; mmpretrain: softmax scores and labels) and the config's
 PyTorch model.
 """
 import argparse
-import json
 import numbers
 import os.path as osp
 import sys
@@ -29,6 +28,7 @@ from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmnorm.deploy import (model_kind, ort_session, preprocessed_batches,  # noqa: E402
                            run_session, test_dataloader)
+from mmnorm.utils.files import prepare_output_file, write_json  # noqa: E402
 from mmnorm.utils.model import build_model, load_config  # noqa: E402
 
 
@@ -85,6 +85,8 @@ def main(argv=None) -> dict:
     if not osp.isfile(args.model):
         raise SystemExit(f'error: {args.model} not found')
     cfg = load_config(args.config, args.cfg_options)
+    if args.metrics_out:  # a wrong path fails now, not after the evaluation
+        prepare_output_file(args.metrics_out)
     model = build_model(cfg).eval()  # preprocessing and postprocessing only
     kind = model_kind(model)
     if kind == 'detector':
@@ -114,8 +116,7 @@ def main(argv=None) -> dict:
           ', '.join(f'{k}: {float(v):.4f}' if isinstance(v, numbers.Real) else f'{k}: {v}'
                     for k, v in metrics.items()))
     if args.metrics_out:
-        with open(args.metrics_out, 'w') as f:
-            json.dump({k: float(v) for k, v in metrics.items()}, f, indent=2)
+        write_json(args.metrics_out, {k: float(v) for k, v in metrics.items()}, indent=2)
         print(f'metrics written to {args.metrics_out}')
     return metrics
 

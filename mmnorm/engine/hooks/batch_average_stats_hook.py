@@ -53,6 +53,8 @@ class BatchAverageStatsHook(Hook):
             raise ValueError(f'estimator must be one of {ESTIMATORS}, got {estimator!r}')
         if num_iters < 1:
             raise ValueError(f'num_iters must be >= 1, got {num_iters}')
+        if log_interval < 1:  # (refused here, not at the end of training)
+            raise ValueError(f'log_interval must be >= 1, got {log_interval}')
         self.num_iters = num_iters
         self.estimator = estimator
         self.run_before_val = before_val

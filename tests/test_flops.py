@@ -138,6 +138,14 @@ def test_get_flops_tool_on_the_detection_demo(get_flops, capsys):
     assert f'mmnorm layers ({result["mmnorm_layers"]}):' in printed
 
 
+def test_get_flops_tool_with_shape_on_a_one_channel_model(get_flops, capsys):
+    # (--shape's random images had 3 channels, which the digits configs' convs refused)
+    config = osp.join(ROOT, 'configs', 'analysis', 'resnet18-s3-w32_sn_1xb32_digits.py')
+    result = get_flops.main([config, '--shape', '8', '8'])
+    assert 'Input shape: (8, 8)' in capsys.readouterr().out
+    assert 0 < result['mmnorm_flops'] < result['flops']
+
+
 def test_get_flops_tool_on_test_images(get_flops, tmp_path, capsys):
     from tests.helpers.tiny_data import make_shapes
     root = make_shapes(str(tmp_path / 'shapes'), num_train=1, num_val=2)

@@ -44,15 +44,27 @@ COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
 
 
 def read_log(path: str) -> List[dict]:
-    """The records of a ratio log (JSON lines), in order."""
+    """The records of a ratio log (JSON lines), in order; a file that is not one ends the tool
+    with one ``error:`` line."""
     records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                records.append(json.loads(line))
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                line = line.strip()
+                if line:
+                    records.append(json.loads(line))
+    except OSError as error:
+        raise SystemExit(f'error: cannot read {path}: {error.strerror or error}')
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f'error: {path} line {number} is not JSON ({error}); a ratio log is '
+                         'what RatioLoggerHook writes')
     if not records:
-        raise SystemExit(f'{path} holds no ratio record')
+        raise SystemExit(f'error: {path} holds no ratio record')
+    bad = [i for i, r in enumerate(records, 1)
+           if not isinstance(r, dict) or not isinstance(r.get('layers'), dict) or 'iter' not in r]
+    if bad:
+        raise SystemExit(f'error: {path}: record {bad[0]} has no "iter" and "layers"; a ratio '
+                         'log is what RatioLoggerHook writes')
     return records
 
 
@@ -69,10 +81,13 @@ def load_ratios(path: str, iteration: Optional[int] = None) -> Tuple[Dict[str, d
                                  f'{[r["iter"] for r in records]}')
             record = matches[-1]
         return OrderedDict(record['layers']), f'iteration {record["iter"]}'
-    from mmnorm.utils import load_checkpoint_file
-    checkpoint = load_checkpoint_file(path, map_location='cpu')
+    if iteration is not None:
+        raise SystemExit(f'error: --iter picks a record of a ratio log (.jsonl); {path} is a '
+                         'checkpoint')
+    from mmnorm.utils.checkpoint import load_checkpoint_for_tool
+    checkpoint = load_checkpoint_for_tool(path)
     state_dict = checkpoint.get('state_dict', checkpoint)
-    meta = checkpoint.get('meta', {}) if isinstance(checkpoint, dict) else {}
+    meta = checkpoint.get('meta', {})
     where = f'iteration {meta["iter"]}' if 'iter' in meta else osp.basename(path)
     return state_dict_ratios(state_dict), where
 
@@ -209,7 +224,9 @@ def summarize(layers: Dict[str, dict]) -> str:
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description='Plot SN importance ratios')
     parser.add_argument('input', help='checkpoint (.pth) or ratio log (.jsonl)')
-    parser.add_argument('--out', default=None, help='PNG path (default: next to the input)')
+    parser.add_argument('--out', default=None,
+                        help='image path, .png, .pdf or .svg: the format follows the extension '
+                        '(default: a PNG next to the input)')
     parser.add_argument('--iter', type=int, default=None, help='record of a ratio log to draw')
     parser.add_argument('--title', default=None, help='figure title')
     parser.add_argument('--history', default=None,
@@ -217,6 +234,7 @@ def main(argv=None) -> str:
                         '<out>_training.png')
     args = parser.parse_args(argv)
     layers, where = load_ratios(args.input, args.iter)
+    history = read_log(args.history) if args.history else None  # (read before any writing)
     if not layers:
         raise SystemExit(f'no layer with ratios (SN, SN_tied, SSN) found in {args.input}')
     out = args.out or osp.splitext(args.input)[0] + '_ratios.png'
@@ -224,9 +242,9 @@ def main(argv=None) -> str:
     plot(layers, out, title)
     print(summarize(layers))
     print(f'wrote {out}')
-    if args.history:
+    if history is not None:
         training = osp.splitext(out)[0] + '_training.png'
-        plot_training(read_log(args.history), training, title)
+        plot_training(history, training, title)
         print(f'wrote {training}')
     return out
 

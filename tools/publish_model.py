@@ -18,9 +18,9 @@ import sys
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
-from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
-                          UnsafeCheckpointError, atomic_write, check_output, load_checkpoint_file,
+from mmnorm.utils import (OutputExistsError, atomic_write, check_output,  # noqa: E402
                           sha256_file, torch_save)
+from mmnorm.utils.checkpoint import load_checkpoint_for_tool  # noqa: E402
 
 KEPT = ('state_dict', 'meta')
 
@@ -39,14 +39,7 @@ def main(argv=None) -> str:
                         help='top-level entries to keep besides state_dict and meta')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
     args = parser.parse_args(argv)
-    try:
-        checkpoint = load_checkpoint_file(args.in_file, map_location='cpu')
-    except FileNotFoundError:
-        raise SystemExit(f'error: {args.in_file} not found')
-    except (UnsafeCheckpointError, CheckpointFileError) as error:
-        raise SystemExit(f'error: {error}')
-    if not isinstance(checkpoint, dict):
-        raise SystemExit(f'error: {args.in_file} does not hold a checkpoint dict')
+    checkpoint = load_checkpoint_for_tool(args.in_file)
     if 'state_dict' not in checkpoint:  # a bare state dict
         checkpoint = {'state_dict': checkpoint}
     missing = [key for key in args.keep if key not in checkpoint]

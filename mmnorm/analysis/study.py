@@ -62,10 +62,14 @@ def add_study_arguments(parser: argparse.ArgumentParser, default_out: str, tool:
 
 
 def save_figure(fig, path: str) -> None:
-    """Write a matplotlib figure as PNG, atomically, and close it."""
+    """Write a matplotlib figure, atomically, in the format of ``path``'s extension (PNG
+    without one), and close it."""
     import matplotlib.pyplot as plt
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format='png'))
-    plt.close(fig)
+    fmt = osp.splitext(path)[1][1:].lower() or 'png'
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format=fmt))
+    finally:
+        plt.close(fig)
 
 
 def scale_batch_size(cfg: Config, batch_size: int) -> float:

@@ -9,7 +9,6 @@ those two statistics alone. :class:`GroupwiseHardNorm` computes the IN moments o
 moments from them only if some channel uses LN, reads BN's from constants, and applies
 :math:`a x + b` in one elementwise pass: no other statistic is computed, no ratio function runs.
 """
-import math
 from itertools import groupby
 from typing import ClassVar, Optional, Sequence, Tuple, Union
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import NORMALIZERS, check_norm_input, is_tracing, row_affine
+from ..functional.moments import bessel_factor
 from ..layers import BatchStatsNorm
 from ..layers.base import full_precision
 from ..layers.fx import fx_leaf
@@ -186,9 +186,8 @@ class GroupwiseHardNorm(nn.Module):
                 mean, var = (t.view(n, c) for t in row_affine.stat_moments(x, dims))
             else:
                 var, mean = torch.var_mean(x, dims, correction=0)
-            length = math.prod(x.shape[2:])
-            if self.in_unbiased and length > 1:  # as the layers: corrected before LN pools it
-                var = var * (length / (length - 1))
+            if self.in_unbiased:  # as the layers: corrected before LN pools it
+                var = var * bessel_factor(x).to(var.dtype)
             mu = torch.addcmul(self.mean_const.to(dtype), self.mean_in.to(dtype), mean)
             s2 = torch.addcmul(self.var_const.to(dtype), self.var_in.to(dtype), var)
             if self.uses_ln:  # law of total variance over the channels: (N, 1)

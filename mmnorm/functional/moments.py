@@ -213,6 +213,16 @@ def sum_of_squares(centered: Tensor, dims: Sequence[int], keepdim: bool = True) 
     return torch.linalg.vector_norm(centered, dim=tuple(dims), keepdim=keepdim).square()
 
 
+def bessel_factor(input: Tensor) -> Tensor:
+    """Bessel's correction ``L / (L - 1)`` for rows of ``L > 1`` values of ``input``
+    ``(N, C, *)`` (1 for ``L <= 1``), a 0-dim tensor in :func:`stat_dtype`. Computed from the
+    input by tensor ops, so that a traced graph (``torch.jit.trace``, both ONNX exporters,
+    ``torch.export``) takes the size it is run at: a Python factor (or a test of ``L > 1``)
+    is a constant of the example's size there (NaN or a dropped correction at other sizes)."""
+    length = torch.ones_like(input[:1, :1], dtype=stat_dtype(input.dtype)).sum()
+    return length / (length - 1).clamp(min=1)
+
+
 def channel_moments(input: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-(n, c) mean and biased variance of ``input`` ``(N, C, *)``, in :func:`stat_dtype`.
 

@@ -109,21 +109,24 @@ def batch_statistics(mean: Tensor, var: Tensor, length: int, process_group=None)
 
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: BatchStats,
-                         momentum: Union[float, Tensor]) -> None:
+                         momentum: Union[float, Tensor], bessel: bool = True) -> None:
     """``running = (1 - momentum) * running + momentum * batch`` in place.
 
     ``batch.var`` is the biased variance of ``batch.count`` values per channel; the running
     variance tracks the unbiased one (PyTorch convention). With one value per channel the
     unbiased variance is undefined and the running variance is left unchanged; with none nothing
-    changes. Nothing is read on the host (``count`` is a tensor).
+    changes. ``bessel=False``: the running variance tracks ``batch.var`` as it is (the SN
+    authors' update, for layers that compute their variances as the authors do). Nothing is read
+    on the host (``count`` is a tensor).
     """
     if isinstance(momentum, Tensor):
         momentum = momentum.to(running_mean.dtype)
     count = batch.count.to(running_mean.dtype)
-    unbiased = batch.unbiased_var().to(running_var.dtype)
+    var = (batch.unbiased_var() if bessel else batch.var).to(running_var.dtype)
     running_mean.copy_(torch.where(count > 0, running_mean.lerp(batch.mean.to(running_mean.dtype),
                                                                 momentum), running_mean))
-    running_var.copy_(torch.where(count > 1, running_var.lerp(unbiased, momentum), running_var))
+    running_var.copy_(torch.where(count > (1 if bessel else 0), running_var.lerp(var, momentum),
+                                  running_var))
 
 
 @torch.no_grad()

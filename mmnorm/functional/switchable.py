@@ -32,8 +32,9 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows, eager_form,
-                      is_tracing, needs_grad, normalize_rows, pool, static_shape_checks)
+from .moments import (LOW_PRECISION, Coefficients, bessel_factor, compiled_call, compiled_rows,
+                      eager_form, is_tracing, needs_grad, normalize_rows, pool,
+                      static_shape_checks)
 from .row_affine import instance_layer_batch_moments, row_affine, simple_passes
 from .running_stats import (BatchStats, batch_statistics, update_running_stats,
                             update_running_stats_of)
@@ -101,7 +102,9 @@ def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) ->
         if value.numel() != 1:  # (its shape is known without reading it)
             raise ValueError(f'{name} must be a number or a one-element tensor ({meaning}), got '
                              f'a tensor shaped {tuple(value.shape)}')
-        if value.device.type != 'cpu':
+        # (an export's fake tensors, and tracers', have no value to read either)
+        if value.device.type != 'cpu' or is_tracing() or type(value) not in (
+                Tensor, torch.nn.Parameter):
             return
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -203,7 +206,8 @@ def stacked_ratios(ratio_fn: RatioFn, ratio_inputs: Sequence[Tensor]) -> Tensor:
 
 
 def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                  bn_mean: Optional[Tensor], bn_var: Optional[Tensor], *ratio_inputs: Tensor,
+                  bn_mean: Optional[Tensor], bn_var: Optional[Tensor], bessel: Optional[Tensor],
+                  *ratio_inputs: Tensor,
                   ratio_fn: RatioFn, eps: float, mix: str, in_unbiased: bool, batch: bool,
                   process_group, length: int) -> Tuple[Tensor, Tensor, dict]:
     """SN's coefficient function (see :class:`~mmnorm.functional.moments.CoefficientFn`).
@@ -213,10 +217,11 @@ def _coefficients(mean: Tensor, var: Tensor, weight: Optional[Tensor], bias: Opt
     (eval), or ``None`` with ``batch=True`` to pool them from the moments (training); ``aux``
     then returns them (:class:`~mmnorm.functional.running_stats.BatchStats`) for the running
     buffers. The ratios ``ratio_fn(*ratio_inputs)`` are returned in ``aux`` too.
+    ``bessel``: with ``in_unbiased``, the input's :func:`~.moments.bessel_factor`.
     """
     dtype = mean.dtype
-    if in_unbiased and length > 1:  # the SN authors' IN variance, with Bessel's correction
-        var = var * (length / (length - 1))
+    if in_unbiased:  # the SN authors' IN variance, with Bessel's correction
+        var = var * bessel.to(dtype)
     stats = [(mean, var), pool(mean, var, 1)]                     # IN (N, C), LN (N, 1)
     mean_ratios, var_ratios = ratio_fn(*(r.to(dtype) if r.is_floating_point() else r
                                          for r in ratio_inputs))
@@ -306,7 +311,8 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     coefficients = Coefficients(_coefficients, dict(
         ratio_fn=ratio_fn, eps=eps, mix=mix, batch=batch, in_unbiased=bool(in_unbiased)),
         process_group if batch else None)
-    tensors = (weight, bias, bn_mean, bn_var, *ratio_inputs)
+    tensors = (weight, bias, bn_mean, bn_var, bessel_factor(input) if in_unbiased else None,
+               *ratio_inputs)
     form = eager_form(input, coefficients)
     # The light form (mix='var'), compiled or not; the plain form otherwise.
     light = mix == 'var' and not in_unbiased
@@ -331,7 +337,10 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
                                 'public' if form == 'light' else form)
     out, aux = result
     if batch and training and running_mean is not None:
-        update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum)
+        # (with the authors' IN variance, their update of the running variance: the batch's
+        # as they compute it, no second correction)
+        update_running_stats(running_mean, running_var, BatchStats.from_aux(aux), momentum,
+                             bessel=not in_unbiased)
     return out, (aux['mean_ratios'], aux['var_ratios'])
 
 

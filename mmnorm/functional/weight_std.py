@@ -20,11 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .moments import LOW_PRECISION
+from .moments import LOW_PRECISION, static_shape_checks
 
 __all__ = ['standardize_weight', 'conv2d_ws']
 
 _IntOrPair = Union[int, Tuple[int, int]]
+
+
+@static_shape_checks  # (a weight's shape is fixed for a model)
+def _correction(flat: Tensor) -> int:
+    """Bessel's correction of a filter's ``I`` values: 1, or 0 for one value."""
+    return 1 if flat.shape[1] > 1 else 0
 
 
 def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
@@ -40,8 +46,7 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
     flat = weight.flatten(1)
     if flat.dtype in LOW_PRECISION:
         flat = flat.float()
-    correction = 1 if flat.shape[1] > 1 else 0
-    var, mean = torch.var_mean(flat, dim=1, correction=correction, keepdim=True)
+    var, mean = torch.var_mean(flat, dim=1, correction=_correction(flat), keepdim=True)
     return ((flat - mean) * torch.rsqrt(var + eps)).view_as(weight).to(weight.dtype)
 
 

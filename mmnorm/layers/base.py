@@ -202,6 +202,17 @@ class BatchStatsNorm(nn.Module):
         # :meth:`mark_stats_ready`, read back from the buffer on loading.
         self._stats_ready = False
 
+    def register_buffer(self, name: str, tensor: Optional[Tensor], persistent: bool = True
+                        ) -> None:
+        """``nn.Module.register_buffer``, keeping the buffers that are None (no running
+        statistics) after the others: ``torch.export``'s non-strict tracing of a layer as the
+        root module paired the root's buffers with the graph's inputs counting the None ones, and
+        failed (``IndexError``) when one came before a tensor (SN's ``in_var_unbiased``)."""
+        super().register_buffer(name, tensor, persistent)
+        if tensor is not None:
+            for key in [key for key, value in self._buffers.items() if value is None]:
+                self._buffers[key] = self._buffers.pop(key)
+
     #: The ratio function of a normalizer that mixes others (None: it does not), as a
     #: ``staticmethod`` of a module-level function.
     ratio_fn: ClassVar[Optional[Callable[..., Tuple[Tensor, Tensor]]]] = None

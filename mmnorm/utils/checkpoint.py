@@ -135,6 +135,21 @@ def _diagnose(filename: str, error: BaseException) -> BaseException:
         f'classes with torch.serialization.add_safe_globals().')
 
 
+def load_checkpoint_for_tool(filename: str) -> dict:
+    """:func:`load_checkpoint_file` on the CPU for a command-line tool: a file it cannot use (not
+    found, not a checkpoint, objects outside the allow-list, no dict) ends the tool with one
+    ``error:`` line (``SystemExit``) instead of a traceback."""
+    try:
+        checkpoint = load_checkpoint_file(filename, map_location='cpu')
+    except FileNotFoundError:
+        raise SystemExit(f'error: {filename} not found')
+    except (CheckpointFileError, UnsafeCheckpointError) as error:
+        raise SystemExit(f'error: {error}')
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f'error: {filename} does not hold a checkpoint dict')
+    return checkpoint
+
+
 def load_checkpoint_file(filename: str, map_location: Any = None) -> Any:
     """``torch.load(filename, weights_only=True)`` with errors that say what is wrong.
 

@@ -228,6 +228,31 @@ class TestRatioLogging:
         assert osp.getsize(png) > 10_000
         with pytest.raises(SystemExit, match='no record at iteration 7'):
             plot_ratios.main([str(tmp_path / 'sn_ratios.jsonl'), '--iter', '7'])
+        # The format follows the extension (it was always PNG).
+        pdf = plot_ratios.main([str(tmp_path / 'iter_3.pth'), '--out', str(tmp_path / 'c.pdf')])
+        assert open(pdf, 'rb').read(5) == b'%PDF-'
+        assert open(png, 'rb').read(8) == b'\x89PNG\r\n\x1a\n'
+        # Inputs that are not a checkpoint or a ratio log: one error line, nothing written.
+        (tmp_path / 'text.pth').write_text('not a checkpoint')
+        (tmp_path / 'bad.jsonl').write_text('{"iter": 1, "layers": {}}\nnot json\n')
+        (tmp_path / 'nolayers.jsonl').write_text('{"iter": 1}\n')
+        torch.save([1, 2], tmp_path / 'list.pth')
+        before = sorted(os.listdir(tmp_path))
+        path = {name: str(tmp_path / name) for name in (
+            'missing.pth', 'missing.jsonl', 'text.pth', 'list.pth', 'bad.jsonl',
+            'nolayers.jsonl', 'iter_3.pth')}
+        for argv, match in (
+                ([path['missing.pth']], 'missing.pth not found'),
+                ([path['missing.jsonl']], 'cannot read'),
+                ([path['text.pth']], 'error: '),
+                ([path['list.pth']], 'does not hold a checkpoint dict'),
+                ([path['bad.jsonl']], 'line 2 is not JSON'),
+                ([path['nolayers.jsonl']], 'record 1 has no "iter" and "layers"'),
+                ([path['iter_3.pth'], '--iter', '2'], '--iter picks a record of a ratio log'),
+                ([path['iter_3.pth'], '--history', path['missing.jsonl']], 'cannot read')):
+            with pytest.raises(SystemExit, match=match):
+                plot_ratios.main(argv)
+        assert sorted(os.listdir(tmp_path)) == before
 
 
     def test_grouped_layers_logged_and_drawn_as_a_heat_map(self, tmp_path):

@@ -2,6 +2,7 @@
 """Every layer, trained for a few steps, exports with ``torch.export`` and to ONNX with a dynamic
 batch dimension, and ONNX Runtime reproduces the eager output; so does an mmpretrain ResNet-50
 classifier with SN everywhere."""
+import copy
 import warnings
 
 import pytest
@@ -142,3 +143,82 @@ def test_jit_trace_of_a_block_passes_its_own_check(name):
     x = torch.randn(2, 3, 5, 6)
     traced = torch.jit.trace(block, (x, ))
     torch.testing.assert_close(traced(x), block(x), rtol=1e-5, atol=1e-5)
+
+
+def _unbiased_layers():
+    """The layers with the SN authors' IN variance (converted checkpoints turn it on): SN, SSN
+    and the deploy form of a group-wise hard layer."""
+    from mmnorm import SparseSwitchableNorm, SwitchableNorm
+    from mmnorm.convert.groupwise import GroupwiseHardNorm
+    gen = torch.Generator().manual_seed(5)
+    sn = SwitchableNorm(8, in_unbiased=True)
+    ssn = SparseSwitchableNorm(8, in_unbiased=True)
+    ssn.set_progress(0.3)
+    for layer in (sn, ssn):
+        with torch.no_grad():
+            for name, param in layer.named_parameters():
+                param.copy_(torch.randn(param.shape, generator=gen))
+        train_steps(layer)
+    hard = GroupwiseHardNorm(['IN'] * 4 + ['LN'] * 4, ['IN'] * 2 + ['LN'] * 2 + ['BN'] * 4,
+                             weight=torch.randn(8, generator=gen),
+                             running_mean=torch.randn(8, generator=gen),
+                             running_var=torch.rand(8, generator=gen) + 0.5, in_unbiased=True)
+    return {'SN': sn.eval(), 'SSN': ssn.eval(), 'GroupwiseHardNorm': hard.eval()}
+
+
+@pytest.mark.parametrize('name', ['SN', 'SSN', 'GroupwiseHardNorm'])
+def test_bessel_correction_follows_the_size_a_trace_is_run_at(name):
+    # L / (L - 1), and 1 for L = 1: a Python factor (or test of L > 1) was a constant of the
+    # example's size, so a graph traced at 6x6 gave NaN on 1x1 maps, and one traced at 1x1
+    # dropped the correction at every other size (0.04 off).
+    layer = _unbiased_layers()[name]
+    gen = torch.Generator().manual_seed(6)
+    sizes = [(1, 1), (6, 6), (3, 5)]
+    inputs = [torch.randn(2, 8, *size, generator=gen) for size in sizes]
+    dims = {2: torch.export.Dim('h', min=1), 3: torch.export.Dim('w', min=1)}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error', torch.jit.TracerWarning)  # (no size baked in)
+        traced = [torch.jit.trace(layer, (x, ), check_trace=False) for x in inputs[:2]]
+    exported = torch.export.export(layer, (inputs[1], ), dynamic_shapes=(dims, )).module()
+    for x in inputs:
+        with torch.no_grad():
+            expected = layer(x)
+            for graph in traced + [exported]:
+                torch.testing.assert_close(graph(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SSN'])
+def test_layer_without_running_statistics_exports_as_the_root(name):
+    # (torch.export's non-strict tracing paired the root's buffers with the graph's inputs
+    # counting the None ones: IndexError when one came before a tensor)
+    from mmnorm import SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied
+    cls = {'SN': SwitchableNorm, 'SN_tied': SwitchableNormTied, 'SSN': SparseSwitchableNorm}
+    layer = cls[name](8, track_running_stats=False)
+    layer.set_progress(0.3)
+    x = batches(1, shape=(3, 8, 5, 6), seed=8)[0]
+    for mode in (layer.eval, layer.train):
+        mode()
+        program = torch.export.export(layer, (x, )).module()
+        torch.testing.assert_close(program(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_estimated_bcn_exports_its_training_step():
+    # (the rate's range check read the value: no value under torch.export)
+    layer = make_layer('BCN_est').train()
+    twin = copy.deepcopy(layer)
+    x = batches(1, shape=(3, 8, 5, 6), seed=9)[0]
+    program = torch.export.export(layer, (x, )).module()
+    torch.testing.assert_close(program(x), twin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_ws_conv_traces_without_tracer_warnings():
+    from mmnorm import WSConv2d
+    conv = WSConv2d(3, 8, 3).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        traced = torch.jit.trace(conv, (torch.randn(1, 3, 8, 8), ))
+    ours = [str(w.message) for w in caught
+            if issubclass(w.category, torch.jit.TracerWarning) and 'mmnorm' in w.filename]
+    assert not ours, ours
+    x = torch.randn(2, 3, 5, 7)
+    torch.testing.assert_close(traced(x), conv(x), rtol=1e-6, atol=1e-6)

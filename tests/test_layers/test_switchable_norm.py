@@ -216,6 +216,29 @@ class TestNumerics:
                               in_unbiased=True)
         assert_close(sn(x), expected)
 
+    def test_in_unbiased_steps_and_eval_as_the_authors_layer(self):
+        # A converted layer fine-tuned: its running statistics move as the authors' layer moves
+        # them (m = 0.9 keeps 0.9 of the old value: momentum 0.1 here), the variance the batch's
+        # as they compute it (no second Bessel correction), and eval uses them as theirs does.
+        from tests.helpers.authors import AuthorsSwitchNorm
+        sn = _sn_with_params(in_unbiased=True, momentum=0.1)
+        theirs = AuthorsSwitchNorm(6, momentum=0.9).double()
+        with torch.no_grad():
+            theirs.weight.copy_(sn.weight.view(1, 6, 1, 1))
+            theirs.bias.copy_(sn.bias.view(1, 6, 1, 1))
+            theirs.mean_weight.copy_(sn.mean_logits)
+            theirs.var_weight.copy_(sn.var_logits)
+            theirs.running_mean.copy_(sn.running_mean.view(1, 6, 1))
+            theirs.running_var.copy_(sn.running_var.view(1, 6, 1))
+        for step in range(3):
+            x = make_input((2, 6, 3, 4), seed=step, offset=step)
+            assert_close(sn(x), theirs(x))
+            assert_close(sn.running_mean, theirs.running_mean.view(6))
+            assert_close(sn.running_var, theirs.running_var.view(6))
+        sn.eval(), theirs.eval()
+        x = make_input((2, 6, 3, 4), seed=9)
+        assert_close(sn(x), theirs(x))
+
     def test_track_running_stats_false_uses_batch_stats_in_eval(self):
         sn = _sn_with_params(track_running_stats=False).eval()
         assert sn.running_mean is None

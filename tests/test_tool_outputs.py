@@ -193,6 +193,8 @@ def test_json_outputs_create_their_folder_before_the_work(tmp_path):
     test_tool = _tool('test')
     with pytest.raises(SystemExit, match='checkpoint .*missing.pth does not exist'):
         test_tool.main([CONFIG, str(tmp_path / 'missing.pth')])
+    with pytest.raises(SystemExit, match='is a directory, not a checkpoint file'):
+        test_tool.main([CONFIG, str(tmp_path / 'new')])
     checkpoint = tmp_path / 'model.pth'
     torch.save({}, checkpoint)
     with pytest.raises(SystemExit, match='is not a config.*config comes first'):

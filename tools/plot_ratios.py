@@ -46,7 +46,7 @@ COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
 def read_log(path: str) -> List[dict]:
     """The records of a ratio log (JSON lines), in order; a file that is not one ends the tool
     with one ``error:`` line."""
-    records = []
+    records, number = [], 0
     try:
         with open(path) as f:
             for number, line in enumerate(f, 1):
@@ -55,7 +55,10 @@ def read_log(path: str) -> List[dict]:
                     records.append(json.loads(line))
     except OSError as error:
         raise SystemExit(f'error: cannot read {path}: {error.strerror or error}')
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except UnicodeDecodeError:
+        raise SystemExit(f'error: {path} line {number + 1} is not text; a ratio log is the '
+                         'JSON lines RatioLoggerHook writes')
+    except json.JSONDecodeError as error:
         raise SystemExit(f'error: {path} line {number} is not JSON ({error}); a ratio log is '
                          'what RatioLoggerHook writes')
     if not records:
@@ -233,6 +236,13 @@ def main(argv=None) -> str:
                         help='ratio log (.jsonl) to draw the sparsity over training from, in '
                         '<out>_training.png')
     args = parser.parse_args(argv)
+    if args.out:  # an unknown format fails now, not after the drawing
+        from matplotlib.figure import Figure
+        formats = Figure().canvas.get_supported_filetypes()
+        fmt = osp.splitext(args.out)[1][1:].lower()
+        if fmt and fmt not in formats:
+            raise SystemExit(f'error: --out {args.out}: matplotlib writes no .{fmt} files; use '
+                             f'one of {", ".join("." + f for f in sorted(formats))}')
     layers, where = load_ratios(args.input, args.iter)
     history = read_log(args.history) if args.history else None  # (read before any writing)
     if not layers:

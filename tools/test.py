@@ -147,8 +147,10 @@ def setup_tta(cfg: Config) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     cfg = load_config(args.config)
-    if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):  # (URLs: mmengine's)
-        raise SystemExit(f'error: checkpoint {args.checkpoint} does not exist')
+    local = osp.expanduser(args.checkpoint)
+    if '://' not in args.checkpoint and not osp.isfile(local):  # (URLs: mmengine's)
+        raise SystemExit(f'error: checkpoint {args.checkpoint} ' + (
+            'is a directory, not a checkpoint file' if osp.isdir(local) else 'does not exist'))
     if args.metrics_out:  # a wrong path fails now, not after the evaluation
         prepare_output_file(args.metrics_out)
     apply_common_options(cfg, args)

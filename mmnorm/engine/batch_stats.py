@@ -150,6 +150,11 @@ class _BatchRecorder:
         samples, values = x.shape[0], x.numel() // x.shape[1]
         mean = module.running_mean.detach().double()
         var = module.running_var.detach().double()
+        if getattr(module, 'in_unbiased', False) and values > 1:
+            # (a layer with the SN authors' variances moves its running variance as their layer
+            # does, to the batch's variance with no Bessel correction: corrected here, as the
+            # estimators take it)
+            var = var * (values / (values - 1))
         for estimator in self.estimators.values():
             estimator.update(mean, var, samples, values)
         self.calls += 1

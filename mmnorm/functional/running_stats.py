@@ -5,7 +5,9 @@ Every layer keeps its batch-normalization statistics the PyTorch way: ``running_
 ``running_var`` shaped ``(C,)``, updated as ``running = (1 - momentum) * running +
 momentum * batch`` with the *unbiased* batch variance, while normalization itself uses the biased
 one. Tools that work on ``nn.BatchNorm`` buffers (precise BN, ``momentum=1.0`` refreshes) therefore
-work on mmnorm layers too.
+work on mmnorm layers too. The exception: layers with the SN authors' variances (``in_unbiased``,
+converted checkpoints) move theirs as the authors' layer does, to the batch's variance as it
+computes it, uncorrected (``mmnorm.engine.recompute_batch_stats`` knows).
 
 Pooled statistics use the law of total variance (:func:`~mmnorm.functional.moments.pool`,
 :func:`pool_weighted`), not ``E[x^2] - E[x]^2``: no catastrophic cancellation when means are
@@ -114,10 +116,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Batch
 
     ``batch.var`` is the biased variance of ``batch.count`` values per channel; the running
     variance tracks the unbiased one (PyTorch convention). With one value per channel the
-    unbiased variance is undefined and the running variance is left unchanged; with none nothing
-    changes. ``bessel=False``: the running variance tracks ``batch.var`` as it is (the SN
-    authors' update, for layers that compute their variances as the authors do). Nothing is read
-    on the host (``count`` is a tensor).
+    unbiased variance is undefined and the running variance is left unchanged (also with
+    ``bessel=False``: one value's variance is 0 by construction); with none nothing changes.
+    ``bessel=False``: the running variance tracks ``batch.var`` as it is (the SN authors'
+    update, for layers that compute their variances as the authors do). Nothing is read on the
+    host (``count`` is a tensor).
     """
     if isinstance(momentum, Tensor):
         momentum = momentum.to(running_mean.dtype)
@@ -125,8 +128,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Batch
     var = (batch.unbiased_var() if bessel else batch.var).to(running_var.dtype)
     running_mean.copy_(torch.where(count > 0, running_mean.lerp(batch.mean.to(running_mean.dtype),
                                                                 momentum), running_mean))
-    running_var.copy_(torch.where(count > (1 if bessel else 0), running_var.lerp(var, momentum),
-                                  running_var))
+    running_var.copy_(torch.where(count > 1, running_var.lerp(var, momentum), running_var))
 
 
 @torch.no_grad()

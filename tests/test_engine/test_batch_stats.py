@@ -119,6 +119,33 @@ def test_population_is_independent_of_batching():
     torch.testing.assert_close(results[2]['1.running_var'], var)
 
 
+@pytest.mark.parametrize('estimator', ['population', 'batch_average'])
+def test_layers_with_the_authors_update_get_the_estimates_of_their_batches(estimator):
+    # An in_unbiased layer's momentum-1 step leaves the batch's variance as the SN authors'
+    # layer computes it (no Bessel correction): the recorder corrects it as the estimators take
+    # it, so both estimates are those of the same batches' Bessel-corrected variances (the
+    # population one was 3% low, corrected twice).
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64) * (1 + i / 2) + i
+               for i in range(4)]
+    layer = SwitchableNorm(4, in_unbiased=True, dtype=torch.float64)
+    twin = SwitchableNorm(4, in_unbiased=True, momentum=1.0, dtype=torch.float64)
+    means, variances = [], []
+    for x in batches:  # the authors' per-batch BN variance, Bessel-corrected (18 values)
+        twin(x)
+        means.append(twin.running_mean.clone())
+        variances.append(twin.running_var * 18 / 17)
+    recompute_batch_stats(layer, batches, 4, forward=lambda m, b: m(b), estimator=estimator)
+    mean = torch.stack(means).mean(0)
+    if estimator == 'batch_average':
+        var = torch.stack(variances).mean(0)
+    else:  # pooled over the 72 values per channel, then corrected
+        biased = torch.stack(variances) * 17 / 18 + (torch.stack(means) - mean).square()
+        var = biased.mean(0) * 72 / 71
+    torch.testing.assert_close(layer.running_mean, mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.running_var, var, rtol=1e-12, atol=1e-12)
+
+
 def test_batch_average_mean_invariant_to_equal_size_splits_and_order():
     model = make_model()
     data = torch.cat(make_batches(num=4, size=4))

@@ -236,11 +236,12 @@ class TestRatioLogging:
         (tmp_path / 'text.pth').write_text('not a checkpoint')
         (tmp_path / 'bad.jsonl').write_text('{"iter": 1, "layers": {}}\nnot json\n')
         (tmp_path / 'nolayers.jsonl').write_text('{"iter": 1}\n')
+        (tmp_path / 'bytes.jsonl').write_bytes(b'\xff\xfe{"iter": 1}\n')
         torch.save([1, 2], tmp_path / 'list.pth')
         before = sorted(os.listdir(tmp_path))
         path = {name: str(tmp_path / name) for name in (
             'missing.pth', 'missing.jsonl', 'text.pth', 'list.pth', 'bad.jsonl',
-            'nolayers.jsonl', 'iter_3.pth')}
+            'nolayers.jsonl', 'iter_3.pth', 'bytes.jsonl')}
         for argv, match in (
                 ([path['missing.pth']], 'missing.pth not found'),
                 ([path['missing.jsonl']], 'cannot read'),
@@ -249,6 +250,9 @@ class TestRatioLogging:
                 ([path['bad.jsonl']], 'line 2 is not JSON'),
                 ([path['nolayers.jsonl']], 'record 1 has no "iter" and "layers"'),
                 ([path['iter_3.pth'], '--iter', '2'], '--iter picks a record of a ratio log'),
+                ([path['bytes.jsonl']], 'line 1 is not text'),
+                ([path['iter_3.pth'], '--out', str(tmp_path / 'r.v1')],
+                 'matplotlib writes no .v1 files'),
                 ([path['iter_3.pth'], '--history', path['missing.jsonl']], 'cannot read')):
             with pytest.raises(SystemExit, match=match):
                 plot_ratios.main(argv)

@@ -239,6 +239,14 @@ class TestNumerics:
         x = make_input((2, 6, 3, 4), seed=9)
         assert_close(sn(x), theirs(x))
 
+    def test_in_unbiased_keeps_the_running_variance_on_one_value_per_channel(self):
+        # (one value's variance is 0 by construction: moving towards it would drive the eval
+        # variance to eps over such batches; the authors' layer gives NaN there)
+        sn = SwitchableNorm(4, in_unbiased=True)
+        sn(torch.randn(1, 4, 1, 1))
+        assert torch.equal(sn.running_var, torch.ones(4))
+        assert not torch.equal(sn.running_mean, torch.zeros(4))
+
     def test_track_running_stats_false_uses_batch_stats_in_eval(self):
         sn = _sn_with_params(track_running_stats=False).eval()
         assert sn.running_mean is None

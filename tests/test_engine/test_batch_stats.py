@@ -129,12 +129,13 @@ def test_layers_with_the_authors_update_get_the_estimates_of_their_batches(estim
     batches = [torch.randn(2, 4, 3, 3, generator=gen, dtype=torch.float64) * (1 + i / 2) + i
                for i in range(4)]
     layer = SwitchableNorm(4, in_unbiased=True, dtype=torch.float64)
-    twin = SwitchableNorm(4, in_unbiased=True, momentum=1.0, dtype=torch.float64)
     means, variances = [], []
-    for x in batches:  # the authors' per-batch BN variance, Bessel-corrected (18 values)
-        twin(x)
-        means.append(twin.running_mean.clone())
-        variances.append(twin.running_var * 18 / 17)
+    for x in batches:  # the authors' per-batch BN statistics; the variance Bessel-corrected
+        rows = x.flatten(2)  # (18 values per channel)
+        mean_in, var_in = rows.mean(-1), rows.var(-1)  # (unbiased, as theirs)
+        mean_bn = mean_in.mean(0)
+        means.append(mean_bn)
+        variances.append(((var_in + mean_in.square()).mean(0) - mean_bn.square()) * 18 / 17)
     recompute_batch_stats(layer, batches, 4, forward=lambda m, b: m(b), estimator=estimator)
     mean = torch.stack(means).mean(0)
     if estimator == 'batch_average':

@@ -215,11 +215,13 @@ def sum_of_squares(centered: Tensor, dims: Sequence[int], keepdim: bool = True) 
 
 def bessel_factor(input: Tensor) -> Tensor:
     """Bessel's correction ``L / (L - 1)`` for rows of ``L > 1`` values of ``input``
-    ``(N, C, *)`` (1 for ``L <= 1``), a 0-dim tensor in :func:`stat_dtype`. Computed from the
-    input by tensor ops, so that a traced graph (``torch.jit.trace``, both ONNX exporters,
-    ``torch.export``) takes the size it is run at: a Python factor (or a test of ``L > 1``)
-    is a constant of the example's size there (NaN or a dropped correction at other sizes)."""
-    length = torch.ones_like(input[:1, :1], dtype=stat_dtype(input.dtype)).sum()
+    ``(N, C, *)`` (1 for ``L <= 1``), a tensor of shape ``(1,)`` in :func:`stat_dtype`. Computed
+    from the input by tensor ops, so that a traced graph (``torch.jit.trace``, both ONNX
+    exporters, ``torch.export``) takes the size it is run at: a Python factor (or a test of
+    ``L > 1``) is a constant of the example's size there (NaN or a dropped correction at other
+    sizes). Shaped ``(1,)``, not 0-dim: TorchScript's ONNX exporter types a 0-dim result as a
+    Python number would be, float32, and a float64 layer's factor lost its precision there."""
+    length = torch.ones_like(input[:1, :1], dtype=stat_dtype(input.dtype)).flatten(1).sum(1)
     return length / (length - 1).clamp(min=1)
 
 

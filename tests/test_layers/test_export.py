@@ -187,6 +187,25 @@ def test_bessel_correction_follows_the_size_a_trace_is_run_at(name):
                 torch.testing.assert_close(graph(x), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('name', ['SN', 'SSN', 'GroupwiseHardNorm'])
+def test_float64_bessel_correction_keeps_its_precision_in_legacy_onnx(name, tmp_path):
+    # TorchScript's ONNX exporter typed a 0-dim factor as float32: a float64 model exported
+    # with dynamo=False was 4e-8 off (a float32 rounding of 30/29) at every size but 1x1.
+    layer = _unbiased_layers()[name].double()
+    gen = torch.Generator().manual_seed(7)
+    path = str(tmp_path / f'{name}.onnx')
+    example = torch.randn(2, 8, 5, 6, generator=gen, dtype=torch.float64)
+    torch.onnx.export(layer, (example, ), path, dynamo=False, opset_version=17,
+                      input_names=['x'], dynamic_axes={'x': {0: 'n', 2: 'h', 3: 'w'}})
+    session = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+    for size in ((5, 6), (3, 4), (1, 1)):
+        x = torch.randn(3, 8, *size, generator=gen, dtype=torch.float64)
+        (actual, ) = session.run(None, {'x': x.numpy()})
+        with torch.no_grad():
+            expected = layer(x)
+        torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SSN'])
 def test_layer_without_running_statistics_exports_as_the_root(name):
     # (torch.export's non-strict tracing paired the root's buffers with the graph's inputs

@@ -179,12 +179,44 @@ def test_deploy_hook_logs_each_layers_choices():
     harden_ratios(model)
     messages = []
     runner = SimpleNamespace(model=model, logger=SimpleNamespace(info=messages.append))
-    DeployHook().before_test(runner)
+    DeployHook().before_test_epoch(runner)
     log = messages[0]
     assert '?' not in log
     for name, (mean_choice, var_choice) in expected.items():
         assert any(line.split()[:3] == [name, mean_choice, var_choice]
                    for line in log.splitlines()), (name, log)
+
+
+def test_deploy_hook_deploys_the_ema_copy_or_refuses():
+    """EMAHook swaps its averaged copy's tensors back, in order, after the test: DeployHook
+    deploys the copy too, and refuses when the two chose differently (their tensors would not
+    pair)."""
+    from types import SimpleNamespace
+
+    from mmengine.hooks import EMAHook
+
+    from mmnorm.engine import DeployHook
+
+    def model(choice):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), SwitchableNorm(8))
+        with torch.no_grad():
+            for logits in (net[1].mean_logits, net[1].var_logits):
+                logits.copy_(torch.tensor([2.0, -2.0, -2.0]) if choice == 'IN'
+                             else torch.tensor([-2.0, -2.0, 2.0]))
+        harden_ratios(net)
+        return net
+
+    for averaged_choice, fails in (('BN', False), ('IN', True)):
+        ema = EMAHook()
+        ema.ema_model = SimpleNamespace(module=model(averaged_choice))
+        runner = SimpleNamespace(model=model('BN'), logger=SimpleNamespace(info=print),
+                                 hooks=[ema], iter=0, epoch=0)
+        if fails:
+            with pytest.raises(RuntimeError, match='chose other normalizers'):
+                DeployHook().before_test_epoch(runner)
+        else:
+            DeployHook().before_test_epoch(runner)
+            assert isinstance(ema.ema_model.module[1], nn.Identity)  # folded as the model's
 
 
 # Grouped layers (ratio_groups=G): choices per group, the one-pass deploy module, what folds.

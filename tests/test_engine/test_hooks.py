@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import Runner
@@ -14,7 +15,7 @@ from mmengine.runner import Runner
 import mmnorm
 from mmnorm import BatchChannelNorm
 from mmnorm.engine import BatchAverageStatsHook, EstimateRateHook, recompute_batch_stats
-from tests.helpers.toy import ToyModel, loader
+from tests.helpers.toy import ToyData, ToyModel, loader
 
 
 def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler=None,
@@ -73,9 +74,9 @@ class TestBatchAverageStatsHook:
         hook = BatchAverageStatsHook(num_iters=2)
         runner = _runner(tmp_path, ToyModel(), max_iters=3, custom_hooks=[hook], val=True)
         runner.train()  # last iteration (3) computed, then validation at 3 skipped
-        assert hook._computed_at == 3  # iterations done when it last ran
+        assert hook._computed_at == {id(runner.model): 3}  # iterations done when it last ran
         before = runner.model.norm1.running_mean.clone()
-        hook.before_val(runner)
+        hook.before_val_epoch(runner)
         assert torch.equal(runner.model.norm1.running_mean, before)
 
     def test_before_test_builds_the_train_dataloader(self, tmp_path):
@@ -92,6 +93,93 @@ class TestBatchAverageStatsHook:
             warnings.filterwarnings('error', message='.*not recomputed.*')
             metrics = runner.test()
         assert 'accuracy' in metrics and bool(model.norm1.stats_ready)
+
+    @pytest.mark.parametrize('update_buffers', [False, True])
+    def test_with_ema_the_averaged_weights_get_their_own_statistics(self, tmp_path,
+                                                                    update_buffers):
+        # mmengine's EMAHook (RTMDet's, YOLOX's configs) swaps the averaged weights in at the
+        # start of a validation epoch and saves them as the checkpoint. The statistics were
+        # recomputed before that swap, for the other weights (0.4-1.5 off on a toy model), or
+        # swapped out again (update_buffers=True); the checkpoint held the EMA of them.
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        seen = {}
+
+        class Probe(Hook):
+            priority = 'LOWEST'  # what validation evaluates with, after every other hook
+
+            def before_val_epoch(self, runner):
+                seen['weight'] = runner.model.conv2.weight.detach().clone()
+                seen['stats'] = {k: v.clone() for k, v in runner.model.state_dict().items()
+                                 if 'running' in k}
+
+        ema = dict(type='EMAHook', ema_type='ExponentialMovingAverage', momentum=0.3,
+                   update_buffers=update_buffers, priority=49)  # (as RTMDet's config)
+        runner = _runner(tmp_path, model, custom_hooks=[
+            dict(type='BatchAverageStatsHook', num_iters=3), ema, Probe()], val=True)
+        runner.train()
+        hook = next(h for h in runner.hooks if isinstance(h, BatchAverageStatsHook))
+        averaged = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook').ema_model
+        saved = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
+        # Validation ran with the averaged weights and their batch average...
+        assert torch.equal(seen['weight'], saved['conv2.weight'])
+        assert not torch.allclose(seen['weight'], runner.model.conv2.weight)
+        # ... which the final checkpoint holds too, with those weights.
+        reference = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        reference.load_state_dict(saved)
+        torch.testing.assert_close(reference.state_dict()['conv2.weight'],
+                                   averaged.module.conv2.weight)
+        recompute_batch_stats(reference, hook._train_dataloader(runner), 3)  # same batches
+        for key in ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var'):
+            torch.testing.assert_close(saved[key], reference.state_dict()[key])
+            torch.testing.assert_close(seen['stats'][key], reference.state_dict()[key])
+        assert bool(saved['norm1.stats_ready'])
+
+    @pytest.mark.parametrize('with_ema', [False, True])
+    def test_deploy_form_folds_the_recomputed_statistics(self, tmp_path, with_ema):
+        # tools/test.py --deploy adds DeployHook. It folded the layers before this hook
+        # recomputed their statistics (the stale ones of the checkpoint were folded: 0.2 off),
+        # and before EMAHook's swap, which then paired the EMA copy's tensors with the
+        # deployed model's and crashed.
+        from mmnorm.convert.hard_ratios import harden_ratios
+        torch.manual_seed(0)
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        with torch.no_grad():  # BN for mu and sigma: the deploy form folds it into conv1
+            for logits in (model.norm1.mean_logits, model.norm1.var_logits):
+                logits.copy_(torch.tensor([-2.0, -2.0, 2.0]))
+        harden_ratios(model)
+        path = tmp_path / 'stale.pth'  # moving statistics nowhere near the batch average
+        torch.save(dict(state_dict=model.state_dict(), meta={}), path)
+        x = torch.stack([ToyData()[i]['inputs'] for i in range(6)])
+        outputs = {}
+
+        class Probe(Hook):
+            priority = 'LOWEST'  # the model the test evaluates, after every other hook
+
+            def __init__(self, key):
+                self.key = key
+
+            def before_test_epoch(self, runner):
+                with torch.no_grad():
+                    outputs[self.key] = runner.model.eval()(x, None)
+
+        def test(key, hooks):
+            runner = Runner(
+                model=ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average')),
+                work_dir=str(tmp_path / key), train_dataloader=loader(),
+                train_cfg=dict(by_epoch=False, max_iters=1),
+                optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+                test_dataloader=loader(size=8), test_cfg=dict(),
+                test_evaluator=dict(type='ToyAccuracy'), load_from=str(path),
+                custom_hooks=[dict(type='BatchAverageStatsHook', num_iters=3)] + hooks
+                + [Probe(key)], randomness=dict(seed=0), experiment_name=key)
+            runner.test()
+            return runner
+
+        ema = [dict(type='EMAHook', momentum=0.3, update_buffers=True, priority=49)]
+        test('plain', [])
+        deployed = test('deploy', [dict(type='DeployHook')] + (ema if with_ema else []))
+        assert isinstance(deployed.model.norm1, nn.Identity)  # folded, and after the test
+        torch.testing.assert_close(outputs['deploy'], outputs['plain'], rtol=1e-5, atol=1e-5)
 
     def test_bad_arguments(self):
         with pytest.raises(ValueError, match='estimator'):

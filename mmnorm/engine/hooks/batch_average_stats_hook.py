@@ -1,16 +1,17 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Recompute batch-average BN statistics before validation, test and the last checkpoint."""
 import time
-from typing import Optional
+from typing import Dict, List, Optional
 
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 from mmengine.runner import BaseLoop, Runner
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..batch_stats import ESTIMATORS, recompute_batch_stats
-from .runner_model import runner_model
+from .runner_model import averaged_models, runner_model
 
 __all__ = ['BatchAverageStatsHook']
 
@@ -23,12 +24,19 @@ class BatchAverageStatsHook(Hook):
     runs :func:`mmnorm.engine.recompute_batch_stats` on ``num_iters`` training batches (frozen
     weights, no gradients) for every SN/SN_tied/BCN (non-estimated) and ``_BatchNorm`` layer:
 
-    - before every validation and test run,
+    - at the start of every validation and test epoch, for the weights that are evaluated,
     - after the last training iteration/epoch, *before* ``CheckpointHook`` saves the final
-      checkpoint (this hook's priority is ABOVE_NORMAL; CheckpointHook's is VERY_LOW),
+      checkpoint, for the weights that are saved,
 
-    and skips the work when no training step happened since the last computation. Statistics are
-    all-reduced, so every rank holds identical buffers.
+    and skips the work when those weights were not trained since their last computation.
+    Statistics are all-reduced, so every rank holds identical buffers.
+
+    With mmengine's ``EMAHook`` (RTMDet's and YOLOX's configs have one), the averaged weights
+    are both evaluated and saved: this hook's priority, BELOW_NORMAL, puts it after the EMA
+    hook's swap of the averaged weights into the model at the start of an epoch (NORMAL, or 49
+    in those configs), so that validation uses the batch average of the averaged weights; and
+    the final statistics are computed for the averaged copy (``ema_model.module``), which the
+    EMA hook writes as the checkpoint's ``state_dict``. (Before CheckpointHook, VERY_LOW.)
 
     Args:
         num_iters (int): batches K per computation. Defaults to 200 (as precise-BN tools use).
@@ -44,7 +52,7 @@ class BatchAverageStatsHook(Hook):
         >>> custom_hooks = [dict(type='BatchAverageStatsHook', num_iters=100)]
     """
 
-    priority = 'ABOVE_NORMAL'
+    priority = 'BELOW_NORMAL'  # after EMAHook's swap (see above)
 
     def __init__(self, num_iters: int = 200, estimator: str = 'batch_average',
                  before_val: bool = True, before_test: bool = True,
@@ -61,35 +69,46 @@ class BatchAverageStatsHook(Hook):
         self.run_before_test = before_test
         self.run_before_last_checkpoint = before_last_checkpoint
         self.log_interval = log_interval
-        self._computed_at: Optional[int] = None  # training iterations done at the last run
+        # training iterations done at each model's last computation, by the model's id
+        self._computed_at: Dict[int, int] = {}
         self._loader: Optional[DataLoader] = None
 
-    def before_val(self, runner: Runner) -> None:
+    def before_val_epoch(self, runner: Runner) -> None:
         if self.run_before_val:
-            self._recompute(runner, 'before validation', runner.iter)
+            self._recompute(runner, [runner_model(runner)], 'before validation', runner.iter)
 
-    def before_test(self, runner: Runner) -> None:
+    def before_test_epoch(self, runner: Runner) -> None:
         if self.run_before_test:
-            self._recompute(runner, 'before test', runner.iter)
+            self._recompute(runner, [runner_model(runner)], 'before test', runner.iter)
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
         if (self.run_before_last_checkpoint and not self._by_epoch(runner)
                 and self.is_last_train_iter(runner)):
-            self._recompute(runner, 'before the last checkpoint', runner.iter + 1)
+            self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
+                            runner.iter + 1)
 
     def after_train_epoch(self, runner: Runner) -> None:
         if (self.run_before_last_checkpoint and self._by_epoch(runner)
                 and self.is_last_train_epoch(runner)):
-            self._recompute(runner, 'before the last checkpoint', runner.iter)
+            self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
+                            runner.iter)
+
+    @staticmethod
+    def _saved_models(runner: Runner) -> List[nn.Module]:
+        """The models whose weights the final checkpoint holds: EMA hooks' averaged copies
+        (written as its ``state_dict``), else the runner's model."""
+        return averaged_models(runner) or [runner_model(runner)]
 
     @staticmethod
     def _by_epoch(runner: Runner) -> bool:
         loop = runner._train_loop
         return isinstance(loop, BaseLoop) and type(loop).__name__.startswith('EpochBased')
 
-    def _recompute(self, runner: Runner, when: str, trained_iters: int) -> None:
-        if self._computed_at == trained_iters:
+    def _recompute(self, runner: Runner, models: List[nn.Module], when: str,
+                   trained_iters: int) -> None:
+        models = [m for m in models if self._computed_at.get(id(m)) != trained_iters]
+        if not models:
             return  # nothing trained since the last computation
         loader = self._train_dataloader(runner)
         if loader is None:
@@ -97,19 +116,20 @@ class BatchAverageStatsHook(Hook):
                 f'BatchAverageStatsHook: no train_dataloader to compute statistics from '
                 f'({when}); evaluating with the statistics in the model')
             return
-        model = runner_model(runner)
-        start = time.time()
-        runner.logger.info(f'BatchAverageStatsHook: recomputing statistics {when} from '
-                           f'{self.num_iters} training batches ({self.estimator})')
 
         def progress(done: int) -> None:
             if done % self.log_interval == 0 and done < self.num_iters:
                 runner.logger.info(f'BatchAverageStatsHook: {done}/{self.num_iters} batches')
 
-        recompute_batch_stats(model, loader, self.num_iters, estimator=self.estimator,
-                              progress=progress)
-        runner.logger.info(f'BatchAverageStatsHook: done in {time.time() - start:.1f} s')
-        self._computed_at = trained_iters
+        for model in models:
+            start = time.time()
+            averaged = ' (EMA weights)' if model is not runner_model(runner) else ''
+            runner.logger.info(f'BatchAverageStatsHook: recomputing statistics {when}{averaged} '
+                               f'from {self.num_iters} training batches ({self.estimator})')
+            recompute_batch_stats(model, loader, self.num_iters, estimator=self.estimator,
+                                  progress=progress)
+            runner.logger.info(f'BatchAverageStatsHook: done in {time.time() - start:.1f} s')
+            self._computed_at[id(model)] = trained_iters
 
     def _train_dataloader(self, runner: Runner) -> Optional[DataLoader]:
         """A loader of its own over the training dataset.

@@ -140,8 +140,31 @@ def setup_tta(cfg: Config) -> None:
             cfg.tta_model = copy.deepcopy(model)
         if 'tta_pipeline' not in cfg:
             cfg.tta_pipeline = _flip_pipeline(cfg, meta_keys)
+    if cfg.tta_model.get('type') == 'DetTTAModel' and _predicts_masks(cfg.model):
+        raise SystemExit(  # (mmdet's own assertion comes after the model is built and loaded)
+            "error: --tta: mmdet's DetTTAModel merges boxes only, and this model predicts "
+            'instance masks; test it without --tta, or test its boxes with --cfg-options '
+            'model.roi_head.mask_roi_extractor=None model.roi_head.mask_head=None '
+            'test_evaluator.metric=bbox')
     cfg.model = dict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+#: mmdet model and head types that predict instance masks without a ``mask_head`` key.
+_MASK_TYPES = ('SOLO', 'SOLOv2', 'YOLACT', 'CondInst', 'BoxInst', 'MaskFormer', 'Mask2Former',
+               'RTMDetInsHead', 'RTMDetInsSepBNHead')
+
+
+def _predicts_masks(node) -> bool:
+    """Whether an mmdet model config predicts instance masks: a ``mask_head`` that is set
+    anywhere in it, or a mask model or head type."""
+    if isinstance(node, dict):
+        if node.get('mask_head') is not None or node.get('type') in _MASK_TYPES:
+            return True
+        return any(_predicts_masks(value) for value in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_predicts_masks(value) for value in node)
+    return False
 
 
 def main(argv=None) -> dict:

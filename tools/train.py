@@ -60,6 +60,13 @@ def enable_amp(cfg: Config) -> None:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
     else:
+        if cfg.get('default_scope') == 'mmdet' and cfg.get('model', {}).get('rpn_head'):
+            # (the first iteration's RPN would stop in mmcv's nms: 'expected scalar type Float
+            # but found BFloat16')
+            raise SystemExit(
+                'error: --amp without CUDA trains in bfloat16, and mmcv\'s CPU NMS, which the '
+                'RPN of this two-stage detector runs in every training iteration, takes float32 '
+                'only: train it without --amp on the CPU, or with --amp on a GPU')
         cfg.optim_wrapper.type = 'CPUAmpOptimWrapper'
         cfg.optim_wrapper.setdefault('dtype', 'bfloat16')
 

@@ -221,7 +221,9 @@ def bessel_factor(input: Tensor) -> Tensor:
     ``L > 1``) is a constant of the example's size there (NaN or a dropped correction at other
     sizes). Shaped ``(1,)``, not 0-dim: TorchScript's ONNX exporter types a 0-dim result as a
     Python number would be, float32, and a float64 layer's factor lost its precision there."""
-    length = torch.ones_like(input[:1, :1], dtype=stat_dtype(input.dtype)).flatten(1).sum(1)
+    # (summed over a dim, then to (1,) whatever N is: an empty batch's count is 0)
+    length = torch.ones_like(input[:1, :1], dtype=stat_dtype(input.dtype)).flatten(1).sum(1).sum(
+        0, keepdim=True)
     return length / (length - 1).clamp(min=1)
 
 

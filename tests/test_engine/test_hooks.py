@@ -19,7 +19,7 @@ from tests.helpers.toy import ToyData, ToyModel, loader
 
 
 def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler=None,
-            val=False, resume=False, load_from=None, name='run'):
+            val=False, resume=False, load_from=None, name='run', checkpoint=None):
     torch.manual_seed(0)
     kwargs = {}
     if val:
@@ -30,7 +30,8 @@ def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler
         train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=3),
         optim_wrapper=optim or dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
         param_scheduler=scheduler,
-        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=3, by_epoch=False,
+                                           **(checkpoint or {})),
                            logger=dict(type='LoggerHook', interval=1)),
         custom_hooks=list(custom_hooks), randomness=dict(seed=0), resume=resume,
         load_from=load_from, experiment_name=f'{name}_{osp.basename(str(work_dir))}', **kwargs)
@@ -74,7 +75,7 @@ class TestBatchAverageStatsHook:
         hook = BatchAverageStatsHook(num_iters=2)
         runner = _runner(tmp_path, ToyModel(), max_iters=3, custom_hooks=[hook], val=True)
         runner.train()  # last iteration (3) computed, then validation at 3 skipped
-        assert hook._computed_at == {id(runner.model): 3}  # iterations done when it last ran
+        assert dict(hook._computed_at) == {runner.model: 3}  # iterations done when it last ran
         before = runner.model.norm1.running_mean.clone()
         hook.before_val_epoch(runner)
         assert torch.equal(runner.model.norm1.running_mean, before)
@@ -98,41 +99,57 @@ class TestBatchAverageStatsHook:
     def test_with_ema_the_averaged_weights_get_their_own_statistics(self, tmp_path,
                                                                     update_buffers):
         # mmengine's EMAHook (RTMDet's, YOLOX's configs) swaps the averaged weights in at the
-        # start of a validation epoch and saves them as the checkpoint. The statistics were
+        # start of a validation epoch and saves them as every checkpoint. The statistics were
         # recomputed before that swap, for the other weights (0.4-1.5 off on a toy model), or
-        # swapped out again (update_buffers=True); the checkpoint held the EMA of them.
-        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
-        seen = {}
+        # swapped out again (update_buffers=True); the checkpoints held the EMA of them.
+        def toy():
+            return ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+
+        validated = []  # (iteration, the model's state) at each validation's first batch
 
         class Probe(Hook):
             priority = 'LOWEST'  # what validation evaluates with, after every other hook
 
             def before_val_epoch(self, runner):
-                seen['weight'] = runner.model.conv2.weight.detach().clone()
-                seen['stats'] = {k: v.clone() for k, v in runner.model.state_dict().items()
-                                 if 'running' in k}
+                validated.append((runner.iter, {k: v.clone() for k, v in
+                                                runner.model.state_dict().items()}))
 
         ema = dict(type='EMAHook', ema_type='ExponentialMovingAverage', momentum=0.3,
                    update_buffers=update_buffers, priority=49)  # (as RTMDet's config)
-        runner = _runner(tmp_path, model, custom_hooks=[
-            dict(type='BatchAverageStatsHook', num_iters=3), ema, Probe()], val=True)
+        runner = _runner(tmp_path, toy(), custom_hooks=[
+            dict(type='BatchAverageStatsHook', num_iters=3), ema, Probe()], val=True,
+            checkpoint=dict(save_best='accuracy', rule='less'))  # (saved after validation)
         runner.train()
+        final = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
+        best = list(tmp_path.glob('best_accuracy_iter_*.pth'))
+        assert len(best) == 1
+        best_state = torch.load(best[0], weights_only=True)['state_dict']
+        runner.val()  # again (EMAHook rebuilds its copy from the model: 6's statistics are not its)
         hook = next(h for h in runner.hooks if isinstance(h, BatchAverageStatsHook))
-        averaged = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook').ema_model
-        saved = torch.load(tmp_path / 'iter_6.pth', weights_only=True)['state_dict']
-        # Validation ran with the averaged weights and their batch average...
-        assert torch.equal(seen['weight'], saved['conv2.weight'])
-        assert not torch.allclose(seen['weight'], runner.model.conv2.weight)
-        # ... which the final checkpoint holds too, with those weights.
-        reference = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
-        reference.load_state_dict(saved)
-        torch.testing.assert_close(reference.state_dict()['conv2.weight'],
-                                   averaged.module.conv2.weight)
-        recompute_batch_stats(reference, hook._train_dataloader(runner), 3)  # same batches
-        for key in ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var'):
-            torch.testing.assert_close(saved[key], reference.state_dict()[key])
-            torch.testing.assert_close(seen['stats'][key], reference.state_dict()[key])
-        assert bool(saved['norm1.stats_ready'])
+
+        def batch_average(state):
+            reference = toy()
+            reference.load_state_dict(state)
+            recompute_batch_stats(reference, hook._train_dataloader(runner), 3)  # same batches
+            return reference.state_dict()
+
+        keys = ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var')
+        assert [i for i, _ in validated] == [3, 6, 6]
+        for _, state in validated:  # each validation: the averaged weights, their statistics
+            expected = batch_average(state)
+            for key in keys:
+                torch.testing.assert_close(state[key], expected[key])
+        assert torch.equal(validated[1][1]['conv2.weight'], final['conv2.weight'])
+        assert not torch.allclose(final['conv2.weight'], runner.model.conv2.weight)
+        # The checkpoints hold the averaged weights: the final one their batch average, and the
+        # best one (saved after its validation) the statistics that validation used.
+        iteration = int(best[0].stem.rsplit('_', 1)[1])
+        seen = next(state for i, state in validated if i == iteration)
+        expected = batch_average(final)
+        for key in keys:
+            torch.testing.assert_close(final[key], expected[key])
+            torch.testing.assert_close(best_state[key], seen[key])
+        assert bool(final['norm1.stats_ready']) and bool(best_state['norm1.stats_ready'])
 
     @pytest.mark.parametrize('with_ema', [False, True])
     def test_deploy_form_folds_the_recomputed_statistics(self, tmp_path, with_ema):
@@ -175,7 +192,9 @@ class TestBatchAverageStatsHook:
             runner.test()
             return runner
 
-        ema = [dict(type='EMAHook', momentum=0.3, update_buffers=True, priority=49)]
+        # (begin_iter: EMAHook swaps its copy in and out before it begins averaging too)
+        ema = [dict(type='EMAHook', momentum=0.3, update_buffers=True, priority=49,
+                    begin_iter=100)]
         test('plain', [])
         deployed = test('deploy', [dict(type='DeployHook')] + (ema if with_ema else []))
         assert isinstance(deployed.model.norm1, nn.Identity)  # folded, and after the test

@@ -206,6 +206,17 @@ def test_float64_bessel_correction_keeps_its_precision_in_legacy_onnx(name, tmp_
         torch.testing.assert_close(torch.from_numpy(actual), expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize('name', ['SN', 'SSN', 'GroupwiseHardNorm'])
+def test_bessel_correction_of_an_empty_batch(name):
+    # (a factor shaped by the batch, (0,), did not broadcast against (0, C) variances)
+    layer = _unbiased_layers()[name]
+    modes = (True, False) if name != 'GroupwiseHardNorm' else (False, )
+    for training in modes:
+        layer.train(training)
+        for shape in ((0, 8, 5, 5), (0, 8), (0, 8, 1, 1)):
+            assert layer(torch.randn(shape)).shape == shape, (training, shape)
+
+
 @pytest.mark.parametrize('name', ['SN', 'SN_tied', 'SSN'])
 def test_layer_without_running_statistics_exports_as_the_root(name):
     # (torch.export's non-strict tracing paired the root's buffers with the graph's inputs

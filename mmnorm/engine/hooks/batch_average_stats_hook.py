@@ -1,7 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """Recompute batch-average BN statistics before validation, test and the last checkpoint."""
 import time
-from typing import Dict, List, Optional
+import weakref
+from typing import List, Optional
 
 from mmengine.dataset import DefaultSampler
 from mmengine.hooks import Hook
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..batch_stats import ESTIMATORS, recompute_batch_stats
-from .runner_model import averaged_models, runner_model
+from .runner_model import averaged_models, ema_hooks, runner_model
 
 __all__ = ['BatchAverageStatsHook']
 
@@ -34,9 +35,12 @@ class BatchAverageStatsHook(Hook):
     With mmengine's ``EMAHook`` (RTMDet's and YOLOX's configs have one), the averaged weights
     are both evaluated and saved: this hook's priority, BELOW_NORMAL, puts it after the EMA
     hook's swap of the averaged weights into the model at the start of an epoch (NORMAL, or 49
-    in those configs), so that validation uses the batch average of the averaged weights; and
-    the final statistics are computed for the averaged copy (``ema_model.module``), which the
-    EMA hook writes as the checkpoint's ``state_dict``. (Before CheckpointHook, VERY_LOW.)
+    in those configs), so that validation uses the batch average of the averaged weights, and
+    after its swap back at the end, when the averaged copy (``ema_model.module``, which the EMA
+    hook writes as every checkpoint's ``state_dict``) is given the statistics validation used
+    (with ``update_buffers=False`` the swap leaves them in the model); the final statistics are
+    computed for the averaged copy. (All before CheckpointHook, VERY_LOW.) The EMA hook swaps
+    tensors in and out of both models, so each validation and test recomputes.
 
     Args:
         num_iters (int): batches K per computation. Defaults to 200 (as precise-BN tools use).
@@ -69,8 +73,8 @@ class BatchAverageStatsHook(Hook):
         self.run_before_test = before_test
         self.run_before_last_checkpoint = before_last_checkpoint
         self.log_interval = log_interval
-        # training iterations done at each model's last computation, by the model's id
-        self._computed_at: Dict[int, int] = {}
+        # training iterations done at each model's last computation
+        self._computed_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._loader: Optional[DataLoader] = None
 
     def before_val_epoch(self, runner: Runner) -> None:
@@ -80,6 +84,25 @@ class BatchAverageStatsHook(Hook):
     def before_test_epoch(self, runner: Runner) -> None:
         if self.run_before_test:
             self._recompute(runner, [runner_model(runner)], 'before test', runner.iter)
+
+    def after_val_epoch(self, runner: Runner, metrics=None) -> None:
+        if self.run_before_val:
+            self._give_averaged_copies_the_statistics(runner)
+
+    def after_test_epoch(self, runner: Runner, metrics=None) -> None:
+        if self.run_before_test:
+            self._give_averaged_copies_the_statistics(runner)
+
+    @staticmethod
+    def _give_averaged_copies_the_statistics(runner: Runner) -> None:
+        """After the EMA hooks' swap back: an ``update_buffers=False`` hook swapped weights
+        only, so the statistics recomputed for its copy's weights stayed in the model; its copy
+        (what a checkpoint saved now holds) gets them, as its own update would copy them."""
+        model = runner_model(runner)
+        for hook in ema_hooks(runner):
+            if not hook.ema_model.update_buffers:
+                for averaged, own in zip(hook.ema_model.module.buffers(), model.buffers()):
+                    averaged.data.copy_(own.data)
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
@@ -107,9 +130,10 @@ class BatchAverageStatsHook(Hook):
 
     def _recompute(self, runner: Runner, models: List[nn.Module], when: str,
                    trained_iters: int) -> None:
-        models = [m for m in models if self._computed_at.get(id(m)) != trained_iters]
-        if not models:
-            return  # nothing trained since the last computation
+        if not ema_hooks(runner):  # (EMA hooks swap tensors in and out of the models)
+            models = [m for m in models if self._computed_at.get(m) != trained_iters]
+            if not models:
+                return  # nothing trained since the last computation
         loader = self._train_dataloader(runner)
         if loader is None:
             runner.logger.warning(
@@ -129,7 +153,7 @@ class BatchAverageStatsHook(Hook):
             recompute_batch_stats(model, loader, self.num_iters, estimator=self.estimator,
                                   progress=progress)
             runner.logger.info(f'BatchAverageStatsHook: done in {time.time() - start:.1f} s')
-            self._computed_at[id(model)] = trained_iters
+            self._computed_at[model] = trained_iters
 
     def _train_dataloader(self, runner: Runner) -> Optional[DataLoader]:
         """A loader of its own over the training dataset.

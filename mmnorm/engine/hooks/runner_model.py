@@ -7,7 +7,7 @@ from mmengine.hooks import EMAHook
 from mmengine.model import is_model_wrapper
 from torch import nn
 
-__all__ = ['runner_model', 'averaged_models']
+__all__ = ['runner_model', 'averaged_models', 'ema_hooks']
 
 
 def runner_model(runner) -> nn.Module:
@@ -17,18 +17,18 @@ def runner_model(runner) -> nn.Module:
 
 
 def averaged_models(runner) -> List[nn.Module]:
-    """The averaged copies (``ema_model.module``) of the runner's ``EMAHook`` s that have
-    started averaging.
+    """The averaged copies (``ema_model.module``) of the runner's ``EMAHook`` s.
 
-    Such a hook swaps its copy's weights into the model at the start of every validation and
-    test epoch (at its priority, NORMAL by default; 49 in mmdet's RTMDet and YOLOX configs),
-    swaps them back at the end, and writes its copy's weights and buffers as the checkpoint's
-    ``state_dict``: what is evaluated and saved is the averaged model."""
-    models = []
-    for hook in getattr(runner, 'hooks', ()):
-        if not isinstance(hook, EMAHook) or getattr(hook, 'ema_model', None) is None:
-            continue
-        started = getattr(hook, '_ema_started', None)  # (mmengine's own test, when it has one)
-        if started is None or started(runner):
-            models.append(hook.ema_model.module)
-    return models
+    Such a hook swaps its copy's weights (and buffers, with ``update_buffers=True``) into the
+    model at the start of every validation and test epoch (at its priority, NORMAL by default;
+    49 in mmdet's RTMDet and YOLOX configs), swaps them back at the end, and writes its copy's
+    weights and buffers as every checkpoint's ``state_dict``: what is evaluated and saved is the
+    averaged model. (Before the hook's ``begin_iter`` / ``begin_epoch`` the copy follows the
+    model step by step, and is swapped and saved all the same.)"""
+    return [hook.ema_model.module for hook in ema_hooks(runner)]
+
+
+def ema_hooks(runner) -> List[EMAHook]:
+    """The runner's ``EMAHook`` s that hold an averaged copy."""
+    return [hook for hook in getattr(runner, 'hooks', ())
+            if isinstance(hook, EMAHook) and getattr(hook, 'ema_model', None) is not None]

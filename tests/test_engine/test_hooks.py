@@ -1,6 +1,7 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The registered hooks inside real mmengine Runners."""
 import json
+import logging
 import os.path as osp
 import os
 import warnings
@@ -150,6 +151,21 @@ class TestBatchAverageStatsHook:
             torch.testing.assert_close(final[key], expected[key])
             torch.testing.assert_close(best_state[key], seen[key])
         assert bool(final['norm1.stats_ready']) and bool(best_state['norm1.stats_ready'])
+
+    def test_warns_about_an_ema_hook_that_would_swap_after_it(self, tmp_path):
+        from mmengine.logging import MMLogger
+        records = []
+        runner = _runner(tmp_path, ToyModel(), max_iters=1, custom_hooks=[
+            dict(type='BatchAverageStatsHook', num_iters=1),
+            dict(type='EMAHook', priority='LOW')])
+        handler = logging.Handler()
+        handler.emit = records.append
+        MMLogger.get_current_instance().addHandler(handler)
+        try:
+            runner.train()
+        finally:
+            MMLogger.get_current_instance().removeHandler(handler)
+        assert any('runs at priority 70' in r.getMessage() for r in records)
 
     @pytest.mark.parametrize('with_ema', [False, True])
     def test_deploy_form_folds_the_recomputed_statistics(self, tmp_path, with_ema):

@@ -5,9 +5,9 @@ import weakref
 from typing import List, Optional
 
 from mmengine.dataset import DefaultSampler
-from mmengine.hooks import Hook
+from mmengine.hooks import EMAHook, Hook
 from mmengine.registry import HOOKS
-from mmengine.runner import BaseLoop, Runner
+from mmengine.runner import BaseLoop, Runner, get_priority
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -76,6 +76,17 @@ class BatchAverageStatsHook(Hook):
         # training iterations done at each model's last computation
         self._computed_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._loader: Optional[DataLoader] = None
+
+    def before_run(self, runner: Runner) -> None:
+        late = [hook for hook in runner.hooks if isinstance(hook, EMAHook)
+                and get_priority(hook.priority) >= get_priority(self.priority)]
+        if late:
+            runner.logger.warning(
+                f'BatchAverageStatsHook: an EMAHook runs at priority '
+                f'{get_priority(late[0].priority)}, not before this hook '
+                f'({get_priority(self.priority)}): statistics would be recomputed before it '
+                f'swaps the averaged weights in, for the other weights; give it a smaller '
+                f'priority (NORMAL, its default, or 49 as in RTMDet\'s configs)')
 
     def before_val_epoch(self, runner: Runner) -> None:
         if self.run_before_val:

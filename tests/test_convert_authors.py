@@ -88,6 +88,42 @@ def test_converted_logits_equal_the_authors_network(tmp_path, kind):
         assert 0 < fixed < 40  # both kinds were converted
 
 
+def test_estimated_bcn_layout_converts_to_estimate_mode(tmp_path):
+    """The BCN authors' micro-batch layer (BCNorm(estimate=True): its batch norm ``bn``, an
+    EstBN with an ``estbn_moving_speed`` buffer) converts to BCN(estimate=True) with that rate;
+    it was refused (unused keys) or, with --allow-partial, became a BCN without estimates."""
+    source_model, src = _save_source(tmp_path, 'bcn')
+    checkpoint = torch.load(src, weights_only=True)
+    state, rates = {}, {}
+    for key, value in checkpoint['state_dict'].items():  # 'module.x.bn1.pbn.y' -> 'x.bn1.bn.y'
+        key = key.replace('module.', '', 1).replace('.pbn.', '.bn.')
+        state[key] = value
+        if key.endswith('.bn.running_mean'):
+            norm = key[:-len('.bn.running_mean')]
+            rates[norm] = 0.01 * (len(rates) + 1)
+            state[f'{norm}.bn.estbn_moving_speed'] = torch.tensor([rates[norm]])
+    checkpoint['state_dict'] = state
+    torch.save(checkpoint, src)
+    result = _convert(src, tmp_path / 'out.pth', 'bcn', '--verify', '--verify-size', '64')
+    assert result['report'] == [] and result['relative_difference'] < 1e-5
+    converted = torch.load(tmp_path / 'out.pth', weights_only=True)
+    arch = converted['meta']['architecture']
+    groups = state['bn1.weight'].numel()
+    assert arch['norm_cfg'] == dict(type='BCN', num_groups=groups, estimate=True)
+    from mmnorm.convert import ResNetSpec
+    model = convert_checkpoint.build_target(ResNetSpec(
+        arch['depth'], 'basic', (2, 2, 2, 2), arch['num_classes'], 'bcn', num_groups=groups,
+        estimate=True))
+    model.load_state_dict(converted['state_dict'], strict=True)
+    layers = {name: m for name, m in model.backbone.named_modules()
+              if isinstance(m, mmnorm.BatchChannelNorm)}
+    assert len(layers) == len(rates) == 20 and all(m.estimate for m in layers.values())
+    for norm, rate in rates.items():  # 'layer1.0.bn1' -> 'layer1.0.bcn1'; downsample.1 kept
+        head, _, last = norm.rpartition('.')
+        name = (head + '.' if head else '') + last.replace('bn', 'bcn')
+        assert float(layers[name].estimate_rate) == pytest.approx(rate), name
+
+
 def test_momentum_convention_is_carried_over(tmp_path):
     """The authors keep 0.9 of the old running value; the converted layers (PyTorch convention,
     momentum 0.1) must move their running means exactly as the authors' layers do."""

@@ -2,7 +2,10 @@
 # every BN replaced by SN (ratios initialised to 1/3, gamma 1, beta 0; no zero-gamma trick),
 # SGD momentum 0.9, LR 0.1 per 256 images, divided by 10 after 30, 60, 90 epochs, 100 epochs,
 # weight decay 1e-4 on all parameters including gamma, beta and the ratios; means and variances
-# per GPU; ratio logging on.
+# per GPU; ratio logging on. This follows the paper; the authors' released code and configs
+# differ: their ImageNet configs zero-initialise the last gamma of each block (last_gamma: True;
+# set zero_init_residual=True for that) and their layer uses the unbiased IN variance
+# (in_unbiased=True).
 _base_ = [
     'mmpretrain::_base_/models/resnet50.py',
     'mmpretrain::_base_/datasets/imagenet_bs32.py',

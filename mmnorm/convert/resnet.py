@@ -33,7 +33,10 @@ the fixed vector's one-hot index (-1 while free), ``in_unbiased=True`` and ``mom
 ``bcn`` (BCN authors, torchvision naming, WS convs): ``conv1``, ``bn1``, ``layer{i}.{j}.conv{k}``,
 ``layer{i}.{j}.bn{k}``, ``downsample.0`` / ``.1``, ``fc``. Each norm holds a batch norm
 submodule (``pbn.`` or ``bn.``: ``weight``, ``bias``, ``running_mean``, ``running_var``,
-``num_batches_tracked``) and the per-group ``weight`` / ``bias`` shaped ``(1, G, 1)``.
+``num_batches_tracked``) and the per-group ``weight`` / ``bias`` shaped ``(1, G, 1)``. Their
+micro-batch layers (``BCNorm(estimate=True)``, whose ``bn.`` is an ``EstBN``) also hold
+``estbn_moving_speed`` ``(1,)``, the rate of the estimates: converted to
+``BCN(estimate=True)`` with that ``estimate_rate``.
 
 Target: mmpretrain's ``ResNet`` (``style='pytorch'``) with ``norm_cfg=dict(type='SN')`` (norm
 names ``sn{k}``) or ``dict(type='BCN', num_groups=G)`` and ``conv_cfg=dict(type='WSConv')``
@@ -78,8 +81,10 @@ class ResNetSpec:
 
     def __init__(self, depth: int, block: str, blocks: Tuple[int, ...], num_classes: int,
                  fmt: str, num_ratios: int = 3, num_groups: int = 32, bn_prefix: str = 'bn',
-                 style: str = 'pytorch', source_momentum: float = SN_SOURCE_MOMENTUM):
+                 style: str = 'pytorch', source_momentum: float = SN_SOURCE_MOMENTUM,
+                 estimate: bool = False):
         self.depth, self.block, self.blocks, self.style = depth, block, blocks, style
+        self.estimate = estimate  # bcn: the authors' EstBN (estimated batch statistics)
         self.num_classes, self.fmt = num_classes, fmt
         self.num_ratios, self.num_groups, self.bn_prefix = num_ratios, num_groups, bn_prefix
         self.source_momentum = source_momentum
@@ -91,6 +96,8 @@ class ResNetSpec:
             if cfg['using_bn']:  # the authors keep m of the old value; PyTorch's is 1 - m
                 cfg['momentum'] = round(1.0 - self.source_momentum, 12)
             return cfg
+        if self.estimate:
+            return dict(type='BCN', num_groups=self.num_groups, estimate=True)
         return dict(type='BCN', num_groups=self.num_groups)
 
     @property
@@ -170,6 +177,7 @@ def resnet_spec(state_dict: Mapping[str, Tensor], fmt: str, style: str = 'pytorc
         if 'bn1.weight' not in state_dict:
             raise ConversionError('no per-group bn1.weight in the source')
         spec.num_groups = state_dict['bn1.weight'].numel()
+        spec.estimate = f'bn1.{spec.bn_prefix}.estbn_moving_speed' in state_dict
     return spec
 
 
@@ -273,6 +281,9 @@ def _convert_norm(reader: _Reader, src: str, dst: str, spec: ResNetSpec) -> Dict
         _put(out, f'{dst}.{name}', reader.flat(f'{bn}.{name}', channels))
     if f'{bn}.num_batches_tracked' in reader.source:
         out[f'{dst}.num_batches_tracked'] = reader.take(f'{bn}.num_batches_tracked').clone()
+    if spec.estimate:  # EstBN's rate, (1,) there, a 0-dim buffer here
+        rate = reader.flat(f'{bn}.estbn_moving_speed', 1)
+        _put(out, f'{dst}.estimate_rate', None if rate is None else rate.reshape(()))
     _put(out, f'{dst}.weight', reader.flat(f'{src}.weight', spec.num_groups))
     _put(out, f'{dst}.bias', reader.flat(f'{src}.bias', spec.num_groups))
     return out

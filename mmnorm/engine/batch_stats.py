@@ -142,11 +142,15 @@ class _BatchRecorder:
                            for name, cls in _ESTIMATOR_CLASSES.items()}
         self.calls = self.samples = 0
         self.one_value_batch = False  # a batch with one value per channel: no batch variance
+        self.frozen_calls = 0  # forwards in eval mode (frozen, e.g. by norm_eval=True)
 
     def __call__(self, module: nn.Module, inputs: tuple, output) -> None:
         x = inputs[0]
-        if x.numel() == 0 or not module.training:
+        if not module.training:
+            self.frozen_calls += 1
             return  # frozen layers (e.g. norm_eval=True) keep their statistics
+        if x.numel() == 0:
+            return
         samples, values = x.shape[0], x.numel() // x.shape[1]
         mean = module.running_mean.detach().double()
         var = module.running_var.detach().double()
@@ -287,7 +291,12 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
                   f'in all; their running variance cannot be estimated, is kept, and they are '
                   f'not marked recomputed (use more batches): {stale[:5]}', logger=logger,
                   level=30)
-    unused = [name for name, r in recorders.items() if not r.calls]
+    frozen = [name for name, r in recorders.items() if not r.calls and r.frozen_calls]
+    if frozen:  # (intended: the model's train() keeps them in eval mode)
+        print_log(f'recompute_batch_stats: {len(frozen)} layer(s) are frozen (kept in eval mode, '
+                  f'e.g. by norm_eval=True) and keep their statistics: '
+                  f'{frozen[:5]}{"..." if len(frozen) > 5 else ""}', logger=logger)
+    unused = [name for name, r in recorders.items() if not r.calls and not r.frozen_calls]
     if unused:
         print_log(f'recompute_batch_stats: {len(unused)} layer(s) received no input and keep '
                   f'their statistics: {unused[:5]}{"..." if len(unused) > 5 else ""}',

@@ -10,8 +10,9 @@ positions, :math:`I` values) is standardized before the convolution:
     \hat W_c = \frac{W_c - \mathrm{mean}(W_c)}{\sqrt{\mathrm{var}(W_c) + \epsilon}},
 
 with the *unbiased* variance (÷(I−1)) and :math:`\epsilon = 10^{-5}` inside the square root, as in
-the BCN/WS authors' reference layers. This differs from mmcv's ``ConvWS`` (``ConvWS2d``), which
-divides by ``std + eps`` (eps outside the root); for pretrained WS weights the formula matters.
+the BCN authors' ImageNet layers. The WS authors' own layer and the BCN authors' DeepLabV3 code
+divide by the unbiased ``std + eps`` (eps outside the root), which is mmcv's ``ConvWS``
+(``ConvWS2d``); for pretrained WS weights the formula matters.
 With a single value per filter (:math:`I = 1`) the biased variance (0) is used.
 """
 from typing import Optional, Tuple, Union

@@ -54,7 +54,9 @@ _STALE_STATS_MSG = (
     "mmnorm: a layer configured with eval_stats='batch_average' is evaluated with statistics that "
     'were not recomputed after training (they are the training-time moving average). Add '
     "dict(type='BatchAverageStatsHook') to custom_hooks, or run tools/recompute_stats.py on the "
-    'checkpoint, before evaluating.')
+    'checkpoint, before evaluating. (A layer frozen in eval mode during training, e.g. by '
+    "norm_eval=True, is evaluated too, and keeps its statistics: use eval_stats='moving' "
+    'there.)')
 
 
 #: The layers' warnings already logged in this process (:func:`log_once`).

@@ -17,12 +17,14 @@ class WSConv2d(nn.Conv2d):
         \hat W_c = \frac{W_c - \mathrm{mean}(W_c)}{\sqrt{\mathrm{var}(W_c) + \epsilon}}
 
     over each output filter's ``in_channels / groups × kh × kw`` values, with the unbiased variance
-    and ε inside the square root: the formula of the BCN/WS authors' reference layers (BCN paper
-    Eq. (9)), used with :class:`~mmnorm.layers.BatchChannelNorm` and GN.
+    and ε inside the square root: the formula of the BCN authors' ImageNet layers (the
+    constraints of BCN paper Eq. (9)), used with :class:`~mmnorm.layers.BatchChannelNorm` and GN.
 
-    mmcv already registers ``ConvWS`` (``ConvWS2d``), which divides by ``std + eps`` instead
-    (ε outside the root); the two agree to about ``eps / std`` and differ for filters with tiny
-    variance. Weights pretrained with one formula should be used with the same one.
+    The WS authors' own layer (and the BCN authors' DeepLabV3 code) divides by the unbiased
+    ``std + eps`` instead (ε outside the root), as mmcv's ``ConvWS`` (``ConvWS2d``) does; the
+    two agree to about ``eps / std`` and differ for filters with tiny variance. Weights
+    pretrained with one formula should be used with the same one (``ConvWS`` for the WS
+    authors' models).
 
     Args:
         in_channels (int): as ``nn.Conv2d`` (``build_conv_layer`` / ``ConvModule`` pass it, and

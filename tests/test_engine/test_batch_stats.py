@@ -170,7 +170,7 @@ def test_cycles_a_short_data_source():
     assert report['1']['calls'] == 5
 
 
-def test_frozen_layers_keep_their_statistics():
+def test_frozen_layers_keep_their_statistics(mmnorm_log):
     model = make_model()
     recompute_batch_stats(model, make_batches(), 2, forward=forward)
     before = model[7].running_mean.clone()
@@ -188,6 +188,9 @@ def test_frozen_layers_keep_their_statistics():
     frozen = Frozen(model)
     recompute_batch_stats(frozen, make_batches(seed=5), 3, forward=lambda m, b: m.inner(b))
     assert torch.equal(model[7].running_mean, before)
+    # reported as frozen, not as a layer that received no input
+    assert len(logged(mmnorm_log, '1 layer(s) are frozen')) == 1
+    assert not logged(mmnorm_log, 'received no input')
 
 
 def test_bad_arguments():

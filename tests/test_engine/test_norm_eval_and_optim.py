@@ -195,3 +195,15 @@ def test_amp_bfloat16_training_is_finite(norm1, conv, tmp_path):
         assert torch.isfinite(p).all(), name
     for name, b in model.named_buffers():
         assert torch.isfinite(b.float()).all(), name
+
+
+@pytest.mark.parametrize('paramwise_cfg, match', [
+    (dict(ratio_lr_mul=0.5), r"unknown paramwise_cfg key\(s\) \['ratio_lr_mul'\]"),
+    (dict(ratio_decay=0.0), r"unknown paramwise_cfg key\(s\) \['ratio_decay'\]"),
+    (dict(ratio_lr_mult='0.1'), 'ratio_lr_mult must be a number >= 0'),
+    (dict(ratio_decay_mult=-1.0), 'ratio_decay_mult must be a number >= 0'),
+])
+def test_constructor_refuses_misspelt_or_bad_ratio_rules(paramwise_cfg, match):
+    # (mmengine ignores keys it does not know: ratio_lr_mul trained the ratios at the base LR)
+    with pytest.raises(ValueError, match=match):
+        _groups(paramwise_cfg)

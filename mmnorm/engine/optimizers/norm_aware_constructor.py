@@ -14,6 +14,9 @@ from ...layers import BatchStatsNorm
 
 __all__ = ['NormAwareOptimWrapperConstructor', 'SSN_RATIO_RULES']
 
+#: The ``paramwise_cfg`` keys of the ratio rules.
+RATIO_KEYS = ('ratio_lr_mult', 'ratio_decay_mult', 'ratio_clip_grad')
+
 #: The Sparse SN authors' rules for ratio parameters: the defaults for layers that follow the
 #: training progress (SSN), where ``paramwise_cfg`` leaves them unset.
 SSN_RATIO_RULES = dict(ratio_lr_mult=0.1, ratio_decay_mult=0.0,
@@ -68,6 +71,16 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
 
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        unknown = sorted(key for key in self.paramwise_cfg
+                         if key.startswith('ratio') and key not in RATIO_KEYS)
+        if unknown:  # (mmengine ignores keys it does not know: a typo would train silently)
+            raise ValueError(f'unknown paramwise_cfg key(s) {unknown}: the ratio rules are '
+                             f'{list(RATIO_KEYS)}')
+        for key in ('ratio_lr_mult', 'ratio_decay_mult'):
+            value = self.paramwise_cfg.get(key)
+            if value is not None and (isinstance(value, bool)
+                                      or not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f'{key} must be a number >= 0, got {value!r}')
         if 'ratio_decay_mult' in self.paramwise_cfg and self.base_wd is None:
             raise ValueError('ratio_decay_mult needs weight_decay in the optimizer config')
         clip = self.paramwise_cfg.get('ratio_clip_grad')

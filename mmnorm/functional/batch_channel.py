@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .arguments import check_flag, check_positive_int
 from .moments import (LOW_PRECISION, Coefficients, compiled_call, compiled_rows,
                       differentiable_grads, eager_channel_moments, eager_form, is_tracing,
                       needs_grad, normalize_rows, pool, stat_dtype, static_shape_checks)
@@ -51,13 +52,14 @@ __all__ = ['batch_channel_norm', 'batch_norm_step', 'check_num_groups', 'check_r
 
 
 @static_shape_checks
-def check_num_groups(num_channels: int, num_groups: int) -> None:
-    """Raise a clear error unless ``num_groups`` is a positive divisor of ``num_channels``."""
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f'num_groups must be a positive int, got {num_groups!r}')
+def check_num_groups(num_channels: int, num_groups: int) -> int:
+    """Raise a clear error unless ``num_groups`` is a positive divisor of ``num_channels``;
+    returns it as an int."""
+    num_groups = check_positive_int(num_groups, 'num_groups')
     if num_channels % num_groups:
         raise ValueError(f'num_groups={num_groups} does not divide the number of channels '
                          f'{num_channels}; choose a divisor of {num_channels}')
+    return num_groups
 
 
 def batch_norm_step(mean: Tensor, var: Tensor, bn_mean: Tensor, bn_var: Tensor,
@@ -453,7 +455,8 @@ def batch_channel_norm(input: Tensor, num_groups: int, weight: Optional[Tensor] 
     """
     check_norm_input(input)
     check_eps(eps, 'batch_channel_norm')
-    check_num_groups(input.shape[1], num_groups)
+    num_groups = check_num_groups(input.shape[1], num_groups)
+    training, estimate = check_flag(training, 'training'), check_flag(estimate, 'estimate')
     channels, per_channel, per_group = input.shape[1], 'one per channel C', 'one per group G'
     check_param_sizes('batch_channel_norm', weight=(weight, num_groups, per_group),
                       bias=(bias, num_groups, per_group),

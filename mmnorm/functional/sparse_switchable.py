@@ -45,6 +45,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .arguments import check_flag
 from .moments import LOW_PRECISION, is_tracing, stat_dtype, static_shape_checks
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
@@ -294,6 +295,11 @@ def sparse_switchable_norm(input: Tensor, mean_scores: Tensor, var_scores: Tenso
         Tensor: normalized input, same shape and dtype.
     """
     check_norm_input(input)
+    for name, scores in (('mean_scores', mean_scores), ('var_scores', var_scores)):
+        if not isinstance(scores, Tensor) or not scores.is_floating_point():
+            raise TypeError(f'{name} must be a floating-point tensor, got '
+                            f'{getattr(scores, "dtype", type(scores).__name__)}')
+    fix_choices = check_flag(fix_choices, 'fix_choices')
     if mean_scores.shape != var_scores.shape:
         raise ValueError(f'mean_scores and var_scores must have the same shape, got '
                          f'{tuple(mean_scores.shape)} and {tuple(var_scores.shape)}')

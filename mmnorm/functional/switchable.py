@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .arguments import check_eps, check_flag, check_positive_int
 from .moments import (LOW_PRECISION, Coefficients, bessel_factor, compiled_call, compiled_rows,
                       eager_form, is_tracing, needs_grad, normalize_rows, pool,
                       static_shape_checks)
@@ -85,13 +86,6 @@ def check_param_sizes(function: str, **sizes) -> None:
                              f'{tuple(tensor.shape)}')
 
 
-def check_eps(eps: float, function: str) -> None:
-    """Refuse an ``eps`` below 0 (or NaN), as the layers' constructors do: the functional
-    forms returned NaN for it."""
-    if not isinstance(eps, Tensor) and not eps >= 0:
-        raise ValueError(f'{function}: eps must be >= 0, got {eps!r}')
-
-
 def check_unit_interval(value: Union[float, Tensor], name: str, meaning: str) -> None:
     """Refuse ``value`` outside [0, 1], naming it and what it means.
 
@@ -127,14 +121,14 @@ def check_running_stats(function: str, running_mean: Optional[Tensor],
                             'statistics; for a cumulative average pass 1 / steps')
 
 
-def check_ratio_groups(channels: int, groups: int) -> None:
+def check_ratio_groups(channels: int, groups: int) -> int:
     """Refuse ``groups`` ratio groups that do not split ``channels`` into equal contiguous
-    groups, naming both."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f'ratio_groups must be a positive int, got {groups!r}')
+    groups, naming both; returns ``groups`` as an int."""
+    groups = check_positive_int(groups, 'ratio_groups')
     if channels % groups:
         raise ValueError(f'ratio_groups={groups} does not divide the {channels} channels into '
                          'equal groups: choose a divisor of the channel count')
+    return groups
 
 
 def ratios_per_channel(ratios: Tensor, channels: int) -> Tensor:
@@ -296,6 +290,8 @@ def mix_normalizers(input: Tensor, ratio_fn: RatioFn, ratio_inputs: Sequence[Ten
     """
     check_norm_input(input)
     check_eps(eps, 'switchable_norm / sparse_switchable_norm')
+    training = check_flag(training, 'training')
+    in_unbiased = check_flag(in_unbiased, 'in_unbiased')
     channels = input.shape[1]
     check_param_sizes('switchable_norm', weight=(weight, channels, 'one per channel C'),
                       bias=(bias, channels, 'one per channel C'),
@@ -402,13 +398,15 @@ def switchable_norm(input: Tensor, mean_logits: Tensor, var_logits: Tensor,
         Tensor: normalized input, same shape and dtype. Statistics and the affine map are
         computed in float32 for float16/bfloat16 inputs.
     """
-    if not (isinstance(mean_logits, Tensor) and isinstance(var_logits, Tensor)) \
-            or mean_logits.dim() not in (1, 2) or mean_logits.shape[-1] not in (2, 3) \
+    for name, logits in (('mean_logits', mean_logits), ('var_logits', var_logits)):
+        if not isinstance(logits, Tensor) or not logits.is_floating_point():
+            raise TypeError(f'{name} must be a floating-point tensor, got '
+                            f'{getattr(logits, "dtype", type(logits).__name__)}')
+    if mean_logits.dim() not in (1, 2) or mean_logits.shape[-1] not in (2, 3) \
             or var_logits.shape != mean_logits.shape:
         raise ValueError('mean_logits and var_logits must both have 3 entries (IN, LN, BN) or '
                          'both 2 (IN, LN) in their last dim, shaped (K,) or (G, K); got shapes '
-                         f'{tuple(getattr(mean_logits, "shape", ()))} and '
-                         f'{tuple(getattr(var_logits, "shape", ()))}')
+                         f'{tuple(mean_logits.shape)} and {tuple(var_logits.shape)}')
     logits = (mean_logits, ) if var_logits is mean_logits else (mean_logits, var_logits)
     return mix_normalizers(input, softmax_ratios, logits, weight, bias, running_mean,
                            running_var, training, momentum, eps, mix, in_unbiased,

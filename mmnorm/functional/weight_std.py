@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .arguments import check_eps
 from .moments import LOW_PRECISION, static_shape_checks
 
 __all__ = ['standardize_weight', 'conv2d_ws']
@@ -42,8 +43,7 @@ def standardize_weight(weight: Tensor, eps: float = 1e-5) -> Tensor:
     """
     if weight.dim() < 2:
         raise ValueError(f'expected a conv weight with >= 2 dims, got shape {tuple(weight.shape)}')
-    if not eps >= 0:
-        raise ValueError(f'eps must be >= 0, got {eps!r}')
+    check_eps(eps, 'standardize_weight')
     flat = weight.flatten(1)
     if flat.dtype in LOW_PRECISION:
         flat = flat.float()

@@ -38,12 +38,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..functional import in_recomputation, is_tracing
-from ..functional.moments import saved_tensors_hooks_active
+from ..functional.moments import saved_tensors_hooks_active, stat_dtype
 from ..functional.compiled import compiled_enabled, report
-from ..functional.switchable import stacked_ratios, wide_ratio_inputs
+from ..functional.arguments import check_eps, check_flag, check_positive_int
+from ..functional.switchable import (check_unit_interval, stacked_ratios,
+                                     wide_ratio_inputs)
 
 __all__ = ['BatchStatsNorm', 'SyncNorm', 'EVAL_STATS_MODES', 'BatchedRatios', 'batched_ratios',
-           'frozen_ratios', 'full_precision', 'has_ratios', 'log_once', 'runner_training']
+           'frozen_ratios', 'full_precision', 'has_ratios', 'log_once', 'runner_training',
+           'training_runner']
 
 #: How the BN statistics used in eval are produced. ``'moving'``: the momentum average kept in
 #: training. ``'batch_average'``: recomputed after training from K batches with frozen weights
@@ -58,6 +61,12 @@ _STALE_STATS_MSG = (
     "norm_eval=True, is evaluated too, and keeps its statistics: use eval_stats='moving' "
     'there.)')
 
+_NORM_DECAY_MSG = (
+    'mmnorm: the optimizer config sets paramwise_cfg.norm_decay_mult={mult}, but its constructor '
+    '({constructor}) recognizes norm layers by their torch class, which mmnorm\'s layers do not '
+    'have: their {params} trained with the base weight decay ({decay}). Set '
+    "optim_wrapper.constructor='NormAwareOptimWrapperConstructor' (mmengine's default "
+    'constructor plus rules for mmnorm\'s layers) for the multiplier to reach them.')
 
 #: The layers' warnings already logged in this process (:func:`log_once`).
 _LOGGED: set = set()
@@ -73,7 +82,13 @@ def log_once(message: str) -> None:
 
 
 def runner_training() -> bool:
-    """Whether the caller runs inside the training loop of a live mmengine Runner.
+    """Whether the caller runs inside the training loop of a live mmengine Runner
+    (:func:`training_runner` is not None)."""
+    return training_runner() is not None
+
+
+def training_runner():
+    """The live mmengine Runner whose training loop the caller runs inside, or None.
 
     The current message hub (``MessageHub.get_current_instance()``) says the loop stage is
     ``'train'`` and has a ``max_iters``, what mmengine's ``RuntimeInfoHook`` writes in
@@ -83,18 +98,18 @@ def runner_training() -> bool:
     ``loop_stage``, so a plain PyTorch loop after it would pass for a run.
 
     Walks the stack: call it once per layer (on its first training step), never on every call.
-    False without mmengine's runner imported or a message hub created."""
+    None without mmengine's runner imported or a message hub created."""
     runner_module = sys.modules.get('mmengine.runner')
     logging_module = sys.modules.get('mmengine.logging')
     if runner_module is None or logging_module is None:
-        return False
+        return None
     hub_class = logging_module.MessageHub
     # get_current_instance() raises when no hub exists (and then holds mmengine's lock)
     if not getattr(hub_class, '_instance_dict', None):
-        return False
+        return None
     hub = hub_class.get_current_instance()
     if hub.get_info('loop_stage') != 'train' or hub.get_info('max_iters') is None:
-        return False
+        return None
     frame = sys._getframe(1)
     while frame is not None:
         # Every loop implements run(); Runner.train() calls its train loop's.
@@ -104,9 +119,9 @@ def runner_training() -> bool:
                 runner = getattr(loop, 'runner', None)
                 if (getattr(runner, '_train_loop', None) is loop
                         and getattr(runner, 'message_hub', None) is hub):
-                    return True
+                    return runner
         frame = frame.f_back
-    return False
+    return None
 
 
 def full_precision(input: Tensor):
@@ -166,13 +181,12 @@ class BatchStatsNorm(nn.Module):
                  track_running_stats: bool = True, eval_stats: str = 'moving',
                  device=None, dtype=None):
         super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) \
-                or num_features <= 0:
-            raise ValueError(f'num_features must be a positive int, got {num_features!r}')
-        if not eps >= 0:
-            raise ValueError(f'eps must be >= 0, got {eps!r}')
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f'momentum must be in [0, 1] or None, got {momentum!r}')
+        num_features = check_positive_int(num_features, 'num_features')
+        check_eps(eps, type(self).__name__)
+        if momentum is not None:
+            check_unit_interval(momentum, 'momentum', 'the weight of the new batch, or None for '
+                                'a cumulative average')
+        track_running_stats = check_flag(track_running_stats, 'track_running_stats')
         if momentum is not None and 0.5 < momentum < 1.0:
             warnings.warn(
                 f'momentum={momentum} follows the PyTorch convention here (weight of the *new* '
@@ -231,6 +245,25 @@ class BatchStatsNorm(nn.Module):
     #: mmengine's FLOP analysis counts the arithmetic ops traced inside this layer
     #: (:mod:`mmnorm.integration.mmengine_flops`; it has no handler for the layer itself).
     flops_from_traced_ops: ClassVar[bool] = True
+    #: Floating-point buffers kept in the statistics dtype (float32 for a half-precision layer)
+    #: when the layer is converted: values set from the host that half precision would round
+    #: (SSN's radius, estimated BCN's rate), as the constructor's ``dtype=`` keeps them.
+    full_precision_buffers: ClassVar[Tuple[str, ...]] = ()
+
+    def _apply(self, fn, recurse: bool = True):
+        # .half() / .bfloat16() / .to(dtype) convert every floating-point buffer: those of
+        # full_precision_buffers get their value as it was, in the statistics dtype (in float16
+        # an estimate rate of 1e-8 became 0, in bfloat16 a radius of 0.999 became 1).
+        kept = {name: self._buffers[name] for name in self.full_precision_buffers
+                if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            wanted = stat_dtype(new.dtype)
+            if new.dtype != wanted:
+                self._buffers[name] = new.to(wanted) if old.is_meta else old.to(
+                    device=new.device, dtype=wanted)
+        return self
 
     def config(self) -> Dict[str, Any]:
         """The constructor arguments that rebuild this layer (``type(self)(**config())``)."""
@@ -408,6 +441,8 @@ class BatchStatsNorm(nn.Module):
         checkpointed model keeps the same buffers as a plain one.
         """
         group = self._sync_group()
+        if self.training and not self._run_checked and not in_recomputation():
+            self._check_run()
         update = self.training and self.track_running_stats and not in_recomputation()
         # An empty batch (no samples, or empty maps) changes nothing, except in a synchronized
         # layer, whose statistics are the global batch's (and the same on every process).
@@ -427,6 +462,42 @@ class BatchStatsNorm(nn.Module):
         if self.training and not update:
             return None, None, use_batch_stats, momentum
         return self.running_mean, self.running_var, use_batch_stats, momentum
+
+    #: Whether the layer made its once-per-layer check of the run (:meth:`_check_run`).
+    _run_checked: bool = False
+    #: Set by NormAwareOptimWrapperConstructor on the layers whose parameters it placed.
+    _norm_rules_applied: bool = False
+
+    def _check_run(self) -> None:
+        """On the layer's first training step, once: inside an mmengine Runner whose optimizer
+        config sets ``norm_decay_mult``, warn (once per run) when the optimizer gives this
+        layer's affine parameters the base weight decay: its constructor (mmengine's default;
+        upstream configs such as RTMDet's and YOLOX's set the multiplier) did not see them as a
+        norm's. What the optimizer holds is read, so that a parameter another rule reached
+        (``bias_decay_mult``, ``custom_keys``) is not named."""
+        if is_tracing():  # (checked on the next eager step)
+            return
+        self._run_checked = True
+        if self._norm_rules_applied:
+            return
+        runner = training_runner()
+        optimizer = getattr(getattr(runner, 'optim_wrapper', None), 'optimizer', None)
+        optim_cfg = runner.cfg.get('optim_wrapper') if runner is not None else None
+        if not isinstance(optimizer, torch.optim.Optimizer) or not isinstance(optim_cfg, dict):
+            return
+        mult = (optim_cfg.get('paramwise_cfg') or {}).get('norm_decay_mult')
+        base = optimizer.defaults.get('weight_decay') or 0
+        if mult is None or mult == 1 or not base:
+            return
+        decay = {id(param): group.get('weight_decay', base)
+                 for group in optimizer.param_groups for param in group['params']}
+        missed = [name for name, param in self.named_parameters(recurse=False)
+                  if name not in self.ratio_params and decay.get(id(param)) == base]
+        if missed:
+            constructor = optim_cfg.get('constructor', 'DefaultOptimWrapperConstructor')
+            log_once(_NORM_DECAY_MSG.format(
+                mult=mult, constructor=getattr(constructor, '__name__', constructor),
+                params=', '.join(missed), decay=base))
 
     def _sync_group(self):
         """The process group whose batch forms the BN statistics of a training step, or

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from ..functional import (batch_channel_norm, batch_norm_step, check_norm_input,
                           check_num_groups, check_rate, in_recomputation, is_tracing)
+from ..functional.arguments import check_flag
 from ..functional.moments import stat_dtype
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision, log_once
@@ -87,11 +88,13 @@ class BatchChannelNorm(BatchStatsNorm):
     """
 
     _abbr_ = 'bcn'
+    full_precision_buffers = ('estimate_rate', )
 
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True,
                  track_running_stats: bool = True, estimate: bool = False,
                  eval_stats: str = 'moving', device=None, dtype=None):
+        affine, estimate = check_flag(affine, 'affine'), check_flag(estimate, 'estimate')
         if estimate and not track_running_stats:
             raise ValueError('estimate=True keeps its estimates in the running buffers: it '
                              'needs track_running_stats=True')
@@ -100,7 +103,7 @@ class BatchChannelNorm(BatchStatsNorm):
                              "'moving'")
         super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
                          dtype)
-        check_num_groups(num_features, num_groups)
+        num_groups = check_num_groups(self.num_features, num_groups)
         factory = {'device': device, 'dtype': dtype}
         self.num_groups = num_groups
         self.affine = affine
@@ -187,6 +190,8 @@ class BatchChannelNorm(BatchStatsNorm):
             # exactly as the first forward did.
             update = self.training and not in_recomputation()
             if update:
+                if not self._run_checked:
+                    self._check_run()
                 self._check_rate()
                 if input.numel() > 0:  # (an empty batch moves nothing, as in _batch_stats_state)
                     self.num_batches_tracked.add_(1)

@@ -3,6 +3,7 @@
 from torch import Tensor, nn
 
 from ..functional import standardize_weight
+from ..functional.arguments import check_eps
 from ..registry import MODELS, register
 from .fx import fx_leaf
 
@@ -48,8 +49,7 @@ class WSConv2d(nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = 'zeros',
                  eps: float = 1e-5, device=None, dtype=None):
-        if not eps >= 0:
-            raise ValueError(f'eps must be >= 0, got {eps!r}')
+        check_eps(eps, 'WSConv')
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
                          groups, bias, padding_mode, device=device, dtype=dtype)
         self.eps = eps

@@ -139,6 +139,7 @@ class SparseSwitchableNorm(SwitchableNorm):
     ratio_state = ('mean_scores', 'var_scores', 'radius', 'mean_choice', 'var_choice')
     ratio_params = ('mean_scores', 'var_scores')
     follows_progress = True
+    full_precision_buffers = ('radius', )
     #: ``(key, stacked ratios)`` when the last check (:meth:`_check_fixed`) found every choice
     #: fixed: the one-hot ratios, which depend on neither the scores nor the radius then; None
     #: otherwise (:meth:`_scoped_ratios`).

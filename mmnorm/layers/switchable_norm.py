@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from ..functional import (MIX_MODES, NORMALIZERS, check_norm_input, mix_normalizers,
                           softmax_ratios)
+from ..functional.arguments import check_flag
 from ..functional.switchable import check_ratio_groups
 from ..registry import MODELS, register
 from .base import BatchStatsNorm, SyncNorm, full_precision
@@ -101,7 +102,9 @@ class SwitchableNorm(BatchStatsNorm):
                  ratio_groups: int = 1, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
                          dtype)
-        check_ratio_groups(num_features, ratio_groups)
+        ratio_groups = check_ratio_groups(self.num_features, ratio_groups)
+        affine, using_bn = check_flag(affine, 'affine'), check_flag(using_bn, 'using_bn')
+        in_unbiased = check_flag(in_unbiased, 'in_unbiased')
         if mix not in MIX_MODES:
             raise ValueError(f'mix must be one of {MIX_MODES}, got {mix!r}')
         if eval_stats == 'batch_average' and not using_bn:

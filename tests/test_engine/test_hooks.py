@@ -20,11 +20,11 @@ from tests.helpers.toy import ToyData, ToyModel, loader
 
 
 def _runner(work_dir, model, max_iters=6, custom_hooks=(), optim=None, scheduler=None,
-            val=False, resume=False, load_from=None, name='run', checkpoint=None):
+            val=False, resume=False, load_from=None, name='run', checkpoint=None, cfg=None):
     torch.manual_seed(0)
-    kwargs = {}
+    kwargs = {} if cfg is None else dict(cfg=cfg)
     if val:
-        kwargs = dict(val_dataloader=loader(size=8), val_cfg=dict(),
+        kwargs.update(val_dataloader=loader(size=8), val_cfg=dict(),
                       val_evaluator=dict(type='ToyAccuracy'))
     return Runner(
         model=model, work_dir=str(work_dir), train_dataloader=loader(),

@@ -2,6 +2,7 @@
 """norm_eval freezes SN/BCN statistics in the codebases' ResNets; the optimizer constructor puts
 every parameter in the group the docs say; AMP (bf16 on CPU) trains without NaN."""
 import importlib
+import logging
 
 import pytest
 import torch
@@ -207,3 +208,57 @@ def test_constructor_refuses_misspelt_or_bad_ratio_rules(paramwise_cfg, match):
     # (mmengine ignores keys it does not know: ratio_lr_mul trained the ratios at the base LR)
     with pytest.raises(ValueError, match=match):
         _groups(paramwise_cfg)
+
+
+@pytest.mark.parametrize('constructor, paramwise_cfg, norm1, missed', [
+    # RTMDet's and YOLOX's optim_wrapper: bias_decay_mult reaches β, nothing reaches γ
+    (None, dict(norm_decay_mult=0.0, bias_decay_mult=0.0), 'SN', ['weight']),
+    (None, dict(norm_decay_mult=0.0), 'SN', ['weight', 'bias']),
+    (None, dict(norm_decay_mult=0.0), 'BCN_est', ['bn_weight', 'bn_bias', 'weight', 'bias']),
+    ('NormAwareOptimWrapperConstructor', dict(norm_decay_mult=0.0), 'SN', []),
+    (None, dict(norm_decay_mult=0.0, custom_keys={'norm1.': dict(decay_mult=0.0)}), 'SN', []),
+    (None, dict(bias_decay_mult=0.0), 'SN', []),  # nothing asked of norm layers
+    (None, dict(norm_decay_mult=0.0), 'BN', []),  # no mmnorm layer
+    (None, dict(norm_decay_mult=0.0), 'SN, no weight decay', []),  # nothing to miss
+])
+def test_norm_decay_that_misses_mmnorm_layers_is_reported(constructor, paramwise_cfg, norm1,
+                                                          missed, tmp_path):
+    """An upstream config's ``paramwise_cfg=dict(norm_decay_mult=0)`` under mmengine's default
+    constructor does not reach mmnorm's layers (the test above): the run's log says so, once,
+    naming the parameters the optimizer gives the base weight decay, on the layers' first
+    training step; where mmnorm's constructor or another rule reached them, nothing is said."""
+    from mmnorm.layers import base
+    from tests.test_engine.test_hooks import _runner
+    from tests.helpers.toy import ToyModel
+    layer = {'SN': lambda: SwitchableNorm(8), 'BN': lambda: nn.BatchNorm2d(8),
+             'BCN_est': lambda: BatchChannelNorm(8, num_groups=2, estimate=True)}[
+                 norm1.split(',')[0]]()
+    weight_decay = 0.0 if 'no weight decay' in norm1 else 1e-4
+    optim = dict(optimizer=dict(type='SGD', lr=0.1, weight_decay=weight_decay),
+                 paramwise_cfg=paramwise_cfg)
+    if constructor:
+        optim['constructor'] = constructor
+    model = ToyModel(norm1=layer, norm2=nn.BatchNorm2d(8))
+    hooks = [dict(type='EstimateRateHook')] if norm1 == 'BCN_est' else []
+    runner = _runner(tmp_path, model, max_iters=2, optim=optim, custom_hooks=hooks,
+                     cfg=dict(optim_wrapper=optim))
+    base._LOGGED.clear()
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    runner.logger.addHandler(handler)
+    try:
+        runner.train()
+    finally:
+        runner.logger.removeHandler(handler)
+    messages = [r.getMessage() for r in records if 'norm_decay_mult=0.0' in r.getMessage()]
+    assert len(messages) == int(bool(missed))
+    if missed:
+        assert f'their {", ".join(missed)} trained with the base weight decay' in messages[0]
+        assert "constructor='NormAwareOptimWrapperConstructor'" in messages[0]
+    # What the message says is what the optimizer holds.
+    decay = {id(p): g['weight_decay'] for g in runner.optim_wrapper.optimizer.param_groups
+             for p in g['params']}
+    for name, param in layer.named_parameters():
+        if 'norm_decay_mult' in paramwise_cfg and name not in getattr(layer, 'ratio_params', ()):
+            assert (decay[id(param)] == weight_decay != 0) == (name in missed), name

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from mmcv.cnn import build_norm_layer
+
 import mmnorm.functional as MF
-from mmnorm import BatchChannelNorm, SparseSwitchableNorm
+from mmnorm import BatchChannelNorm, SparseSwitchableNorm, WSConv2d
 from mmnorm.functional.weight_std import standardize_weight
 
 X = torch.randn(2, 4, 3, 3)
@@ -116,3 +118,83 @@ def test_checkpoint_with_impossible_ssn_state_is_refused(key, value, message):
     assert (layer.weight == 3.0).all()  # the rest loads, as with a wrong shape
     valid = dict(state, **{key: torch.tensor(2 if 'choice' in key else 0.5)})
     SparseSwitchableNorm(4).load_state_dict(valid)  # the same checkpoint with a possible value
+
+
+# A config's flag given as a string is true to Python: using_bn='False' built a layer *with* BN.
+FLAG_CASES = [
+    ('SN', dict(using_bn='False'), 'using_bn'), ('SN', dict(in_unbiased='False'), 'in_unbiased'),
+    ('SN', dict(affine='no'), 'affine'), ('SSN', dict(track_running_stats='0'),
+                                           'track_running_stats'),
+    ('BCN', dict(num_groups=2, estimate='yes'), 'estimate'),
+    ('BCN', dict(num_groups=2, affine=None), 'affine'),
+]
+
+
+@pytest.mark.parametrize('norm, options, name', FLAG_CASES)
+def test_flags_that_are_not_booleans_are_refused(norm, options, name):
+    with pytest.raises(TypeError, match=f'{name} must be True or False'):
+        build_norm_layer(dict(type=norm, **options), 4)
+
+
+def test_flags_given_as_zero_and_one_and_numpy_integers_are_taken():
+    layer = build_norm_layer(dict(type='SN', using_bn=0, affine=np.True_), np.int64(4))[1]
+    assert layer.normalizers == ('IN', 'LN') and layer.weight is not None
+    assert layer.using_bn is False and type(layer.num_features) is int
+    bcn = build_norm_layer(dict(type='BCN', num_groups=np.int32(2), estimate=1), 4)[1]
+    assert bcn.estimated and bcn.num_groups == 2 and type(bcn.num_groups) is int
+    grouped = build_norm_layer(dict(type='SN', ratio_groups=np.int64(2)), 4)[1]
+    assert grouped.mean_logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize('build, error, message', [
+    (lambda: build_norm_layer(dict(type='SN', momentum=True), 4), TypeError,
+     'momentum must be a number'),
+    (lambda: build_norm_layer(dict(type='BCN', num_groups=2, momentum='0.1'), 4), TypeError,
+     'momentum must be a number'),
+    (lambda: build_norm_layer(dict(type='SSN', eps='1e-5'), 4), TypeError,
+     'eps must be a number'),
+    (lambda: build_norm_layer(dict(type='SN', eps=None), 4), TypeError, 'eps must be a number'),
+    (lambda: WSConv2d(3, 4, 3, eps='a'), TypeError, 'WSConv: eps must be a number'),
+    (lambda: build_norm_layer(dict(type='SN'), 4.0), ValueError,
+     'num_features must be a positive int'),
+    (lambda: build_norm_layer(dict(type='BCN', num_groups=2.0), 4), ValueError,
+     'num_groups must be a positive int'),
+    (lambda: MF.switchable_norm(X, [0., 0., 0.], [0., 0., 0.]), TypeError,
+     'mean_logits must be a floating-point tensor'),
+    (lambda: MF.switchable_norm(X, torch.zeros(3, dtype=torch.long),
+                                torch.zeros(3, dtype=torch.long)), TypeError,
+     'mean_logits must be a floating-point tensor'),
+    (lambda: MF.sparse_switchable_norm(X, [1., 1., 1.], [1., 1., 1.], 0.3), TypeError,
+     'mean_scores must be a floating-point tensor'),
+    (lambda: MF.switchable_norm(X, LOGITS, LOGITS, training='False'), TypeError,
+     'training must be True or False'),
+    (lambda: MF.batch_channel_norm(X, 2, training='no'), TypeError,
+     'training must be True or False'),
+    (lambda: MF.sparse_switchable_norm(X, torch.ones(3), torch.ones(3), 0.3, fix_choices='yes'),
+     TypeError, 'fix_choices must be True or False'),
+])
+def test_arguments_of_the_wrong_kind_are_named(build, error, message):
+    with pytest.raises(error, match=message):
+        build()
+
+
+@pytest.mark.parametrize('convert', ['half', 'bfloat16', 'to'])
+def test_converting_a_layer_keeps_the_radius_and_the_rate_exact(convert):
+    """``.half()`` / ``.bfloat16()`` / ``.to(dtype)`` convert every floating-point buffer: SSN's
+    radius and estimated BCN's rate stay in float32, as a layer built with ``dtype=`` keeps them
+    (in float16 a rate of 1e-8 became 0; in bfloat16 a radius of 0.999 became 1, one-hot)."""
+    ssn, bcn = SparseSwitchableNorm(4), BatchChannelNorm(4, num_groups=2, estimate=True)
+    ssn.set_progress(0.999)
+    bcn.set_estimate_rate(1e-8)
+    for layer in (ssn, bcn):
+        if convert == 'to':
+            layer.to(torch.float16)
+        else:
+            getattr(layer, convert)()
+        assert layer.weight.dtype == layer.running_mean.dtype != torch.float32
+    assert ssn.radius.dtype == bcn.estimate_rate.dtype == torch.float32
+    assert ssn.radius.item() == torch.tensor(0.999).item()
+    assert bcn.estimate_rate.item() == torch.tensor(1e-8).item()
+    ssn.double()  # back to a full-precision dtype: that dtype, as the constructor's
+    assert ssn.radius.dtype == torch.float64 and ssn.radius.item() == torch.tensor(0.999).item()
+    assert SparseSwitchableNorm(4, device='meta').half().radius.dtype == torch.float32

@@ -133,6 +133,9 @@ class NormAwareOptimWrapperConstructor(DefaultOptimWrapperConstructor):
             # The default handles this module and recurses into children through this method.
             super().add_params(params, module, prefix, is_dcn_module)
             return
+        # Read by the layer on its first training step in a Runner (it warns when the config's
+        # norm_decay_mult did not reach it).
+        module._norm_rules_applied = True
         if module.follows_progress:
             # Read by the layer on its first training step in a Runner (SSN refuses to train
             # without its ratio rules).

@@ -530,3 +530,26 @@ def test_statdiff_study_smoke(tmp_path):
     missing = _tool('statdiff_study.py', str(tmp_path / 'no.py'), '--out', str(tmp_path / 'y'))
     assert missing.returncode == 1 and 'does not exist' in missing.stderr
     assert 'Traceback' not in missing.stderr
+
+
+def test_study_output_never_mixes_two_studies(tmp_path):
+    """A folder holding an unfinished study (its results.json, written after every run) is
+    refused like a finished one (its report): a plain rerun replaced hours of runs. With
+    --overwrite the earlier results and runs are removed first; other files are left alone."""
+    from mmnorm.analysis.study import StudyOutput
+    root = tmp_path / 'study'
+    (root / 'runs' / 'sn').mkdir(parents=True)
+    (root / 'results.json').write_text('{"sn": {}}')
+    (root / 'notes.txt').write_text('mine')
+    with pytest.raises(FileExistsError, match='unfinished study.*--overwrite'):
+        StudyOutput(str(root), 'ratio_study.md', overwrite=False)
+    (root / 'ratio_study.md').write_text('# report')
+    with pytest.raises(FileExistsError, match='results of a study'):
+        StudyOutput(str(root), 'ratio_study.md', overwrite=False)
+    out = StudyOutput(str(root), 'ratio_study.md', overwrite=True)
+    assert sorted(p.name for p in root.iterdir()) == ['notes.txt']
+    out.save('bn', {'top1': 0.5})
+    assert json.loads((root / 'results.json').read_text()) == {'bn': {'top1': 0.5}}
+    StudyOutput(str(tmp_path / 'fresh'), 'ratio_study.md', overwrite=False)  # nothing held
+    with pytest.raises(OSError, match='notes.txt is a file, not a folder'):  # before any run
+        StudyOutput(str(root / 'notes.txt' / 'study'), 'ratio_study.md', overwrite=False)

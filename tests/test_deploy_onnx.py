@@ -256,3 +256,34 @@ def test_one_channel_model_exports_with_its_own_channels(tmp_path, capsys):
     assert 'input (N, 1, 8, 8)' in capsys.readouterr().out
     assert result['relative_difference'] <= 1e-4
     assert synthetic_batch(model, (8, 8))['inputs'].shape == (1, 1, 8, 8)
+
+
+def test_an_export_that_fails_verify_replaces_nothing(data, tmp_path, monkeypatch, capsys):
+    """With --verify the file becomes OUT only once it passed: a failed check leaves an existing
+    OUT as it was (even with --overwrite) and nothing under its name or beside it."""
+    config, options = _case('classifier-sn', data)
+    _trained_looking_checkpoint(config, options, tmp_path / 'model.pth')
+    out = tmp_path / 'out' / 'm.onnx'
+    out.parent.mkdir()
+    out.write_bytes(b'the previous export')
+    monkeypatch.setattr(export_onnx, 'verify', lambda *args: 1.0)  # far above any tolerance
+    with pytest.raises(SystemExit) as stopped:
+        export_onnx.main([config, str(tmp_path / 'model.pth'), str(out), '--verify',
+                          '--overwrite', '--cfg-options', *options])
+    assert stopped.value.code == 1
+    assert 'm.onnx was not written' in capsys.readouterr().err
+    assert out.read_bytes() == b'the previous export'
+    assert sorted(p.name for p in out.parent.iterdir()) == ['m.onnx']
+    monkeypatch.setattr(export_onnx, 'verify', lambda *args: 0.0)  # passes: now it is written
+    export_onnx.main([config, str(tmp_path / 'model.pth'), str(out), '--verify', '--overwrite',
+                      '--cfg-options', *options])
+    assert out.read_bytes()[:4] != b'the ' and sorted(p.name for p in out.parent.iterdir()) == [
+        'm.onnx']
+
+
+def test_a_file_onnx_runtime_cannot_load_is_one_line(tmp_path):
+    config = osp.join(ROOT, 'tests', 'data', 'configs', 'tiny_classifier.py')
+    corrupt = tmp_path / 'corrupt.onnx'
+    corrupt.write_bytes(b'not a protobuf' * 10)
+    with pytest.raises(SystemExit, match=r'^error: ONNX Runtime cannot load .*corrupt.onnx: '):
+        test_onnx.main([config, str(corrupt)])

@@ -151,6 +151,10 @@ def test_export_tool_and_deploy_test(tmp_path):
     assert 'SN layers folded away' in out
     checkpoint = torch.load(hard, weights_only=True)
     assert checkpoint['meta']['hard_ratios']['finetuned']
+    # The finetuning started from the hard checkpoint in its work dir: DST was written once, at
+    # the end (an interrupted finetuning would have left no un-finetuned DST).
+    start = torch.load(tmp_path / 'ft' / 'hard_ratios.pth', weights_only=True)
+    assert not start['meta']['hard_ratios']['finetuned']
     logits = [v for k, v in checkpoint['state_dict'].items() if k.endswith('_logits')]
     assert logits and all(sorted(v.softmax(0).tolist())[-1] == 1.0 for v in logits)
     deploy = torch.load(tmp_path / 'deploy.pth', weights_only=True)

@@ -259,3 +259,97 @@ def test_amp_without_cuda_refuses_a_two_stage_detector_up_front(config, refused,
     else:
         train.enable_amp(cfg)
         assert cfg.optim_wrapper.type == 'CPUAmpOptimWrapper'
+
+
+def test_an_output_that_cannot_be_written_fails_before_the_work(source, tmp_path):
+    """A file where the output's folder should be (or a read-only folder: the same check, by
+    creating a file there) is refused in one line before the work, not after it."""
+    from mmnorm.utils import OutputNotWritableError, check_writable
+    blocker = tmp_path / 'a_file'
+    blocker.write_bytes(b'')
+    for out in (blocker / 'out.pth', blocker / 'deeper' / 'out.pth'):
+        with pytest.raises(OutputNotWritableError, match='is a file, not a folder'):
+            check_writable(str(out))
+        for tool in TOOLS:
+            with pytest.raises(SystemExit, match='cannot write .*is a file, not a folder'):
+                _tool(tool).main(TOOLS[tool](source, str(out)))
+        with pytest.raises(SystemExit, match='cannot write'):  # (--metrics-out)
+            _tool('test').main([CONFIG, source, '--metrics-out', str(out)])
+        for tool, argv in (('publish_model', [source, str(out)]),
+                           ('plot_ratios', [source, '--out', str(out.with_suffix('.png'))])):
+            with pytest.raises(SystemExit, match='cannot write'):
+                _tool(tool).main(argv)
+    check_writable(str(tmp_path / 'new' / 'deeper' / 'out.pth'))  # created later: fine
+    assert not (tmp_path / 'new').exists()
+    assert sorted(os.listdir(tmp_path)) == ['a_file', 'model.pth']  # no probe left behind
+
+
+def test_resume_from_a_missing_checkpoint_is_refused_up_front(tmp_path):
+    with pytest.raises(SystemExit, match='--resume .*nope.pth: no such checkpoint file'):
+        _tool('train').main([CONFIG, '--work-dir', str(tmp_path / 'w'), '--resume',
+                             str(tmp_path / 'nope.pth')])
+    assert not (tmp_path / 'w').exists()  # before the runner was built
+
+
+def test_a_damaged_checkpoint_is_one_line_in_test(tmp_path):
+    from mmengine.config import Config
+
+    from mmnorm.utils.model import build_model
+    good = tmp_path / 'good.pth'
+    torch.save({'state_dict': build_model(Config.fromfile(CONFIG)).state_dict()}, good)
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(good.read_bytes()[:1000])
+    from tests.helpers.images import make_class_folders
+    data = make_class_folders(str(tmp_path / 'classes'), per_class=1)
+    with pytest.raises(SystemExit, match='^error: .*truncated.pth'):
+        _tool('test').main([CONFIG, str(truncated), '--work-dir', str(tmp_path / 'w'),
+                            '--cfg-options', f'test_dataloader.dataset.data_root={data}'])
+
+
+def test_demo_data_written_again_keeps_no_stale_images(tmp_path):
+    """Written again with fewer images into the same folder, the dataset holds only the new
+    ones (mmseg lists the folder: 6 images against annotations for 4)."""
+    tool = _tool('make_demo_data')
+    root = tmp_path / 'demo'
+    tool.main(['--root', str(root), '--num-train', '3', '--num-val', '3', '--image-size', '32',
+               '--min-size', '8', '--max-size', '16'])
+    (root / 'images' / 'val' / 'notes.txt').write_text('mine')
+    tool.main(['--root', str(root), '--num-train', '2', '--num-val', '1', '--image-size', '32',
+               '--min-size', '8', '--max-size', '16'])
+    assert sorted(os.listdir(root / 'images' / 'train')) == ['000000.png', '000001.png']
+    assert sorted(os.listdir(root / 'seg_labels' / 'val')) == ['000000.png']
+    assert sorted(os.listdir(root / 'images' / 'val')) == ['000000.png', 'notes.txt']
+    annotations = json.load(open(root / 'annotations' / 'instances_val.json'))
+    assert len(annotations['images']) == 1
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['--shapes', '2,8,4'], "'2,8,4' is not N,C,H,W"),
+    (['--shapes', 'abc'], "'abc' is not N,C,H,W"),
+    (['--rounds', '0'], '--rounds must be >= 1'),
+    (['--deploy-shape', '1,3,0,224'], 'is not N,C,H,W'),
+    (['--device', 'cuda'], 'torch sees no CUDA device'),
+    (['--json', 'FILE/b.json'], '--json: cannot write'),
+])
+def test_benchmark_refuses_bad_arguments_before_timing(argv, match, tmp_path, monkeypatch,
+                                                       capsys):
+    if argv[0] == '--device' and torch.cuda.is_available():
+        pytest.skip('a CUDA device is present')
+    (tmp_path / 'FILE').write_bytes(b'')
+    argv = [a.replace('FILE', str(tmp_path / 'FILE')) for a in argv]
+    monkeypatch.setattr(sys, 'argv', ['benchmark_norms.py', *argv])
+    with pytest.raises(SystemExit) as stopped:
+        _tool('benchmark_norms').main()
+    assert stopped.value.code == 2
+    assert match in capsys.readouterr().err
+
+
+def test_gpu_check_refuses_an_output_it_cannot_write_before_any_section(tmp_path, capsys):
+    (tmp_path / 'FILE').write_bytes(b'')
+    for out, match in ((tmp_path / 'FILE', 'is a file; give a folder'),
+                       (tmp_path / 'FILE' / 'report', 'is a file, not a folder')):
+        with pytest.raises(SystemExit) as stopped:
+            _tool('gpu_check').main(['--device', 'cpu', '--out', str(out)])
+        assert stopped.value.code == 2
+        err = capsys.readouterr()
+        assert match in err.err and '[gpu_check] environment' not in err.out

@@ -29,7 +29,6 @@ launches) rather than the arithmetic bounds a step.
 """
 import argparse
 import contextlib
-import json
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -38,6 +37,7 @@ from torch import nn
 from mmnorm import (BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm, SwitchableNormTied,
                     WSConv2d)
 from mmnorm.layers import has_ratios
+from mmnorm.utils.files import prepare_output_file, write_json
 from mmnorm.utils.timing import sample_rounds, summarize, time_rounds
 
 DEFAULT_SHAPES = ['8,64,56,56', '8,256,28,28', '2,256,100,152', '512,256,7,7']
@@ -432,6 +432,7 @@ def main() -> None:
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads')
     parser.add_argument('--json', help='write all numbers to this JSON file')
     args = parser.parse_args()
+    _check_arguments(parser, args)
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmnorm.functional import compile_mode, compiled_enabled, use_compiled
@@ -446,7 +447,7 @@ def main() -> None:
     if device.type == 'cuda':
         print(f'device {torch.cuda.get_device_name(device)}: GPU times (CUDA events)')
     for text in args.shapes:
-        shape = tuple(int(v) for v in text.split(','))
+        shape = _shape(text)
         for variant in variants:
             key = text if variant == 'fp32' else f'{text} {variant}'
             results = measure(norm_layers(shape[1]), shape, args.rounds, args.inner, 'GN',
@@ -467,7 +468,7 @@ def main() -> None:
             print(f'{name:<9} {r["train_ms"]:>9.1f} {r["train_ratio"]:>7.2f}')
         report['model'] = results
     if args.batched:
-        shape = tuple(int(v) for v in args.batched_shape.split(','))
+        shape = _shape(args.batched_shape)
         results = measure_batched(50, shape, args.rounds, args.inner)
         print(f'\n50 blocks (1x1 conv, layer), input {shape}: batched_ratios / own ratios')
         print(f'{"layer":<6} {"train ms":>9} {"x own":>7} {"eval ms":>9} {"x own":>7}')
@@ -476,7 +477,7 @@ def main() -> None:
                   f'{r["eval_own_ms"]:>9.1f} {r["eval_ratio"]:>7.2f}')
         report['batched'] = results
     if args.deploy:
-        shape = tuple(int(v) for v in args.deploy_shape.split(','))
+        shape = _shape(args.deploy_shape)
         results = measure_deploy(shape, max(5, args.rounds // 3))
         print(f'\nResNet-50 inference (eval), input {shape}')
         print(f'{"model":<22} {"ms":>9} {"x BN folded":>12}')
@@ -484,7 +485,7 @@ def main() -> None:
             print(f'{name:<22} {r["eval_ms"]:>9.1f} {r["eval_ratio"]:>12.2f}')
         report['deploy'] = results
     if args.onnx:
-        shape = tuple(int(v) for v in args.onnx_shape.split(','))
+        shape = _shape(args.onnx_shape)
         results = measure_onnx(shape, max(5, args.rounds // 2))
         print(f'\nResNet-50 classifier in ONNX Runtime (CPU), input {shape}')
         print(f'{"model":<22} {"MiB":>7} {"x BN":>6} {"ms":>9} {"x BN folded":>12}')
@@ -493,9 +494,44 @@ def main() -> None:
                   f'{r["ort_ms"]:>9.1f} {r["ort_ratio"]:>12.2f}')
         report['onnx'] = results
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(report, f, indent=2)
+        write_json(args.json, report, indent=2)
         print(f'\nwrote {args.json}')
+
+
+def _shape(text: str) -> Tuple[int, ...]:
+    """``'N,C,H,W'`` as a tuple of four positive ints, or ValueError."""
+    shape = tuple(int(v) for v in text.split(','))
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(text)
+    return shape
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse what would fail after minutes of timing, as ``parser.error`` (one line, exit
+    2): shapes that are not N,C,H,W, fewer than one round or call, a device torch does not
+    have, a --json path that cannot be written."""
+    for option in ('rounds', 'inner', 'model_rounds'):
+        if getattr(args, option) < 1:
+            parser.error(f'--{option.replace("_", "-")} must be >= 1')
+    for option in ('shapes', 'deploy_shape', 'onnx_shape', 'batched_shape'):
+        value = getattr(args, option)
+        for text in value if isinstance(value, list) else [value]:
+            try:
+                _shape(text)
+            except ValueError:
+                parser.error(f'--{option.replace("_", "-")}: {text!r} is not N,C,H,W (four '
+                             'positive integers separated by commas, e.g. 8,64,56,56)')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f'--device: {error}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda, but torch sees no CUDA device')
+    if args.json:
+        try:
+            prepare_output_file(args.json)
+        except OSError as error:
+            parser.error(f'--json: {error}')
 
 
 if __name__ == '__main__':

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 from mmnorm.convert import (FORMATS, SOURCE_MOMENTUM, ConversionError,  # noqa: E402
                             check_against, classifier_config, convert_state_dict, source_forward)
-from mmnorm.utils import (CheckpointFileError, OutputExistsError,  # noqa: E402
+from mmnorm.utils import (CheckpointFileError, OutputError,  # noqa: E402
                           UnsafeCheckpointError, check_output, load_checkpoint_file,
                           save_checkpoint, sha256_file)
 
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
         raise SystemExit('error: --verify-size and --verify-batch must be >= 1')
     try:
         check_output(args.dst, [args.src], args.overwrite)
-    except OutputExistsError as error:
+    except OutputError as error:
         raise SystemExit(f'error: {error}')
 
     source = load_source(args.src)

@@ -287,8 +287,8 @@ def main(argv=None) -> dict:
     print('=' * 78)
     summary = dict(task=args.task, norm=args.norm, quick=args.quick, minutes=elapsed / 60,
                    metrics=metrics, checkpoint=final, ratio_png=ratio_png, predictions=drawn)
-    with open(osp.join(work_dir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    from mmnorm.utils.files import write_json
+    write_json(osp.join(work_dir, 'summary.json'), summary, indent=2)  # (atomically)
     return summary
 
 

@@ -8,7 +8,8 @@ DST is a checkpoint of the same config with one-hot ratios (it evaluates with to
 usual; ``tools/test.py CONFIG DST --deploy`` evaluates the deploy form). It is written atomically;
 an existing file, the input checkpoint included, is replaced only with ``--overwrite``.
 ``--finetune`` trains it further with the ratios frozen (SN study Table 2, right), with the
-config's own schedule (override with --cfg-options, e.g. ``train_cfg.max_iters=5000``).
+config's own schedule (override with --cfg-options, e.g. ``train_cfg.max_iters=5000``), from
+``hard_ratios.pth`` in ``--work-dir``; DST is written at the end, finetuned.
 ``--deploy-out`` also saves the state dict of the deploy form with its per-layer plan in
 ``meta`` (the deploy structure is rebuilt with ``mmnorm.convert.to_deploy`` on a model built
 from the config).
@@ -38,7 +39,7 @@ from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E402
 
 from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # noqa: E402
-from mmnorm.utils import (OutputExistsError, build_runner, check_output,  # noqa: E402
+from mmnorm.utils import (OutputError, OutputExistsError, build_runner, check_output,  # noqa: E402
                           finetune_config, last_checkpoint, load_checkpoint_file,
                           save_checkpoint)
 from mmnorm.utils.model import build_model, build_model_for_tool, load_config  # noqa: E402
@@ -81,7 +82,7 @@ def main(argv=None) -> dict:
             check_output(output, [args.checkpoint, args.config], args.overwrite)
         if args.deploy_out and osp.abspath(args.deploy_out) == osp.abspath(args.dst):
             raise OutputExistsError('DST and --deploy-out name the same file')
-    except OutputExistsError as error:
+    except OutputError as error:
         raise SystemExit(f'error: {error}')
     cfg = load_config(args.config, args.cfg_options)
     model, checkpoint = build_model_for_tool(cfg, args.checkpoint)
@@ -97,14 +98,23 @@ def main(argv=None) -> dict:
     meta['hard_ratios'] = dict(source_checkpoint=osp.abspath(args.checkpoint),
                                choices={k: _listed(v) for k, v in choices.items()},
                                finetuned=False, time=time.strftime('%Y-%m-%d %H:%M:%S'))
-    save_checkpoint(checkpoint, args.dst)
+    # With --finetune, DST is written once, finetuned: the hard checkpoint the finetuning starts
+    # from goes to its work dir (an interrupted finetuning leaves DST as it was).
+    work_dir = (args.work_dir or tempfile.mkdtemp(prefix='hard_ratio_finetune_')
+                if args.finetune else None)
+    hard = osp.join(work_dir, 'hard_ratios.pth') if args.finetune else args.dst
+    if args.finetune and args.work_dir:  # (a work dir of an earlier finetuning holds one)
+        try:
+            check_output(hard, [args.checkpoint], args.overwrite)
+        except OutputError as error:
+            raise SystemExit(f'error: {error}')
+    save_checkpoint(checkpoint, hard)
     grouped = sum(1 for mean_choice, _ in choices.values() if not isinstance(mean_choice, str))
-    print(f'wrote {args.dst}: {len(choices)} SN layer(s) with one-hot ratios' +
+    print(f'wrote {hard}: {len(choices)} SN layer(s) with one-hot ratios' +
           (f' ({grouped} with ratio groups, one-hot in every group)' if grouped else ''))
 
     if args.finetune:
-        work_dir = args.work_dir or tempfile.mkdtemp(prefix='hard_ratio_finetune_')
-        last = finetune(cfg, args.dst, work_dir)
+        last = finetune(cfg, hard, work_dir)
         tuned = load_checkpoint_file(last, map_location='cpu')
         tuned.setdefault('meta', {})['hard_ratios'] = dict(meta['hard_ratios'], finetuned=True,
                                                            finetune_checkpoint=last)

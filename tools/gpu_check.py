@@ -43,7 +43,6 @@ incomplete); 2 for bad arguments.
 import argparse
 import contextlib
 import copy
-import json
 import logging
 import os
 import platform
@@ -73,6 +72,7 @@ from mmnorm.testing.compile_failures import FAILURES  # noqa: E402
 from mmnorm.testing.distributed import (backend_and_devices, rank_device,  # noqa: E402
                                         run_distributed)
 from mmnorm.testing.host_sync import no_host_sync  # noqa: E402
+from mmnorm.utils.files import atomic_write, check_writable, write_json  # noqa: E402
 from mmnorm.testing.layers import (LAYERS, CHANNELS, batches, float64_oracle,  # noqa: E402
                                    make_layer, train_step)
 
@@ -597,7 +597,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # mmnorm's reports (each compiled graph) go to the standard library's logger without
     # mmengine: show them.
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    os.makedirs(args.out, exist_ok=True)
+    if os.path.lexists(args.out) and not os.path.isdir(args.out):
+        parser.error(f'--out {args.out} is a file; give a folder')
+    try:  # a folder that cannot take the report fails now, not after the check
+        check_writable(os.path.join(args.out, 'gpu_check.json'))
+    except OSError as error:
+        parser.error(f'--out: {error}')
     compiled_form.use_compiled('never')  # each section chooses its form
     begin = time.perf_counter()
     sections = []
@@ -615,16 +620,19 @@ def main(argv: Optional[List[str]] = None) -> int:
                   failed=sum(s['failed'] for s in sections),
                   not_run=sum(len(s['not_run']) for s in sections), sections=sections)
     report['exit_status'] = exit_status(report)
-    with open(os.path.join(args.out, 'gpu_check.json'), 'w') as f:
-        json.dump(report, f, indent=1, default=str)
     text = markdown(report)
-    with open(os.path.join(args.out, 'gpu_check.md'), 'w') as f:
-        f.write(text)
-    print('\n' + text)
+    print('\n' + text, flush=True)  # (before the files: whatever happens to them, it is shown)
+    write_json(os.path.join(args.out, 'gpu_check.json'), report, indent=1, default=str)
+    atomic_write(os.path.join(args.out, 'gpu_check.md'), lambda tmp: _write_text(tmp, text))
     print(f'[gpu_check] wrote {args.out}/gpu_check.json and gpu_check.md; '
           f'{report["failed"]} failed case(s), {report["not_run"]} not run')
     print(f'[gpu_check] {verdict(report)}')
     return report['exit_status']
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, 'w') as f:
+        f.write(text)
 
 
 def exit_status(report: Dict[str, Any]) -> int:

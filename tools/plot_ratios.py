@@ -36,8 +36,8 @@ sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
 from mmnorm.analysis.ratio_maps import group_heatmap, module_groups  # noqa: E402
 from mmnorm.analysis.study import save_figure  # noqa: E402
-from mmnorm.utils import (group_choices, layer_divergence, mean_radius,  # noqa: E402
-                          one_hot_share, record_groups, state_dict_ratios,
+from mmnorm.utils import (check_writable, group_choices, layer_divergence,  # noqa: E402
+                          mean_radius, one_hot_share, record_groups, state_dict_ratios,
                           symmetric_kl)
 
 COLORS = {'IN': '#3b6fd4', 'LN': '#d43b3b', 'BN': '#3fa34d'}
@@ -57,17 +57,17 @@ def read_log(path: str) -> List[dict]:
         raise SystemExit(f'error: cannot read {path}: {error.strerror or error}')
     except UnicodeDecodeError:
         raise SystemExit(f'error: {path} line {number + 1} is not text; a ratio log is the '
-                         'JSON lines RatioLoggerHook writes')
+                         'JSON lines SNRatioLoggerHook writes')
     except json.JSONDecodeError as error:
         raise SystemExit(f'error: {path} line {number} is not JSON ({error}); a ratio log is '
-                         'what RatioLoggerHook writes')
+                         'what SNRatioLoggerHook writes')
     if not records:
         raise SystemExit(f'error: {path} holds no ratio record')
     bad = [i for i, r in enumerate(records, 1)
            if not isinstance(r, dict) or not isinstance(r.get('layers'), dict) or 'iter' not in r]
     if bad:
         raise SystemExit(f'error: {path}: record {bad[0]} has no "iter" and "layers"; a ratio '
-                         'log is what RatioLoggerHook writes')
+                         'log is what SNRatioLoggerHook writes')
     return records
 
 
@@ -243,11 +243,15 @@ def main(argv=None) -> str:
         if fmt and fmt not in formats:
             raise SystemExit(f'error: --out {args.out}: matplotlib writes no .{fmt} files; use '
                              f'one of {", ".join("." + f for f in sorted(formats))}')
+    out = args.out or osp.splitext(args.input)[0] + '_ratios.png'
+    try:  # a folder that cannot take the image fails now, not after the drawing
+        check_writable(out)
+    except OSError as error:
+        raise SystemExit(f'error: {error}')
     layers, where = load_ratios(args.input, args.iter)
     history = read_log(args.history) if args.history else None  # (read before any writing)
     if not layers:
         raise SystemExit(f'no layer with ratios (SN, SN_tied, SSN) found in {args.input}')
-    out = args.out or osp.splitext(args.input)[0] + '_ratios.png'
     title = args.title or f'{osp.basename(args.input)} ({where})'
     plot(layers, out, title)
     print(summarize(layers))

@@ -18,7 +18,7 @@ import sys
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..'))
 
 import mmnorm  # noqa: E402,F401  (safe checkpoint loading)
-from mmnorm.utils import (OutputExistsError, atomic_write, check_output,  # noqa: E402
+from mmnorm.utils import (OutputError, atomic_write, check_output, check_writable,  # noqa: E402
                           sha256_file, torch_save)
 from mmnorm.utils.checkpoint import load_checkpoint_for_tool  # noqa: E402
 
@@ -39,6 +39,10 @@ def main(argv=None) -> str:
                         help='top-level entries to keep besides state_dict and meta')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing output')
     args = parser.parse_args(argv)
+    try:  # (the published name is known only once written: its folder is checked now)
+        check_writable(args.out_file)
+    except OutputError as error:
+        raise SystemExit(f'error: {error}')
     checkpoint = load_checkpoint_for_tool(args.in_file)
     if 'state_dict' not in checkpoint:  # a bare state dict
         checkpoint = {'state_dict': checkpoint}
@@ -60,7 +64,7 @@ def main(argv=None) -> str:
     try:
         # The name depends on the bytes: written beside the output, hashed, checked, renamed.
         final = atomic_write(args.out_file, save_and_name, final_path=refuse_existing)
-    except OutputExistsError as error:
+    except OutputError as error:
         raise SystemExit(f'error: {error}')
     digest = sha256_file(final)
     print(f'kept {sorted(kept)}; dropped {dropped}')

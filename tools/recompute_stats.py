@@ -26,7 +26,7 @@ from mmengine.runner.checkpoint import get_state_dict, weights_to_cpu  # noqa: E
 from mmengine.utils import ProgressBar  # noqa: E402
 
 from mmnorm.engine import ESTIMATORS, recompute_batch_stats  # noqa: E402
-from mmnorm.utils import (OutputExistsError, add_common_arguments, check_output,  # noqa: E402
+from mmnorm.utils import (OutputError, add_common_arguments, check_output,  # noqa: E402
                           parse_with_common_arguments, prepare_distributed, save_checkpoint)
 from mmnorm.utils.model import build_model_for_tool, load_config  # noqa: E402
 
@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
         raise SystemExit('--num-iters must be >= 1')
     try:
         check_output(args.out, [args.checkpoint, args.config], args.overwrite)
-    except OutputExistsError as error:
+    except OutputError as error:
         raise SystemExit(f'error: {error}')
     cfg = load_config(args.config, args.cfg_options)
     if 'train_dataloader' not in cfg or cfg.train_dataloader is None:

@@ -26,8 +26,9 @@ import mmnorm  # noqa: E402,F401  (registers layers and hooks; safe checkpoint l
 from mmengine.config import Config  # noqa: E402
 from mmengine.dist import get_rank  # noqa: E402
 
-from mmnorm.utils import (add_common_arguments, apply_common_options, build_runner,  # noqa: E402
-                          parse_with_common_arguments, prepare_distributed, prepare_output_file,
+from mmnorm.utils import (CheckpointFileError, add_common_arguments,  # noqa: E402
+                          apply_common_options, build_runner, parse_with_common_arguments,
+                          UnsafeCheckpointError, prepare_distributed, prepare_output_file,
                           write_json)
 from mmnorm.utils.model import load_config  # noqa: E402
 
@@ -175,7 +176,10 @@ def main(argv=None) -> dict:
         raise SystemExit(f'error: checkpoint {args.checkpoint} ' + (
             'is a directory, not a checkpoint file' if osp.isdir(local) else 'does not exist'))
     if args.metrics_out:  # a wrong path fails now, not after the evaluation
-        prepare_output_file(args.metrics_out)
+        try:
+            prepare_output_file(args.metrics_out)
+        except OSError as error:
+            raise SystemExit(f'error: {error}')
     apply_common_options(cfg, args)
     cfg.load_from = args.checkpoint
     if args.show_dir:
@@ -190,7 +194,10 @@ def main(argv=None) -> dict:
         cfg.custom_hooks = list(cfg.get('custom_hooks', [])) + [dict(type='DeployHook')]
     prepare_distributed(cfg, args.launcher)
     runner = build_runner(cfg)
-    metrics = runner.test()
+    try:
+        metrics = runner.test()
+    except (CheckpointFileError, UnsafeCheckpointError) as error:  # one line, not a traceback
+        raise SystemExit(f'error: {error}')
     plain = {k: float(v) if isinstance(v, numbers.Real) else v for k, v in metrics.items()}
     if args.metrics_out and get_rank() == 0:
         write_json(args.metrics_out, plain, indent=2)

@@ -90,8 +90,13 @@ def main(argv=None) -> Runner:
         else:  # nothing to resume: start as a fresh run of the config would
             cfg.resume = False
     elif args.resume is not None:
+        local = osp.expanduser(args.resume)
+        if '://' not in args.resume and not osp.isfile(local):  # (URLs: mmengine's)
+            raise SystemExit(f'error: --resume {args.resume}: ' + (
+                'a directory, not a checkpoint file (--resume without a path takes the newest '
+                'in the work dir)' if osp.isdir(local) else 'no such checkpoint file'))
         cfg.resume = True
-        cfg.load_from = args.resume
+        cfg.load_from = args.resume if '://' in args.resume else local
     if args.sync_norm:
         cfg.sync_norm = True
     prepare_distributed(cfg, args.launcher)

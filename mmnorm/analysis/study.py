@@ -21,7 +21,7 @@ from mmengine.config import Config, DictAction
 from mmengine.hooks import Hook
 from mmengine.runner import IterBasedTrainLoop
 
-from ..utils.files import atomic_write
+from ..utils.files import atomic_write, check_writable
 from ..utils.config import norm_configs
 from ..utils.runner import build_runner, last_checkpoint
 
@@ -254,14 +254,23 @@ def write_csv(path: str, headers: Sequence[str], rows: Iterable[Sequence]) -> No
 
 
 class StudyOutput:
-    """The output folder of a study: refuses one that holds results unless ``overwrite``; keeps
-    ``results.json`` up to date after every run."""
+    """The output folder of a study: refuses one that holds results, of a finished study
+    (``marker``, its report) or of an interrupted one (``results.json``, written after every
+    run), unless ``overwrite``, which removes them (and ``runs/``) first so that the folder never
+    mixes two studies; keeps ``results.json`` up to date after every run."""
 
     def __init__(self, root: str, marker: str, overwrite: bool):
         self.root = root
-        if osp.exists(osp.join(root, marker)) and not overwrite:
-            raise FileExistsError(f'{root} already holds the results of a study ({marker}); '
-                                  f'pass --overwrite or choose another --out')
+        held = [name for name in (marker, 'results.json') if osp.exists(osp.join(root, name))]
+        if held and not overwrite:
+            what = ('a study' if marker in held else
+                    'an unfinished study (results.json, written after every run)')
+            raise FileExistsError(f'{root} already holds the results of {what}; pass '
+                                  '--overwrite to replace them, or choose another --out')
+        check_writable(osp.join(root, 'results.json'))  # now, not after the first run
+        for name in held:
+            os.remove(osp.join(root, name))
+        shutil.rmtree(osp.join(root, 'runs'), ignore_errors=True)
         os.makedirs(root, exist_ok=True)
         self.results: Dict[str, dict] = {}
 

@@ -129,6 +129,16 @@ def _semantic_label(objects: List[dict], size: int) -> np.ndarray:
     return label
 
 
+def _remove_stale(folder: str, count: int) -> None:
+    """Remove the images of an earlier, larger run from ``folder``: the numbered PNGs from
+    ``count`` on (mmseg lists the folder, and would load them with this run's annotations). The
+    others this run writes over; files of other names are left alone."""
+    for name in os.listdir(folder):
+        stem, ext = osp.splitext(name)
+        if ext == '.png' and len(stem) == 6 and stem.isdigit() and int(stem) >= count:
+            os.remove(osp.join(folder, name))
+
+
 def generate_demo_data(root: str, num_train: int = DEFAULTS['num_train'],
                        num_val: int = DEFAULTS['num_val'],
                        image_size: int = DEFAULTS['image_size'],
@@ -136,7 +146,8 @@ def generate_demo_data(root: str, num_train: int = DEFAULTS['num_train'],
                        max_objects: int = DEFAULTS['max_objects'],
                        min_visible: int = DEFAULTS['min_visible'], seed: int = DEFAULTS['seed'],
                        progress=None) -> Dict[str, int]:
-    """Write the dataset under ``root``; returns the number of objects per split.
+    """Write the dataset under ``root`` (replacing one written there before); returns the
+    number of objects per split.
 
     ``progress(done, total)`` is called after every image when given.
     """
@@ -154,6 +165,7 @@ def generate_demo_data(root: str, num_train: int = DEFAULTS['num_train'],
         rng = np.random.default_rng([seed, offset])
         for sub in ('images', 'seg_labels'):
             os.makedirs(osp.join(root, sub, split), exist_ok=True)
+            _remove_stale(osp.join(root, sub, split), count)
         images, annotations = [], []
         for index in range(count):
             image, objects = render_image(rng, image_size, min_size, max_size, max_objects,

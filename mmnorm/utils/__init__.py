@@ -11,8 +11,9 @@ else:
     from .checkpoint import (CheckpointFileError, UnsafeCheckpointError,
                              allow_mmengine_checkpoint_globals, load_checkpoint_file,
                              register_checkpoint_loader, safe_globals)
-    from .files import (OutputExistsError, atomic_write, check_output, prepare_output_file,
-                        save_checkpoint, sha256_file, torch_save, write_json)
+    from .files import (OutputError, OutputExistsError, OutputNotWritableError, atomic_write,
+                        check_output, check_writable, prepare_output_file, save_checkpoint,
+                        sha256_file, torch_save, write_json)
     from .config import (finetune_config, norm_configs, replace_norm_types, sync_norm_config,
                          sync_norm_types)
     from .launch import cpu_distributed_env, prepare_distributed
@@ -22,8 +23,9 @@ else:
     from .runner import (add_common_arguments, apply_common_options, build_runner,
                          find_resume_checkpoint, last_checkpoint, parse_with_common_arguments)
     __all__ = [
-        'CheckpointFileError', 'load_checkpoint_file', 'OutputExistsError', 'atomic_write',
-        'check_output', 'prepare_output_file', 'save_checkpoint', 'torch_save', 'write_json',
+        'CheckpointFileError', 'load_checkpoint_file', 'OutputError', 'OutputExistsError',
+        'OutputNotWritableError', 'atomic_write', 'check_output', 'check_writable',
+        'prepare_output_file', 'save_checkpoint', 'torch_save', 'write_json',
         'sha256_file', 'UnsafeCheckpointError',
         'allow_mmengine_checkpoint_globals', 'register_checkpoint_loader', 'safe_globals',
         'sync_norm_types', 'replace_norm_types', 'sync_norm_config', 'norm_configs',

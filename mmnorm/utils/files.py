@@ -18,17 +18,27 @@ import os.path as osp
 import tempfile
 from typing import Any, Callable, Iterable, Optional
 
-__all__ = ['OutputExistsError', 'OutputIsDirectoryError', 'check_output', 'prepare_output_file',
+__all__ = ['OutputError', 'OutputExistsError', 'OutputIsDirectoryError',
+           'OutputNotWritableError', 'check_output', 'check_writable', 'prepare_output_file',
            'atomic_write', 'save_checkpoint', 'torch_save', 'write_json', 'sha256_file']
 
 
-class OutputExistsError(FileExistsError):
+class OutputError(OSError):
+    """An output path the tool refuses before its work (the tools report it in one line)."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """The output exists (or is one of the inputs) and ``overwrite`` was not given."""
 
 
 class OutputIsDirectoryError(OutputExistsError, IsADirectoryError):
     """The output path is a directory (with or without ``overwrite``): the tools that report
     an existing output in one line report this one too."""
+
+
+class OutputNotWritableError(OutputError, PermissionError):
+    """The output cannot be written: its folder (or the nearest existing one above it) is
+    read-only, or a file stands where a folder is needed."""
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -49,8 +59,11 @@ def check_output(path: str, inputs: Iterable[Optional[str]] = (), overwrite: boo
 
     Raises:
         OutputExistsError: naming the file and the option that allows it.
+        OutputNotWritableError: the output's folder cannot take a new file (checked by
+            creating one there), so that the run fails now, not after its work.
     """
     _refuse_directory(path)
+    check_writable(path)
     if overwrite:
         return
     for source in inputs:
@@ -60,6 +73,28 @@ def check_output(path: str, inputs: Iterable[Optional[str]] = (), overwrite: boo
                 f'the source. Choose another output, or pass {flag} to replace it anyway')
     if osp.lexists(path):
         raise OutputExistsError(f'{path} exists; pass {flag} to replace it')
+
+
+def check_writable(path: str) -> None:
+    """Raise :class:`OutputNotWritableError` unless a file can be created where ``path`` will be
+    written: in its folder, or, where that folder does not exist yet (the writers create it),
+    in the nearest existing folder above it. Tried by creating (and removing) an empty file
+    there: permission bits do not tell (a root process, read-only mounts, ACLs)."""
+    if not path:
+        raise OutputNotWritableError('the output path is empty')
+    folder = osp.dirname(osp.abspath(path))
+    while not osp.lexists(folder):
+        folder = osp.dirname(folder)
+    if not osp.isdir(folder):
+        what = 'a broken link' if osp.islink(folder) else 'a file'
+        raise OutputNotWritableError(f'cannot write {path}: {folder} is {what}, not a folder')
+    try:
+        handle, probe = tempfile.mkstemp(prefix='.mmnorm-write-check.', dir=folder)
+    except OSError as error:
+        raise OutputNotWritableError(
+            f'cannot write {path}: {error.strerror or error} in {folder}') from None
+    os.close(handle)
+    os.remove(probe)
 
 
 def _refuse_directory(path: str) -> None:
@@ -73,6 +108,7 @@ def prepare_output_file(path: str) -> None:
     refuse a directory and create the parent directory now, so that a wrong path fails at the
     start, not after the work."""
     _refuse_directory(path)
+    check_writable(path)
     os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
 
 

@@ -142,7 +142,10 @@ def main(argv=None) -> dict:
     if min(args.num_images, args.batch_size, args.rounds) < 1 or args.warmup < 0:
         raise SystemExit('error: --num-images, --batch-size and --rounds must be >= 1')
     if args.json:  # a wrong path fails now, not after the timing
-        prepare_output_file(args.json)
+        try:
+            prepare_output_file(args.json)
+        except OSError as error:
+            raise SystemExit(f'error: {error}')
     if args.device.startswith('cuda') and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda, but torch sees no CUDA device')
     if compile_mode() == 'auto':

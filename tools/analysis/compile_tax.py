@@ -115,16 +115,27 @@ def _result(start: float) -> dict:
 
 def measure(mode: str, cold: bool, job: str) -> dict:
     env = dict(os.environ, MMNORM_COMPILE=mode)
-    cache = tempfile.mkdtemp(prefix='inductor-') if cold else None
+    # (a cold cache is a fresh folder, removed with what the job compiled into it)
+    cache = (tempfile.TemporaryDirectory(prefix='inductor-', ignore_cleanup_errors=True)
+             if cold else None)
     if cache:
-        env['TORCHINDUCTOR_CACHE_DIR'] = cache
+        env['TORCHINDUCTOR_CACHE_DIR'] = cache.name
+    # Each job runs for seconds to minutes with its output captured: say what runs.
+    print(f'[compile_tax] MMNORM_COMPILE={mode}: the {job} job in a new process'
+          f'{" with an empty Inductor cache" if cold else ""} ...', file=sys.stderr, flush=True)
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, __file__, '--job', job, '--inner'], env=env,
-                         capture_output=True, text=True)
+    try:
+        out = subprocess.run([sys.executable, __file__, '--job', job, '--inner'], env=env,
+                             capture_output=True, text=True)
+    finally:
+        if cache:
+            cache.cleanup()
     if out.returncode:
-        raise SystemExit(f'the short job failed in mode {mode}:\n{out.stderr[-3000:]}')
+        raise SystemExit(f'the {job} job failed in mode {mode}:\n{out.stderr[-3000:]}')
     result = json.loads(out.stdout.strip().splitlines()[-1])
     result['process_seconds'] = time.perf_counter() - start
+    print(f'[compile_tax] MMNORM_COMPILE={mode}: done in {result["process_seconds"]:.1f} s',
+          file=sys.stderr, flush=True)
     return result
 
 

@@ -117,6 +117,15 @@ def main(argv=None) -> int:
     parser.add_argument('--ops', nargs='*', default=[],
                         help='print the op names of these layers')
     args = parser.parse_args(argv)
+    if len(args.shape) != 4 or min(args.shape) < 1:
+        parser.error(f'--shape takes N C H W (four positive integers), got {args.shape}')
+    try:
+        known = list(layers(args.shape[1]))
+    except ValueError as error:  # (channels GN's and BCN's min(32, C) groups do not divide)
+        parser.error(f'--shape: {error}')
+    unknown = [name for name in args.ops if name not in known]
+    if unknown:
+        parser.error(f'--ops: unknown layer(s) {unknown}; the table has {known}')
     compiled_form.use_compiled(False)  # the eager form, whatever MMNORM_COMPILE says
     x = torch.randn(*args.shape)
     header = ('| layer | eager train step | eager eval forward | eval forward, frozen ratios '

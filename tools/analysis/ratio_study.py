@@ -374,8 +374,8 @@ def main(argv=None) -> int:
         raise SystemExit(f'error: {args.config}: {error}')
     try:
         out = StudyOutput(args.out, 'ratio_study.md', args.overwrite)
-    except FileExistsError as error:
-        raise SystemExit(str(error))
+    except OSError as error:  # (a finished or unfinished study there; not writable)
+        raise SystemExit(f'error: {error}')
     results = []
     for batch_size in args.batch_sizes:
         result = study_batch_size(cfg, batch_size, args, out)

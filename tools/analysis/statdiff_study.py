@@ -126,8 +126,8 @@ def main(argv=None) -> int:
         raise SystemExit(f'error: {args.config}: {error}')
     try:
         out = StudyOutput(args.out, 'statdiff_study.md', args.overwrite)
-    except FileExistsError as error:
-        raise SystemExit(str(error))
+    except OSError as error:  # (a finished or unfinished study there; not writable)
+        raise SystemExit(f'error: {error}')
     results = []
     for name in args.norms:
         result = study_norm(cfg, name, groups, args, out)

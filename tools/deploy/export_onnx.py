@@ -30,8 +30,10 @@ replaces an existing file (or the checkpoint) without ``--overwrite``.
 """
 import argparse
 import itertools
+import os
 import os.path as osp
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), '..', '..'))
@@ -44,7 +46,7 @@ from mmnorm.convert import hard_choices, harden_ratios, summarize, to_deploy  # 
 from mmnorm.deploy import (TensorForward, compare, export_onnx, ort_session,  # noqa: E402
                            real_inputs, run_session)
 from mmnorm.deploy.data import input_channels  # noqa: E402
-from mmnorm.utils import OutputExistsError, check_output  # noqa: E402
+from mmnorm.utils import OutputError, check_output  # noqa: E402
 from mmnorm.utils.model import build_model_for_tool, load_config  # noqa: E402
 
 
@@ -124,7 +126,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     try:
         check_output(args.out, [args.checkpoint, args.config], args.overwrite)
-    except OutputExistsError as error:
+    except OutputError as error:
         raise SystemExit(f'error: {error}')
     cfg = load_config(args.config, args.cfg_options)
     model, checkpoint = build_model_for_tool(cfg, args.checkpoint)
@@ -140,29 +142,53 @@ def main(argv=None) -> dict:
     example = torch.randn(2 if dynamic_batch else 1, input_channels(model), *shape,
                           generator=torch.Generator().manual_seed(0))
     start = time.time()
+    # With --verify the file is exported beside OUT and renamed to OUT only once it passed: a
+    # file that failed the check never replaces OUT (nor is left under its name).
+    target = _unverified_path(args.out) if args.verify else args.out
+    print(f'exporting the {module.kind} with torch.onnx.export(dynamo=True) ...', flush=True)
     try:
-        export_onnx(module, example, args.out, dynamic_batch, module.output_names, args.opset,
-                    dynamic_size=args.dynamic_shape)
-    except ValueError as error:
-        raise SystemExit(f'error: {error}')
-    size_mb = osp.getsize(args.out) / 2**20
-    if args.dynamic_shape:
-        described = f'(batch, {example.shape[1]}, height, width), example {tuple(example.shape)}'
-    else:
-        described = (f'(N, {example.shape[1]}, {shape[0]}, {shape[1]}) with '
-                     f'{"dynamic" if dynamic_batch else "static"} N')
-    print(f'wrote {args.out}: {module.kind}, input {described}, outputs '
-          f'{module.output_names}, {size_mb:.1f} MiB, {time.time() - start:.1f} s')
-    result = dict(kind=module.kind, shape=shape, size_mb=size_mb, **info)
-    if args.verify:
-        session = ort_session(args.out)
-        shapes = [shape, second_size(shape)] if args.dynamic_shape else [shape]
-        result['relative_difference'] = verify(cfg, module, session, shapes, dynamic_batch,
-                                               args.tolerance)
-        if result['relative_difference'] > args.tolerance:
-            raise SystemExit(1)
+        try:
+            export_onnx(module, example, target, dynamic_batch, module.output_names, args.opset,
+                        dynamic_size=args.dynamic_shape)
+        except ValueError as error:
+            raise SystemExit(f'error: {error}')
+        size_mb = osp.getsize(target) / 2**20
+        if args.dynamic_shape:
+            described = (f'(batch, {example.shape[1]}, height, width), example '
+                         f'{tuple(example.shape)}')
+        else:
+            described = (f'(N, {example.shape[1]}, {shape[0]}, {shape[1]}) with '
+                         f'{"dynamic" if dynamic_batch else "static"} N')
+        print(f'exported {module.kind}, input {described}, outputs {module.output_names}, '
+              f'{size_mb:.1f} MiB, {time.time() - start:.1f} s')
+        result = dict(kind=module.kind, shape=shape, size_mb=size_mb, **info)
+        if args.verify:
+            session = ort_session(target)
+            shapes = [shape, second_size(shape)] if args.dynamic_shape else [shape]
+            result['relative_difference'] = verify(cfg, module, session, shapes, dynamic_batch,
+                                                   args.tolerance)
+            if result['relative_difference'] > args.tolerance:
+                print(f'error: the export failed --verify; {args.out} was not written (export '
+                      'without --verify to inspect the file)', file=sys.stderr)
+                raise SystemExit(1)
+            os.replace(target, args.out)
+    finally:
+        if target != args.out and osp.exists(target):
+            os.remove(target)
+    print(f'wrote {args.out}')
     return result
 
+
+def _unverified_path(out: str) -> str:
+    """A new path beside ``out`` for the export that --verify checks before it becomes
+    ``out``."""
+    folder = osp.dirname(osp.abspath(out))
+    os.makedirs(folder, exist_ok=True)
+    handle, path = tempfile.mkstemp(prefix=f'.{osp.basename(out)}.', suffix='.unverified.onnx',
+                                    dir=folder)
+    os.close(handle)
+    os.remove(path)  # (export_onnx writes it atomically; it must not exist)
+    return path
 
 if __name__ == '__main__':
     main()

@@ -86,13 +86,20 @@ def main(argv=None) -> dict:
         raise SystemExit(f'error: {args.model} not found')
     cfg = load_config(args.config, args.cfg_options)
     if args.metrics_out:  # a wrong path fails now, not after the evaluation
-        prepare_output_file(args.metrics_out)
+        try:
+            prepare_output_file(args.metrics_out)
+        except OSError as error:
+            raise SystemExit(f'error: {error}')
     model = build_model(cfg).eval()  # preprocessing and postprocessing only
     kind = model_kind(model)
     if kind == 'detector':
         raise SystemExit('error: a detector is exported up to its neck features; evaluate its '
                          'boxes with mmdeploy (the detection heads are not exported)')
-    session = ort_session(args.model, args.threads)
+    try:
+        session = ort_session(args.model, args.threads)
+    except Exception as error:  # (ONNX Runtime's errors live in a private module)
+        raise SystemExit(f'error: ONNX Runtime cannot load {args.model}: '
+                         f'{str(error).strip().splitlines()[-1]}')
     try:
         loader = test_dataloader(cfg)
     except RuntimeError as error:
@@ -101,7 +108,11 @@ def main(argv=None) -> dict:
     evaluator.dataset_meta = getattr(loader.dataset, 'metainfo', None)
     bar = ProgressBar(len(loader.dataset))
     for data in preprocessed_batches(model, loader):
-        outputs = _run(session, data['inputs'])
+        try:
+            outputs = _run(session, data['inputs'])
+        except SystemExit:
+            print()  # (the message on a line of its own, not after the progress bar)
+            raise
         samples = data['data_samples']
         if kind == 'segmentor':
             samples = model.postprocess_result(outputs, samples)

@@ -326,23 +326,24 @@ def measure_demo_model(rounds: int, num_batches: int = 4) -> Dict[str, Dict[str,
     init_default_scope('mmdet')
     from mmdet.registry import DATASETS
     root = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))))
-    data_root = tempfile.mkdtemp(prefix='mmnorm_bench_')
-    generate_demo_data(data_root, num_train=2 * num_batches, num_val=1, seed=0)
     steps = {}
-    for name, config in DEMO_CONFIGS.items():
-        cfg = Config.fromfile(osp.join(root, config))
-        dataset_cfg = cfg.train_dataloader.dataset
-        dataset_cfg.data_root = data_root + '/'
-        torch.manual_seed(0)
-        dataset = DATASETS.build(dataset_cfg)
-        batches = [pseudo_collate([dataset[2 * i], dataset[2 * i + 1]])
-                   for i in range(num_batches)]
-        model = build_model(cfg).train()
-        for m in model.modules():  # BCN's micro-batch form: the rate EstimateRateHook would set
-            if getattr(m, 'estimate', False):
-                m.set_estimate_rate(0.01)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        steps[name] = _detector_step(model, optimizer, batches)
+    # (the generated images are loaded into the batches, then their folder is removed)
+    with tempfile.TemporaryDirectory(prefix='mmnorm_bench_') as data_root:
+        generate_demo_data(data_root, num_train=2 * num_batches, num_val=1, seed=0)
+        for name, config in DEMO_CONFIGS.items():
+            cfg = Config.fromfile(osp.join(root, config))
+            dataset_cfg = cfg.train_dataloader.dataset
+            dataset_cfg.data_root = data_root + '/'
+            torch.manual_seed(0)
+            dataset = DATASETS.build(dataset_cfg)
+            batches = [pseudo_collate([dataset[2 * i], dataset[2 * i + 1]])
+                       for i in range(num_batches)]
+            model = build_model(cfg).train()
+            for m in model.modules():  # BCN's micro-batch form: EstimateRateHook's rate
+                if getattr(m, 'estimate', False):
+                    m.set_estimate_rate(0.01)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            steps[name] = _detector_step(model, optimizer, batches)
     timings = time_rounds(steps, rounds, num_batches, 'GN')
     return {k: {'train_ms': t, 'train_ratio': r} for k, (t, r) in timings.items()}
 

@@ -145,6 +145,23 @@ def test_the_core_imports_without_openmmlab():
     assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
 
 
+def test_the_core_imports_and_trains_without_numpy():
+    """torch runs without NumPy (it is optional to torch), and so must the core the GPU check
+    imports: a flag check that imported NumPy stopped ``import mmnorm`` there."""
+    # (as if not installed: ``import numpy`` fails and ``importlib.util.find_spec`` says None)
+    code = (BLOCK_OPENMMLAB + "sys.modules['numpy'] = None\n"
+            'import mmnorm, torch\n'
+            'from mmnorm import BatchChannelNorm, SparseSwitchableNorm, SwitchableNorm\n'
+            'for layer in (SwitchableNorm(4, affine=True), SparseSwitchableNorm(4),\n'
+            '              BatchChannelNorm(4, num_groups=2, estimate=False)):\n'
+            '    layer(torch.randn(2, 4, 3, 3)).sum().backward()\n'
+            "assert sys.modules['numpy'] is None\n"
+            "print('core ok')\n")
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+
+
 def test_the_oracles_import_nothing_from_mmnorm():
     """The float64 oracles live in the package but stay independent of what they check."""
     with open(osp.join(ROOT, 'mmnorm', 'testing', 'oracles.py')) as f:

@@ -9,8 +9,8 @@ returned as the plain Python type the layers keep (NumPy integers are taken, as 
 take them).
 """
 import numbers
+import sys
 
-import numpy as np
 from torch import Tensor
 
 __all__ = ['check_flag', 'check_positive_int', 'check_eps']
@@ -19,7 +19,10 @@ __all__ = ['check_flag', 'check_positive_int', 'check_eps']
 def check_flag(value, name: str) -> bool:
     """``value`` as a bool: a bool (NumPy's too), or the integer 0 or 1; anything else raises
     ``TypeError``."""
-    if isinstance(value, (bool, np.bool_)):
+    # (a NumPy bool exists only where NumPy is loaded: the core does not import it, the GPU
+    # check runs with torch alone)
+    numpy = sys.modules.get('numpy')
+    if isinstance(value, bool) or (numpy is not None and isinstance(value, numpy.bool_)):
         return bool(value)
     if isinstance(value, numbers.Integral) and value in (0, 1):
         return bool(value)

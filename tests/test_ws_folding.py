@@ -101,6 +101,46 @@ def test_plain_convs_still_fold_with_mmcv_originals():
         torch.testing.assert_close(fused(x), expected)
 
 
+def _two_conv_modules(seed=0):
+    """A backbone of two WSConv -> BN ConvModules with trained BN statistics, float64."""
+    torch.manual_seed(seed)
+    backbone = nn.Sequential(*[
+        ConvModule(c, 8, 3, padding=1, conv_cfg=dict(type='WSConv'), norm_cfg=dict(type='BN'))
+        for c in (3, 8)])
+    for i, module in enumerate(backbone):
+        _trained_bn_(module.norm, seed=i)
+    return backbone.double()
+
+
+def _efficient_and_reference():
+    """mmengine's ``efficient_conv_bn_eval = ['backbone']`` (what the Runner does for the config
+    key) on one model; the same model untouched beside it."""
+    from mmengine.model.efficient_conv_bn_eval import turn_on_efficient_conv_bn_eval
+    model, reference = nn.Module(), nn.Module()
+    model.backbone, reference.backbone = _two_conv_modules(), _two_conv_modules()
+    turn_on_efficient_conv_bn_eval(model, ['backbone'])
+    # (the transform found the pairs: its graph module's code calls the control)
+    assert 'efficient_conv_bn_eval_control' in model.backbone.forward.__self__.code
+    return model.backbone, reference.backbone
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_mmengine_efficient_conv_bn_eval_with_wsconv(train):
+    # The fold in eval, the two layers in training (mmengine convolves with the raw weight):
+    # outputs and the raw weights' gradients as the untouched WSConv -> BN, whose first pair
+    # is also checked against the oracle.
+    model, reference = _efficient_and_reference()
+    model.train(train), reference.train(train)
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    if not train:
+        torch.testing.assert_close(reference[0](x), _oracle(reference[0], x))
+    actual, expected = model(x), reference(x)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    grads = torch.autograd.grad(actual.square().sum(), [m.conv.weight for m in model])
+    ref_grads = torch.autograd.grad(expected.square().sum(), [m.conv.weight for m in reference])
+    torch.testing.assert_close(grads, ref_grads, rtol=1e-9, atol=1e-10)
+
+
 def test_unpatched_mmcv_is_wrong_for_wsconv():
     """What the wrappers are for (and a check that the tests above can fail)."""
     x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
@@ -111,6 +151,10 @@ def test_unpatched_mmcv_is_wrong_for_wsconv():
         assert (efficient(x) - expected).abs().max() > 1.0
         with torch.no_grad():
             assert (fuse_conv_bn(_conv_module(efficient=False))(x) - expected).abs().max() > 1.0
+        model, reference = _efficient_and_reference()
+        for train in (False, True):
+            model.train(train), reference.train(train)
+            assert (model(x) - reference(x)).abs().max() > 0.1, train
     finally:
         mmcv_fusion.install()
 
@@ -122,7 +166,9 @@ def test_wrappers_installed_once_whatever_the_import_order(order):
     code = (f'{imports}; import mmnorm.integration.mmcv_fusion as f; f.install(); f.install(); '
             'import sys; a = sys.modules["mmcv.cnn.utils.fuse_conv_bn"]; '
             'b = sys.modules["mmcv.cnn.bricks.conv_module"]; '
-            'fns = [a._fuse_conv_bn, b.efficient_conv_bn_eval_forward]; '
+            'import mmengine.model.efficient_conv_bn_eval as c; '
+            'fns = [a._fuse_conv_bn, b.efficient_conv_bn_eval_forward, '
+            'c.efficient_conv_bn_eval_control]; '
             'assert all(hasattr(g, "__mmnorm_wraps__") for g in fns), fns; '
             'assert not any(hasattr(g.__mmnorm_wraps__, "__mmnorm_wraps__") for g in fns); '
             'print("ok")')

@@ -37,6 +37,13 @@ such batches, in training too), so ``'batch_average'`` cannot be formed: those l
 value seen in all (:math:`\sum_b n_b = 1`) no variance can be estimated at all: the layer keeps
 its statistics, is *not* marked ready, and a warning names it.
 
+A synchronized layer (``SyncSN``, ``SyncBCN``, ``nn.SyncBatchNorm``, ...) normalizes with the
+statistics of the process group's whole batch: its batches are those global batches, with their
+global counts of values (the one-value case above is then one value in the whole group's
+batch), and a process whose part of a batch was empty still ran it. A layer that saw data on
+some processes only (a mask head that got no positive RoI on one of them) gets the statistics of
+the data seen.
+
 Layers configured with ``eval_stats='batch_average'`` are marked ready (``stats_ready``), which
 silences the guard that warns when they are evaluated with training-time moving averages.
 """
@@ -48,10 +55,11 @@ import torch
 from mmengine.dist import all_reduce, get_rank, get_world_size
 from mmengine.logging import print_log
 from torch import Tensor, nn
+from torch import distributed as dist
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import pool_weighted
-from ..layers import BatchStatsNorm
+from ..layers import BatchStatsNorm, SyncNorm
 
 __all__ = ['recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS',
            'BatchAverageEstimator', 'PopulationEstimator']
@@ -79,7 +87,8 @@ class BatchAverageEstimator:
     def __init__(self, channels: int, device):
         self.sums = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=device)
 
-    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int) -> None:
+    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int,
+               batch_values: int) -> None:
         self.sums += torch.cat([mean.new_tensor([1.0]), mean, unbiased_var]) * samples
 
     def local_state(self) -> Tensor:
@@ -102,8 +111,9 @@ class PopulationEstimator:
         self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
         self.var = torch.zeros(channels, dtype=torch.float64, device=device)
 
-    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int) -> None:
-        biased = unbiased_var * ((values - 1) / values)
+    def update(self, mean: Tensor, unbiased_var: Tensor, samples: int, values: int,
+               batch_values: int) -> None:
+        biased = unbiased_var * ((batch_values - 1) / batch_values)
         counts = torch.tensor([[float(self.count)], [float(values)]], dtype=torch.float64,
                               device=mean.device)
         self.mean, self.var, _ = pool_weighted(counts, torch.stack([self.mean, mean]),
@@ -130,9 +140,27 @@ class PopulationEstimator:
 _ESTIMATOR_CLASSES = {'batch_average': BatchAverageEstimator, 'population': PopulationEstimator}
 
 
+def _sync_group(layer: nn.Module):
+    """The process group whose whole batch the layer's training statistics cover (a
+    synchronized layer in a distributed run), or None (this process's batch)."""
+    if isinstance(layer, SyncNorm):
+        return layer._sync_group()
+    if isinstance(layer, nn.SyncBatchNorm) and layer.training and dist.is_available() \
+            and dist.is_initialized():  # (its own rule, torch.nn.SyncBatchNorm.forward's)
+        group = layer.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+    return None
+
+
 class _BatchRecorder:
     """Forward hook of one layer: after each training-mode forward (momentum 1), its running
-    buffers are that batch's mean and unbiased variance; both estimators take them."""
+    buffers are that batch's mean and unbiased variance; both estimators take them.
+
+    A synchronized layer's batch is the whole process group's: its variance is unbiased over
+    the group's count of values (a collective per call gets it, every process calling the layer
+    as the layer itself requires), and a process with an empty input still saw it. Each
+    process weighs the batch by its own samples and values, so the sums over processes weigh
+    it by the group's."""
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
@@ -149,21 +177,29 @@ class _BatchRecorder:
         if not module.training:
             self.frozen_calls += 1
             return  # frozen layers (e.g. norm_eval=True) keep their statistics
-        if x.numel() == 0:
+        samples = x.shape[0]
+        values = x.numel() // x.shape[1] if x.shape[1] else 0
+        batch_values, group = values, _sync_group(module)
+        if group is not None:
+            count = torch.tensor([float(values)], dtype=torch.float64,
+                                 device=module.running_mean.device)
+            dist.all_reduce(count, group=group)
+            batch_values = int(count.item())
+        if batch_values == 0:
             return
-        samples, values = x.shape[0], x.numel() // x.shape[1]
         mean = module.running_mean.detach().double()
         var = module.running_var.detach().double()
-        if getattr(module, 'in_unbiased', False) and values > 1:
+        if getattr(module, 'in_unbiased', False) and batch_values > 1:
             # (a layer with the SN authors' variances moves its running variance as their layer
             # does, to the batch's variance with no Bessel correction: corrected here, as the
             # estimators take it)
-            var = var * (values / (values - 1))
-        for estimator in self.estimators.values():
-            estimator.update(mean, var, samples, values)
+            var = var * (batch_values / (batch_values - 1))
+        if values:
+            for estimator in self.estimators.values():
+                estimator.update(mean, var, samples, values, batch_values)
         self.calls += 1
         self.samples += samples
-        self.one_value_batch |= values <= 1
+        self.one_value_batch |= batch_values <= 1
 
 
 @contextlib.contextmanager
@@ -261,13 +297,12 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
 
     names = {id(r): name for name, r in recorders.items()}
     device = next(iter(layers.values())).running_mean.device
-    # Every rank must join the same collectives: agree on which layers saw data, and on which
-    # saw a batch with one value per channel (no batch variance: the population estimate).
-    seen = _count_processes([r.calls > 0 for r in recorders.values()], device)
-    if any(0 < count < get_world_size() for count in seen):
-        raise RuntimeError('recompute_batch_stats: some layers saw data on some processes only; '
-                           'the processes must run the same layers')
-    used = [r for r, count in zip(recorders.values(), seen) if count]
+    # Every rank must join the same collectives: agree on which layers saw data on some process
+    # (one that saw none adds nothing to their sums: a mask head without RoIs here), and on
+    # which saw a batch with one value per channel (no batch variance: the population estimate).
+    seen = dict(zip(recorders, _count_processes([r.calls > 0 for r in recorders.values()],
+                                                device)))
+    used = [recorders[name] for name, count in seen.items() if count]
     single = _count_processes([r.one_value_batch for r in used], device)
     fallback = [r for r, count in zip(used, single) if count and estimator == 'batch_average']
     if fallback:
@@ -291,12 +326,12 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
                   f'in all; their running variance cannot be estimated, is kept, and they are '
                   f'not marked recomputed (use more batches): {stale[:5]}', logger=logger,
                   level=30)
-    frozen = [name for name, r in recorders.items() if not r.calls and r.frozen_calls]
+    frozen = [name for name, r in recorders.items() if not seen[name] and r.frozen_calls]
     if frozen:  # (intended: the model's train() keeps them in eval mode)
         print_log(f'recompute_batch_stats: {len(frozen)} layer(s) are frozen (kept in eval mode, '
                   f'e.g. by norm_eval=True) and keep their statistics: '
                   f'{frozen[:5]}{"..." if len(frozen) > 5 else ""}', logger=logger)
-    unused = [name for name, r in recorders.items() if not r.calls and not r.frozen_calls]
+    unused = [name for name, r in recorders.items() if not seen[name] and not r.frozen_calls]
     if unused:
         print_log(f'recompute_batch_stats: {len(unused)} layer(s) received no input and keep '
                   f'their statistics: {unused[:5]}{"..." if len(unused) > 5 else ""}',

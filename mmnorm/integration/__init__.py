@@ -2,7 +2,7 @@
 """Integration with mmcv, mmdet, mmseg and mmpretrain, applied when the module concerned is
 imported (see :mod:`.post_import`): backbones' ``norm_eval`` freezes SN/BCN statistics
 (:mod:`.norm_eval`), mmseg gets ``DeepLabV2Head``, mmpretrain ``ResNetV1SSN`` (the SSN authors'
-stem), mmcv's conv + BN folding
+stem), mmcv's and mmengine's conv + BN folding
 (``fuse_conv_bn``, ``efficient_conv_bn_eval``) folds ``WSConv`` from its standardized weight
 (:mod:`.mmcv_fusion`), and mmengine's FLOP analysis counts mmnorm's layers
 (:mod:`.mmengine_flops`)."""
@@ -56,7 +56,7 @@ def install_integrations() -> None:
     for scope, setup in setups.items():
         if importlib.util.find_spec(scope) is not None:
             when_imported(f'{scope}.models', setup)
-    if importlib.util.find_spec('mmcv') is not None:
-        for module_name, _ in mmcv_fusion.TARGETS:
+    for module_name, _ in mmcv_fusion.TARGETS:  # (mmcv's and mmengine's)
+        if importlib.util.find_spec(module_name.partition('.')[0]) is not None:
             when_imported(module_name, mmcv_fusion.install)
     when_imported(mmengine_flops.TARGET[0], mmengine_flops.install)

@@ -279,3 +279,66 @@ def test_a_single_value_in_all_is_never_marked_fresh(mmnorm_log):
     model.eval()
     model(make_batches(num=1, size=1)[0])
     assert logged(mmnorm_log, 'not recomputed')
+
+
+def _sync_cases():
+    """Per case: the layer class and each rank's K batches (shared by the workers and the
+    oracle). A synchronized layer's batches are the union of the ranks' parts."""
+    from mmnorm.layers import SyncSwitchableNorm
+    gen = torch.Generator().manual_seed(11)
+
+    def batches(*shapes):  # one shape per rank, 4 batches
+        return [[torch.randn(shape, generator=gen, dtype=torch.float64) * 2 + 1
+                 for _ in range(4)] for shape in shapes]
+
+    return {
+        # ASPP's image pooling at one image per process: one value per channel and rank, two in
+        # the global batch (the local recorder once saw no batch variance at all here)
+        'one value per rank': (SyncSwitchableNorm, batches((1, 4, 1, 1), (1, 4, 1, 1))),
+        'uneven batches and sizes': (SyncSwitchableNorm, batches((2, 4, 3, 2), (3, 4, 2, 2))),
+        'empty on rank 0': (SyncSwitchableNorm, batches((0, 4, 3, 3), (3, 4, 3, 3))),
+        # a local layer that got data on one process only (a mask head without RoIs elsewhere)
+        'local, data on rank 0 only': (SwitchableNorm, batches((2, 4, 3, 3), (0, 4, 3, 3))),
+    }
+
+
+def _sync_worker(rank, world, out_dir):
+    for case, (cls, parts) in _sync_cases().items():
+        for estimator in ('batch_average', 'population'):
+            model = nn.Sequential(cls(4, eval_stats='batch_average')).double()
+            recompute_batch_stats(model, parts[rank], 4, forward=forward, estimator=estimator)
+            torch.save([model[0].running_mean, model[0].running_var, model[0].stats_ready],
+                       os.path.join(out_dir, f'{case} {estimator} {rank}.pth'))
+
+
+def _global_oracle(parts, estimator, synchronized):
+    """Each batch's values per channel (the union of the ranks' parts where synchronized),
+    combined as documented, in plain float64 ops."""
+    def per_channel(x):
+        return x.transpose(0, 1).reshape(x.shape[1], -1)
+    batches = [[part] for part in parts[0] + parts[1]] if not synchronized else \
+        [list(pair) for pair in zip(*parts)]
+    batches = [(sum(x.shape[0] for x in b), torch.cat([per_channel(x) for x in b], 1))
+               for b in batches if sum(x.numel() for x in b)]
+    if estimator == 'population':
+        values = torch.cat([v for _, v in batches], 1)
+        return values.mean(1), values.var(1)
+    weights = torch.tensor([float(n) for n, _ in batches], dtype=torch.float64).view(-1, 1)
+    weights = weights / weights.sum()
+    return ((weights * torch.stack([v.mean(1) for _, v in batches])).sum(0),
+            (weights * torch.stack([v.var(1) for _, v in batches])).sum(0))
+
+
+def test_synchronized_layers_take_the_global_batches_of_two_processes():
+    from mmnorm.layers import SyncNorm
+    with tempfile.TemporaryDirectory() as tmp:
+        run_on_gloo(_sync_worker, out_dir=tmp)
+        for case, (cls, parts) in _sync_cases().items():
+            for estimator in ('batch_average', 'population'):
+                ranks = [torch.load(os.path.join(tmp, f'{case} {estimator} {r}.pth'),
+                                    weights_only=True) for r in (0, 1)]
+                mean, var = _global_oracle(parts, estimator, issubclass(cls, SyncNorm))
+                for got in ranks:
+                    torch.testing.assert_close(got[0], mean, msg=f'{case}, {estimator}: mean')
+                    torch.testing.assert_close(got[1], var, msg=f'{case}, {estimator}: var')
+                    assert bool(got[2]), (case, estimator)

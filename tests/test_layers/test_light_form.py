@@ -282,3 +282,48 @@ def test_bcn_cpu_map_gradcheck(affine, estimate, eager, monkeypatch):
 
     assert torch.autograd.gradcheck(fn, (x, *stats, *params))
     assert used  # the map's own backward ran
+
+
+def _mixture_oracle(x, mean_ratios, var_ratios, weight, bias, eps=1e-5):
+    """SN's output in float64 plain ops: IN, LN and BN moments mixed by the given ratios."""
+    dims = tuple(range(2, x.dim()))
+    moments = [(x.mean(d, keepdim=True), x.var(d, unbiased=False, keepdim=True))
+               for d in (dims, (1, ) + dims, (0, ) + dims)]
+    mu = sum(r * m for r, (m, _) in zip(mean_ratios, moments))
+    var = sum(r * v for r, (_, v) in zip(var_ratios, moments))
+    shape = (1, -1) + (1, ) * len(dims)
+    return (x - mu) / torch.sqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+@pytest.mark.parametrize('means', [1, 2])  # LN or BN means, IN variances
+@pytest.mark.parametrize('shape', [(8, 16, 1, 1), (6, 4, 1), (2, 1, 1), (1, 1, 1, 1)])
+@pytest.mark.parametrize('structure', ['cpu', 'gpu'])
+def test_float32_input_gradient_where_statistics_see_one_value(means, shape, structure,
+                                                               eager, monkeypatch):
+    # One value per row (pooled maps: H x W = 1): IN's variance is the constant 0, so a layer
+    # whose variances come from IN has a huge 1 / (var + eps)^1.5 in its backward, which must
+    # not be cancelled in float32 (P x + Q, 1-3% of dx before) where its term is exactly 0.
+    if structure == 'gpu':
+        monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    gen = torch.Generator().manual_seed(5)
+    x64 = torch.randn(shape, generator=gen, dtype=torch.float64) + 2
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    mean_logits = torch.full((3, ), -30.0, dtype=torch.float64)
+    mean_logits[means] = 30.0
+    var_logits = torch.tensor([30.0, -30.0, -30.0], dtype=torch.float64)
+    layer = SwitchableNorm(shape[1])
+    with torch.no_grad():
+        layer.mean_logits.copy_(mean_logits)
+        layer.var_logits.copy_(var_logits)
+        layer.weight.uniform_(0.5, 1.5, generator=gen)
+    x = x64.float().requires_grad_()
+    grad = torch.autograd.grad(layer(x), x, dy.float())[0]
+
+    x = x64.clone().requires_grad_()
+    expected = torch.autograd.grad(
+        _mixture_oracle(x, mean_logits.softmax(0), var_logits.softmax(0),
+                        layer.weight.detach().double(), layer.bias.detach().double()), x, dy)[0]
+    # Relative to the size of dx's terms (A dy, about 1 / sqrt(eps)): where every statistic
+    # sees one value, y = bias and dx is 0, their difference.
+    error = (grad.double() - expected).abs().max() / expected.abs().max().clamp(min=1e5 ** 0.5)
+    assert error < 1e-5, float(error)

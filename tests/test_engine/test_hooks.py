@@ -61,6 +61,33 @@ class TestBatchAverageStatsHook:
         moving.train()
         assert not torch.allclose(moving.model.norm1.running_var, saved['norm1.running_var'])
 
+    @pytest.mark.parametrize('checkpoint_by_epoch', [True, False])
+    def test_epoch_loop_last_checkpoint_holds_the_batch_average(self, tmp_path,
+                                                                 checkpoint_by_epoch):
+        # An epoch loop whose CheckpointHook counts iterations saves the last checkpoint after
+        # the last iteration, before the epoch ends: the statistics must be there by then.
+        torch.manual_seed(0)
+        model = ToyModel(norm1=mmnorm.SwitchableNorm(8, eval_stats='batch_average'))
+        runner = Runner(
+            model=model, work_dir=str(tmp_path), train_dataloader=loader(size=22),
+            train_cfg=dict(by_epoch=True, max_epochs=2),
+            optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1, momentum=0.9)),
+            default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=4,
+                                               by_epoch=checkpoint_by_epoch)),
+            custom_hooks=[dict(type='BatchAverageStatsHook', num_iters=3)],
+            randomness=dict(seed=0), experiment_name=f'epochs_{checkpoint_by_epoch}')
+        hook = next(h for h in runner.hooks if isinstance(h, BatchAverageStatsHook))
+        calls, recompute = [], hook._recompute
+        hook._recompute = lambda runner, models, when, iters: (
+            calls.append(when), recompute(runner, models, when, iters))
+        runner.train()
+        assert calls == ['before the last checkpoint']  # once, not again at the epoch's end
+        final = 'epoch_2.pth' if checkpoint_by_epoch else 'iter_12.pth'  # 6 batches per epoch
+        saved = torch.load(tmp_path / final, weights_only=True)['state_dict']
+        assert bool(saved['norm1.stats_ready'])
+        for key in ('norm1.running_mean', 'norm1.running_var', 'norm2.running_var'):
+            torch.testing.assert_close(saved[key], model.state_dict()[key])
+
     def test_training_continues_after_mid_training_validation(self, tmp_path):
         # An infinite sampler shares one index generator between iterators: the hook must not
         # iterate (and abandon) the training loader, or the training data would stop.

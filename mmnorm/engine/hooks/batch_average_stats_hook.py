@@ -26,8 +26,8 @@ class BatchAverageStatsHook(Hook):
     weights, no gradients) for every SN/SN_tied/BCN (non-estimated) and ``_BatchNorm`` layer:
 
     - at the start of every validation and test epoch, for the weights that are evaluated,
-    - after the last training iteration/epoch, *before* ``CheckpointHook`` saves the final
-      checkpoint, for the weights that are saved,
+    - after the last training iteration, *before* ``CheckpointHook`` saves the final
+      checkpoint (whether it counts epochs or iterations), for the weights that are saved,
 
     and skips the work when those weights were not trained since their last computation.
     Statistics are all-reduced, so every rank holds identical buffers.
@@ -75,6 +75,7 @@ class BatchAverageStatsHook(Hook):
         self.log_interval = log_interval
         # training iterations done at each model's last computation
         self._computed_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._last_checkpoint_at: Optional[int] = None  # training iterations then
         self._loader: Optional[DataLoader] = None
 
     def before_run(self, runner: Runner) -> None:
@@ -117,16 +118,22 @@ class BatchAverageStatsHook(Hook):
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
-        if (self.run_before_last_checkpoint and not self._by_epoch(runner)
-                and self.is_last_train_iter(runner)):
+        # In epoch loops too: a CheckpointHook counting iterations (by_epoch=False) saves the
+        # last checkpoint after this iteration, before the epoch's end.
+        if self.run_before_last_checkpoint and self.is_last_train_iter(runner):
             self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
                             runner.iter + 1)
+            self._last_checkpoint_at = runner.iter + 1
 
     def after_train_epoch(self, runner: Runner) -> None:
+        # Where the last iteration was not max_iters (mmengine resumes an epoch loop from a
+        # mid-epoch checkpoint at the epoch's start, keeping the count of iterations).
         if (self.run_before_last_checkpoint and self._by_epoch(runner)
-                and self.is_last_train_epoch(runner)):
+                and self.is_last_train_epoch(runner)
+                and self._last_checkpoint_at != runner.iter):
             self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
                             runner.iter)
+            self._last_checkpoint_at = runner.iter
 
     @staticmethod
     def _saved_models(runner: Runner) -> List[nn.Module]:

@@ -14,7 +14,7 @@ from torch import nn
 
 import mmnorm  # noqa: F401  (registers the layers)
 from mmnorm import SwitchableNorm, SwitchableNormTied
-from mmnorm.convert import hard_choices, harden_ratios, to_deploy
+from mmnorm.convert import BatchNormNd, InstanceNormNd, hard_choices, harden_ratios, to_deploy
 from tests.conftest import ROOT
 
 PATTERN = [('BN', 'BN'), ('IN', 'IN'), ('LN', 'LN'), ('IN', 'BN'), ('BN', 'BN')]
@@ -381,10 +381,29 @@ def test_grouped_layer_with_one_choice_deploys_as_ungrouped(pattern, in_unbiased
         assert type(model[0]) is nn.Conv2d and model[0] is not conv
         assert isinstance(model[1], nn.Identity)
     else:
-        expected = {'affine': nn.BatchNorm2d, 'instance_norm': nn.InstanceNorm2d,
+        expected = {'affine': BatchNormNd, 'instance_norm': InstanceNormNd,
                     'group_norm': nn.GroupNorm}.get(action)
         assert expected is None or type(model[1]) is expected
     torch.testing.assert_close(deployed, hard, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize('pattern, action', [
+    ('bn', 'affine'), ('in', 'instance_norm'), ('ln', 'group_norm')])
+@pytest.mark.parametrize('shape', [(16, 16, 5), (2, 16, 3, 4, 2), (3, 16, 1)])
+def test_deployed_natives_take_every_input_rank(pattern, action, shape):
+    # The layers take (N, C, *): so must what replaces them. BatchNorm2d refused 3-D and 5-D
+    # inputs, and InstanceNorm2d read a 3-D input as one unbatched (C, L) image (wrong where
+    # N == C, the first shape).
+    layer, _ = _grouped_layer(SwitchableNorm, pattern)
+    model = nn.Sequential(nn.ReLU(), layer)
+    harden_ratios(model)
+    model.eval()
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        hard = model(x)
+        assert to_deploy(model) == {'1': action}
+        torch.testing.assert_close(model(x), hard, rtol=1e-10, atol=1e-12)
+    assert isinstance(model[1], (nn.BatchNorm2d, nn.InstanceNorm2d, nn.GroupNorm))
 
 
 def test_grouped_bn_choice_without_running_stats_stays_fused():

@@ -5,7 +5,8 @@ deploy forms of SN models (:mod:`.hard_ratios`; grouped layers whose groups chos
 (:mod:`.folding`)."""
 from .folding import bn_affine, conv_weight, fold_affine_into_conv, fold_bn_into_conv
 from .groupwise import GroupwiseHardNorm, choice_label
-from .hard_ratios import DEPLOY_ACTIONS, hard_choices, harden_ratios, summarize, to_deploy
+from .hard_ratios import (DEPLOY_ACTIONS, BatchNormNd, InstanceNormNd, hard_choices, harden_ratios,
+                          summarize, to_deploy)
 from .reference import source_forward
 from .resnet import (FORMATS, SN_SOURCE_MOMENTUM, SOURCE_MOMENTUM, ConversionError, ResNetSpec,
                      check_against, classifier_config, convert_state_dict, resnet_spec,
@@ -17,5 +18,5 @@ __all__ = [
     'source_forward',
     'DEPLOY_ACTIONS', 'hard_choices', 'harden_ratios', 'summarize', 'to_deploy', 'bn_affine',
     'conv_weight', 'fold_affine_into_conv', 'fold_bn_into_conv', 'GroupwiseHardNorm',
-    'choice_label'
+    'choice_label', 'BatchNormNd', 'InstanceNormNd'
 ]

@@ -10,9 +10,11 @@ whose μ and σ both select BN "can be turned into linear transformation".
 - :func:`to_deploy` (eval mode) replaces each hardened layer by its cheapest equivalent:
   μ and σ both BN -> a per-channel affine map ``a x + b``, folded into the preceding convolution
   where there is one (a WS convolution becomes a plain one with the standardized, scaled
-  weight), else a native ``BatchNorm`` in eval mode; both IN -> ``nn.InstanceNorm`` (affine); both
-  LN -> ``nn.GroupNorm(1, C)``; different choices for μ and σ stay one fused SN layer (a plain
-  SN layer with the one-hot ratios, whose ratio function is a softmax, whatever computed them).
+  weight), else a native ``BatchNorm`` in eval mode (:class:`BatchNormNd`); both IN ->
+  ``nn.InstanceNorm`` (:class:`InstanceNormNd`, affine); both LN -> ``nn.GroupNorm(1, C)`` (each
+  takes inputs of any number of spatial dims, as the layer did); different choices for μ and
+  σ stay one fused SN layer (a plain SN layer with the one-hot ratios, whose ratio function is
+  a softmax, whatever computed them).
   Layers with ``in_unbiased=True`` (converted from the SN authors) keep the fused layer for IN /
   LN, whose native kernels use the biased variance.
 
@@ -20,24 +22,27 @@ Layers with ``ratio_groups`` > 1 choose per group of channels: :func:`hard_choic
 layer a tuple of names per group, for μ and for σ (``(('IN', 'IN', 'BN', 'BN'), ('IN', 'BN',
 'BN', 'BN'))``), and :func:`summarize` writes it as runs (``IN×2,BN×2``). A hardened grouped
 layer whose every group chose the same normalizer for μ and σ deploys as an ungrouped one (the
-whole layer BN: folded or affine; IN: ``nn.InstanceNorm2d``; LN: ``nn.GroupNorm(1, C)``); any
+whole layer BN: folded or affine; IN: :class:`InstanceNormNd`; LN: ``nn.GroupNorm(1, C)``); any
 other becomes a :class:`~mmnorm.convert.groupwise.GroupwiseHardNorm` (``groupwise``): the IN
 moments once, LN pooled from them if some group uses it, BN from its buffers, one pass ``a x +
 b`` (also for ``in_unbiased=True``, whose IN variance it corrects as the layer does). Only a
 whole-BN layer folds into the convolution: see :func:`to_deploy` for what cannot.
 """
+import math
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import BatchStatsNorm, SwitchableNorm, has_ratios
 from .folding import bn_affine, fold_affine_into_conv
 from .groupwise import Choice, GroupwiseHardNorm, choice_label
 
-__all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS']
+__all__ = ['hard_choices', 'harden_ratios', 'to_deploy', 'summarize', 'DEPLOY_ACTIONS',
+           'BatchNormNd', 'InstanceNormNd']
 
 #: What :func:`to_deploy` can do with a layer (``groupwise``: grouped layers only).
 DEPLOY_ACTIONS = ('folded', 'affine', 'instance_norm', 'group_norm', 'fused', 'groupwise')
@@ -81,15 +86,39 @@ def _is_hard(module: BatchStatsNorm) -> bool:
     return bool(((mean == 0) | (mean == 1)).all() and ((var == 0) | (var == 1)).all())
 
 
+class BatchNormNd(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` for inputs ``(N, C, *)`` of any number of spatial dims, as the layer
+    it replaces takes (``F.batch_norm`` computes any; ``BatchNorm2d`` checks for 4-D only). An
+    ``nn.BatchNorm2d`` (and a ``_BatchNorm``) to every folding tool, exporter and check."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f'expected an input (N, C, *), got {input.dim()}-D')
+
+
+class InstanceNormNd(nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` for inputs ``(N, C, *)`` with any number (>= 1) of spatial dims:
+    always batched, where ``InstanceNorm2d`` reads a 3-D input as one unbatched ``(C, H, W)``
+    image (a ``(N, C, L)`` input with ``N == C`` was normalized over the wrong dims). One value
+    per row gives the bias, as the layer (ATen's instance norm refuses it)."""
+
+    def forward(self, input):
+        if input.dim() < 3 or input.shape[1] != self.num_features:
+            raise ValueError(f'expected an input (N, {self.num_features}, *) with at least one '
+                             f'spatial dim, got {tuple(input.shape)}')
+        if math.prod(input.shape[2:]) == 1:  # (IN is group norm with a group per channel)
+            return F.group_norm(input, self.num_features, self.weight, self.bias, self.eps)
+        return self._apply_instance_norm(input)
+
+
 def _native(module: BatchStatsNorm, action: str) -> nn.Module:
     channels, factory = module.num_features, _factory(module)  # built in the layer's dtype
     if action == 'affine':
-        replacement = nn.BatchNorm2d(channels, eps=module.eps, affine=module.affine, **factory)
+        replacement = BatchNormNd(channels, eps=module.eps, affine=module.affine, **factory)
         replacement.running_mean.copy_(module.running_mean)
         replacement.running_var.copy_(module.running_var)
     elif action == 'instance_norm':
-        replacement = nn.InstanceNorm2d(channels, eps=module.eps, affine=module.affine,
-                                        **factory)
+        replacement = InstanceNormNd(channels, eps=module.eps, affine=module.affine, **factory)
     else:
         replacement = nn.GroupNorm(1, channels, eps=module.eps, affine=module.affine, **factory)
     if module.affine:

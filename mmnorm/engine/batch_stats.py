@@ -205,11 +205,14 @@ class _BatchRecorder:
 @contextlib.contextmanager
 def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
     """Run ``model`` in training mode with the layers recording (momentum 1), then restore
-    everything: momenta, train/eval modes, step counters (the pass is not training) and the
-    estimates of estimated layers (kept in eval, where they normalize as a rate-0 step would)."""
+    everything: momenta, train/eval modes, step counters (the pass is not training), the
+    estimates of estimated layers (kept in eval, where they normalize as a rate-0 step would)
+    and the running statistics (the recorders hold what the batches gave; the caller writes the
+    result, so a pass that fails, or is interrupted, leaves them as they were)."""
     recorders = {name: _BatchRecorder(m) for name, m in layers.items()}
     handles = [m.register_forward_hook(recorders[name]) for name, m in layers.items()]
     saved = {m: (m.momentum, m.training) for m in layers.values()}
+    statistics = {m: (m.running_mean.clone(), m.running_var.clone()) for m in layers.values()}
     counters = {m: m.num_batches_tracked.clone() for m in model.modules()
                 if isinstance(m, (_BatchNorm, BatchStatsNorm))
                 and getattr(m, 'num_batches_tracked', None) is not None}
@@ -229,6 +232,9 @@ def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
         for m, (momentum, training) in saved.items():
             m.momentum = momentum
             m.train(training)
+        for m, (mean, var) in statistics.items():
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
         for m, count in counters.items():
             m.num_batches_tracked.copy_(count)
         model.train(was_training)
@@ -267,7 +273,7 @@ def recompute_batch_stats(model: nn.Module, batches: Iterable, num_iters: int,
             Algorithm-1 estimates are not modified, only ``running_mean``/``running_var`` of the
             batch-statistics layers (and ``stats_ready`` of mmnorm layers).
         batches (Iterable): training batches; iterated again from the start if shorter than
-            ``num_iters``.
+            ``num_iters`` (a list or a DataLoader; an iterator that runs out is refused).
         num_iters (int): number of batches K.
         forward (callable, optional): ``forward(model, batch)`` running one training-mode
             forward pass. Defaults to mmengine's ``model.data_preprocessor`` then
@@ -345,12 +351,16 @@ def _cycle(batches: Iterable, num_iters: int):
     """``num_iters`` items, restarting ``batches`` whenever it is exhausted."""
     produced = 0
     while produced < num_iters:
-        empty = True
+        before = produced
         for batch in itertools.islice(batches, num_iters - produced):
-            empty = False
             produced += 1
             yield batch
-        if empty:
+        if produced == before and produced:
+            raise RuntimeError(
+                f'recompute_batch_stats: the data source ran out after {produced} of {num_iters} '
+                f'batches and cannot start again (an iterator or generator): pass a list or a '
+                f'DataLoader, or num_iters <= {produced}')
+        if produced == before:
             raise RuntimeError('recompute_batch_stats: the data source produced no batch')
 
 

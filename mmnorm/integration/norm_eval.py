@@ -26,10 +26,12 @@ _MARK = '_mmnorm_respects_norm_eval'
 def respect_norm_eval(cls: Type[nn.Module]) -> Type[nn.Module]:
     """Wrap ``cls.train`` so that ``norm_eval`` also freezes mmnorm layers (idempotent).
 
-    Use it as a class decorator for backbones of your own that have ``norm_eval``.
+    Use it as a class decorator for backbones of your own that have ``norm_eval``. A class
+    that inherits its ``train`` (``nn.Module``'s, or an undecorated parent's) gets the wrapped
+    one as its own.
     """
-    original = cls.__dict__.get('train')
-    if original is None or getattr(original, _MARK, False):
+    original = cls.__dict__.get('train', cls.train)
+    if getattr(original, _MARK, False):
         return cls
 
     @functools.wraps(original)

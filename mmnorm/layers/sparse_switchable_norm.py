@@ -129,7 +129,7 @@ class SparseSwitchableNorm(SwitchableNorm):
         'ssn1'
         >>> ssn.set_progress(1.0)  # the end of training: every ratio vector is one-hot
         >>> with torch.no_grad():
-        ...     ssn.mean_scores.copy_(torch.tensor([0.2, 0.1, 0.6]))
+        ...     _ = ssn.mean_scores.copy_(torch.tensor([0.2, 0.1, 0.6]))
         >>> ssn.ratios()[0].tolist()
         [0.0, 0.0, 1.0]
     """

@@ -170,6 +170,17 @@ def test_cycles_a_short_data_source():
     assert report['1']['calls'] == 5
 
 
+def test_an_iterator_shorter_than_num_iters_is_named():
+    # A generator cannot start again: the message says so (it said "produced no batch").
+    batches = (b for b in make_batches(num=2))
+    model = make_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match='ran out after 2 of 3 batches'):
+        recompute_batch_stats(model, batches, 3, forward=forward)
+    for key, value in model.state_dict().items():  # nothing lost: the statistics as they were
+        assert torch.equal(value, before[key]), key
+
+
 def test_frozen_layers_keep_their_statistics(mmnorm_log):
     model = make_model()
     recompute_batch_stats(model, make_batches(), 2, forward=forward)

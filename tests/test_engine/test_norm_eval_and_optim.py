@@ -91,6 +91,26 @@ def test_respect_norm_eval_decorator_for_custom_backbones():
     assert Backbone(False).train().norm.training
 
 
+@pytest.mark.parametrize('inherits', ['nn.Module', 'a parent of its own'])
+def test_respect_norm_eval_decorator_on_a_class_that_inherits_train(inherits):
+    # The decorator did nothing where the class had no train of its own.
+    class Parent(nn.Module):
+        def __init__(self, norm_eval):
+            super().__init__()
+            self.norm_eval = norm_eval
+            self.norm = SwitchableNorm(4)
+
+        if inherits != 'nn.Module':
+            def train(self, mode=True):
+                return super().train(mode)
+
+    Backbone = mmnorm.integration.respect_norm_eval(type('Backbone', (Parent, ), {}))
+    assert not Backbone(True).train().norm.training
+    assert Backbone(False).train().norm.training
+    assert Parent(True).train().norm.training  # the parent is left as it was
+    assert mmnorm.integration.respect_norm_eval(Backbone).train is Backbone.train  # once
+
+
 class Net(nn.Module):
 
     def __init__(self):

@@ -389,7 +389,7 @@ def test_grouped_layer_with_one_choice_deploys_as_ungrouped(pattern, in_unbiased
 
 @pytest.mark.parametrize('pattern, action', [
     ('bn', 'affine'), ('in', 'instance_norm'), ('ln', 'group_norm')])
-@pytest.mark.parametrize('shape', [(16, 16, 5), (2, 16, 3, 4, 2), (3, 16, 1)])
+@pytest.mark.parametrize('shape', [(16, 16, 5), (2, 16, 3, 4, 2), (3, 16, 1), (1, 16, 1, 1)])
 def test_deployed_natives_take_every_input_rank(pattern, action, shape):
     # The layers take (N, C, *): so must what replaces them. BatchNorm2d refused 3-D and 5-D
     # inputs, and InstanceNorm2d read a 3-D input as one unbatched (C, L) image (wrong where

@@ -34,7 +34,6 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..layers import BatchStatsNorm, SwitchableNorm, has_ratios
@@ -100,14 +99,18 @@ class InstanceNormNd(nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` for inputs ``(N, C, *)`` with any number (>= 1) of spatial dims:
     always batched, where ``InstanceNorm2d`` reads a 3-D input as one unbatched ``(C, H, W)``
     image (a ``(N, C, L)`` input with ``N == C`` was normalized over the wrong dims). One value
-    per row gives the bias, as the layer (ATen's instance norm refuses it)."""
+    per row gives the bias, as the layer does (ATen's instance norm refuses it)."""
 
     def forward(self, input):
         if input.dim() < 3 or input.shape[1] != self.num_features:
             raise ValueError(f'expected an input (N, {self.num_features}, *) with at least one '
                              f'spatial dim, got {tuple(input.shape)}')
-        if math.prod(input.shape[2:]) == 1:  # (IN is group norm with a group per channel)
-            return F.group_norm(input, self.num_features, self.weight, self.bias, self.eps)
+        if math.prod(input.shape[2:]) == 1:  # x - mean(x) = 0 (NaN stays NaN, as in the layer)
+            zero = input - input
+            if self.bias is None:
+                return zero
+            shape = (1, -1) + (1, ) * (input.dim() - 2)
+            return zero * self.weight.view(shape) + self.bias.view(shape)
         return self._apply_instance_norm(input)
 
 

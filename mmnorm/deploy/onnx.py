@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..utils.files import atomic_write
 
 __all__ = ['KINDS', 'model_kind', 'TensorForward', 'export_dynamic_shapes', 'export_onnx',
-           'ort_session', 'run_session', 'compare']
+           'graph_opset', 'to_opset', 'ort_session', 'run_session', 'compare']
 
 #: What :func:`model_kind` can return.
 KINDS = ('classifier', 'segmentor', 'detector')
@@ -117,7 +117,64 @@ def export_onnx(module: nn.Module, example: Tensor, path: str, dynamic_batch: bo
                                     output_names=list(output_names or []) or None,
                                     dynamic_shapes=dynamic_shapes, opset_version=opset,
                                     verbose=False)
-    atomic_write(path, lambda tmp: program.save(tmp, external_data=False))
+    model = to_opset(program.model_proto, opset)
+    import onnx
+    atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+
+
+def graph_opset(model) -> int:
+    """The version of the default ONNX domain a model imports."""
+    return next(entry.version for entry in model.opset_import if entry.domain in ('', 'ai.onnx'))
+
+
+def to_opset(model, opset: int):
+    """``model`` at ``opset``, or ``ValueError``.
+
+    The exporter writes opset 18 for anything lower (its implementations start there) and
+    converts down with ONNX's version converter, keeping 18, with a log line only, where that
+    fails. It fails on every graph with two Reduce ops that share one axes initializer (opset
+    18 took axes as an input; 17 as an attribute, and the converter's adapter removes the
+    initializer at its first user), which mmnorm's layers have: TensorRT 8.5 / 8.6 parse
+    opsets up to 17. So each Reduce op gets its own copy before converting here.
+    """
+    if graph_opset(model) == opset:
+        return model
+    import onnx
+    from onnx import version_converter
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    users: Dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    for index, node in enumerate(model.graph.node):
+        axes = node.input[1] if node.op_type.startswith('Reduce') and len(node.input) > 1 \
+            else None
+        if axes in initializers and users[axes] > 1:
+            copy = onnx.TensorProto.FromString(initializers[axes].SerializeToString())
+            copy.name = f'{axes}__{node.op_type}_{index}'
+            model.graph.initializer.append(copy)
+            node.input[1] = copy.name
+            users[axes] -= 1
+    unused = [tensor for tensor in model.graph.initializer if users.get(tensor.name, 1) == 0]
+    for tensor in unused:
+        model.graph.initializer.remove(tensor)
+    try:
+        converted = version_converter.convert_version(model, opset)
+        if opset < 18:
+            # (the converter leaves opset 18's noop_with_empty_axes on the Reduce ops it gives
+            # attribute axes, where only ReduceSum has it: harmless at 0, every axes given)
+            for node in converted.graph.node:
+                if node.op_type.startswith('Reduce') and node.op_type != 'ReduceSum':
+                    kept = [a for a in node.attribute if a.name != 'noop_with_empty_axes'
+                            or onnx.helper.get_attribute_value(a) != 0]
+                    del node.attribute[:]
+                    node.attribute.extend(kept)
+        onnx.checker.check_model(converted)
+    except Exception as error:  # (the converter raises RuntimeError or onnx's own errors)
+        raise ValueError(f'the ONNX exporter wrote opset {graph_opset(model)} and it cannot be '
+                         f'converted to opset {opset}: {error}') from None
+    return converted
 
 
 def ort_session(path: str, threads: Optional[int] = None):

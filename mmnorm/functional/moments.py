@@ -193,11 +193,20 @@ def _centered_moments(input: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             first = input.new_zeros(input.shape[:2], dtype=dtype)
         zeros = torch.zeros_like(first)
         return first, zeros, torch.sub(input, _per_row(first, input)), zeros
-    first = input.mean(tuple(range(2, input.dim())), dtype=dtype)
+    # An exported graph (ONNX, torch.export) may run where every tensor is float16 (a TensorRT
+    # engine in fp16 mode, a converted model): there the input is cast before its mean (a mean
+    # with dtype= exports as a float16 ReduceMean, whose sum overflows), and the variance is
+    # the mean of the squares, whose largest value is a square, not L times the variance (the
+    # squared norm overflowed float16's 65504 at a std of 10 on 56 x 56 maps).
+    traced = is_tracing()
+    if traced and input.dtype != dtype:  # (no Cast where none is needed: see the end of
+        input = input.to(dtype)          # normalize_rows)
+    first = input.mean(tuple(range(2, input.dim())), dtype=None if traced else dtype)
     centered = torch.sub(input, _per_row(first, input))  # type promotion: one pass for halves
     rows = as_rows(centered)
     delta = rows.mean(-1)
-    mean_square = sum_of_squares(rows, (-1, ), keepdim=False) / rows.shape[-1]
+    mean_square = rows.square().mean(-1) if traced else \
+        sum_of_squares(rows, (-1, ), keepdim=False) / rows.shape[-1]
     return first + delta, (mean_square - delta.square()).clamp(min=0), centered, delta
 
 
@@ -388,7 +397,10 @@ def _forward(input: Tensor, coefficients: Coefficients, tensors: Sequence[Option
     # A new tensor shaped like the input, never a view: callers may modify it in place.
     out = torch.addcmul(_per_row(b - a * delta, input), centered, _per_row(a, input))
     aux = {key: value.detach() for key, value in aux.items()}
-    return out.to(input.dtype), aux, (leaves, scale, shift, centered, delta)
+    # (a Python test, not a no-op .to(): TorchScript's exporter writes that as a Cast node,
+    # which onnxconverter-common's float16 conversion (1.16) mistypes or fails on)
+    out = out if out.dtype == input.dtype else out.to(input.dtype)
+    return out, aux, (leaves, scale, shift, centered, delta)
 
 
 class _RowNormFunction(torch.autograd.Function):

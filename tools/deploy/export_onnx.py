@@ -71,7 +71,10 @@ def parse_args(argv=None):
     parser.add_argument('--shape', type=int, nargs=2, metavar=('H', 'W'),
                         help='input height and width of the example (default: the first test '
                         'image)')
-    parser.add_argument('--opset', type=int, default=18)
+    parser.add_argument('--opset', type=int, default=18,
+                        help='ONNX opset of the file (default 18; 17 for TensorRT 8.5 / 8.6: '
+                             'the exporter writes 18, converted down; an opset it cannot be '
+                             'converted to is refused)')
     parser.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction,
                         help='override settings in the config, key=value')
@@ -160,7 +163,7 @@ def main(argv=None) -> dict:
             described = (f'(N, {example.shape[1]}, {shape[0]}, {shape[1]}) with '
                          f'{"dynamic" if dynamic_batch else "static"} N')
         print(f'exported {module.kind}, input {described}, outputs {module.output_names}, '
-              f'{size_mb:.1f} MiB, {time.time() - start:.1f} s')
+              f'opset {args.opset}, {size_mb:.1f} MiB, {time.time() - start:.1f} s')
         result = dict(kind=module.kind, shape=shape, size_mb=size_mb, **info)
         if args.verify:
             session = ort_session(target)

@@ -25,9 +25,12 @@ are in effect.
    - ``mmseg.models``: registers ``DeepLabV2Head`` (the DeepLabv2 configs use it);
    - ``mmpretrain.models``: registers ``ResNetV1SSN`` (mmpretrain's ResNet with the Sparse SN
      authors' stem pooling: their converted models and the SSN ImageNet configs use it);
-   - ``mmcv.cnn.utils.fuse_conv_bn`` / ``mmcv.cnn.bricks.conv_module``: ``fuse_conv_bn`` and
-     ``efficient_conv_bn_eval`` fold a BN into a ``WSConv`` from its standardized weight (other
-     convolutions go to mmcv's code unchanged; :mod:`mmnorm.integration.mmcv_fusion`).
+   - ``mmcv.cnn.utils.fuse_conv_bn`` / ``mmcv.cnn.bricks.conv_module`` /
+     ``mmengine.model.efficient_conv_bn_eval``: ``fuse_conv_bn``, ``ConvModule``'s and
+     mmengine's ``efficient_conv_bn_eval`` fold a BN into a ``WSConv`` from its standardized
+     weight (mmengine's runs ``WSConv`` then BN in training; other convolutions go to the
+     original code unchanged; :mod:`mmnorm.integration.mmcv_fusion`). mmengine's module is
+     imported by ``mmengine.model``, so this one applies as mmnorm is imported.
    - ``mmengine.analysis.complexity_analysis``: ``FlopAnalyzer.__init__`` is wrapped so that an
      analyzer of a model with mmnorm layers also counts the arithmetic ops traced inside those
      layers (an analyzer of any other model is built exactly as mmengine builds it;

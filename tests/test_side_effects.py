@@ -31,11 +31,14 @@ def test_import_installs_exactly_the_listed_effects():
         'import mmcv.cnn.utils.fuse_conv_bn\n'
         'from mmengine.analysis import FlopAnalyzer\n'
         'fuse = sys.modules["mmcv.cnn.utils.fuse_conv_bn"]._fuse_conv_bn\n'
+        'control = sys.modules["mmengine.model.efficient_conv_bn_eval"]'
+        '.efficient_conv_bn_eval_control\n'
         'print(json.dumps(dict(state=state, loader=loader, waiting=waiting, hooked=hooked,\n'
         '    after=post_import.pending(), hooked_after=post_import._finder in sys.meta_path,\n'
         '    head=MODELS.get("DeepLabV2Head") is not None,\n'
         '    train=getattr(ResNet.train, "_mmnorm_respects_norm_eval", False),\n'
         '    fuse=hasattr(fuse, "__mmnorm_wraps__"),\n'
+        '    control=hasattr(control, "__mmnorm_wraps__"),\n'
         '    flops=hasattr(FlopAnalyzer.__init__, "__mmnorm_wraps__"))))\n')
     assert result['state'] == {'registries': True, 'checkpoint_globals': True,
                                'codebase_integrations': True, 'checkpoint_loader': False}
@@ -48,6 +51,7 @@ def test_import_installs_exactly_the_listed_effects():
     # Once each codebase is imported its integration has run and the finder is gone.
     assert result['after'] == [] and not result['hooked_after']
     assert result['head'] and result['train'] and result['fuse'] and result['flops']
+    assert result['control']  # mmengine's efficient_conv_bn_eval (imported with mmengine.model)
 
 
 def test_every_effect_is_idempotent():

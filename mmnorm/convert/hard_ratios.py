@@ -28,7 +28,6 @@ moments once, LN pooled from them if some group uses it, BN from its buffers, on
 b`` (also for ``in_unbiased=True``, whose IN variance it corrects as the layer does). Only a
 whole-BN layer folds into the convolution: see :func:`to_deploy` for what cannot.
 """
-import math
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -87,30 +86,24 @@ def _is_hard(module: BatchStatsNorm) -> bool:
 
 class BatchNormNd(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` for inputs ``(N, C, *)`` of any number of spatial dims, as the layer
-    it replaces takes (``F.batch_norm`` computes any; ``BatchNorm2d`` checks for 4-D only). An
-    ``nn.BatchNorm2d`` (and a ``_BatchNorm``) to every folding tool, exporter and check."""
+    it replaces takes (``F.batch_norm`` computes any, and refuses fewer than 2 dims;
+    ``BatchNorm2d`` checks for 4-D only). An ``nn.BatchNorm2d`` (and a ``_BatchNorm``) to
+    folding tools, exporters and ``isinstance``; scriptable, and traced by ``torch.fx`` into
+    its ``F.batch_norm`` call (not a leaf: only ``torch.nn``'s own classes are)."""
 
     def _check_input_dim(self, input):
-        if input.dim() < 2:
-            raise ValueError(f'expected an input (N, C, *), got {input.dim()}-D')
+        pass
 
 
 class InstanceNormNd(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` for inputs ``(N, C, *)`` with any number (>= 1) of spatial dims:
+    """``nn.InstanceNorm2d`` for inputs ``(N, C, *)`` with any number (>= 1) of spatial dims,
     always batched, where ``InstanceNorm2d`` reads a 3-D input as one unbatched ``(C, H, W)``
-    image (a ``(N, C, L)`` input with ``N == C`` was normalized over the wrong dims). One value
-    per row gives the bias, as the layer does (ATen's instance norm refuses it)."""
+    image (a ``(N, C, L)`` input with ``N == C`` was normalized over the wrong dims). As
+    ``InstanceNorm2d``, ATen's instance norm refuses rows of one value (``H x W = 1``), where
+    the layer it replaces outputs its bias. Scriptable; traced by ``torch.fx`` into its
+    ``F.instance_norm`` call."""
 
     def forward(self, input):
-        if input.dim() < 3 or input.shape[1] != self.num_features:
-            raise ValueError(f'expected an input (N, {self.num_features}, *) with at least one '
-                             f'spatial dim, got {tuple(input.shape)}')
-        if math.prod(input.shape[2:]) == 1:  # x - mean(x) = 0 (NaN stays NaN, as in the layer)
-            zero = input - input
-            if self.bias is None:
-                return zero
-            shape = (1, -1) + (1, ) * (input.dim() - 2)
-            return zero * self.weight.view(shape) + self.bias.view(shape)
         return self._apply_instance_norm(input)
 
 

@@ -128,52 +128,33 @@ def graph_opset(model) -> int:
 
 
 def to_opset(model, opset: int):
-    """``model`` at ``opset``, or ``ValueError``.
+    """``model`` converted to ``opset`` and checked, or ``ValueError`` with the reason.
 
-    The exporter writes opset 18 for anything lower (its implementations start there) and
-    converts down with ONNX's version converter, keeping 18, with a log line only, where that
-    fails. It fails on every graph with two Reduce ops that share one axes initializer (opset
-    18 took axes as an input; 17 as an attribute, and the converter's adapter removes the
-    initializer at its first user), which mmnorm's layers have: TensorRT 8.5 / 8.6 parse
-    opsets up to 17. So each Reduce op gets its own copy before converting here.
+    ``torch.onnx.export(dynamo=True)`` writes opset 18 for anything lower (its implementations
+    start there) and converts down itself, keeping 18, with a log line only, where that fails:
+    for every mmnorm layer it did ("No initializer or constant input to node found", on the
+    graph it converts before writing its initializers), so ``opset_version=17`` gave an opset
+    18 file, which TensorRT 8.5 / 8.6 (parsers up to opset 17) refuse. The written graph
+    converts with ONNX's version converter, which leaves opset 18's ``noop_with_empty_axes`` on
+    the Reduce ops it gives attribute axes, where only ReduceSum has it (at its default 0,
+    every axes given: removed here).
     """
     if graph_opset(model) == opset:
         return model
     import onnx
     from onnx import version_converter
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
-    users: Dict[str, int] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            users[name] = users.get(name, 0) + 1
-    for index, node in enumerate(model.graph.node):
-        axes = node.input[1] if node.op_type.startswith('Reduce') and len(node.input) > 1 \
-            else None
-        if axes in initializers and users[axes] > 1:
-            copy = onnx.TensorProto.FromString(initializers[axes].SerializeToString())
-            copy.name = f'{axes}__{node.op_type}_{index}'
-            model.graph.initializer.append(copy)
-            node.input[1] = copy.name
-            users[axes] -= 1
-    unused = [tensor for tensor in model.graph.initializer if users.get(tensor.name, 1) == 0]
-    for tensor in unused:
-        model.graph.initializer.remove(tensor)
     try:
         converted = version_converter.convert_version(model, opset)
-        if opset < 18:
-            # (the converter leaves opset 18's noop_with_empty_axes on the Reduce ops it gives
-            # attribute axes, where only ReduceSum has it: harmless at 0, every axes given)
-            for node in converted.graph.node:
-                if node.op_type.startswith('Reduce') and node.op_type != 'ReduceSum':
-                    kept = [a for a in node.attribute if a.name != 'noop_with_empty_axes'
-                            or onnx.helper.get_attribute_value(a) != 0]
-                    del node.attribute[:]
-                    node.attribute.extend(kept)
+        for node in converted.graph.node:
+            if node.op_type.startswith('Reduce') and node.op_type != 'ReduceSum':
+                kept = [a for a in node.attribute if a.name != 'noop_with_empty_axes'
+                        or onnx.helper.get_attribute_value(a) != 0]
+                del node.attribute[:]
+                node.attribute.extend(kept)
         onnx.checker.check_model(converted)
     except Exception as error:  # (the converter raises RuntimeError or onnx's own errors)
-        raise ValueError(f'the ONNX exporter wrote opset {graph_opset(model)} and it cannot be '
-                         f'converted to opset {opset}: {error}') from None
+        raise ValueError(f'an ONNX graph of opset {graph_opset(model)} cannot be converted to '
+                         f'opset {opset}: {error}') from None
     return converted
 
 

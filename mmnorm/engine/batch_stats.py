@@ -213,6 +213,9 @@ def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
     handles = [m.register_forward_hook(recorders[name]) for name, m in layers.items()]
     saved = {m: (m.momentum, m.training) for m in layers.values()}
     statistics = {m: (m.running_mean.clone(), m.running_var.clone()) for m in layers.values()}
+    # (the pass's training forwards clear the layers' stats_ready: restored with them)
+    ready = {m: m._stats_ready for m in layers.values()
+             if isinstance(m, BatchStatsNorm) and m.stats_ready is not None}
     counters = {m: m.num_batches_tracked.clone() for m in model.modules()
                 if isinstance(m, (_BatchNorm, BatchStatsNorm))
                 and getattr(m, 'num_batches_tracked', None) is not None}
@@ -235,6 +238,8 @@ def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
         for m, (mean, var) in statistics.items():
             m.running_mean.copy_(mean)
             m.running_var.copy_(var)
+        for m, flag in ready.items():
+            m.mark_stats_ready(flag)
         for m, count in counters.items():
             m.num_batches_tracked.copy_(count)
         model.train(was_training)

@@ -174,6 +174,8 @@ def test_an_iterator_shorter_than_num_iters_is_named():
     # A generator cannot start again: the message says so (it said "produced no batch").
     batches = (b for b in make_batches(num=2))
     model = make_model()
+    recompute_batch_stats(model, make_batches(num=2), 2, forward=forward)  # marked ready
+    assert bool(model[10].stats_ready)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match='ran out after 2 of 3 batches'):
         recompute_batch_stats(model, batches, 3, forward=forward)

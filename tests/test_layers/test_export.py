@@ -303,7 +303,7 @@ def test_half_model_export_reduces_in_float32(name, tmp_path):
 @pytest.mark.parametrize('name', ['SN', 'BCN', 'SSN'])
 def test_export_at_opset_17(name, tmp_path):
     # TensorRT 8.5 / 8.6 parse opsets up to 17; the exporter wrote 18 for every mmnorm layer when
-    # asked for 17 (its converter fails on shared Reduce axes), with a log line only.
+    # asked for 17 (its own down-conversion fails on them), with a log line only.
     import onnx
 
     from mmnorm.deploy import export_onnx, graph_opset

@@ -75,7 +75,6 @@ class BatchAverageStatsHook(Hook):
         self.log_interval = log_interval
         # training iterations done at each model's last computation
         self._computed_at: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._last_checkpoint_at: Optional[int] = None  # training iterations then
         self._loader: Optional[DataLoader] = None
 
     def before_run(self, runner: Runner) -> None:
@@ -118,22 +117,21 @@ class BatchAverageStatsHook(Hook):
 
     def after_train_iter(self, runner: Runner, batch_idx: int, data_batch=None,
                          outputs=None) -> None:
-        # In epoch loops too: a CheckpointHook counting iterations (by_epoch=False) saves the
-        # last checkpoint after this iteration, before the epoch's end.
-        if self.run_before_last_checkpoint and self.is_last_train_iter(runner):
+        # After the last iteration, in epoch loops too: a CheckpointHook counting iterations
+        # (by_epoch=False) saves the last checkpoint there, before the epoch's end. An epoch
+        # loop's last iteration is its last epoch's last batch (mmengine resumes an epoch loop
+        # from a mid-epoch checkpoint at the epoch's start, its count of iterations kept, so
+        # that count passes max_iters before the end).
+        if not self.run_before_last_checkpoint:
+            return
+        if self._by_epoch(runner):
+            last = (self.is_last_train_epoch(runner)
+                    and self.end_of_epoch(runner.train_dataloader, batch_idx))
+        else:
+            last = self.is_last_train_iter(runner)
+        if last:
             self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
                             runner.iter + 1)
-            self._last_checkpoint_at = runner.iter + 1
-
-    def after_train_epoch(self, runner: Runner) -> None:
-        # Where the last iteration was not max_iters (mmengine resumes an epoch loop from a
-        # mid-epoch checkpoint at the epoch's start, keeping the count of iterations).
-        if (self.run_before_last_checkpoint and self._by_epoch(runner)
-                and self.is_last_train_epoch(runner)
-                and self._last_checkpoint_at != runner.iter):
-            self._recompute(runner, self._saved_models(runner), 'before the last checkpoint',
-                            runner.iter)
-            self._last_checkpoint_at = runner.iter
 
     @staticmethod
     def _saved_models(runner: Runner) -> List[nn.Module]:

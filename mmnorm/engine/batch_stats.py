@@ -214,7 +214,7 @@ def _recording(model: nn.Module, layers: Dict[str, nn.Module]):
     saved = {m: (m.momentum, m.training) for m in layers.values()}
     statistics = {m: (m.running_mean.clone(), m.running_var.clone()) for m in layers.values()}
     # (the pass's training forwards clear the layers' stats_ready: restored with them)
-    ready = {m: m._stats_ready for m in layers.values()
+    ready = {m: getattr(m, '_stats_ready', False) for m in layers.values()
              if isinstance(m, BatchStatsNorm) and m.stats_ready is not None}
     counters = {m: m.num_batches_tracked.clone() for m in model.modules()
                 if isinstance(m, (_BatchNorm, BatchStatsNorm))

@@ -115,11 +115,16 @@ def export_onnx(module: nn.Module, example: Tensor, path: str, dynamic_batch: bo
     with torch.no_grad():
         program = torch.onnx.export(module, (example, ), dynamo=True, input_names=['inputs'],
                                     output_names=list(output_names or []) or None,
-                                    dynamic_shapes=dynamic_shapes, opset_version=opset,
-                                    verbose=False)
-    model = to_opset(program.model_proto, opset)
+                                    dynamic_shapes=dynamic_shapes,
+                                    opset_version=max(opset, EXPORTER_OPSET), verbose=False)
+    model = to_opset(program.model_proto, opset)  # (below 18: converted here, see to_opset)
     import onnx
     atomic_write(path, lambda tmp: onnx.save_model(model, tmp))
+
+
+#: The lowest opset ``torch.onnx.export(dynamo=True)`` writes (lower ones it converts down
+#: itself, which fails for mmnorm's layers: :func:`to_opset` converts instead).
+EXPORTER_OPSET = 18
 
 
 def graph_opset(model) -> int:

@@ -128,6 +128,13 @@ BLOCK_OPENMMLAB = ('import sys, importlib.abc\n'
                    'sys.meta_path.insert(0, Block())\n')
 
 
+def _assert_core_runs(code: str) -> None:
+    """Run ``code`` (which prints ``core ok`` at its end) in a fresh interpreter."""
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+
+
 def test_the_core_imports_without_openmmlab():
     """What the GPU machine has: torch, no mmcv / mmengine / mmdet / ... (blocked here)."""
     code = (BLOCK_OPENMMLAB +
@@ -140,9 +147,7 @@ def test_the_core_imports_without_openmmlab():
             'import mmnorm.testing.host_sync, mmnorm.testing.layers, mmnorm.testing.oracles\n'
             'SwitchableNorm(4)(torch.randn(2, 4, 3, 3)).sum().backward()\n'
             "print('core ok')\n")
-    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+    _assert_core_runs(code)
 
 
 def test_the_core_imports_and_trains_without_numpy():
@@ -157,9 +162,7 @@ def test_the_core_imports_and_trains_without_numpy():
             '    layer(torch.randn(2, 4, 3, 3)).sum().backward()\n'
             "assert sys.modules['numpy'] is None\n"
             "print('core ok')\n")
-    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0 and 'core ok' in result.stdout, result.stderr[-2000:]
+    _assert_core_runs(code)
 
 
 def test_the_oracles_import_nothing_from_mmnorm():

@@ -60,6 +60,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional import pool_weighted
 from ..layers import BatchStatsNorm, SyncNorm
+from ..layers.base import _sync_active
 
 __all__ = ['recompute_batch_stats', 'find_batch_stats_layers', 'ESTIMATORS',
            'BatchAverageEstimator', 'PopulationEstimator']
@@ -145,10 +146,9 @@ def _sync_group(layer: nn.Module):
     synchronized layer in a distributed run), or None (this process's batch)."""
     if isinstance(layer, SyncNorm):
         return layer._sync_group()
-    if isinstance(layer, nn.SyncBatchNorm) and layer.training and dist.is_available() \
-            and dist.is_initialized():  # (its own rule, torch.nn.SyncBatchNorm.forward's)
-        group = layer.process_group or dist.group.WORLD
-        return group if dist.get_world_size(group) > 1 else None
+    if isinstance(layer, nn.SyncBatchNorm) and layer.training \
+            and _sync_active(layer.process_group):  # (torch.nn.SyncBatchNorm.forward's rule)
+        return layer.process_group or dist.group.WORLD
     return None
 
 

@@ -33,6 +33,7 @@ FAST_FILES = (
     'tests/test_layers/test_conv_ws.py',
     'tests/test_layers/test_contract.py',
     'tests/test_layers/test_sparse_switchable_norm.py',
+    'tests/test_layers/test_sparsestmax_kernel.py',
     'tests/test_layers/test_precision_and_devices.py',
     'tests/test_openmmlab_contract.py',
     'tests/test_engine/test_batch_stats.py',

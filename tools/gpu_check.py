@@ -21,6 +21,11 @@ cases it had no time for are listed as not run):
 - ``batched``: the SN and SSN ConvNets under ``mmnorm.batched_ratios`` (one ratio computation
   per forward for all layers) against the same nets computing their own, in fp32 and fp16
   autocast: outputs, gradients and SSN's fixed choices after SGD steps.
+- ``kernels``: Sparse SN's one-kernel SparsestMax and choice update (Triton) against its
+  public-op form on many rows (float32 and float64: values, a vector-Jacobian product, the
+  fixed choices), that it ran and did not fall back, and the ops of an SSN layer's training
+  step and eval forward on the device (issue 26's budget: 50 / 12; on the CPU the kernel runs
+  through Triton's interpreter).
 - ``fallbacks``: compile failures injected through ``torch.compile`` backends (forward compile,
   backward compile, first run): one warning, the step completes, the public-op result.
 - ``distributed``: the synchronized layers in a one-process NCCL group (gloo on the CPU), and
@@ -81,9 +86,11 @@ EXIT_PASSED, EXIT_FAILED, EXIT_NOT_RUN = 0, 1, 3
 
 #: Section -> time budget in seconds: full mode on a GPU (under 8 minutes in all), and the short
 #: mode (CPU, CI: fewer cases, which compile with Inductor's C++ backend on a cold cache).
-BUDGETS = {'environment': 20, 'parity': 150, 'amp': 60, 'batched': 30, 'fallbacks': 45,
+BUDGETS = {'environment': 20, 'parity': 150, 'amp': 60, 'batched': 30, 'kernels': 30,
+           'fallbacks': 45,
            'distributed': 60, 'recompiles': 75, 'benchmark': 60}
-SHORT_BUDGETS = {'environment': 10, 'parity': 90, 'amp': 45, 'batched': 20, 'fallbacks': 30,
+SHORT_BUDGETS = {'environment': 10, 'parity': 90, 'amp': 45, 'batched': 20, 'kernels': 30,
+                 'fallbacks': 30,
                  'distributed': 30, 'recompiles': 60, 'benchmark': 60}
 #: Input variants of the parity section: (dtype, memory format, shape).
 VARIANTS = {
@@ -379,6 +386,80 @@ def _batched_case(net: str, precision: str, device: torch.device) -> Dict[str, A
                 ok=worst <= 1e-4 and equal)
 
 
+def kernels(section: Section, device: torch.device, short: bool) -> None:
+    for dtype in section.cases([torch.float32, torch.float64], str):
+        section.run(f'SparsestMax kernel {dtype}', lambda: _kernel_case(dtype, device))
+    section.run('SSN ops per step', lambda: _kernel_ops(device))
+
+
+def _kernel_devices(device: torch.device, on: bool):
+    """The SparsestMax kernel on (on the CPU: through Triton's interpreter) or off."""
+    from mmnorm.functional import sparsestmax_kernel
+    types = ((device.type, 'cuda') if on else ())
+    return sparsestmax_kernel.kernel_devices(*types)
+
+
+def _kernel_case(dtype: torch.dtype, device: torch.device) -> Dict[str, Any]:
+    from mmnorm.analysis.launches import count_ops
+    from mmnorm.functional import sparsestmax_kernel
+    from mmnorm.functional.sparse_switchable import (_stacked_sparsest_ratios, fixed_choices,
+                                                     update_choice_pair)
+    gen = torch.Generator().manual_seed(11)
+    rows = 2048 if device.type == 'cuda' else 128  # (the CPU interprets the kernel)
+    scores = (torch.randn(2, rows, 3, generator=gen, dtype=dtype)
+              * torch.rand(2, rows, 1, generator=gen, dtype=dtype) * 3).to(device)
+    choices = torch.randint(-1, 3, (2, rows), generator=gen)
+    choices[torch.rand(2, rows, generator=gen) < 0.8] = -1
+    choices = choices.to(device)
+    weights = torch.randn(2, rows, 3, generator=gen, dtype=dtype).to(device)
+    row: Dict[str, Any] = {}
+    results = {}
+    for on in (True, False):
+        out = []
+        for radius in (0.0, 0.3, 0.6, 0.9):
+            pair = [t.clone().requires_grad_() for t in scores]
+            radius_t = torch.tensor(radius, dtype=dtype, device=device)
+            with _kernel_devices(device, on):
+                ops = count_ops(lambda: out.append(_stacked_sparsest_ratios(
+                    pair[0], pair[1], radius_t, choices[0], choices[1])))
+                ratios = out[-1]
+                grads = torch.autograd.grad((ratios * weights).sum(), pair)
+                fixed = [c.clone() for c in choices]
+                update_choice_pair(ratios[0].detach(), ratios[1].detach(), *fixed)
+            out += [*grads, torch.stack(fixed)]
+            if on:
+                row['kernel_launched'] = row.get('kernel_launched', True) and any(
+                    name.startswith('mmnorm.sparsestmax_rows') for name in ops)
+        results[on] = out
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    row['max_rel_diff'] = max(_relative(a, b) for a, b in zip(results[True], results[False]))
+    expected_fixed = fixed_choices(results[False][0].detach(), choices)
+    row['choices_match'] = bool(torch.equal(results[True][3], expected_fixed))
+    row['fell_back'] = dict(sparsestmax_kernel._FAILED)
+    row['ok'] = bool(row['kernel_launched'] and row['max_rel_diff'] <= tol
+                     and row['choices_match'] and not row['fell_back'])
+    return row
+
+
+def _kernel_ops(device: torch.device) -> Dict[str, Any]:
+    from mmnorm.analysis.launches import step_ops
+    from mmnorm.functional import row_affine
+    layer = mmnorm.SparseSwitchableNorm(64).to(device)
+    layer.set_progress(0.3)
+    x = torch.randn(8, 64, 28, 28, device=device)
+    slow = row_affine.FEW_LAUNCHES_NOT_NEEDED
+    row_affine.FEW_LAUNCHES_NOT_NEEDED = ()  # (the GPU's structure, on the CPU too)
+    try:
+        with _kernel_devices(device, True), form('never'):
+            step_ops(layer, x)
+            train = sum(step_ops(layer, x).values())
+            step_ops(layer, x, train=False)
+            evaluation = sum(step_ops(layer, x, train=False).values())
+    finally:
+        row_affine.FEW_LAUNCHES_NOT_NEEDED = slow
+    return dict(train_step=train, eval_forward=evaluation, ok=train <= 50 and evaluation <= 12)
+
+
 def fallbacks(section: Section, device: torch.device, short: bool) -> None:
     for stage in section.cases(FAILURES):
         section.run(stage, lambda: _fallback_case(stage, device))
@@ -526,8 +607,8 @@ def benchmark(section: Section, device: torch.device, short: bool) -> None:
 
 
 SECTIONS = {'environment': environment, 'parity': parity, 'amp': amp, 'batched': batched,
-            'fallbacks': fallbacks, 'distributed': distributed, 'recompiles': recompiles,
-            'benchmark': benchmark}
+            'kernels': kernels, 'fallbacks': fallbacks, 'distributed': distributed,
+            'recompiles': recompiles, 'benchmark': benchmark}
 
 
 # ------------------------------------------------------------------------------------ report

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 __all__ = ['count_ops', 'step_ops']
 
 #: Ops that allocate without launching a kernel.
-_NO_KERNEL = ('empty', 'empty_like', 'empty_strided')
+_NO_KERNEL = ('empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided')
 
 
 class _OpCounter(TorchDispatchMode):

@@ -48,6 +48,7 @@ from torch import Tensor
 from .arguments import check_flag
 from .moments import LOW_PRECISION, is_tracing, stat_dtype, static_shape_checks
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
+from .sparsestmax_kernel import KernelFailed, KernelSparsestMax, fix_choices_, kernel_takes
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
@@ -174,9 +175,18 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     same values and gradients in a few ops; the plain form, and a light form traced by
     ``torch.compile``, keep :func:`sparsestmax` (the fast form's Function saves a Jacobian it
     builds in its forward, which a traced Function may not)."""
+    radius = torch.as_tensor(radius, device=mean_scores.device)
+    if not is_tracing() and kernel_takes(mean_scores, var_scores, radius.to(mean_scores.dtype),
+                                         mean_choice, var_choice):
+        # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
+        try:
+            return KernelSparsestMax.apply(mean_scores, var_scores,
+                                           radius.to(mean_scores.dtype), mean_choice,
+                                           var_choice).view(2, *mean_scores.shape)
+        except KernelFailed:  # (reported once; the public ops from now on)
+            pass
     scores = torch.stack([mean_scores, var_scores])
     choices = torch.stack([mean_choice, var_choice])
-    radius = torch.as_tensor(radius, device=scores.device)
     if (scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0
             and not is_tracing()):
         return fast_sparsestmax(scores, radius, choices)
@@ -235,7 +245,9 @@ def update_choices(ratios: Tensor, choice: Tensor) -> None:
 def update_choice_pair(mean_ratios: Tensor, var_ratios: Tensor, mean_choice: Tensor,
                        var_choice: Tensor) -> None:
     """:func:`update_choices` of the means' and the variances' choices at once (half the ops:
-    a training step runs this once per layer)."""
+    a training step runs this once per layer; one kernel where the SparsestMax kernel runs)."""
+    if fix_choices_(mean_ratios, var_ratios, mean_choice, var_choice):
+        return
     new = fixed_choices(torch.stack([mean_ratios, var_ratios]),
                         torch.stack([mean_choice, var_choice]))
     mean_choice.copy_(new[0])

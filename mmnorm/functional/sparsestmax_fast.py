@@ -44,6 +44,8 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
+from .sparsestmax_kernel import KernelFailed, KernelSparsestMax, kernel_takes
+
 __all__ = ['fast_sparsestmax', 'FAST_DTYPES']
 
 #: The dtypes of the fast form; others (half precision) take the specification.
@@ -191,4 +193,16 @@ def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
     ``_frozen(sparsestmax(scores, radius), choices)`` computes, differentiable in ``scores``
     (see the module docstring)."""
     radius = radius.to(scores.dtype)
+    if kernel_takes(scores, _no_rows(scores), radius, choices, _no_rows(choices)):
+        try:
+            return KernelSparsestMax.apply(scores, _no_rows(scores), radius, choices,
+                                           _no_rows(choices)).view(scores.shape)
+        except KernelFailed:  # (reported once; the public ops from now on)
+            pass
     return _FastSparsestMax.apply(scores, radius, choices)
+
+
+def _no_rows(t: Tensor) -> Tensor:
+    """No rows: the kernel's second operand when there is one tensor of rows (not a view of
+    it, whose gradient autograd would scatter back)."""
+    return t.new_empty((0, t.shape[-1]) if t.is_floating_point() else (0, ))

@@ -1,7 +1,11 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The light eager form's SparsestMax (mmnorm/functional/sparsestmax_fast.py) against the
 specification (``_frozen(sparsestmax(...))``, the plain form's) and the Python-control-flow
-oracle: values and gradients in float64 on random and constructed cases, gradcheck."""
+oracle: values and gradients in float64 on random and constructed cases, gradcheck.
+
+Every test runs twice: with the public ops (what the CPU runs) and with the one-kernel form a
+GPU runs (mmnorm/functional/sparsestmax_kernel.py), here through Triton's interpreter; each
+of those asserts that the kernel ran."""
 import itertools
 import math
 
@@ -9,10 +13,38 @@ import pytest
 import torch
 
 from mmnorm.functional.sparse_switchable import _frozen, _stacked_sparsest_ratios, sparsestmax
+from mmnorm.analysis.launches import count_ops
 from mmnorm.functional.sparsestmax_fast import fast_sparsestmax
+from mmnorm.functional.sparsestmax_kernel import kernel_devices
 from mmnorm.testing import oracles
 
 F64 = torch.float64
+KERNEL_OP = 'mmnorm.sparsestmax_rows.default'
+
+
+@pytest.fixture(autouse=True, params=['public ops', 'kernel'])
+def form(request):
+    """The public ops (the CPU's form), or the kernel (a GPU's), whose launches are counted:
+    a test in the kernel form fails unless it ran."""
+    if request.param == 'public ops':
+        yield None
+        return
+    pytest.importorskip('triton')
+    launches = []
+    original = count_ops.__globals__['_OpCounter']
+
+    class Counting(original):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) == KERNEL_OP:
+                launches.append(func)
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+    with kernel_devices('cuda', 'cpu'), Counting():
+        yield launches
+    if request.node.get_closest_marker('public_ops_only'):
+        assert not launches, 'the kernel ran where the public ops should'
+    else:
+        assert launches, 'the kernel form never launched the kernel'
 
 
 def _spec(scores, radius, choices):
@@ -140,6 +172,7 @@ def test_float32_and_fixed_rows_get_no_gradient():
     assert fast_in.grad[0, 1].abs().sum() == 0 and fast_in.grad[1, 0].abs().sum() == 0
 
 
+@pytest.mark.public_ops_only
 def test_other_shapes_take_the_specification():
     """Half precision takes the unrolled specification (same values)."""
     scores = torch.randn(2, 3).half()

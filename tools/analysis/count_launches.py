@@ -1,7 +1,8 @@
 # Copyright (c) mmnorm contributors. All rights reserved.
 """The kernel launches of one step of each normalization layer: non-view ATen ops dispatched
 by one training step (forward + backward) and one eval forward in the eager form (with the
-ops as on CUDA, and as on the CPU, which takes simpler passes), and with
+ops as on CUDA, and as on the CPU, which takes simpler passes; as on CUDA, Sparse SN's ratios
+come from its one Triton kernel, run here by Triton's interpreter), and with
 ``--compiled`` the kernels Inductor generates for the compiled form (forward + backward), next
 to ``nn.BatchNorm2d`` and ``nn.GroupNorm``. The eval forward is counted twice: as every
 forward computes it, and inside :func:`mmnorm.frozen_ratios` (``FrozenRatiosHook``'s
@@ -33,6 +34,7 @@ from mmnorm.analysis.launches import step_ops  # noqa: E402
 from mmnorm.layers import has_ratios  # noqa: E402
 from mmnorm.functional import compiled as compiled_form  # noqa: E402
 from mmnorm.functional import row_affine  # noqa: E402
+from mmnorm.functional import sparsestmax_kernel  # noqa: E402
 
 
 def layers(channels: int) -> dict:
@@ -133,6 +135,9 @@ def main(argv=None) -> int:
               '| batched ratios: per layer + per forward, train / eval |') + (
         ' compiled kernels (train step) |' if args.compiled else '')
     print(f'Non-view ATen ops dispatched, input {tuple(args.shape)}, torch {torch.__version__}')
+    if sparsestmax_kernel.triton is None:
+        print('(Triton is not installed: Sparse SN is counted with the public ops a GPU without '
+              'Triton runs)')
     print()
     print(header)
     print('|' + '---|' * (header.count('|') - 1))
@@ -141,25 +146,39 @@ def main(argv=None) -> int:
         # As on CUDA (fewest ops), then as on the CPU (simpler passes, more of them).
         for slow in ((), ('cpu', )):
             row_affine.FEW_LAUNCHES_NOT_NEEDED = slow
-            step_ops(layer, x)  # the first step may set up state; count the second
-            train = step_ops(layer, x)
-            step_ops(layer, x, train=False)  # (the first computes what eval forwards reuse)
-            evaluation = step_ops(layer, x, train=False)
-            counts += [sum(train.values()), sum(evaluation.values())]
-            if not slow:  # in a validation / test epoch with FrozenRatiosHook
-                with frozen_ratios(layer):
-                    step_ops(layer, x, train=False)  # (the first computes the ratios)
-                    counts.append(sum(step_ops(layer, x, train=False).values()))
+            # As on CUDA: the SparsestMax kernel (on the CPU, through Triton's interpreter).
+            kernel = sparsestmax_kernel.kernel_devices(*(('cuda', 'cpu') if not slow else
+                                                         ('cuda', )))
+            with kernel:
+                counts += _layer_counts(layer, x, slow)
         row_affine.FEW_LAUNCHES_NOT_NEEDED = ()  # as on CUDA
-        counts.append(batched_ops(layer, x) if has_ratios(layer) else '')
+        with sparsestmax_kernel.kernel_devices('cuda', 'cpu'):
+            counts.append(batched_ops(layer, x) if has_ratios(layer) else '')
         row = '| ' + ' | '.join([name] + [str(c) for c in counts]) + ' |'
         if args.compiled:  # traced with the op structure a GPU gets
             row += f' {inductor_kernels(layer, x)} |'
         print(row)
         if name in args.ops:
+            with sparsestmax_kernel.kernel_devices('cuda', 'cpu'):
+                train, evaluation = step_ops(layer, x), step_ops(layer, x, train=False)
             print(f'<!-- {name} train: {dict(train)} -->')
             print(f'<!-- {name} eval: {dict(evaluation)} -->')
     return 0
+
+
+def _layer_counts(layer: nn.Module, x: torch.Tensor, slow) -> list:
+    """Train step and eval forward (and, as on CUDA, the eval forward in a frozen_ratios
+    scope) of one layer."""
+    step_ops(layer, x)  # the first step may set up state; count the second
+    train = step_ops(layer, x)
+    step_ops(layer, x, train=False)  # (the first computes what eval forwards reuse)
+    evaluation = step_ops(layer, x, train=False)
+    counts = [sum(train.values()), sum(evaluation.values())]
+    if not slow:  # in a validation / test epoch with FrozenRatiosHook
+        with frozen_ratios(layer):
+            step_ops(layer, x, train=False)  # (the first computes the ratios)
+            counts.append(sum(step_ops(layer, x, train=False).values()))
+    return counts
 
 
 if __name__ == '__main__':

@@ -1,0 +1,197 @@
+# Copyright (c) mmnorm contributors. All rights reserved.
+"""Sparse SN's one-kernel SparsestMax and choice update (mmnorm/functional/sparsestmax_kernel.py)
+as a GPU runs them, here through Triton's interpreter: against the public-op form over whole
+training runs (values, gradients, the choices it fixes), with batched ratios and double
+backward; and its routes off: operands it cannot read, Triton missing, switched off, and a
+launch that fails (reported once, the public ops from then on). The values against the
+specification and the oracle are in test_sparsestmax_fast.py (run in both forms)."""
+import contextlib
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmnorm import SparseSwitchableNorm, batched_ratios
+from mmnorm.functional import compiled as compiled_form
+from mmnorm.functional import row_affine
+from mmnorm.functional import sparsestmax_kernel as kernel
+from mmnorm.functional.sparse_switchable import fixed_choices, update_choice_pair
+from mmnorm.functional.sparsestmax_fast import fast_sparsestmax
+
+pytest.importorskip('triton')
+
+F64 = torch.float64
+RATIOS_OP, CHOICES_OP = 'mmnorm.sparsestmax_rows.default', 'mmnorm.fix_sparsest_choices_.default'
+
+
+class _Launches(TorchDispatchMode):
+    """Counts the kernels' ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) in (RATIOS_OP, CHOICES_OP):
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True)
+def gpu_structure(monkeypatch):
+    """The eager form with a GPU's op structure; the kernel off until a test turns it on; no
+    failure left behind."""
+    monkeypatch.setattr(compiled_form.COMPILED, 'mode', 'never')
+    monkeypatch.setattr(row_affine, 'FEW_LAUNCHES_NOT_NEEDED', ())
+    monkeypatch.setattr(kernel, '_FAILED', {})
+    monkeypatch.delenv('MMNORM_SPARSESTMAX_KERNEL', raising=False)
+
+
+def _layers(**kwargs):
+    torch.manual_seed(0)
+    layer = SparseSwitchableNorm(6, **kwargs).double()
+    with torch.no_grad():
+        layer.mean_scores.add_(torch.randn(layer.mean_scores.shape, dtype=F64) * 0.3)
+        layer.var_scores.add_(torch.randn(layer.var_scores.shape, dtype=F64) * 0.3)
+    return layer
+
+
+def _train(layer, on: bool, steps: int = 14):
+    """A training run whose radius grows to 1 (choices get fixed on the way): each step's
+    output, input gradient, ratio gradients and choices."""
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.5)
+    gen = torch.Generator().manual_seed(5)
+    record, launches = [], _Launches()
+    with kernel.kernel_devices(*(('cuda', 'cpu') if on else ('cuda', ))), launches:
+        for step in range(steps):
+            layer.set_progress(min(1.0, step / (steps - 4)))
+            x = torch.randn(4, 6, 3, 3, generator=gen, dtype=F64).requires_grad_()
+            y = layer(x)
+            (y * torch.randn(y.shape, generator=gen, dtype=F64)).sum().backward()
+            record.append((y.detach(), x.grad, layer.mean_scores.grad.clone(),
+                           layer.var_scores.grad.clone(), layer.mean_choice.clone(),
+                           layer.var_choice.clone()))
+            optimizer.step()
+            optimizer.zero_grad()
+    return record, launches.ops
+
+
+@pytest.mark.parametrize('kwargs', [{}, dict(ratio_groups=3), dict(using_bn=False)],
+                         ids=['SSN', 'SSN-G3', 'SSN-K2'])
+def test_a_training_run_equals_the_public_ops(kwargs):
+    public, none = _train(_layers(**kwargs), on=False)
+    fused, launched = _train(_layers(**kwargs), on=True)
+    assert not none
+    # Every training step: one SparsestMax kernel and one choice update (until all are fixed).
+    assert launched.count(RATIOS_OP) >= 8 and launched.count(CHOICES_OP) >= 8
+    torch.testing.assert_close(fused, public, rtol=1e-10, atol=1e-12)
+    assert (public[-1][4] >= 0).all() and (public[-1][5] >= 0).all()  # choices got fixed
+
+
+def test_choice_update_equals_the_public_ops():
+    gen = torch.Generator().manual_seed(2)
+    ratios = torch.rand(2, 40, 3, generator=gen)
+    hot = torch.rand(2, 40, generator=gen) < 0.5  # one-hot rows, at every index
+    ratios[hot] = nn.functional.one_hot(torch.randint(0, 3, (int(hot.sum()), ), generator=gen),
+                                        3).float()
+    choices = torch.randint(-1, 3, (2, 40), generator=gen)
+    choices[torch.rand(2, 40, generator=gen) < 0.5] = -1
+    expected = fixed_choices(ratios, choices)
+    mean_choice, var_choice = choices[0].clone(), choices[1].clone()
+    with kernel.kernel_devices('cuda', 'cpu'), _Launches() as launches:
+        update_choice_pair(ratios[0], ratios[1], mean_choice, var_choice)
+    assert launches.ops == [CHOICES_OP]
+    assert torch.equal(torch.stack([mean_choice, var_choice]), expected)
+    assert (expected != choices).any()  # (some choice changed)
+
+
+class _Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = _layers(), _layers(ratio_groups=2)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+@pytest.mark.parametrize('batched', [False, True])
+def test_batched_ratios_and_double_backward(batched):
+    """The gradient of a gradient with respect to the scores needs SparsestMax's second
+    derivative (the kernel's Function hands it to the public ops' differentiable backward)."""
+    x = torch.randn(3, 6, 4, 4, dtype=F64)
+    results = []
+    for on in (False, True):
+        model = _Two()
+        for layer in (model.a, model.b):  # (pushed inside the full face: a second derivative)
+            layer.set_progress(0.3)
+        scores = [model.a.mean_scores, model.b.var_scores]
+        with kernel.kernel_devices(*(('cuda', 'cpu') if on else ('cuda', ))), \
+                _Launches() as launches, \
+                (batched_ratios(model) if batched else contextlib.nullcontext()):
+            y = model(x)
+            grads = torch.autograd.grad(y.square().mean(), scores, create_graph=True)
+            sum(g.square().sum() for g in grads).backward()
+        results.append((y, grads, [p.grad for p in model.parameters()]))
+        assert bool(launches.ops) == on
+    torch.testing.assert_close(results[1], results[0], rtol=1e-9, atol=1e-12)
+    assert results[0][2][0].abs().sum() > 0
+
+
+def _ratios(scores, radius=0.4):
+    choices = torch.full(scores.shape[:-1], -1)
+    return fast_sparsestmax(scores, torch.tensor(radius, dtype=scores.dtype), choices)
+
+
+def test_operands_it_cannot_read_take_the_public_ops():
+    scores = torch.randn(3, 5, dtype=F64).t()  # not contiguous
+    with kernel.kernel_devices('cuda', 'cpu'), _Launches() as launches:
+        actual = _ratios(scores[:, :3])
+    assert not launches.ops
+    torch.testing.assert_close(actual, _ratios(scores[:, :3].contiguous()))
+
+
+@pytest.mark.parametrize('route', ['no triton', 'switched off'])
+def test_without_triton_or_switched_off_the_public_ops_run(route, monkeypatch):
+    messages = []
+    monkeypatch.setattr(compiled_form, 'report', lambda message, level=0: messages.append(
+        message))
+    if route == 'no triton':
+        monkeypatch.setattr(kernel, 'triton', None)
+    else:
+        monkeypatch.setenv('MMNORM_SPARSESTMAX_KERNEL', '0')
+    scores = torch.randn(4, 3, dtype=F64)
+    with kernel.kernel_devices('cuda', 'cpu'), _Launches() as launches:
+        actual = [_ratios(scores) for _ in range(2)]
+    assert not launches.ops
+    torch.testing.assert_close(actual[0], _ratios(scores))
+    # Triton missing where the kernel would run: said once; switched off: nothing to say.
+    assert len(messages) == (route == 'no triton')
+    assert all('Triton is not installed' in m for m in messages)
+
+
+def test_a_failing_launch_is_reported_once_and_the_public_ops_take_over(monkeypatch):
+    messages = []
+    monkeypatch.setattr(compiled_form, 'report', lambda message, level=0: messages.append(
+        message))
+
+    def broken(name, device_type):
+        raise RuntimeError('no compiler for this device')
+
+    monkeypatch.setattr(kernel, '_kernel', broken)
+    layer = _layers()
+    layer.set_progress(0.5)
+    x = torch.randn(2, 6, 3, 3, dtype=F64)
+    expected = _layers()
+    expected.set_progress(0.5)
+    with kernel.kernel_devices('cuda', 'cpu'):
+        for _ in range(3):  # the first launch fails; the later calls do not try again
+            xg = x.clone().requires_grad_()
+            layer(xg).sum().backward()
+    y = expected(x.clone().requires_grad_())
+    torch.testing.assert_close(layer(x), expected(x))
+    assert y.shape == x.shape
+    assert len(messages) == 1 and 'no compiler for this device' in messages[0]
+    assert 'public PyTorch ops' in messages[0]
+    assert list(kernel._FAILED) == ['cpu']
+    torch.testing.assert_close(layer.mean_choice, expected.mean_choice)

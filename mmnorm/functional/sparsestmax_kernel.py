@@ -124,7 +124,9 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
     radius = tl.load(radius_ptr + row * radius_stride, mask=live, other=0.0)
     choice = tl.where(one_, tl.load(first_choices_ptr + own, mask=one_, other=-1),
                       tl.load(second_choices_ptr + own, mask=two_, other=-1))
-    nan = (s0 != s0) | (s1 != s1) | (s2 != s2)
+    # NaN scores, or a choice that is no normalizer's index (not checked on an accelerator,
+    # where reading it would synchronize): NaN ratios, where the public ops index out of range.
+    nan = (s0 != s0) | (s1 != s1) | (s2 != s2) | (choice < -1) | (choice >= K)
     zero = tl.full([BLOCK], 0.0, s0.dtype)
     # Constants in the scores' dtype (a Python float is a float32 constant in Triton); float32
     # divisions and roots correctly rounded (Triton's default ones are approximate on GPUs).
@@ -227,9 +229,9 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
     y0 = tl.minimum(tl.maximum(tl.where(in0, inv, 0.0) + alpha * d0, 0.0), 1.0)
     y1 = tl.minimum(tl.maximum(tl.where(in1, inv, 0.0) + alpha * d1, 0.0), 1.0)
     y2 = tl.minimum(tl.maximum(tl.where(in2, inv, 0.0) + alpha * d2, 0.0), 1.0)
-    y0 = tl.where(nan, s0 + s1 + s2, y0)   # NaN scores: NaN ratios
-    y1 = tl.where(nan, s0 + s1 + s2, y1)
-    y2 = tl.where(nan, s0 + s1 + s2, y2)
+    y0 = tl.where(nan, zero / zero, y0)
+    y1 = tl.where(nan, zero / zero, y1)
+    y2 = tl.where(nan, zero / zero, y2)
     tl.store(out_ptr + row * K, y0, mask=live)
     tl.store(out_ptr + row * K + 1, y1, mask=live)
     if K == 3:

@@ -195,3 +195,19 @@ def test_a_failing_launch_is_reported_once_and_the_public_ops_take_over(monkeypa
     assert 'public PyTorch ops' in messages[0]
     assert list(kernel._FAILED) == ['cpu']
     torch.testing.assert_close(layer.mean_choice, expected.mean_choice)
+
+
+def test_nan_scores_and_choices_out_of_range_give_nan_rows():
+    """NaN scores give NaN ratios, as in public ops; a choice that indexes no normalizer (never
+    read on an accelerator, where reading it would synchronize; the public ops index out of
+    range there) gives NaN ratios too, not another normalizer's."""
+    scores = torch.tensor([[0.2, float('nan'), 0.1], [0.3, 0.2, 0.1], [0.3, 0.2, 0.1],
+                           [1.0, 2.0, 3.0], [0.3, 0.2, 0.1]], dtype=F64)
+    choices = torch.tensor([-1, 3, -2, -1, 1])
+    radius = torch.tensor(0.4, dtype=F64)
+    with kernel.kernel_devices('cuda', 'cpu'), _Launches() as launches:
+        actual = fast_sparsestmax(scores, radius, choices)
+    assert launches.ops == [RATIOS_OP]
+    assert actual[:3].isnan().all() and not actual[3:].isnan().any()
+    expected = fast_sparsestmax(scores[[0, 3, 4]], radius, choices[[0, 3, 4]])
+    torch.testing.assert_close(actual[[0, 3, 4]], expected, equal_nan=True)

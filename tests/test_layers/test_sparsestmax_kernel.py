@@ -211,3 +211,51 @@ def test_nan_scores_and_choices_out_of_range_give_nan_rows():
     assert actual[:3].isnan().all() and not actual[3:].isnan().any()
     expected = fast_sparsestmax(scores[[0, 3, 4]], radius, choices[[0, 3, 4]])
     torch.testing.assert_close(actual[[0, 3, 4]], expected, equal_nan=True)
+
+
+def _signature(body, dtype: str):
+    """Triton's signature of a kernel body: pointers to ``dtype`` (int64 for choices), int32
+    sizes and strides, a float32 tolerance, constexprs."""
+    names = body.__code__.co_varnames[:body.__code__.co_argcount]
+    types = {}
+    for name in names:
+        if name.isupper():
+            types[name] = 'constexpr'
+        elif name.endswith('_ptr'):
+            types[name] = '*i64' if 'choice' in name else f'*{dtype}'
+        else:
+            types[name] = 'fp32' if name == 'tol' else 'i32'
+    return types
+
+
+# (backend, architecture, warp size): NVIDIA V100, A100, H100; AMD MI200, MI300.
+TARGETS = [('cuda', 70, 32), ('cuda', 80, 32), ('cuda', 90, 32), ('hip', 'gfx90a', 64),
+           ('hip', 'gfx942', 64)]
+
+
+@pytest.mark.parametrize('target', TARGETS, ids=lambda t: f'{t[0]}-{t[1]}')
+def test_the_kernels_compile_for_gpus(target):
+    """No GPU here: Triton compiles the kernels ahead of time for GPU targets, to the binary a
+    GPU loads (NVIDIA's cubin through the ptxas Triton ships, AMD's hsaco), every variant the
+    layers launch; float32 divisions and roots correctly rounded (no ``.approx`` in the PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    gpu = GPUTarget(*target)
+    binary = 'cubin' if target[0] == 'cuda' else 'hsaco'
+    for dtype, k, jacobian in [(d, k, j) for d in ('fp32', 'fp64') for k in (2, 3)
+                               for j in (True, False)]:
+        source = ASTSource(fn=triton.jit(kernel._sparsestmax_body),
+                           signature=_signature(kernel._sparsestmax_body, dtype),
+                           constexprs=dict(K=k, JACOBIAN=jacobian, F32=dtype == 'fp32',
+                                           BLOCK=kernel._BLOCK))
+        compiled = triton.compile(source, target=gpu)
+        assert compiled.asm.get(binary), (dtype, k, jacobian)
+        if target[0] == 'cuda' and dtype == 'fp32':
+            ptx = compiled.asm['ptx']
+            assert 'div.rn.f32' in ptx and 'sqrt.rn.f32' in ptx
+            assert 'div.approx' not in ptx and 'sqrt.approx' not in ptx
+        choices = ASTSource(fn=triton.jit(kernel._fix_choices_body),
+                            signature=_signature(kernel._fix_choices_body, dtype),
+                            constexprs=dict(K=k, BLOCK=kernel._BLOCK))
+        assert triton.compile(choices, target=gpu).asm.get(binary)

@@ -102,7 +102,7 @@ def kernel_applies(scores: Tensor) -> bool:
 
 def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, first_choices_ptr,
                       second_choices_ptr, out_ptr, jac_ptr, choices_out_ptr, rows, tol,
-                      K: tl.constexpr,
+                      not_a_number, K: tl.constexpr,
                       JACOBIAN: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
     """One program: ``BLOCK`` rows of ``K`` scores, straight-line per row (rows in lanes).
     Rows ``< split`` are those of the first scores and choices, the rest the second's (the
@@ -229,9 +229,9 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
     y0 = tl.minimum(tl.maximum(tl.where(in0, inv, 0.0) + alpha * d0, 0.0), 1.0)
     y1 = tl.minimum(tl.maximum(tl.where(in1, inv, 0.0) + alpha * d1, 0.0), 1.0)
     y2 = tl.minimum(tl.maximum(tl.where(in2, inv, 0.0) + alpha * d2, 0.0), 1.0)
-    y0 = tl.where(nan, zero / zero, y0)
-    y1 = tl.where(nan, zero / zero, y1)
-    y2 = tl.where(nan, zero / zero, y2)
+    y0 = tl.where(nan, not_a_number, y0)
+    y1 = tl.where(nan, not_a_number, y1)
+    y2 = tl.where(nan, not_a_number, y2)
     tl.store(out_ptr + row * K, y0, mask=live)
     tl.store(out_ptr + row * K + 1, y1, mask=live)
     if K == 3:
@@ -351,7 +351,7 @@ def _sparsestmax_op(first: Tensor, second: Tensor, radius: Tensor, first_choices
     stride = radius.stride(0) if radius.dim() else 0
     _launch('sparsestmax', first.device, rows, first, second, split, radius, stride,
             first_choices, second_choices, out, jac, choices, rows,
-            8 * torch.finfo(first.dtype).eps, K=k, JACOBIAN=jacobian,
+            8 * torch.finfo(first.dtype).eps, float('nan'), K=k, JACOBIAN=jacobian,
             F32=first.dtype == torch.float32)
     return out, jac, choices
 

@@ -224,7 +224,7 @@ def _signature(body, dtype: str):
         elif name.endswith('_ptr'):
             types[name] = '*i64' if 'choice' in name else f'*{dtype}'
         else:
-            types[name] = 'fp32' if name == 'tol' else 'i32'
+            types[name] = 'fp32' if name in ('tol', 'not_a_number') else 'i32'
     return types
 
 

@@ -96,13 +96,16 @@ torch.save({'state_dict': layer.state_dict(), 'optimizer': {}, 'meta': {}}, 'tra
                str(work))
     assert 'resnet50_ssn_8xb32_in1k' in out
     # the prepared GPU check, with what it shares with the tests (mmnorm.testing), in its CPU
-    # short mode (two short sections; its spawned ranks re-import the installed tool)
+    # short mode (three short sections; its spawned ranks re-import the installed tool; the
+    # SparsestMax kernel's source read from the installed package by Triton's interpreter)
     out = _run([python, '-m', 'mim', 'run', 'mmnorm', 'gpu_check', '--device', 'cpu',
-                '--sections', 'environment', 'distributed', '--out', 'gc'], str(work))
+                '--sections', 'environment', 'distributed', 'kernels', '--out', 'gc'],
+               str(work))
     assert '.mim/tools/gpu_check.py' in out and 'Verdict: PASSED' in out
     with open(work / 'gc' / 'gpu_check.json') as f:
         report = json.load(f)
     assert report['exit_status'] == 0 and report['sections'][1]['passed'] == 2
+    assert report['sections'][2]['passed'] == 3
     assert report['sections'][0]['rows'][0]['mmnorm_from'].startswith(str(tmp_path / 'venv'))
 
 

@@ -180,9 +180,9 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
                                          mean_choice, var_choice):
         # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
         try:
-            return KernelSparsestMax.apply(mean_scores, var_scores,
-                                           radius.to(mean_scores.dtype), mean_choice,
-                                           var_choice).view(2, *mean_scores.shape)
+            return KernelSparsestMax.apply(
+                mean_scores, var_scores, radius.to(mean_scores.dtype), mean_choice, var_choice,
+                torch.is_grad_enabled()).view(2, *mean_scores.shape)
         except KernelFailed:  # (reported once; the public ops from now on)
             pass
     scores = torch.stack([mean_scores, var_scores])

@@ -196,7 +196,8 @@ def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
     if kernel_takes(scores, _no_rows(scores), radius, choices, _no_rows(choices)):
         try:
             return KernelSparsestMax.apply(scores, _no_rows(scores), radius, choices,
-                                           _no_rows(choices)).view(scores.shape)
+                                           _no_rows(choices),
+                                           torch.is_grad_enabled()).view(scores.shape)
         except KernelFailed:  # (reported once; the public ops from now on)
             pass
     return _FastSparsestMax.apply(scores, radius, choices)

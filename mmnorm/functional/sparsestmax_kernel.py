@@ -7,7 +7,8 @@ then the Jacobian); on a GPU each is a kernel launch for a handful of numbers, a
 most of a Sparse SN layer's launches per training step (87 of them, against 40 for SN). Here
 the same rounds run per row in registers, in **one kernel**: :class:`KernelSparsestMax` returns
 the ratios and, when a gradient is wanted, each row's Jacobian (the backward stays one
-``bmm``). :func:`fix_choices_` writes the choices a training step fixes in a second kernel
+``bmm``) and what a double backward differentiates again (the row's projector, push and
+scale). :func:`fix_choices_` writes the choices a training step fixes in a second kernel
 (one launch where :func:`~.sparse_switchable.update_choice_pair` took eleven ops).
 
 The rounds, the faces and the Jacobian are those of :mod:`.sparsestmax_fast` (whose docstring
@@ -101,7 +102,7 @@ def kernel_applies(scores: Tensor) -> bool:
 
 
 def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, first_choices_ptr,
-                      second_choices_ptr, out_ptr, jac_ptr, choices_out_ptr, rows, tol,
+                      second_choices_ptr, out_ptr, jac_ptr, proj_ptr, aux_ptr, rows, tol,
                       not_a_number, K: tl.constexpr,
                       JACOBIAN: tl.constexpr, F32: tl.constexpr, BLOCK: tl.constexpr):
     """One program: ``BLOCK`` rows of ``K`` scores, straight-line per row (rows in lanes).
@@ -124,9 +125,12 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
     radius = tl.load(radius_ptr + row * radius_stride, mask=live, other=0.0)
     choice = tl.where(one_, tl.load(first_choices_ptr + own, mask=one_, other=-1),
                       tl.load(second_choices_ptr + own, mask=two_, other=-1))
-    # NaN scores, or a choice that is no normalizer's index (not checked on an accelerator,
-    # where reading it would synchronize): NaN ratios, where the public ops index out of range.
-    nan = (s0 != s0) | (s1 != s1) | (s2 != s2) | (choice < -1) | (choice >= K)
+    # Scores not finite, a NaN radius, or a choice that is no normalizer's index (not checked
+    # on an accelerator, where reading it would synchronize; the public ops index out of range
+    # there): NaN ratios.
+    # (x - x != 0: x is NaN or infinite; the public ops' rows are NaN there too)
+    nan = ((s0 - s0 != 0) | (s1 - s1 != 0) | (s2 - s2 != 0) | (radius != radius)
+           | (choice < -1) | (choice >= K))
     zero = tl.full([BLOCK], 0.0, s0.dtype)
     # Constants in the scores' dtype (a Python float is a float32 constant in Triton); float32
     # divisions and roots correctly rounded (Triton's default ones are approximate on GPUs).
@@ -237,9 +241,6 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
     if K == 3:
         tl.store(out_ptr + row * K + 2, y2, mask=live)
     if JACOBIAN:
-        # The choices read (a double backward recomputes with them; the layer's buffers
-        # change in place after the forward).
-        tl.store(choices_out_ptr + row, choice, mask=live)
         if K == 3:
             pushed = moved & (alpha > 1.0)
         else:
@@ -252,27 +253,43 @@ def _sparsestmax_body(first_ptr, second_ptr, split, radius_ptr, radius_stride, f
             u0 = tl.where(pushed, d0 / safe, 0.0)
             u1 = tl.where(pushed, d1 / safe, 0.0)
             u2 = tl.where(pushed, d2 / safe, 0.0)
-        # None for a row one-hot now (as the specification's detached one).
+        # None for a row one-hot now (as the specification's detached one); NaN rows NaN.
         hot = (y0 > 0).to(tl.int32) + (y1 > 0).to(tl.int32) + (y2 > 0).to(tl.int32)
-        scale = tl.where(hot != 1, alpha, 0.0)
-        # (P_F - u u^T) * scale, P_F = [i == j] - 1/|F| on the face, 0 off it.
-        base = jac_ptr + row * (K * K)
+        scale = tl.where(nan, not_a_number, tl.where(hot != 1, alpha, 0.0))
+        # What a double backward differentiates again (sparsestmax_fast._second_order_grad):
+        # this row's projector, whether it was pushed, the scale, alpha and |d|.
+        aux = aux_ptr + row * 4
+        tl.store(aux, pushed.to(alpha.dtype), mask=live)
+        tl.store(aux + 1, scale, mask=live)
+        tl.store(aux + 2, alpha, mask=live)
+        tl.store(aux + 3, n, mask=live)
+        # J = (P_F - u u^T) * scale, P_F = [i == j] - 1/|F| on the face, 0 off it.
+        base = row * (K * K)
         p = tl.where(in0, 1.0 - inv, 0.0)
-        tl.store(base, (p - u0 * u0) * scale, mask=live)
+        tl.store(proj_ptr + base, p, mask=live)
+        tl.store(jac_ptr + base, (p - u0 * u0) * scale, mask=live)
         p = tl.where(in0 & in1, -inv, 0.0)
-        tl.store(base + 1, (p - u0 * u1) * scale, mask=live)
-        tl.store(base + K, (p - u1 * u0) * scale, mask=live)
+        tl.store(proj_ptr + base + 1, p, mask=live)
+        tl.store(proj_ptr + base + K, p, mask=live)
+        tl.store(jac_ptr + base + 1, (p - u0 * u1) * scale, mask=live)
+        tl.store(jac_ptr + base + K, (p - u1 * u0) * scale, mask=live)
         p = tl.where(in1, 1.0 - inv, 0.0)
-        tl.store(base + K + 1, (p - u1 * u1) * scale, mask=live)
+        tl.store(proj_ptr + base + K + 1, p, mask=live)
+        tl.store(jac_ptr + base + K + 1, (p - u1 * u1) * scale, mask=live)
         if K == 3:
             p = tl.where(in0 & in2, -inv, 0.0)
-            tl.store(base + 2, (p - u0 * u2) * scale, mask=live)
-            tl.store(base + 6, (p - u2 * u0) * scale, mask=live)
+            tl.store(proj_ptr + base + 2, p, mask=live)
+            tl.store(proj_ptr + base + 6, p, mask=live)
+            tl.store(jac_ptr + base + 2, (p - u0 * u2) * scale, mask=live)
+            tl.store(jac_ptr + base + 6, (p - u2 * u0) * scale, mask=live)
             p = tl.where(in1 & in2, -inv, 0.0)
-            tl.store(base + 5, (p - u1 * u2) * scale, mask=live)
-            tl.store(base + 7, (p - u2 * u1) * scale, mask=live)
+            tl.store(proj_ptr + base + 5, p, mask=live)
+            tl.store(proj_ptr + base + 7, p, mask=live)
+            tl.store(jac_ptr + base + 5, (p - u1 * u2) * scale, mask=live)
+            tl.store(jac_ptr + base + 7, (p - u2 * u1) * scale, mask=live)
             p = tl.where(in2, 1.0 - inv, 0.0)
-            tl.store(base + 8, (p - u2 * u2) * scale, mask=live)
+            tl.store(proj_ptr + base + 8, p, mask=live)
+            tl.store(jac_ptr + base + 8, (p - u2 * u2) * scale, mask=live)
 
 
 def _fix_choices_body(mean_ratios_ptr, var_ratios_ptr, mean_choice_ptr, var_choice_ptr, rows,
@@ -343,32 +360,33 @@ def _failed(device_type: str, why: str) -> None:
 
 @torch.library.custom_op('mmnorm::sparsestmax_rows', mutates_args=())
 def _sparsestmax_op(first: Tensor, second: Tensor, radius: Tensor, first_choices: Tensor,
-                    second_choices: Tensor, jacobian: bool) -> Tuple[Tensor, Tensor, Tensor]:
+                    second_choices: Tensor, jacobian: bool
+                    ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     k = first.shape[-1]
     split = first.numel() // k
     rows = split + second.numel() // k
-    out, jac, choices = _outputs(first, first_choices, rows, jacobian)
+    out, jac, projector, aux = _outputs(first, rows, jacobian)
     stride = radius.stride(0) if radius.dim() else 0
     _launch('sparsestmax', first.device, rows, first, second, split, radius, stride,
-            first_choices, second_choices, out, jac, choices, rows,
+            first_choices, second_choices, out, jac, projector, aux, rows,
             8 * torch.finfo(first.dtype).eps, float('nan'), K=k, JACOBIAN=jacobian,
             F32=first.dtype == torch.float32)
-    return out, jac, choices
+    return out, jac, projector, aux
 
 
-def _outputs(scores: Tensor, choices: Tensor, rows: int, jacobian: bool):
+def _outputs(scores: Tensor, rows: int, jacobian: bool):
     """The kernel's outputs, uninitialized: ratios ``(rows, K)``; with ``jacobian`` the
-    Jacobians ``(rows, K, K)`` and the choices read ``(rows,)`` (else no rows)."""
+    Jacobians and the projectors ``(rows, K, K)`` and ``(rows, 4)``: pushed (0 / 1), scale,
+    alpha and ``|d|`` (else no rows)."""
     k = scores.shape[-1]
     kept = rows if jacobian else 0
     return (scores.new_empty((rows, k)), scores.new_empty((kept, k, k)),
-            choices.new_empty((kept, )))
+            scores.new_empty((kept, k, k)), scores.new_empty((kept, 4)))
 
 
 @_sparsestmax_op.register_fake
 def _(first, second, radius, first_choices, second_choices, jacobian):
-    return _outputs(first, first_choices, (first.numel() + second.numel()) // first.shape[-1],
-                    jacobian)
+    return _outputs(first, (first.numel() + second.numel()) // first.shape[-1], jacobian)
 
 
 def _rows_of(scores: Tensor, choices: Tensor) -> bool:
@@ -395,40 +413,49 @@ def kernel_takes(first: Tensor, second: Tensor, radius: Tensor, first_choices: T
 
 class KernelSparsestMax(torch.autograd.Function):
     """SparsestMax of two score tensors' rows ``(..., K)`` with their choices, in one kernel:
-    the rows of ``first`` then those of ``second``, as one ``(R, K)`` tensor. The backward is
-    one ``bmm`` with the Jacobians the kernel wrote; a double backward runs the public-op
-    form's (:class:`~.sparsestmax_fast._FastSparsestMax`). Call it where
-    :func:`kernel_takes`; it raises :class:`KernelFailed` if the launch failed (reported)."""
+    the rows of ``first`` then those of ``second``, as one ``(R, K)`` tensor. ``jacobian``:
+    whether a backward may follow (gradients enabled; the kernel then writes the Jacobians).
+    The backward is one ``bmm`` with the Jacobians; a double backward differentiates the final
+    face's formula again (:func:`~.sparsestmax_fast._second_order_grad`) with the face, push
+    and scale the kernel chose. Call it where :func:`kernel_takes`; it raises
+    :class:`KernelFailed` if the launch failed (reported)."""
 
     @staticmethod
     def forward(ctx, first: Tensor, second: Tensor, radius: Tensor, first_choices: Tensor,
-                second_choices: Tensor) -> Tensor:
-        jacobian = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        out, jac, choices = _sparsestmax_op(first, second, radius, first_choices,
-                                            second_choices, jacobian)
+                second_choices: Tensor, jacobian: bool) -> Tensor:
+        jacobian = jacobian and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        out, jac, projector, aux = _sparsestmax_op(first, second, radius, first_choices,
+                                                   second_choices, jacobian)
         if first.device.type in _FAILED:
             raise KernelFailed(_FAILED[first.device.type])
         if jacobian:
-            ctx.save_for_backward(jac, first, second, radius, choices)
+            # Only what the kernel wrote is saved: the scores and the radius may change in
+            # place before the backward (set_progress, an optimizer step), as with the
+            # public ops. A double backward needs the scores themselves, checked unchanged.
+            ctx.save_for_backward(jac, projector, aux)
+            ctx.scores = (first, second)
+            ctx.versions = (first._version, second._version)
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        jac, first, second, radius, choices = ctx.saved_tensors
+        jac, projector, aux = ctx.saved_tensors
         k = grad.shape[-1]
-        if torch.is_grad_enabled():  # create_graph=True: the public ops' differentiable one
-            from .sparsestmax_fast import _FastSparsestMax
+        first, second = ctx.scores
+        split = first.numel() // k
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            if (first._version, second._version) != ctx.versions:
+                raise RuntimeError(
+                    'SparsestMax: its scores were modified in place between the forward and a '
+                    'double backward (create_graph=True), which differentiates them again')
+            from .sparsestmax_fast import _second_order_grad
             with torch.enable_grad():
                 scores = torch.cat([first.reshape(-1, k), second.reshape(-1, k)])
-                result = _FastSparsestMax.apply(scores, radius, choices)
-            wanted = [t for t in (first, second) if t.requires_grad]
-            grads = iter(torch.autograd.grad(result, wanted, grad, create_graph=True,
-                                             allow_unused=True))
-            return (next(grads) if first.requires_grad else None,
-                    next(grads) if second.requires_grad else None, None, None, None)
-        g = torch.bmm(grad.reshape(-1, 1, k), jac).view(-1, k)
-        split = first.numel() // k
-        return g[:split].view(first.shape), g[split:].view(second.shape), None, None, None
+            pushed, scale, alpha, n = (aux[:, i:i + 1] for i in range(4))
+            g = _second_order_grad(scores, projector, pushed != 0, scale, alpha, n, grad)
+        else:
+            g = torch.bmm(grad.reshape(-1, 1, k), jac).view(-1, k)
+        return g[:split].view(first.shape), g[split:].view(second.shape), None, None, None, None
 
 
 class KernelFailed(RuntimeError):

@@ -197,20 +197,30 @@ def test_a_failing_launch_is_reported_once_and_the_public_ops_take_over(monkeypa
     torch.testing.assert_close(layer.mean_choice, expected.mean_choice)
 
 
-def test_nan_scores_and_choices_out_of_range_give_nan_rows():
-    """NaN scores give NaN ratios, as in public ops; a choice that indexes no normalizer (never
-    read on an accelerator, where reading it would synchronize; the public ops index out of
-    range there) gives NaN ratios too, not another normalizer's."""
-    scores = torch.tensor([[0.2, float('nan'), 0.1], [0.3, 0.2, 0.1], [0.3, 0.2, 0.1],
-                           [1.0, 2.0, 3.0], [0.3, 0.2, 0.1]], dtype=F64)
-    choices = torch.tensor([-1, 3, -2, -1, 1])
+def test_scores_not_finite_and_choices_out_of_range_give_nan_rows():
+    """NaN or infinite scores give NaN ratios and gradients, as in public ops; a choice that
+    indexes no normalizer (never read on an accelerator, where reading it would synchronize;
+    the public ops index out of range there) gives NaN ratios too, not another normalizer's."""
+    inf = float('inf')
+    scores = torch.tensor([[0.2, float('nan'), 0.1], [inf, 0.0, 0.0], [inf, inf, 0.0],
+                           [0.0, 0.0, -inf], [0.3, 0.2, 0.1], [0.3, 0.2, 0.1],
+                           [1.0, 2.0, 3.0], [0.3, 0.2, 0.1]], dtype=F64, requires_grad=True)
+    choices = torch.tensor([-1, -1, -1, -1, 3, -2, -1, 1])
     radius = torch.tensor(0.4, dtype=F64)
     with kernel.kernel_devices('cuda', 'cpu'), _Launches() as launches:
         actual = fast_sparsestmax(scores, radius, choices)
+        (grad, ) = torch.autograd.grad(actual.sum(), scores)
     assert launches.ops == [RATIOS_OP]
-    assert actual[:3].isnan().all() and not actual[3:].isnan().any()
-    expected = fast_sparsestmax(scores[[0, 3, 4]], radius, choices[[0, 3, 4]])
-    torch.testing.assert_close(actual[[0, 3, 4]], expected, equal_nan=True)
+    assert actual[:6].isnan().all() and not actual[6:].isnan().any()
+    assert grad[:4].isnan().all() and not grad[6:].isnan().any()
+    kept = [0, 1, 2, 3, 6, 7]  # (the public ops index out of range on the others)
+    expected = fast_sparsestmax(scores[kept], radius, choices[kept])
+    torch.testing.assert_close(actual[kept], expected, equal_nan=True)
+    # A training step does not fix a choice from them.
+    mean_choice, var_choice = torch.full((4, ), -1), torch.full((4, ), -1)
+    with kernel.kernel_devices('cuda', 'cpu'):
+        update_choice_pair(actual[:4].detach(), actual[4:].detach(), mean_choice, var_choice)
+    assert (mean_choice == -1).all()
 
 
 def _signature(body, dtype: str):
@@ -259,3 +269,72 @@ def test_the_kernels_compile_for_gpus(target):
                             signature=_signature(kernel._fix_choices_body, dtype),
                             constexprs=dict(K=k, BLOCK=kernel._BLOCK))
         assert triton.compile(choices, target=gpu).asm.get(binary)
+
+
+def test_a_double_backward_differentiates_the_forward_it_ran():
+    """``create_graph=True`` gives the same gradient as a plain backward, with the face the
+    kernel chose (on rows on a face boundary up to rounding, where public ops and kernel may
+    round to different faces: [0, .7, .3] at r = 0.3)."""
+    gen = torch.Generator().manual_seed(4)
+    scores = torch.cat([torch.tensor([[0.0, 0.7, 0.3]], dtype=F64),
+                        torch.randn(40, 3, generator=gen, dtype=F64) * 0.3]).requires_grad_()
+    weights = torch.randn(41, 3, generator=gen, dtype=F64)
+    radius, choices = torch.tensor(0.3, dtype=F64), torch.full((41, ), -1)
+    with kernel.kernel_devices('cuda', 'cpu'):
+        y = fast_sparsestmax(scores, radius, choices)
+        plain, = torch.autograd.grad((y * weights).sum(), scores, retain_graph=True)
+        twice, = torch.autograd.grad((y * weights).sum(), scores, create_graph=True)
+    torch.testing.assert_close(twice, plain, rtol=1e-12, atol=1e-12)
+    assert twice.requires_grad
+
+
+class _Twice(nn.Module):
+    """An SSN layer called twice, its radius moved in between (a schedule in the forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ssn = _layers()
+
+    def forward(self, x):
+        y = self.ssn(x)
+        self.ssn.set_progress(0.5)
+        return self.ssn(y)
+
+
+def test_radius_and_scores_changed_in_place_before_the_backward():
+    """What the backward uses is what the kernel wrote, not the radius buffer or the scores,
+    which may change in place before it (as with the public ops)."""
+    results = []
+    for on in (False, True):
+        model = _Twice()
+        model.ssn.set_progress(0.3)
+        with kernel.kernel_devices(*(('cuda', 'cpu') if on else ('cuda', ))):
+            loss = model(torch.randn(2, 6, 3, 3, generator=torch.Generator().manual_seed(0),
+                                     dtype=F64)).square().sum()
+            with torch.no_grad():
+                model.ssn.mean_scores.add_(0.1)
+            loss.backward()
+        results.append([p.grad for p in model.parameters()])
+    torch.testing.assert_close(results[1], results[0], rtol=1e-10, atol=1e-12)
+
+
+def test_no_jacobian_without_gradients():
+    """An inference forward (``torch.no_grad()``, parameters requiring gradients) launches the
+    kernel without the Jacobians."""
+    flags = []
+
+    class Flags(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if str(func) == RATIOS_OP:
+                flags.append(args[-1])
+            return func(*args, **(kwargs or {}))
+
+    layer = _layers()
+    x = torch.randn(2, 6, 3, 3, dtype=F64)
+    with kernel.kernel_devices('cuda', 'cpu'), Flags():
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+        layer.train()
+        layer(x).sum().backward()
+    assert flags == [False, True]

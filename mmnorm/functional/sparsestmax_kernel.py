@@ -416,7 +416,7 @@ class KernelSparsestMax(torch.autograd.Function):
     the rows of ``first`` then those of ``second``, as one ``(R, K)`` tensor. ``jacobian``:
     whether a backward may follow (gradients enabled; the kernel then writes the Jacobians).
     The backward is one ``bmm`` with the Jacobians; a double backward differentiates the final
-    face's formula again (:func:`~.sparsestmax_fast._second_order_grad`) with the face, push
+    face's formula again (``sparsestmax_fast._second_order_grad``) with the face, push
     and scale the kernel chose. Call it where :func:`kernel_takes`; it raises
     :class:`KernelFailed` if the launch failed (reported)."""
 

@@ -702,7 +702,7 @@ def batched_ratios(model: nn.Module) -> BatchedRatios:
 
     A ratio layer's ratios depend only on its parameters (and SSN's radius and choices), and
     each layer computes them in a few small ops: a softmax for SN, SparsestMax's rounds for SSN
-    (about 45 ops per training step, forward and backward, a kernel launch each on a GPU). With
+    (one kernel on a GPU with Triton, about 45 public ops per training step otherwise). With
     this, a forward pre-hook on ``model`` concatenates the ratio inputs of all its layers of
     one kind and computes their ratios in one such computation, before the layers run; each
     layer takes its own (a view), and the backward of the shared computation is one pass for

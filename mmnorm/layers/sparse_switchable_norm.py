@@ -281,11 +281,12 @@ class SparseSwitchableNorm(SwitchableNorm):
         """SN's (a scope's ratios), and in any forward of a layer whose every choice was fixed
         at the last check (a trained layer: the radius reached the vertices, or a finetuning
         run loaded its trained checkpoint), its one-hot ratios, not computed again: SparsestMax's
-        rounds and the choice update are about 50 small ops a training step, and the layer is
-        one plain normalizer. Any change the version counters see (an in-place update, a load
-        outside eval mode), another storage (a move to another device) or another dtype
-        computes them as usual until the next check; an update through ``.data`` is not seen
-        (mmengine's ``EMAHook`` swaps before the loop calls ``.eval()``)."""
+        rounds and the choice update are two kernel launches a training step on a GPU with
+        Triton (about 50 small ops in public ops), and the layer is one plain normalizer. Any
+        change the version counters see (an in-place update, a load outside eval mode),
+        another storage (a move to another device) or another dtype computes them as usual
+        until the next check; an update through ``.data`` is not seen (mmengine's ``EMAHook``
+        swaps before the loop calls ``.eval()``)."""
         fixed = self._fixed_now()
         return fixed if fixed is not None else super()._scoped_ratios()
 

@@ -48,7 +48,7 @@ from torch import Tensor
 from .arguments import check_flag
 from .moments import LOW_PRECISION, is_tracing, stat_dtype, static_shape_checks
 from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
-from .sparsestmax_kernel import KernelFailed, KernelSparsestMax, fix_choices_, kernel_takes
+from .sparsestmax_kernel import fix_choices_, kernel_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
 __all__ = ['sparsemax', 'sparsestmax', 'sparsest_ratios', 'sparse_switchable_norm',
@@ -176,15 +176,11 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     ``torch.compile``, keep :func:`sparsestmax` (the fast form's Function saves a Jacobian it
     builds in its forward, which a traced Function may not)."""
     radius = torch.as_tensor(radius, device=mean_scores.device)
-    if not is_tracing() and kernel_takes(mean_scores, var_scores, radius.to(mean_scores.dtype),
-                                         mean_choice, var_choice):
-        # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
-        try:
-            return KernelSparsestMax.apply(
-                mean_scores, var_scores, radius.to(mean_scores.dtype), mean_choice, var_choice,
-                torch.is_grad_enabled()).view(2, *mean_scores.shape)
-        except KernelFailed:  # (reported once; the public ops from now on)
-            pass
+    # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
+    ratios = kernel_sparsestmax(mean_scores, var_scores, radius.to(mean_scores.dtype),
+                                mean_choice, var_choice)
+    if ratios is not None:
+        return ratios.view(2, *mean_scores.shape)
     scores = torch.stack([mean_scores, var_scores])
     choices = torch.stack([mean_choice, var_choice])
     if (scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0

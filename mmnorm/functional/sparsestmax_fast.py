@@ -44,7 +44,7 @@ from typing import Dict, Tuple
 import torch
 from torch import Tensor
 
-from .sparsestmax_kernel import KernelFailed, KernelSparsestMax, kernel_takes
+from .sparsestmax_kernel import kernel_sparsestmax
 
 __all__ = ['fast_sparsestmax', 'FAST_DTYPES']
 
@@ -193,17 +193,10 @@ def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
     ``_frozen(sparsestmax(scores, radius), choices)`` computes, differentiable in ``scores``
     (see the module docstring)."""
     radius = radius.to(scores.dtype)
-    if kernel_takes(scores, _no_rows(scores), radius, choices, _no_rows(choices)):
-        try:
-            return KernelSparsestMax.apply(scores, _no_rows(scores), radius, choices,
-                                           _no_rows(choices),
-                                           torch.is_grad_enabled()).view(scores.shape)
-        except KernelFailed:  # (reported once; the public ops from now on)
-            pass
+    # One kernel on a GPU (sparsestmax_kernel); its second operand has no rows (not a view of
+    # the scores, whose gradient autograd would scatter back).
+    ratios = kernel_sparsestmax(scores, scores.new_empty((0, scores.shape[-1])), radius,
+                                choices, choices.new_empty((0, )))
+    if ratios is not None:
+        return ratios.view(scores.shape)
     return _FastSparsestMax.apply(scores, radius, choices)
-
-
-def _no_rows(t: Tensor) -> Tensor:
-    """No rows: the kernel's second operand when there is one tensor of rows (not a view of
-    it, whose gradient autograd would scatter back)."""
-    return t.new_empty((0, t.shape[-1]) if t.is_floating_point() else (0, ))

@@ -36,7 +36,7 @@ gets by default is the public ops.
 import contextlib
 import logging
 import os
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -53,7 +53,7 @@ except ImportError:  # (the kernel then never applies: the public ops)
         constexpr = None
 
 __all__ = ['KERNEL_DEVICES', 'kernel_devices', 'kernel_applies', 'kernel_takes',
-           'KernelSparsestMax', 'KernelFailed', 'fix_choices_']
+           'kernel_sparsestmax', 'KernelSparsestMax', 'KernelFailed', 'fix_choices_']
 
 #: Device types whose tensors take the kernel (the CPU only through :func:`kernel_devices`).
 KERNEL_DEVICES: Tuple[str, ...] = ('cuda', )
@@ -460,6 +460,21 @@ class KernelSparsestMax(torch.autograd.Function):
 
 class KernelFailed(RuntimeError):
     """The kernel's launch raised (reported once): compute with the public ops."""
+
+
+def kernel_sparsestmax(first: Tensor, second: Tensor, radius: Tensor, first_choices: Tensor,
+                       second_choices: Tensor) -> Optional[Tensor]:
+    """SparsestMax of the rows of ``first`` then ``second`` with their choices, ``(R, K)``, in
+    one kernel (:class:`KernelSparsestMax`); None where the kernel does not take them
+    (:func:`kernel_takes`) or its launch failed (reported once): the caller computes them with
+    the public ops."""
+    if not kernel_takes(first, second, radius, first_choices, second_choices):
+        return None
+    try:
+        return KernelSparsestMax.apply(first, second, radius, first_choices, second_choices,
+                                       torch.is_grad_enabled())
+    except KernelFailed:
+        return None
 
 
 @torch.library.custom_op('mmnorm::fix_sparsest_choices_',

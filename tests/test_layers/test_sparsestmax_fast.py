@@ -12,39 +12,45 @@ import math
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmnorm.functional import sparsestmax_kernel
 from mmnorm.functional.sparse_switchable import _frozen, _stacked_sparsest_ratios, sparsestmax
-from mmnorm.analysis.launches import count_ops
 from mmnorm.functional.sparsestmax_fast import fast_sparsestmax
-from mmnorm.functional.sparsestmax_kernel import kernel_devices
 from mmnorm.testing import oracles
 
 F64 = torch.float64
 KERNEL_OP = 'mmnorm.sparsestmax_rows.default'
 
 
+class _KernelLaunches(TorchDispatchMode):
+    """Records the kernel's launches (its op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) == KERNEL_OP:
+            self.launches.append(func)
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.fixture(autouse=True, params=['public ops', 'kernel'])
-def form(request):
+def form(request, monkeypatch):
     """The public ops (the CPU's form), or the kernel (a GPU's), whose launches are counted:
     a test in the kernel form fails unless it ran."""
     if request.param == 'public ops':
         yield None
         return
     pytest.importorskip('triton')
-    launches = []
-    original = count_ops.__globals__['_OpCounter']
-
-    class Counting(original):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if str(func) == KERNEL_OP:
-                launches.append(func)
-            return super().__torch_dispatch__(func, types, args, kwargs)
-
-    with kernel_devices('cuda', 'cpu'), Counting():
-        yield launches
+    monkeypatch.setattr(sparsestmax_kernel, '_FAILED', {})  # (no failure from another test)
+    with sparsestmax_kernel.kernel_devices('cuda', 'cpu'), _KernelLaunches() as counter:
+        yield counter.launches
     if request.node.get_closest_marker('public_ops_only'):
-        assert not launches, 'the kernel ran where the public ops should'
+        assert not counter.launches, 'the kernel ran where the public ops should'
     else:
-        assert launches, 'the kernel form never launched the kernel'
+        assert counter.launches, 'the kernel form never launched the kernel'
 
 
 def _spec(scores, radius, choices):

@@ -7,6 +7,7 @@ import os.path as osp
 import sys
 
 import pytest
+import torch
 from mmengine.config import Config
 
 from mmnorm.layers import BatchStatsNorm, WSConv2d
@@ -91,3 +92,29 @@ def test_time_rounds_synchronizes_around_every_timed_call_and_warms_up():
         block = timed[start:start + 4]
         assert block[0] == block[3] == 'sync' and block[1] == block[2] != 'sync'
     assert timings['a'][1] == 1.0
+
+
+def test_cuda_events_time_the_benchmarked_devices_stream(monkeypatch):
+    """On a CUDA device the events are recorded in that device's stream: ``Event.record()``
+    alone takes the current device's, and on a second GPU (``--device cuda:1``) would time an
+    empty stream. No GPU here: the CUDA calls are stand-ins that record what they get."""
+    from mmnorm.utils import timing
+    recorded = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self, stream=None):
+            recorded.append(stream)
+
+        def elapsed_time(self, end):
+            return 1.0
+
+    monkeypatch.setattr(torch.cuda, 'Event', Event)
+    monkeypatch.setattr(torch.cuda, 'current_stream', lambda device=None: ('stream', device))
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda device=None: None)
+    samples = timing.sample_rounds({'a': lambda: None, 'b': lambda: None}, rounds=2, inner=1,
+                                   warmup=0, device='cuda:1')
+    assert samples == {'a': [1.0, 1.0], 'b': [1.0, 1.0]}
+    assert recorded == [('stream', 'cuda:1')] * 8

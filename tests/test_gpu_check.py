@@ -7,6 +7,7 @@ the float64 oracles import nothing from mmnorm; tools/benchmark_norms.py's devic
 distributed helpers' backend choice. The installed wheel's copy through mim is in
 tests/test_packaging.py."""
 import ast
+import contextlib
 import json
 import os.path as osp
 import subprocess
@@ -228,3 +229,33 @@ def test_benchmark_norms_batched_ratios_rows():
     for row in results.values():
         assert set(row) == {'train_own_ms', 'train_ratio', 'eval_own_ms', 'eval_ratio'}
         assert all(value > 0 for value in row.values())
+
+
+def test_parity_copies_nothing_from_host_memory_under_the_sync_check(gpu_check, monkeypatch):
+    """On CUDA a copy from host memory is a synchronizing operation: inside ``no_host_sync``
+    (``set_sync_debug_mode('error')``) it raises, and every parity case would fail before the
+    layer ran. The CPU cannot raise there, so the calls that copy a tensor to a device inside
+    the checked blocks are recorded instead (none may come from the check itself)."""
+    from torch.overrides import TorchFunctionMode
+
+    copies = []
+
+    class Copies(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.to and ('device' in kwargs or any(
+                    isinstance(a, (torch.device, str)) for a in args[1:])):
+                copies.append(func)
+            return func(*args, **kwargs)
+
+    checked = gpu_check.no_host_sync
+
+    @contextlib.contextmanager
+    def recorded(device):
+        with checked(device), Copies():
+            yield
+
+    monkeypatch.setattr(gpu_check, 'no_host_sync', recorded)
+    row = gpu_check._parity_case('SN', 'fp32', torch.device('cpu'))
+    assert row['public_no_sync'] and row['compiled_no_sync']
+    assert copies == []

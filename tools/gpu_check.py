@@ -254,7 +254,9 @@ def _parity_case(name: str, variant: str, device: torch.device) -> Dict[str, Any
         with form(mode) as state:
             layer = copy.deepcopy(fresh).to(device)
             xd = x.to(device).contiguous(memory_format=memory_format)
-            y, x_grad, p_grads = train_step(layer, xd, grad.to(device))
+            # (copied here: a copy from host memory inside no_host_sync is a CUDA sync itself)
+            gd = grad.to(device)
+            y, x_grad, p_grads = train_step(layer, xd, gd)
             key = 'compiled' if mode == 'always' else 'public'
             if mode == 'always':
                 row['compiled_calls'] = state.compiled_calls
@@ -268,7 +270,7 @@ def _parity_case(name: str, variant: str, device: torch.device) -> Dict[str, Any
             # after training reads SSN's choices once, by design (are they all fixed?); a
             # second .eval() with nothing changed reads nothing, and no forward does.
             with no_host_sync(device):
-                train_step(layer, xd, grad.to(device))
+                train_step(layer, xd, gd)
             layer.eval()
             with no_host_sync(device):
                 layer.eval()

@@ -48,8 +48,9 @@ def sample_rounds(fns: Dict[str, Callable[[], None]], rounds: int, inner: int,
     discards rounds disturbed by other load (on shared machines the absolute speed can drift by
     several times over minutes; the ratios stay meaningful). ``warmup`` calls of each come first
     (compilation, caches, autotuning). On a CUDA ``device`` the time is the GPU's, between two
-    CUDA events recorded in the stream around the calls (read after the round); elsewhere the
-    host clock, with ``synchronize`` (see :func:`device_synchronizer`) called before each read.
+    CUDA events recorded in the device's current stream around the calls (read after the
+    round); elsewhere the host clock, with ``synchronize`` (see :func:`device_synchronizer`)
+    called before each read.
     """
     cuda = device is not None and torch.device(device).type == 'cuda'
     sync = synchronize or (lambda: None)
@@ -67,11 +68,14 @@ def sample_rounds(fns: Dict[str, Callable[[], None]], rounds: int, inner: int,
         for name in order:
             fn = fns[name]
             if cuda:
+                # In the device's own stream (record() alone takes the current device's, which
+                # is not ``device`` on a second GPU: it would time an empty stream).
+                stream = torch.cuda.current_stream(device)
                 start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
-                start.record()
+                start.record(stream)
                 for _ in range(inner):
                     fn()
-                end.record()
+                end.record(stream)
                 events[name] = (start, end)
                 continue
             sync()

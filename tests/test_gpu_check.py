@@ -221,6 +221,31 @@ def test_benchmark_norms_variants_and_ratios_to_bn(capsys):
     assert set(results) == {'BN', 'GN', 'SN'}
 
 
+def test_benchmark_norms_saved_bytes_frees_the_graph():
+    """``saved_bytes`` counts what autograd saves without keeping the graph alive: a layer that
+    saves its own output (ReLU) held itself through its output's ``grad_fn`` when the pack hook
+    returned the tensor as it is, a cycle the garbage collector cannot see."""
+    import gc
+    import weakref
+    sys.path.insert(0, osp.join(ROOT, 'tools'))
+    import benchmark_norms
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU())
+    outputs = []
+    model.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out)))
+    x = torch.randn(4, 16, requires_grad=True)
+    enabled = gc.isenabled()
+    gc.disable()  # what the reference count alone frees
+    try:
+        saved = benchmark_norms.saved_bytes(model, x)
+        alive = [ref() is not None for ref in outputs]
+    finally:
+        if enabled:
+            gc.enable()
+    # Linear saves its input (64 floats, the input's storage); ReLU its output (64 floats).
+    assert saved == 2 * 4 * 16 * 4
+    assert alive == [False]
+
+
 def test_benchmark_norms_batched_ratios_rows():
     sys.path.insert(0, osp.join(ROOT, 'tools'))
     import benchmark_norms

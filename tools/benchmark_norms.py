@@ -84,6 +84,10 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
         if isinstance(t, torch.Tensor):
             s = t.untyped_storage()
             storages[s.data_ptr()] = s.nbytes()
+            # Detached: a node that saves its own output would otherwise hold itself through
+            # the output's grad_fn, a cycle the garbage collector cannot see (it leaked the
+            # graph of every call); the storage is the same. No backward follows.
+            return t.detach()
         return t
 
     layer.train()

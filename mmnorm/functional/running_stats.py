@@ -54,11 +54,27 @@ class BatchStats(NamedTuple):
         return self.var * (count / (count - 1)).where(count > 1, torch.ones_like(count))
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of ``tensor`` over the ranks of ``group``, differentiable: every rank's sum
+    depends on every rank's tensor, so a rank's gradient is the sum of all ranks' incoming
+    gradients (one all-reduce in the backward too). Written here, not taken from
+    ``torch.distributed.nn.functional.all_reduce``: deprecated since torch 2.x, it warned at
+    every synchronized step, and its suggested replacement is a private module."""
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
 def _all_reduce_sum(tensor: Tensor, group) -> Tensor:
-    # Differentiable: the backward all-reduces the incoming gradient. Imported here because
-    # torch.distributed.nn pulls in RPC modules that a non-distributed run never needs.
-    from torch.distributed.nn.functional import all_reduce
-    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return _AllReduceSum.apply(tensor, group)
 
 
 def pool_weighted(counts: Tensor, means: Tensor, variances: Tensor

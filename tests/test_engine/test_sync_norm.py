@@ -2,6 +2,8 @@
 """SyncSN / SyncSN_tied / SyncBCN / SyncSSN (with and without ratio groups) on shards (2 real
 gloo processes) equal SN / SN_tied / BCN / SSN on the concatenated batch: outputs, input
 gradients, summed parameter gradients, running buffers."""
+import warnings
+
 import torch
 import torch.distributed as dist
 
@@ -70,10 +72,16 @@ def _check_case(rank, world, name, sizes, dtype):
 
 
 def _worker(rank, world, out_dir):
-    for name in PAIRS:
-        for sizes in ([3, 3], [2, 5]):
-            for dtype in (torch.float64, torch.float32):
-                _check_case(rank, world, name, sizes, dtype)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for name in PAIRS:
+            for sizes in ([3, 3], [2, 5]):
+                for dtype in (torch.float64, torch.float32):
+                    _check_case(rank, world, name, sizes, dtype)
+    # No deprecated collective (torch.distributed.nn.functional.all_reduce warned every step).
+    deprecated = [str(w.message) for w in caught
+                  if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecated, deprecated
     # An empty shard still joins the collectives and adds nothing.
     _check_case(rank, world, 'SN', [0, 4], torch.float64)
     _check_case(rank, world, 'BCN', [4, 0], torch.float64)

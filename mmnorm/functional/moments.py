@@ -321,6 +321,21 @@ def transforms_active() -> bool:
             or getattr(forward_ad, '_current_level', -1) >= 0)
 
 
+#: PyTorch's test for the batched tensors of its first vmap, which autograd's vectorized
+#: backward (``is_grads_batched``, ``jacobian(vectorize=True)``, ``gradcheck``'s batched check)
+#: still uses; private, and absent from a version that drops them (then nothing is such a batch).
+_is_legacy_batched = getattr(torch._C._functorch, 'is_legacy_batchedtensor', lambda t: False)
+
+
+def batched_gradient(grad: Tensor) -> bool:
+    """Whether a backward runs on a batch of output gradients: under a ``torch.func``
+    transform (:func:`transforms_active`) or in autograd's vectorized backward, which runs a
+    Function's backward once under its own ``vmap`` (not a transform, and no public query says
+    so). A batched tensor cannot be written into an unbatched buffer (``out=``, in place), so a
+    backward that reuses buffers takes out-of-place ops there."""
+    return transforms_active() or _is_legacy_batched(grad)
+
+
 def compiling_to_run() -> bool:
     """True while ``torch.compile`` (Dynamo) traces a model to run it, not to export it
     (``torch.export``, the ONNX exporter) nor under TorchScript tracing.

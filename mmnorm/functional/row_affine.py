@@ -37,7 +37,8 @@ from typing import Any, Dict, NamedTuple, Optional, Protocol, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .moments import LOW_PRECISION, differentiable_grads, needs_grad, sum_of_squares
+from .moments import (LOW_PRECISION, batched_gradient, differentiable_grads, needs_grad,
+                      sum_of_squares)
 from .moments import _centered_moments as corrected_moments
 
 __all__ = ['RowAffineKernel', 'row_affine', 'spatial_dims', 'stat_moments',
@@ -248,7 +249,9 @@ class _RowAffine(torch.autograd.Function):
         dims, length = spatial_dims(x), math.prod(x.shape[2:])
         centered_shift = _centered_shift(ctx.kernel)
         grad_B = dy.sum(dims)
-        if simple_passes(x):  # the product's buffer is reused for dx: no new full-size tensor
+        # Buffers reused only for a plain gradient, not a batch of them (vectorized Jacobians).
+        if simple_passes(x) and not batched_gradient(grad_out):
+            # the product's buffer is reused for dx: no new full-size tensor
             # (a centered shift: sum dy (x - m), exact for rows of equal values)
             product = (wide - _rows(mean, x)).mul_(dy) if centered_shift else dy * wide
             grad_A = product.sum(dims)

@@ -517,7 +517,9 @@ class _SwitchableKernel:
         shared = [H[..., 0], H[..., 1].mean(1, keepdim=True)]
         if bn_shared:
             shared.append(H[..., 2].mean(0, keepdim=True))
-        H = torch.stack(torch.broadcast_tensors(*shared), -1)   # (N, C, 2, K')
+        # (expand, not broadcast_tensors: autograd's vectorized backward has no batching rule
+        # for the latter)
+        H = torch.stack([t.expand(shared[0].shape) for t in shared], -1)   # (N, C, 2, K')
         H[..., 0, :].addcmul_(H[..., 1, :], stats[..., 0, :H.shape[-1]], value=-1)
         Q, P = H.sum(-1).unbind(-1)
         return P, Q, (g_weight, g_bias, None, None, g_ratios)

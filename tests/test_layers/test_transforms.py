@@ -135,3 +135,37 @@ def test_checkpointed_step_under_forward_mode_ad_updates_buffers_once(name, reen
     torch.testing.assert_close(list(layer.buffers()), list(plain.buffers()), rtol=1e-12,
                                atol=1e-12)  # (the plain form there, the light form here)
 
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('name', list(LAYERS))
+def test_batched_gradients_through_the_default_form(name, train, structure):
+    """Vectorized Jacobians (``torch.autograd.functional.jacobian(vectorize=True)``,
+    ``hessian(vectorize=True)``, ``gradcheck(check_batched_grad=True)``) are not transforms of
+    the forward: they run the default form's own backward once under ``vmap``, over a batch of
+    output gradients (``is_grads_batched``). Each row equals the backward of that one output
+    gradient (what these tests check elsewhere against the float64 oracle)."""
+    layer = make_layer(name, dtype=torch.float64) if train else _trained_eval(name)
+    x = _input().requires_grad_()
+    inputs = [x] + [p for p in layer.parameters() if p.requires_grad]
+    y = layer(x)
+    cotangents = torch.randn((3, ) + y.shape, dtype=y.dtype,
+                             generator=torch.Generator().manual_seed(2))
+    batched = torch.autograd.grad(y, inputs, cotangents, is_grads_batched=True,
+                                  retain_graph=True, allow_unused=True)
+    for i, cotangent in enumerate(cotangents):
+        single = torch.autograd.grad(y, inputs, cotangent, retain_graph=True, allow_unused=True)
+        for rows, one in zip(batched, single):
+            assert (rows is None) == (one is None)
+            if one is not None:
+                torch.testing.assert_close(rows[i], one, rtol=1e-10, atol=1e-12)
+
+
+def test_vectorized_jacobian_equals_the_oracle():
+    """``jacobian(vectorize=True)`` of a layer in train mode (batch statistics) against the
+    float64 oracle's Jacobian, both in one call."""
+    layer = make_layer('SN', dtype=torch.float64)
+    x = _input()
+    expected = torch.autograd.functional.jacobian(lambda t: float64_oracle(layer, t), x)
+    got = torch.autograd.functional.jacobian(layer, x, vectorize=True)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-11)

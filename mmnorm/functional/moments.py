@@ -332,7 +332,11 @@ def batched_gradient(grad: Tensor) -> bool:
     transform (:func:`transforms_active`) or in autograd's vectorized backward, which runs a
     Function's backward once under its own ``vmap`` (not a transform, and no public query says
     so). A batched tensor cannot be written into an unbatched buffer (``out=``, in place), so a
-    backward that reuses buffers takes out-of-place ops there."""
+    backward that reuses buffers takes out-of-place ops there. False where ``torch.compile``
+    traces the backward (its graphs take plain gradients; Dynamo cannot trace the private
+    query, which would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return transforms_active() or _is_legacy_batched(grad)
 
 

@@ -490,8 +490,10 @@ class _RowNormFunction(torch.autograd.Function):
                                  grad_of(leaves[0]), grad_of(leaves[1]))
             grad_x = grad_x.to(grad_out.dtype).view(grad_out.shape)
             # The rows were contiguous; the gradient takes the input's layout (channels_last
-            # convolutions consume it as it is).
-            grad_x = grad_x.contiguous(memory_format=_memory_format(saved))
+            # convolutions consume it as it is). Not for a batch of gradients: vmap cannot ask
+            # a batched tensor its layout (and autograd takes the batch in any layout).
+            if not batched_gradient(grad_out):
+                grad_x = grad_x.contiguous(memory_format=_memory_format(saved))
         return (grad_x, None, None, *[grad_of(t) for t in leaves[2:]])
 
 

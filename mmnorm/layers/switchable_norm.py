@@ -73,6 +73,9 @@ class SwitchableNorm(BatchStatsNorm):
             between groups. The ratio parameters are ``(G, |Ω|)`` and :meth:`ratios` returns
             ``(G, |Ω|)`` tensors. ``C`` must be divisible by ``G``; ``G = C`` is a choice per
             channel. Defaults to 1: one vector per layer, shaped ``(|Ω|,)`` as in the paper.
+            It comes after ``device`` and ``dtype`` (the factory keywords of torch's layers),
+            which 0.1.0 took in the places before it: calls that pass them by position keep
+            working.
 
     Shape:
         - Input: ``(N, C, *)``
@@ -99,7 +102,7 @@ class SwitchableNorm(BatchStatsNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, using_bn: bool = True,
                  mix: str = 'var', in_unbiased: bool = False, eval_stats: str = 'moving',
-                 ratio_groups: int = 1, device=None, dtype=None):
+                 device=None, dtype=None, ratio_groups: int = 1):
         super().__init__(num_features, eps, momentum, track_running_stats, eval_stats, device,
                          dtype)
         ratio_groups = check_ratio_groups(self.num_features, ratio_groups)

@@ -288,6 +288,16 @@ def test_openmmlab_builders_take_the_option():
         build_norm_layer(dict(type='SN', ratio_groups=5), 16)
 
 
+@pytest.mark.parametrize('cls', [SwitchableNorm, SwitchableNormTied, SparseSwitchableNorm])
+def test_device_and_dtype_keep_their_0_1_0_places(cls):
+    """0.1.0's positional arguments, ``device`` and ``dtype`` last, still mean what they did:
+    the option came after them."""
+    layer = cls(8, 1e-5, 0.1, True, True, True, 'var', False, 'moving', 'cpu', torch.float64)
+    assert layer.weight.dtype == torch.float64 and layer.ratio_groups == 1
+    assert cls(8, 1e-5, 0.1, True, True, True, 'var', False, 'moving', None, None,
+               4).ratio_groups == 4
+
+
 @pytest.mark.parametrize('name', ['SN', 'SSN'])
 def test_batch_average_statistics_and_eval(name):
     """eval_stats='batch_average': the BN branch of every group is evaluated with the average of

@@ -8,11 +8,10 @@ Note:
     variance per channel; the global mean and variance are pooled exactly (law of total
     variance), so processes with different batch or image sizes are weighted by their number of
     values, and a process with an empty batch contributes nothing (but still takes part in the
-    collectives). Forward uses one all-reduce of one concatenated tensor
-    (a differentiable sum-all-reduce in ``mmnorm/functional/running_stats.py``); backward is
-    autograd through it (the gradient of a sum-all-reduce is the sum-all-reduce of the
-    gradient). Outside
-    a distributed run, with one process, or in eval mode, the layers compute exactly what their
+    collectives). Forward uses one all-reduce of one concatenated tensor (a differentiable
+    sum-all-reduce in ``mmnorm/functional/running_stats.py``); backward is autograd through it
+    (the gradient of a sum-all-reduce is the sum-all-reduce of the gradient). Outside a
+    distributed run, with one process, or in eval mode, the layers compute exactly what their
     local versions compute. As with SyncBN, every process must call the layer the same number of
     times per iteration.
 

@@ -17,12 +17,17 @@
 #                             needed): JSON + Markdown in work_dirs/gpu_check; fails when a case
 #                             failed (its exit status 1) or cases were not run for time (3)
 #   make gpu-check DEVICE=cpu ... its short mode on the CPU (CI runs it)
+#   make gpu-check-torch      that short mode under the GPU machine's torch (MACHINE_TORCH,
+#                             2.11.0), installed beside .venv: the version the GPU check will
+#                             meet there (CI runs it)
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 NORM ?= SN
 DEVICE ?= cuda
+# The GPU machine's torch (its image's, last read 2026-11-17), which it cannot change.
+MACHINE_TORCH ?= 2.11.0
 # The GPU machine has torch but no .venv (no OpenMMLab packages, no network): python3 there.
 # gpu_check.py needs torch and mmnorm's core only (mmnorm.testing, nothing from tests/); an
 # installed mmnorm runs the same script as `mim run mmnorm gpu_check`.
@@ -31,7 +36,7 @@ QUICK ?=
 DEMO_ARGS := --norm $(NORM) $(if $(QUICK),--quick,)
 
 .PHONY: env test test-fast lint demo demo-seg deploy-seg study benchmark dist docs docs-figures \
-	gpu-check clean-env
+	gpu-check gpu-check-torch clean-env
 
 env:
 	@VENV=$(VENV) PYTHON=$(PYTHON) bash tools/setup_env.sh
@@ -82,6 +87,9 @@ docs-figures:
 
 gpu-check:
 	$(CHECK_PY) tools/gpu_check.py --device $(DEVICE) --out work_dirs/gpu_check
+
+gpu-check-torch: env
+	bash tools/gpu_check_torch.sh $(MACHINE_TORCH)
 
 clean-env:
 	rm -rf $(VENV)

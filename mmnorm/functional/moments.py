@@ -102,7 +102,9 @@ class CoefficientFn(Protocol):
         ...
 
 
-@dataclasses.dataclass(frozen=True)
+# (eq=False: compared and hashed by identity, as nothing needs more; torch 2.11's Dynamo failed
+# to hash a frozen dataclass built inside a compiled graph, and the compiled form fell back.)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Coefficients:
     """A coefficient function bound to its constants: what :func:`normalize_rows` runs.
 
@@ -377,20 +379,27 @@ def saved_tensors_hooks_active() -> bool:
     return torch._C._autograd._top_saved_tensors_default_hooks(True) is not None
 
 
+#: ``F.batch_norm``'s eps for an exact affine map: torch before 2.13 refuses eps 0 (the GPU
+#: machine's torch is 2.11), and ``1 + 1e-30`` rounds to exactly 1 in every floating dtype, so
+#: the running variance 1 still divides by exactly 1.
+_UNIT_EPS = 1e-30
+
+
 def _row_affine(rows: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``scale * rows + shift`` per row of contiguous ``(N, C, L)`` rows (a new tensor, viewed).
 
     Batch norm's inference kernel on the ``(1, N*C, L)`` view, with running mean 0, running
-    variance 1 and eps 0, is exactly this per-"channel" affine map, and on CPU it is 2-3x faster
-    than broadcasting ``addcmul`` when rows are short (RoI features, ``L = 49``). The result is
-    a view, so it serves gradients, not layer outputs (which callers may modify in place).
+    variance 1 and a negligible eps (:data:`_UNIT_EPS`), is exactly this per-"channel" affine
+    map, and on CPU it is 2-3x faster than broadcasting ``addcmul`` when rows are short (RoI
+    features, ``L = 49``). The result is a view, so it serves gradients, not layer outputs
+    (which callers may modify in place).
     """
     n, c, length = rows.shape
     if rows.numel() == 0:
         return torch.empty_like(rows)
     flat_scale, flat_shift = scale.reshape(n * c), shift.reshape(n * c)
     out = F.batch_norm(rows.view(1, n * c, length), torch.zeros_like(flat_scale),
-                       torch.ones_like(flat_scale), flat_scale, flat_shift, False, 0.0, 0.0)
+                       torch.ones_like(flat_scale), flat_scale, flat_shift, False, 0.0, _UNIT_EPS)
     return out.view(n, c, length)
 
 

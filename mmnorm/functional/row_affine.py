@@ -152,6 +152,8 @@ def _output(x: Tensor, A: Tensor, B: Tensor, mean: Tensor, centering: Optional[C
         B = torch.addcmul(B, A, mean)
     if delta is not None:
         B = torch.addcmul(B, A, delta, value=-1)
+    if torch.compiler.is_compiling():  # a fresh tensor (see _RowAffine.forward); fused anyway
+        return torch.addcmul(_rows(B, x), values, _rows(A, x))
     return values.mul_(_rows(A, x)).add_(_rows(B, x))
 
 
@@ -230,7 +232,9 @@ class _RowAffine(torch.autograd.Function):
         ctx.save_for_backward(x, A, rows[0] if _centered_shift(kernel) else None, *state)
         aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
         ctx.mark_non_differentiable(*aux.values())
-        return (out.to(x.dtype), *aux.values())
+        # The output is never an alias of an intermediate (an in-place result, a no-op .to()):
+        # torch 2.11's torch.compile gave such outputs of a Function zero gradients.
+        return (out if out.dtype == x.dtype else out.to(x.dtype), *aux.values())
 
     @staticmethod
     def backward(ctx, grad_out: Tensor, *_):
@@ -304,6 +308,8 @@ def row_affine(x: Tensor, kernel: RowAffineKernel, tensors: Sequence[Optional[Te
         return out.to(x.dtype), aux
     aux_keys: list = []
     out, *aux = _RowAffine.apply(x, kernel, aux_keys, *tensors)
-    return out, dict(zip(aux_keys, aux))
+    # Detached although marked non-differentiable: torch 2.11's torch.compile took them for
+    # outputs that need a gradient and failed to differentiate its graph.
+    return out, {key: value.detach() for key, value in zip(aux_keys, aux)}
 
 

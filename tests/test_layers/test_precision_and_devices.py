@@ -194,3 +194,25 @@ def test_meta_device_shapes_and_deferred_initialisation(name):
     fresh.reset_parameters()  # (SSN's reset returns the radius to 0, as for a new run)
     for key, value in fresh.state_dict().items():
         assert torch.equal(layer.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize('shape', [(4, 8, 7), (4, 8, 5, 6), (2, 8, 3, 4, 5)])
+def test_exact_where_batch_norm_refuses_eps_0(monkeypatch, shape):
+    # torch before 2.13 (2.11 is the GPU machine's) raises on F.batch_norm with eps 0, which the
+    # public form's backward (mix='std', the synchronized layers, the authors' IN variance) used
+    # as an exact per-row affine map. Its eps is now negligible: exact against the oracle.
+    strict_batch_norm = F.batch_norm
+
+    def batch_norm(*args, **kwargs):
+        eps = kwargs['eps'] if 'eps' in kwargs else args[7] if len(args) > 7 else 1e-5
+        if eps <= 0:
+            raise ValueError(f'batch_norm eps must be positive, but got {eps}')
+        return strict_batch_norm(*args, **kwargs)
+
+    monkeypatch.setattr(F, 'batch_norm', batch_norm)
+    layer = make_layer('SN_std', dtype=torch.float64)
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x.requires_grad_()
+    grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    expected = torch.autograd.grad(float64_oracle(layer, x, differentiable=True), x, grad)[0]
+    assert_close(torch.autograd.grad(layer(x), x, grad)[0], expected)

@@ -89,7 +89,7 @@ gpu-check:
 	$(CHECK_PY) tools/gpu_check.py --device $(DEVICE) --out work_dirs/gpu_check
 
 gpu-check-torch: env
-	bash tools/gpu_check_torch.sh $(MACHINE_TORCH)
+	VENV=$(VENV) bash tools/gpu_check_torch.sh $(MACHINE_TORCH)
 
 clean-env:
 	rm -rf $(VENV)

@@ -130,10 +130,11 @@ def full_precision(input: Tensor):
     ``(N, C)`` coefficient math in half precision. A no-op otherwise, so traced graphs carry no
     autocast regions (nor on devices without autocast, such as ``meta``)."""
     device = input.device.type
-    # (not asked under torch.compile, whose devices have autocast: torch 2.11's Dynamo cannot
-    # trace the availability query, a graph break)
-    if (torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)) \
-            and torch.is_autocast_enabled(device):
+    # (Dynamo is not asked whether autocast is available: torch 2.11's cannot trace the query,
+    # a graph break; of the devices it compiles for, meta alone has no autocast)
+    available = device != 'meta' if torch.compiler.is_dynamo_compiling() else \
+        torch.amp.is_autocast_available(device)
+    if available and torch.is_autocast_enabled(device):
         return torch.autocast(device_type=device, enabled=False)
     return contextlib.nullcontext()
 

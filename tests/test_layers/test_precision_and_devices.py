@@ -12,7 +12,8 @@ import mmnorm.functional.moments as core
 from mmnorm import (BatchChannelNorm, SwitchableNorm, SwitchableNormTied, batched_ratios,
                     frozen_ratios)
 from mmnorm.testing import oracles
-from mmnorm.testing.layers import LAYERS, batches, float64_oracle, make_layer, train_steps
+from mmnorm.testing.layers import (CHANNELS, LAYERS, batches, float64_oracle, make_layer,
+                                   train_steps)
 from tests.conftest import assert_close
 
 
@@ -216,3 +217,13 @@ def test_exact_where_batch_norm_refuses_eps_0(monkeypatch, shape):
     grad = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     expected = torch.autograd.grad(float64_oracle(layer, x, differentiable=True), x, grad)[0]
     assert_close(torch.autograd.grad(layer(x), x, grad)[0], expected)
+
+
+@pytest.mark.parametrize('name', ['SN', 'BCN'])
+def test_exported_on_the_meta_device(name):
+    # torch.export traces with torch.compiler.is_compiling() true; the meta device has no
+    # autocast, and asking whether it is on there raises.
+    layer = LAYERS[name]().to('meta')
+    program = torch.export.export(layer, (torch.empty(2, CHANNELS, 5, 6, device='meta'), ))
+    out = program.module()(torch.empty(2, CHANNELS, 5, 6, device='meta'))
+    assert out.shape == (2, CHANNELS, 5, 6) and out.device.type == 'meta'

@@ -232,8 +232,8 @@ class _RowAffine(torch.autograd.Function):
         ctx.save_for_backward(x, A, rows[0] if _centered_shift(kernel) else None, *state)
         aux_keys.extend(aux)  # an autograd.Function returns tensors: the names travel aside
         ctx.mark_non_differentiable(*aux.values())
-        # The output is never an alias of an intermediate (an in-place result, a no-op .to()):
-        # torch 2.11's torch.compile gave such outputs of a Function zero gradients.
+        # Under torch.compile the output aliases no intermediate (_output writes a fresh tensor
+        # there, and no no-op .to()): torch 2.11's gave such outputs of a Function zero gradients.
         return (out if out.dtype == x.dtype else out.to(x.dtype), *aux.values())
 
     @staticmethod

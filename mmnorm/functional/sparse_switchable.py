@@ -47,7 +47,7 @@ from torch import Tensor
 
 from .arguments import check_flag
 from .moments import LOW_PRECISION, is_tracing, stat_dtype, static_shape_checks
-from .sparsestmax_fast import FAST_DTYPES, fast_sparsestmax
+from .sparsestmax_fast import FAST_DTYPES, elementwise_sparsestmax, fast_sparsestmax
 from .sparsestmax_kernel import fix_choices_, kernel_sparsestmax
 from .switchable import check_norm_input, check_unit_interval, mix_normalizers
 
@@ -170,11 +170,13 @@ def sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
 def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Tensor,
                              mean_choice: Tensor, var_choice: Tensor) -> Tensor:
     """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
-    tensors. Only the light eager form calls it: for 2 or 3
-    normalizers in float32/float64 it takes :func:`~.sparsestmax_fast.fast_sparsestmax`, the
-    same values and gradients in a few ops; the plain form, and a light form traced by
-    ``torch.compile``, keep :func:`sparsestmax` (the fast form's Function saves a Jacobian it
-    builds in its forward, which a traced Function may not)."""
+    tensors. Only the light form calls it. For 2 or 3 normalizers in float32/float64 it
+    takes the closed form, the same values and gradients in fewer ops: eagerly
+    :func:`~.sparsestmax_fast.fast_sparsestmax` (a few ATen ops), under ``torch.compile``
+    :func:`~.sparsestmax_fast.elementwise_sparsestmax` (elementwise ops, which Inductor fuses
+    into a few kernels; the fast form's Function saves a Jacobian it builds in its forward,
+    which a traced Function may not). Export, ``torch.jit.trace`` and eager ``torch.func``
+    transforms keep :func:`sparsestmax`."""
     radius = torch.as_tensor(radius, device=mean_scores.device)
     # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
     ratios = kernel_sparsestmax(mean_scores, var_scores, radius.to(mean_scores.dtype),
@@ -183,9 +185,11 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
         return ratios.view(2, *mean_scores.shape)
     scores = torch.stack([mean_scores, var_scores])
     choices = torch.stack([mean_choice, var_choice])
-    if (scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0
-            and not is_tracing()):
-        return fast_sparsestmax(scores, radius, choices)
+    if scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0:
+        if not is_tracing():
+            return fast_sparsestmax(scores, radius, choices)
+        if torch.compiler.is_dynamo_compiling() and not torch.compiler.is_exporting():
+            return elementwise_sparsestmax(scores, radius, choices)
     return _frozen(sparsestmax(scores, radius), choices)
 
 

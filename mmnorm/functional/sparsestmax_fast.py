@@ -3,10 +3,12 @@ r"""SparsestMax with frozen choices in few ops, for the light eager form.
 
 :func:`~mmnorm.functional.sparse_switchable.sparsestmax` unrolls ``K`` rounds of pairwise
 comparisons and ``torch.where`` so that it traces, exports and compiles: it stays the
-specification, and the plain form (tracing, export, ``torch.compile``) uses it. The light eager
-form calls :func:`fast_sparsestmax` instead: the same function of the ratio parameters for
-``K`` = 2 or 3 entries, in a fixed handful of ops whatever the number of rows, with a
-closed-form backward (one ``bmm``).
+specification, and the plain form (export, tracing, ``torch.func`` transforms, more than three
+entries) uses it. The light eager form calls :func:`fast_sparsestmax` instead: the same
+function of the ratio parameters for ``K`` = 2 or 3 entries, in a fixed handful of ops whatever
+the number of rows, with a closed-form backward (one ``bmm``). Under ``torch.compile`` the
+same closed form is traced as :func:`elementwise_sparsestmax`, elementwise ops that a compiler
+fuses (the unrolled specification compiled to about fifty kernels per training step).
 
 **Faces.** Every face ``F`` of the simplex (a non-empty subset of the entries) has a centre
 :math:`u_F` (uniform on ``F``) and a projector :math:`P_F` onto the differences within ``F``
@@ -39,6 +41,8 @@ vertex); for an edge :math:`P_F = \hat d \hat d^T`, so a pushed edge point gets 
 rounding, and a result one-hot now (a push that left an edge) exactly none, as the
 specification's detached one-hot results.
 """
+import functools
+import operator
 from typing import Dict, Tuple
 
 import torch
@@ -46,7 +50,7 @@ from torch import Tensor
 
 from .sparsestmax_kernel import kernel_sparsestmax
 
-__all__ = ['fast_sparsestmax', 'FAST_DTYPES']
+__all__ = ['fast_sparsestmax', 'elementwise_sparsestmax', 'FAST_DTYPES']
 
 #: The dtypes of the fast form; others (half precision) take the specification.
 FAST_DTYPES = (torch.float32, torch.float64)
@@ -200,3 +204,90 @@ def fast_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
     if ratios is not None:
         return ratios.view(scores.shape)
     return _FastSparsestMax.apply(scores, radius, choices)
+
+
+def _total(columns) -> Tensor:
+    """The sum of a list of columns (tensors of one shape), elementwise."""
+    return functools.reduce(operator.add, columns)
+
+
+def _projected(member, size: Tensor, columns):
+    """``P_F z`` of the columns ``z`` of ``(R, K)`` rows on each row's face ``F`` (``member``:
+    each entry's boolean column, ``size``: ``|F|``), and its squared norm; columns."""
+    mean = _total([torch.where(m, c, 0) for m, c in zip(member, columns)]) / size
+    d = [torch.where(m, c - mean, 0) for m, c in zip(member, columns)]
+    return d, _total([c * c for c in d])
+
+
+def _face_columns(point, choices: Tensor, faces, z):
+    """The face ``F`` of ``sparsemax(point)`` (``point``: the ``K`` columns of ``(R, K)``
+    rows), or a fixed choice's vertex: each entry's membership (boolean columns), ``|F|``,
+    ``d = P_F z`` (columns) and ``|d|``. Elementwise ops only: the argmax over the faces'
+    thresholds ``(sum_F point - 1)/|F|`` is a chain of comparisons (strict: a tie goes to the
+    earlier, smaller face, as ``argmax`` does in :func:`_round`)."""
+    best = face = None
+    for index, members in enumerate(faces):
+        threshold = (_total([point[i] for i in members]) - 1) / len(members)
+        if best is None:
+            best, face = threshold, torch.zeros_like(choices)
+        else:
+            better = threshold > best
+            best, face = torch.where(better, threshold, best), torch.where(better, index, face)
+    face = torch.where(choices >= 0, choices, face)  # (vertex c is face c)
+    member = [functools.reduce(operator.or_, [face == index for index, members in
+                                              enumerate(faces) if i in members])
+              for i in range(len(z))]
+    size = _total([m.to(z[0].dtype) for m in member])
+    d, square = _projected(member, size, z)
+    return member, size, d, square.sqrt()
+
+
+def elementwise_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> Tensor:
+    """:func:`fast_sparsestmax` (same arguments; the same values, NaN rows and first and second
+    derivatives in the scores up to rounding, and at exact ties the face rounding picks) in
+    elementwise ops over the ``K`` = 2 or 3 entries: no reduction, table, matrix product or
+    Function, so that a compiler fuses each pass into a kernel or two. It is the form
+    ``torch.compile`` traces (mmnorm's compiled form, mmengine's ``compile=True``): the
+    specification's unrolled rounds of sparsemax generated some fifty kernels per training
+    step of an SSN layer's ratios. Eagerly it is a hundred small ops, which is why the light
+    eager form calls :func:`fast_sparsestmax`.
+
+    The values are the module docstring's rounds, computed without gradient. The derivative
+    is that of ``alpha P_F z`` on the final face, with ``alpha`` constant or, pushed,
+    ``alpha |d| / |P_F z|`` (the pushed distance constant), added to the values as
+    ``part - part.detach()`` (exactly 0)."""
+    k = scores.shape[-1]
+    faces = _faces(k)
+    z = _shifted(scores.reshape(-1, k))  # (shifted: see _FastSparsestMax.forward)
+    choices = choices.reshape(-1)
+    radius = radius.detach().to(z.dtype)  # (a constant of the step, as in fast_sparsestmax)
+    tol = 8 * torch.finfo(z.dtype).eps
+    columns = z.detach().unbind(-1)
+    # NaN for a row with a score not finite, 0 otherwise: as the other forms, whose matrix
+    # products carry it into every entry (the comparisons below would pass over it and give
+    # a finite, even one-hot, row, from which a training step fixed a choice).
+    not_finite = _total(columns) * 0
+    member, size, d, norm = _face_columns(columns, choices, faces, columns)
+    alpha = torch.where(norm > tol, radius / norm, 0).clamp(min=1)
+    moved = None
+    if k == 3:  # a push from the full face may leave it (as in _FastSparsestMax.forward)
+        point = [torch.where(m, 1 / size, -1) + alpha * c for m, c in zip(member, d)]
+        member, size, d, norm = _face_columns(point, choices, faces, columns)
+        face_radius = (radius * radius + (1 / k - 1 / size)).clamp(min=0).sqrt()
+        moved = alpha * norm > tol
+        alpha = torch.maximum(alpha, torch.where(moved, face_radius / norm, 0))
+    value = [(torch.where(m, 1 / size, 0) + alpha * c).clamp(0, 1) + not_finite
+             for m, c in zip(member, d)]
+    if not z.requires_grad:
+        return torch.stack(value, -1).view(scores.shape)
+    pushed = alpha > 1 if moved is None else moved & (alpha > 1)
+    # No gradient for a result one-hot now (as the specification's detached one), nor for a
+    # pushed point on an edge: there P_F = dd^T/|d|^2, so the Jacobian
+    # alpha (P_F - dd^T/|d|^2) is 0 (differentiated, it is a rounding error of alpha's size).
+    hot = _total([(v > 0).int() for v in value]) == 1
+    direction, square = _projected(member, size, z.unbind(-1))
+    # (|P_F z| of the pushed rows only: a norm's derivative at 0, a vertex's, is 0/0)
+    factor = torch.where(pushed, alpha * norm / torch.where(pushed, square, 1).sqrt(), alpha)
+    factor = factor * ~(hot | (pushed & (size == 2)))
+    return torch.stack([v + (p - p.detach()) for v, p in
+                        zip(value, [factor * c for c in direction])], -1).view(scores.shape)

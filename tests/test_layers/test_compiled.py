@@ -73,9 +73,10 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
     assert core.COMPILED.compiled_calls >= 4 and core.COMPILED.failed is None  # it ran compiled
     core.use_compiled(False)
     expected = _run(reference, inputs, grads)
-    # SSN's eager form computes SparsestMax in closed form, the compiled form runs the unrolled
-    # specification: the same math (1e-10 apart in float64), whose float32 roundings differ in
-    # the score gradients by up to ~3e-5 of their size.
+    # SSN's eager form computes SparsestMax in closed form with tables and matrix products,
+    # the compiled form the same closed form in elementwise ops: the same math (1e-10 apart in
+    # float64), whose float32 roundings differ in the score gradients by up to ~3e-5 of their
+    # size.
     if dtype == torch.float32 and name.startswith('SSN'):
         # Relative to each tensor's scale: a near-zero score gradient is a difference of
         # terms of that size.
@@ -84,6 +85,32 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
             torch.testing.assert_close(actual, wanted, rtol=5e-5, atol=max(tol, 1e-5 * scale))
         return
     torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+
+
+def test_sparse_ratios_compile_to_a_few_kernels():
+    """Under ``torch.compile`` SSN's ratio function (SparsestMax of the mean and variance
+    scores, one of them fixed) takes the elementwise closed form, which Inductor fuses: its
+    training step, forward and backward, generates a few kernels (the unrolled specification
+    generated 53 loop nests on the CPU), with the specification's values and gradients in
+    float64."""
+    from torch._inductor import metrics
+    from mmnorm.functional.sparse_switchable import _frozen, _stacked_sparsest_ratios, sparsestmax
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    radius, choices = torch.tensor(0.45, dtype=torch.float64), torch.tensor([-1, 2])
+    grad = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    leaves = [scores.clone().requires_grad_() for _ in range(2)]
+    expected = _frozen(sparsestmax(leaves[0], radius), choices)
+    expected.backward(grad)
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(_stacked_sparsest_ratios, backend='inductor', fullgraph=True)
+    actual = compiled(leaves[1][0], leaves[1][1], radius, choices[0], choices[1])
+    actual.backward(grad)
+    torch._dynamo.reset()
+    assert 0 < metrics.generated_kernel_count <= 10, metrics.generated_kernel_count
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(leaves[1].grad, leaves[0].grad, rtol=1e-10, atol=1e-11)
 
 
 def _flat(results) -> list:

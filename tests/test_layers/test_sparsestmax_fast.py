@@ -3,9 +3,10 @@
 specification (``_frozen(sparsestmax(...))``, the plain form's) and the Python-control-flow
 oracle: values and gradients in float64 on random and constructed cases, gradcheck.
 
-Every test runs twice: with the public ops (what the CPU runs) and with the one-kernel form a
-GPU runs (mmnorm/functional/sparsestmax_kernel.py), here through Triton's interpreter; each
-of those asserts that the kernel ran."""
+Every test runs three times: with the public ops (what the CPU runs), with the one-kernel form
+a GPU runs (mmnorm/functional/sparsestmax_kernel.py), here through Triton's interpreter, and
+with the elementwise form that ``torch.compile`` traces (``elementwise_sparsestmax``), here
+eagerly; each of the last two asserts that its form ran."""
 import itertools
 import math
 
@@ -14,9 +15,9 @@ import torch
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mmnorm.functional import sparsestmax_kernel
+from mmnorm.functional import sparse_switchable, sparsestmax_kernel
 from mmnorm.functional.sparse_switchable import _frozen, _stacked_sparsest_ratios, sparsestmax
-from mmnorm.functional.sparsestmax_fast import fast_sparsestmax
+from mmnorm.functional.sparsestmax_fast import elementwise_sparsestmax
 from mmnorm.testing import oracles
 
 F64 = torch.float64
@@ -36,12 +37,27 @@ class _KernelLaunches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.fixture(autouse=True, params=['public ops', 'kernel'])
+@pytest.fixture(autouse=True, params=['public ops', 'kernel', 'elementwise'])
 def form(request, monkeypatch):
-    """The public ops (the CPU's form), or the kernel (a GPU's), whose launches are counted:
-    a test in the kernel form fails unless it ran."""
+    """The public ops (the CPU's form), the kernel (a GPU's), whose launches are counted, or
+    the elementwise form (the compiled one's) in place of the public ops, whose calls are
+    counted: a test in the kernel or elementwise form fails unless it ran."""
     if request.param == 'public ops':
         yield None
+        return
+    if request.param == 'elementwise':
+        calls = []
+
+        def elementwise(*args):
+            calls.append(args)
+            return elementwise_sparsestmax(*args)
+
+        monkeypatch.setattr(sparse_switchable, 'fast_sparsestmax', elementwise)
+        yield calls
+        if request.node.get_closest_marker('public_ops_only'):
+            assert not calls, 'the elementwise form ran where the public ops should'
+        else:
+            assert calls, 'the elementwise form never ran'
         return
     pytest.importorskip('triton')
     monkeypatch.setattr(sparsestmax_kernel, '_FAILED', {})  # (no failure from another test)
@@ -162,8 +178,28 @@ def test_gradcheck(radius, k):
     gen = torch.Generator().manual_seed(k)
     scores = (torch.randn(2, 6, k, generator=gen, dtype=F64) * 0.3).requires_grad_()
     choices = torch.tensor([[-1] * 5 + [0], [-1] * 6])
-    torch.autograd.gradcheck(
-        lambda s: fast_sparsestmax(s, torch.tensor(radius, dtype=F64), choices), (scores, ))
+    def function(s):  # (through the module, where the fixture puts its form)
+        return sparse_switchable.fast_sparsestmax(s, torch.tensor(radius, dtype=F64), choices)
+
+    torch.autograd.gradcheck(function, (scores, ))
+    torch.autograd.gradgradcheck(function, (scores, ))
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, F64])
+def test_a_score_not_finite_gives_a_nan_row(dtype):
+    """A NaN or infinite score makes its row NaN, as in the specification, wherever it is
+    (comparisons pass over a NaN: an elementwise face choice gave finite, even one-hot, rows,
+    from which a training step would fix a choice); the other rows are unchanged."""
+    nan, inf = float('nan'), float('inf')
+    bad = [[0.0, 1.0, nan], [nan, 0.2, 0.1], [0.0, 0.0, inf], [inf, 0.0, 0.3]]
+    good = [[0.3, 0.1, -0.2]] * len(bad)
+    scores = torch.tensor([bad, good], dtype=dtype)
+    radius, choices = torch.tensor(0.3, dtype=dtype), torch.full((2, len(bad)), -1)
+    expected = _spec(scores, radius, choices)
+    assert expected[0].isnan().all()  # (the specification's, for the record)
+    actual = _fast(scores, radius, choices)
+    assert actual[0].isnan().all()
+    torch.testing.assert_close(actual[1], expected[1], rtol=0, atol=1e-6)
 
 
 def test_float32_and_fixed_rows_get_no_gradient():

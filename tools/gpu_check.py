@@ -9,7 +9,9 @@ imports the working tree's mmnorm; installed (a wheel carries this tool in ``mmn
 it runs as ``mim run mmnorm gpu_check``. Sections, each stopped before its time budget (the
 cases it had no time for are listed as not run):
 
-- ``environment``: torch, CUDA, Triton, the GPU; mmnorm imported without OpenMMLab.
+- ``environment``: torch, CUDA, Triton, the GPU; mmnorm imported without OpenMMLab; a compiler
+  warm-up (one small ``torch.compile``: Inductor's one-time start on a cold cache is paid here,
+  not in the next section's budget).
 - ``parity``: every layer configuration in fp32, fp16, bf16, channels_last, N=1 and a 3-d input:
   the compiled form and the public-op form against a float64 CPU oracle (output, input and
   parameter gradients), and against each other; a warm training step and eval under
@@ -40,7 +42,7 @@ in the current directory). Exit status: 0 when every case ran and passed; 1 when
 3 when none failed but some were not run (a section's budget was reached: the check is
 incomplete); 2 for bad arguments.
 
-    python tools/gpu_check.py                    # CUDA, all sections (about 8 min on one GPU)
+    python tools/gpu_check.py                    # CUDA, all sections (at most ~9 min on one GPU)
     python tools/gpu_check.py --device cpu       # the short mode (CI: make gpu-check DEVICE=cpu)
     python tools/gpu_check.py --sections parity fallbacks --out work_dirs/gpu_check
     mim run mmnorm gpu_check --device cpu        # the installed package's copy, from anywhere

@@ -172,12 +172,11 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     """:func:`sparsest_ratios` as one ``(2, ...)`` tensor: one SparsestMax of both score
     tensors. Only the light form calls it. For 2 or 3 normalizers in float32/float64 it
     takes the closed form, the same values and gradients in fewer ops: eagerly
-    :func:`~.sparsestmax_fast.fast_sparsestmax` (a few ATen ops), where Dynamo traces
-    (``torch.compile``, ``torch.export``)
+    :func:`~.sparsestmax_fast.fast_sparsestmax` (a few ATen ops), under ``torch.compile``
     :func:`~.sparsestmax_fast.elementwise_sparsestmax` (elementwise ops, which Inductor fuses
     into a few kernels; the fast form's Function saves a Jacobian it builds in its forward,
-    which a traced Function may not). ``torch.jit.trace`` (and the ONNX exporter built on it)
-    and eager ``torch.func`` transforms keep :func:`sparsestmax`."""
+    which a traced Function may not). Exporters, ``torch.jit.trace`` and eager ``torch.func``
+    transforms trace the plain form, whose ratios are :func:`sparsestmax`'s."""
     radius = torch.as_tensor(radius, device=mean_scores.device)
     # One kernel on a GPU (sparsestmax_kernel), the two score tensors as they are.
     ratios = kernel_sparsestmax(mean_scores, var_scores, radius.to(mean_scores.dtype),
@@ -189,8 +188,8 @@ def _stacked_sparsest_ratios(mean_scores: Tensor, var_scores: Tensor, radius: Te
     if scores.shape[-1] in (2, 3) and scores.dtype in FAST_DTYPES and radius.dim() == 0:
         if not is_tracing():
             return fast_sparsestmax(scores, radius, choices)
-        # (torch.compile and torch.export alike: torch 2.11's is_exporting() is True under
-        # torch.compile too)
+        # (Dynamo: the light form under torch.compile; exporters trace the plain form, which
+        # never calls this. Not is_exporting(): torch 2.11's Dynamo folds it to True.)
         if torch.compiler.is_dynamo_compiling():
             return elementwise_sparsestmax(scores, radius, choices)
     return _frozen(sparsestmax(scores, radius), choices)

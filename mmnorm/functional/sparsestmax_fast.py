@@ -3,13 +3,14 @@ r"""SparsestMax with frozen choices in few ops, for the light eager form.
 
 :func:`~mmnorm.functional.sparse_switchable.sparsestmax` unrolls ``K`` rounds of pairwise
 comparisons and ``torch.where`` so that it traces, exports and compiles: it stays the
-specification, and the plain form (``torch.jit.trace`` and the ONNX exporter built on it,
-eager ``torch.func`` transforms, more than three entries) uses it. The light eager form calls
+specification, and the plain form (exporters, ``torch.jit.trace``, eager ``torch.func``
+transforms, more than three entries) uses it. The light eager form calls
 :func:`fast_sparsestmax` instead: the same function of the ratio parameters for ``K`` = 2 or 3
 entries, in a fixed handful of ops whatever the number of rows, with a closed-form backward
-(one ``bmm``). Where Dynamo traces (``torch.compile``, ``torch.export`` and the ONNX exporter
-built on it) the same closed form is :func:`elementwise_sparsestmax`, elementwise ops that a
-compiler fuses (the unrolled specification compiled to about fifty kernels per training step).
+(one ``bmm``). The light form traced by ``torch.compile`` (mmnorm's compiled form, ``torch.compile``
+of a model) takes the same closed form as :func:`elementwise_sparsestmax`, elementwise ops
+that a compiler fuses (the unrolled specification compiled to about fifty kernels per training
+step).
 
 **Faces.** Every face ``F`` of the simplex (a non-empty subset of the entries) has a centre
 :math:`u_F` (uniform on ``F``) and a projector :math:`P_F` onto the differences within ``F``
@@ -247,8 +248,8 @@ def elementwise_sparsestmax(scores: Tensor, radius: Tensor, choices: Tensor) -> 
     """:func:`fast_sparsestmax` (same arguments; the same values, NaN rows and first and second
     derivatives in the scores up to rounding, and at exact ties the face rounding picks) in
     elementwise ops over the ``K`` = 2 or 3 entries: no reduction, table, matrix product or
-    Function, so that a compiler fuses each pass into a kernel or two. It is the form Dynamo
-    traces (mmnorm's compiled form, mmengine's ``compile=True``, ``torch.export``): the
+    Function, so that a compiler fuses each pass into a kernel or two. It is the form
+    ``torch.compile`` traces (mmnorm's compiled form, mmengine's ``compile=True``): the
     specification's unrolled rounds of sparsemax generated some fifty kernels per training
     step of an SSN layer's ratios. Eagerly it is a hundred small ops, which is why the light
     eager form calls :func:`fast_sparsestmax`.

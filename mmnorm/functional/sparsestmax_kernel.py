@@ -21,13 +21,14 @@ Triton's default ones are approximate on GPUs).
 **Where it runs.** On the device types in :data:`KERNEL_DEVICES` (CUDA, which includes ROCm)
 when Triton is installed (PyTorch's Linux CUDA wheels ship it), for float32 / float64 scores
 and integer choices the kernel can read in place (contiguous, on the scores' device), outside
-tracing (``torch.compile``, export and ``torch.func`` transforms keep the specification, as
-for the public-op fast form). Triton compiles each variant on its first call (about a second,
-then cached on disk): from then on every call and every rank runs the same kernel, so no form
-changes during a run. If Triton is missing on such a device or a launch raises (an
-unsupported device, a compiler error), mmnorm reports it once through the run's logger and
-computes the ratios with the public ops from then on for that device type: more launches,
-the same values. ``MMNORM_SPARSESTMAX_KERNEL=0`` in the environment turns the kernel off.
+tracing (exporters and ``torch.func`` transforms keep the specification, and ``torch.compile``
+traces the closed form in elementwise ops, as for the public-op fast form). Triton compiles
+each variant on its first call (about a second, then cached on disk): from then on every call
+and every rank runs the same kernel, so no form changes during a run. If Triton is missing on
+such a device or a launch raises (an unsupported device, a compiler error), mmnorm reports it
+once through the run's logger and computes the ratios with the public ops from then on for that
+device type: more launches, the same values. ``MMNORM_SPARSESTMAX_KERNEL=0`` in the environment
+turns the kernel off.
 
 The tests and ``tools/analysis/count_launches.py`` run the same kernel on the CPU through
 Triton's interpreter (:func:`kernel_devices` with ``'cpu'``): slow, exact, and what a CPU run

@@ -89,19 +89,21 @@ def test_compiled_form_equals_public_op_form(compiled, name, dtype, tol):
 
 def test_sparse_ratios_compile_to_a_few_kernels():
     """Under ``torch.compile`` SSN's ratio function (SparsestMax of the mean and variance
-    scores, one of them fixed) takes the elementwise closed form, which Inductor fuses: its
+    scores, the variances' fixed) takes the elementwise closed form, which Inductor fuses: its
     training step, forward and backward, generates a few kernels (the unrolled specification
     generated 53 loop nests on the CPU), with the specification's values and gradients in
-    float64."""
+    float64 (the free vector pushed inside the simplex: neither one-hot nor without
+    gradient)."""
     from torch._inductor import metrics
     from mmnorm.functional.sparse_switchable import _frozen, _stacked_sparsest_ratios, sparsestmax
-    gen = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 3, generator=gen, dtype=torch.float64)
-    radius, choices = torch.tensor(0.45, dtype=torch.float64), torch.tensor([-1, 2])
-    grad = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    scores = torch.tensor([[0.4, 0.35, 0.25], [0.1, 0.5, 0.2]], **f64)
+    radius, choices = torch.tensor(0.3, **f64), torch.tensor([-1, 2])
+    grad = torch.tensor([[0.3, -1.2, 0.5], [1.0, 2.0, 3.0]], **f64)
     leaves = [scores.clone().requires_grad_() for _ in range(2)]
     expected = _frozen(sparsestmax(leaves[0], radius), choices)
     expected.backward(grad)
+    assert (expected[0] > 0).all() and leaves[0].grad[0].abs().min() > 0.5  # (not trivial)
     torch._dynamo.reset()
     metrics.reset()
     compiled = torch.compile(_stacked_sparsest_ratios, backend='inductor', fullgraph=True)

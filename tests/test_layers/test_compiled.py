@@ -115,6 +115,41 @@ def test_sparse_ratios_compile_to_a_few_kernels():
     torch.testing.assert_close(leaves[1].grad, leaves[0].grad, rtol=1e-10, atol=1e-11)
 
 
+@pytest.mark.parametrize('tied', [False, True])
+def test_softmax_ratios_compile_into_their_neighbours(tied):
+    """Under ``torch.compile`` SN's stacked softmax ratios are elementwise ops over the three
+    logits, which Inductor fuses (in a layer, with the coefficient math that follows): the
+    ratios' forward and backward alone generate fewer kernels than ``torch.softmax``'s
+    reductions, with the same values and gradients in float64 (logits up to 1e3 apart: the
+    shift by the maximum)."""
+    from torch._inductor import metrics
+    from mmnorm.functional import switchable
+    f64 = dict(dtype=torch.float64)
+    weights = torch.tensor([[1.0, -2.0, 0.5], [0.25, 3.0, -1.0]], **f64)
+    logits = [torch.tensor([0.3, -1.2, 0.8], **f64), torch.tensor([1e3, 0.0, -1e3], **f64)]
+    inputs = logits[:1] if tied else logits
+
+    def step(fn):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        torch._dynamo.reset()
+        metrics.reset()
+        (fn(*leaves) * weights).sum().backward()
+        torch._dynamo.reset()
+        return metrics.generated_kernel_count, [t.grad for t in leaves], fn(*leaves)
+
+    def reference(*leaves):  # (torch.softmax, not traced)
+        stacked = torch.stack([leaves[0], leaves[-1]])
+        return torch.softmax(stacked, -1)
+
+    compiled = torch.compile(switchable._stacked_softmax_ratios, fullgraph=True)
+    kernels, grads, ratios = step(compiled)
+    _, expected_grads, expected = step(reference)
+    plain, _, _ = step(torch.compile(reference, fullgraph=True))
+    assert kernels < plain, (kernels, plain)
+    torch.testing.assert_close(ratios, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(grads, expected_grads, rtol=1e-12, atol=1e-14)
+
+
 def _flat(results) -> list:
     """The tensors of :func:`_run`'s nested results, in order."""
     return [t for item in results for t in (item if isinstance(item, (list, tuple)) else [item])]
